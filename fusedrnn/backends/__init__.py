@@ -1,0 +1,118 @@
+"""Backend registry and choice.
+
+A backend implements the recurrence op contract (fusedrnn/schema.py) for some
+devices and dtypes. `select` resolves a module's `backend=` argument for one
+call: a forced name is used or refused with a clear reason; "auto" takes the
+first backend in AUTO_ORDER that can run the call, and says why.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .. import ops
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a backend needs to know to accept or refuse one recurrence call."""
+    cell: str                 # "lstm" | "gru" | "rnn"
+    device: torch.device
+    dtype: torch.dtype
+    hidden_size: int
+    proj_size: int = 0        # LSTM projection (0: none)
+    batch: int = 1
+
+
+@dataclass
+class Backend:
+    name: str
+    ops_backend: str                              # which op names it registers (schema.SUFFIX key)
+    device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    load: Callable[[], Optional[str]]             # makes the backend usable; returns why not, or None
+    limits: Callable[[Call], Optional[str]] = field(default=lambda call: None)  # why a call is refused
+    _state: Optional[str] = field(default="unloaded", repr=False)
+
+    def unavailable(self) -> Optional[str]:
+        """None if the backend can be used in this process, else the reason."""
+        if self._state == "unloaded":
+            try:
+                self._state = self.load()
+            except Exception as e:  # a broken build must not break the package
+                self._state = f"failed to load: {type(e).__name__}: {e}"
+        return self._state
+
+    def refuses(self, call: Call) -> Optional[str]:
+        """None if this backend can run `call`, else the reason it cannot."""
+        why = self.unavailable()
+        if why:
+            return why
+        if call.device.type not in self.device_types:
+            return f"runs on {'/'.join(self.device_types)} tensors, not {call.device.type}"
+        if call.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"supports dtypes {names}, not {str(call.dtype).replace('torch.', '')}"
+        return self.limits(call)
+
+    def op(self, cell: str, direction: str):
+        return ops.get_op(cell, direction, self.ops_backend)
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Modules that register backends, imported on first use. Each must import
+# cleanly without its dependencies (the heavy import happens in Backend.load).
+_MODULES = ("reference", "native", "triton", "emulated")
+# "auto" tries these in order: fastest first, the reference last.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def register(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def registry() -> dict[str, Backend]:
+    if not _REGISTRY:
+        for mod in _MODULES:
+            try:
+                importlib.import_module(f"{__name__}.{mod}")
+            except ImportError:
+                pass  # module not written yet / optional
+    return _REGISTRY
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends usable on `device` in this process (auto's preference first)."""
+    device = torch.device(device)
+    names = [n for n in AUTO_ORDER.get(device.type, ()) if n in registry()]
+    names += sorted(n for n in registry() if n not in names)
+    return [n for n in names if registry()[n].unavailable() is None
+            and device.type in registry()[n].device_types]
+
+
+def select(name: str, call: Call) -> tuple[Backend, str]:
+    """Resolve `name` ("auto" or a backend name) for `call`: (backend, why it was chosen)."""
+    reg = registry()
+    if name != "auto":
+        if name not in reg:
+            raise ValueError(f"fusedrnn: unknown backend {name!r}; known backends: {sorted(reg)} or 'auto'")
+        why = reg[name].refuses(call)
+        if why:
+            raise RuntimeError(f"fusedrnn: backend {name!r} cannot run this {call.cell.upper()} call "
+                               f"({call.device.type}, {str(call.dtype).replace('torch.', '')}): {why}")
+        return reg[name], "forced by backend=" + repr(name)
+    skipped = []
+    for cand in AUTO_ORDER.get(call.device.type, ("reference",)):
+        if cand not in reg:
+            skipped.append(f"{cand}: not built")
+            continue
+        why = reg[cand].refuses(call)
+        if why is None:
+            reason = f"auto: first usable of {list(AUTO_ORDER.get(call.device.type, ()))}"
+            return reg[cand], reason + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+        skipped.append(f"{cand}: {why}")
+    raise RuntimeError(f"fusedrnn: no backend can run this call: {'; '.join(skipped)}")

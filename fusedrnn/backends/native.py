@@ -1,0 +1,44 @@
+"""The `cpu` and `cuda` backends: C++/CUDA kernels from csrc/, compiled into fusedrnn._C.
+
+Both implement the same ops (no suffix); the dispatcher picks the CPU or CUDA
+kernel by the tensors' device. Each backend is usable only if the extension
+was built with kernels for its device.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .. import ops
+from . import Backend, register
+
+
+def _load_extension():
+    ops.define("cpu")  # the schemas the C++ kernels implement (TORCH_LIBRARY_IMPL only)
+    return importlib.import_module("fusedrnn._C")
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    name = ops.qualname("lstm", "forward", "cpu")
+    return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+
+
+def _load_for(dispatch_key: str):
+    def load():
+        try:
+            _load_extension()
+        except ImportError as e:
+            return f"the compiled extension fusedrnn._C is not built ({e})"
+        if not _has_kernel(dispatch_key):
+            return f"fusedrnn._C was built without {dispatch_key} kernels"
+        if dispatch_key == "CUDA" and not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    return load
+
+
+register(Backend(name="cpu", ops_backend="cpu", device_types=("cpu",),
+                 dtypes=(torch.float64, torch.float32), load=_load_for("CPU")))
+register(Backend(name="cuda", ops_backend="cuda", device_types=("cuda",),
+                 dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load_for("CUDA")))

@@ -1,0 +1,142 @@
+"""torch.library registration of the recurrence ops: schemas, fake (meta) kernels, autograd.
+
+`define(backend)` declares the six ops of one backend (see fusedrnn/schema.py)
+and registers, once for all backends:
+  * a fake implementation (shapes/dtypes only), so torch.compile can trace the ops;
+  * autograd: the forward op's backward calls the same backend's backward op.
+Device kernels are registered by each backend (C++ TORCH_LIBRARY_IMPL, Triton's
+triton_op, or torch.library.impl for the Python reference).
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import compute_dtype
+from .schema import CELLS, SCHEMAS, SUFFIX, op_name
+
+_LIB = torch.library.Library("fusedrnn", "FRAGMENT")  # noqa: TOR901 (kept alive for the process)
+_DEFINED: set[str] = set()
+
+
+def qualname(cell: str, direction: str, backend: str) -> str:
+    return f"fusedrnn::{op_name(cell, direction, backend)}"
+
+
+def get_op(cell: str, direction: str, backend: str):
+    """The OpOverload of one backend's op (define(backend) must have run)."""
+    return getattr(torch.ops.fusedrnn, op_name(cell, direction, backend)).default
+
+
+def define(backend: str) -> None:
+    """Declare the ops of `backend` with their fake and autograd registrations (idempotent)."""
+    suffix = SUFFIX[backend]
+    if suffix in _DEFINED:
+        return
+    _DEFINED.add(suffix)
+    for name, schema in SCHEMAS.items():
+        _LIB.define(f"{name}{suffix}{schema}")
+    for cell in CELLS:
+        fwd, bwd = qualname(cell, "forward", backend), qualname(cell, "backward", backend)
+        torch.library.register_fake(fwd, _FAKE_FORWARD[cell], lib=_LIB)
+        torch.library.register_fake(bwd, _FAKE_BACKWARD[cell], lib=_LIB)
+        setup, backward = _AUTOGRAD[cell]
+        torch.library.register_autograd(
+            fwd, _bind_backward(backward, get_op(cell, "backward", backend)),
+            setup_context=setup, lib=_LIB)
+
+
+def _bind_backward(backward, bwd_op):
+    def fn(ctx, *grads):
+        return backward(ctx, bwd_op, *[g.contiguous() for g in grads])
+    return fn
+
+
+def _empty(ref: torch.Tensor) -> torch.Tensor:
+    return ref.new_empty(0)
+
+
+def _saved(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    return x.new_empty(shape, dtype=compute_dtype(x.dtype))
+
+
+# ----------------------------------------------------------------------------- fake kernels
+def _lstm_forward_fake(gx, h0, c0, w_hh, w_hr, lengths, reverse):
+    T, B, G = gx.shape
+    return (gx.new_empty(T, B, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
+            _saved(gx, T, B, G), _saved(gx, T, B, G // 4))
+
+
+def _lstm_backward_fake(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
+    return (grad_y.new_empty(gates.shape, dtype=h0.dtype), torch.empty_like(h0), torch.empty_like(c0),
+            torch.empty_like(w_hh), torch.empty_like(w_hr) if w_hr is not None else _empty(w_hh))
+
+
+def _gru_forward_fake(gx, h0, w_hh, b_hh, lengths, reverse):
+    T, B, G = gx.shape
+    return (gx.new_empty(T, B, G // 3), torch.empty_like(h0), _saved(gx, T, B, G), _saved(gx, T, B, G // 3))
+
+
+def _gru_backward_fake(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn):
+    return (grad_y.new_empty(gates.shape, dtype=h0.dtype), torch.empty_like(h0), torch.empty_like(w_hh),
+            torch.empty_like(b_hh) if b_hh is not None else _empty(w_hh))
+
+
+def _rnn_forward_fake(gx, h0, w_hh, lengths, reverse, relu):
+    return torch.empty_like(gx), torch.empty_like(h0)
+
+
+def _rnn_backward_fake(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y):
+    return torch.empty_like(y), torch.empty_like(h0), torch.empty_like(w_hh)
+
+
+_FAKE_FORWARD = {"lstm": _lstm_forward_fake, "gru": _gru_forward_fake, "rnn": _rnn_forward_fake}
+_FAKE_BACKWARD = {"lstm": _lstm_backward_fake, "gru": _gru_backward_fake, "rnn": _rnn_backward_fake}
+
+
+# ----------------------------------------------------------------------------- autograd
+# Each setup saves what the backward op takes; each backward maps the backward
+# op's results onto the forward op's inputs (None for lengths/reverse/relu and
+# for absent optional weights). Gradients of the saved outputs (gates, cells,
+# hn) are ignored: they are not differentiable results.
+def _lstm_setup(ctx, inputs, output):
+    gx, h0, c0, w_hh, w_hr, lengths, reverse = inputs
+    y, _, _, gates, cells = output
+    ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, y, gates, cells)
+    ctx.reverse = reverse
+
+
+def _lstm_backward(ctx, bwd_op, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    h0, c0, w_hh, w_hr, lengths, y, gates, cells = ctx.saved_tensors
+    g_gx, g_h0, g_c0, g_whh, g_whr = bwd_op(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
+                                           ctx.reverse, y, gates, cells)
+    return g_gx, g_h0, g_c0, g_whh, (g_whr if w_hr is not None else None), None, None
+
+
+def _gru_setup(ctx, inputs, output):
+    gx, h0, w_hh, b_hh, lengths, reverse = inputs
+    y, _, gates, hn = output
+    ctx.save_for_backward(h0, w_hh, b_hh, lengths, y, gates, hn)
+    ctx.reverse = reverse
+
+
+def _gru_backward(ctx, bwd_op, grad_y, grad_h_n, _grad_gates, _grad_hn):
+    h0, w_hh, b_hh, lengths, y, gates, hn = ctx.saved_tensors
+    g_gx, g_h0, g_whh, g_bhh = bwd_op(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, ctx.reverse, y, gates, hn)
+    return g_gx, g_h0, g_whh, (g_bhh if b_hh is not None else None), None, None
+
+
+def _rnn_setup(ctx, inputs, output):
+    gx, h0, w_hh, lengths, reverse, relu = inputs
+    y, _ = output
+    ctx.save_for_backward(h0, w_hh, lengths, y)
+    ctx.reverse, ctx.relu = reverse, relu
+
+
+def _rnn_backward(ctx, bwd_op, grad_y, grad_h_n):
+    h0, w_hh, lengths, y = ctx.saved_tensors
+    g_gx, g_h0, g_whh = bwd_op(grad_y, grad_h_n, h0, w_hh, lengths, ctx.reverse, ctx.relu, y)
+    return g_gx, g_h0, g_whh, None, None, None
+
+
+_AUTOGRAD = {"lstm": (_lstm_setup, _lstm_backward), "gru": (_gru_setup, _gru_backward),
+             "rnn": (_rnn_setup, _rnn_backward)}

@@ -1,0 +1,258 @@
+"""Reference recurrences: the spec every backend is tested against.
+
+Plain PyTorch, one function per (cell, direction of autograd). Each function
+implements exactly the op contract of DESIGN.md ("The recurrence ops"):
+
+    lstm_forward(gx[T,B,4H], h0[B,P], c0[B,H], w_hh[4H,P], w_hr?[P,H],
+                 lengths?[B], reverse) -> y[T,B,P], h_n[B,P], c_n[B,H], gates[T,B,4H], cells[T,B,H]
+    lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr?, lengths?, reverse,
+                  y, gates, cells) -> grad_gx, grad_h0, grad_c0, grad_w_hh, grad_w_hr
+    gru_forward(gx[T,B,3H], h0[B,H], w_hh[3H,H], b_hh?[3H], lengths?, reverse)
+                 -> y[T,B,H], h_n[B,H], gates[T,B,3H], hn[T,B,H]
+    gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh?, lengths?, reverse, y, gates, hn)
+                 -> grad_gx, grad_h0, grad_w_hh, grad_b_hh
+    rnn_forward(gx[T,B,H], h0[B,H], w_hh[H,H], lengths?, reverse, relu) -> y, h_n
+    rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths?, reverse, relu, y)
+                 -> grad_gx, grad_h0, grad_w_hh
+
+Semantics shared by all cells:
+  * gx is the input projection for every step, computed outside the op. For
+    LSTM and RNN it already holds both biases; for GRU it holds b_ih only and
+    b_hh is applied inside (PyTorch's n = tanh(gx_n + r * (W_hn h + b_hn))).
+  * Gate order and equations are PyTorch's: LSTM (i, f, g, o), GRU (r, z, n)
+    with h' = (1 - z) * n + z * h.
+  * lengths (int64, on gx's device, values in [0, T], any order): sequence b is
+    active for its first lengths[b] time steps. Past that its state is frozen
+    (h_n is the state after its last valid step) and its output is 0. With
+    reverse=True each sequence starts at its own last valid step, lengths[b]-1,
+    and runs down to 0. lengths=None means every sequence has length T.
+  * Saved tensors (gates, cells, hn): LSTM gates are post-activation
+    (sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)); cells are c_t; GRU gates are
+    (r, z, n) post-activation and hn is W_hn h_{t-1} + b_hn. At padded steps they
+    are 0. A backend may save something else, as long as its own backward reads it.
+  * Half precision (fp16/bf16) inputs are computed in fp32 (fp32 cell state and
+    accumulation); y, h_n, c_n come back in the input dtype, saved tensors stay fp32.
+  * grad_w_hr / grad_b_hh are empty tensors (shape [0]) when w_hr / b_hh is None.
+  * The backward's weight gradients are one GEMM over all time steps after the
+    sequential part: grad_w_hh = sum_t dpre_t^T h_{t-1}.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the recurrence math runs in: fp32 for half inputs."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def _up(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(compute_dtype(t.dtype))
+
+
+def active_mask(lengths: Tensor | None, T: int, B: int, device) -> Tensor:
+    """[T, B] bool: True where step t of sequence b is a real (non-padded) step."""
+    if lengths is None:
+        return torch.ones(T, B, dtype=torch.bool, device=device)
+    return torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :]
+
+
+def flip_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverse each sequence within its own length (padded steps stay where they are).
+
+    Running the forward recurrence on flip(x) and flipping its per-step results
+    back is exactly the reverse direction, so the reference needs one loop only.
+    The flip is its own inverse.
+    """
+    T, B = x.shape[0], x.shape[1]
+    if lengths is None:
+        return x.flip(0)
+    t = torch.arange(T, device=x.device)[:, None]
+    L = lengths.to(x.device)[None, :]
+    src = torch.where(t < L, L - 1 - t, t)  # [T, B]
+    idx = src.reshape(T, B, *([1] * (x.dim() - 2))).expand_as(x)
+    return torch.gather(x, 0, idx)
+
+
+def previous_states(seq: Tensor, init: Tensor) -> Tensor:
+    """[T,B,*]: the state each (forward-ordered) step started from: init, seq[0], ..., seq[T-2]."""
+    return torch.cat([init.unsqueeze(0), seq[:-1]], 0)
+
+
+def _orient(reverse: bool, lengths: Tensor | None, *xs: Tensor):
+    return [flip_within_lengths(x, lengths) if reverse else x for x in xs]
+
+
+def _matmul_t(a: Tensor, b: Tensor) -> Tensor:
+    """sum over (t, b) of a[t,b,:]^T b[t,b,:]: the weight-gradient GEMM over all steps."""
+    return a.reshape(-1, a.shape[-1]).t() @ b.reshape(-1, b.shape[-1])
+
+
+# ----------------------------------------------------------------------------- LSTM
+def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse):
+    out_dtype = gx.dtype
+    gx, h0, c0, w_hh, w_hr = map(_up, (gx, h0, c0, w_hh, w_hr))
+    T, B, G = gx.shape
+    H = G // 4
+    (gx,) = _orient(reverse, lengths, gx)
+    mask = active_mask(lengths, T, B, gx.device)
+    h, c = h0, c0
+    ys, gates, cells = [], [], []
+    for t in range(T):
+        a = gx[t] + h @ w_hh.t()
+        i, f, g, o = a.split(H, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        h_new = o * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        m = mask[t, :, None]
+        h = torch.where(m, h_new, h)
+        c = torch.where(m, c_new, c)
+        ys.append(torch.where(m, h_new, 0))
+        gates.append(torch.where(m, torch.cat([i, f, g, o], 1), 0))
+        cells.append(torch.where(m, c_new, 0))
+    y, gates, cells = _orient(reverse, lengths, torch.stack(ys), torch.stack(gates), torch.stack(cells))
+    return y.to(out_dtype), h.to(out_dtype), c.to(out_dtype), gates, cells
+
+
+def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
+    out_dtype = h0.dtype
+    grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, y = map(
+        _up, (grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, y))
+    T, B, G = gates.shape
+    H = G // 4
+    grad_y, y, gates, cells = _orient(reverse, lengths, grad_y, y, gates, cells)
+    mask = active_mask(lengths, T, B, gates.device)
+    # After orienting, each sequence's real steps are a prefix 0..L-1, so the
+    # state step t started from is simply the previous step's (or the initial one).
+    c_prev = previous_states(cells, c0)
+    dh, dc = grad_h_n, grad_c_n
+    dpre = torch.zeros_like(gates)
+    dhs = torch.zeros_like(y)  # dL/dh_t (projected), for grad_w_hr
+    for t in reversed(range(T)):
+        m = mask[t, :, None]
+        i, f, g, o = gates[t].split(H, dim=1)
+        tc = torch.tanh(cells[t])
+        dh_t = dh + grad_y[t]
+        dhs[t] = torch.where(m, dh_t, 0)
+        dhr = dh_t @ w_hr if w_hr is not None else dh_t
+        dc_t = dc + dhr * o * (1 - tc * tc)
+        da = torch.cat([dc_t * g * i * (1 - i),
+                        dc_t * c_prev[t] * f * (1 - f),
+                        dc_t * i * (1 - g * g),
+                        dhr * tc * o * (1 - o)], 1)
+        da = torch.where(m, da, 0)
+        dpre[t] = da
+        dh = torch.where(m, da @ w_hh, dh)
+        dc = torch.where(m, dc_t * f, dc)
+    # Weight gradients: one GEMM each over all steps (padded steps have dpre = 0).
+    grad_w_hh = _matmul_t(dpre, previous_states(y, h0))
+    if w_hr is not None:
+        o = gates[..., 3 * H:]
+        hr = o * torch.tanh(cells)  # unprojected h_t, 0 at padded steps
+        grad_w_hr = _matmul_t(dhs, hr)
+    else:
+        grad_w_hr = grad_y.new_zeros(0)
+    (dpre,) = _orient(reverse, lengths, dpre)
+    return (dpre.to(out_dtype), dh.to(out_dtype), dc.to(out_dtype),
+            grad_w_hh.to(out_dtype), grad_w_hr.to(out_dtype))
+
+
+# ----------------------------------------------------------------------------- GRU
+def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse):
+    out_dtype = gx.dtype
+    gx, h0, w_hh, b_hh = map(_up, (gx, h0, w_hh, b_hh))
+    T, B, G = gx.shape
+    H = G // 3
+    (gx,) = _orient(reverse, lengths, gx)
+    mask = active_mask(lengths, T, B, gx.device)
+    h = h0
+    ys, gates, hns = [], [], []
+    for t in range(T):
+        gh = h @ w_hh.t()
+        if b_hh is not None:
+            gh = gh + b_hh
+        xr, xz, xn = gx[t].split(H, dim=1)
+        hr, hz, hn = gh.split(H, dim=1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h_new = (1 - z) * n + z * h
+        m = mask[t, :, None]
+        h = torch.where(m, h_new, h)
+        ys.append(torch.where(m, h_new, 0))
+        gates.append(torch.where(m, torch.cat([r, z, n], 1), 0))
+        hns.append(torch.where(m, hn, 0))
+    y, gates, hns = _orient(reverse, lengths, torch.stack(ys), torch.stack(gates), torch.stack(hns))
+    return y.to(out_dtype), h.to(out_dtype), gates, hns
+
+
+def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn):
+    out_dtype = h0.dtype
+    grad_y, grad_h_n, h0, w_hh, y = map(_up, (grad_y, grad_h_n, h0, w_hh, y))
+    T, B, G = gates.shape
+    H = G // 3
+    grad_y, y, gates, hn = _orient(reverse, lengths, grad_y, y, gates, hn)
+    mask = active_mask(lengths, T, B, gates.device)
+    h_prev = previous_states(y, h0)
+    dh = grad_h_n
+    dgx = torch.zeros_like(gates)
+    dgh = torch.zeros_like(gates)  # gradient w.r.t. W_hh h + b_hh
+    for t in reversed(range(T)):
+        m = mask[t, :, None]
+        r, z, n = gates[t].split(H, dim=1)
+        dh_t = dh + grad_y[t]
+        dan = dh_t * (1 - z) * (1 - n * n)
+        daz = dh_t * (h_prev[t] - n) * z * (1 - z)
+        dar = dan * hn[t] * r * (1 - r)
+        dgx_t = torch.where(m, torch.cat([dar, daz, dan], 1), 0)
+        dgh_t = torch.where(m, torch.cat([dar, daz, dan * r], 1), 0)
+        dgx[t], dgh[t] = dgx_t, dgh_t
+        dh = torch.where(m, dh_t * z + dgh_t @ w_hh, dh)
+    grad_w_hh = _matmul_t(dgh, h_prev)
+    grad_b_hh = dgh.sum((0, 1)) if b_hh is not None else grad_y.new_zeros(0)
+    (dgx,) = _orient(reverse, lengths, dgx)
+    return dgx.to(out_dtype), dh.to(out_dtype), grad_w_hh.to(out_dtype), grad_b_hh.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- RNN
+def rnn_forward(gx, h0, w_hh, lengths, reverse, relu):
+    out_dtype = gx.dtype
+    gx, h0, w_hh = map(_up, (gx, h0, w_hh))
+    T, B, H = gx.shape
+    (gx,) = _orient(reverse, lengths, gx)
+    mask = active_mask(lengths, T, B, gx.device)
+    act = torch.relu if relu else torch.tanh
+    h = h0
+    ys = []
+    for t in range(T):
+        h_new = act(gx[t] + h @ w_hh.t())
+        m = mask[t, :, None]
+        h = torch.where(m, h_new, h)
+        ys.append(torch.where(m, h_new, 0))
+    (y,) = _orient(reverse, lengths, torch.stack(ys))
+    return y.to(out_dtype), h.to(out_dtype)
+
+
+def rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y):
+    out_dtype = h0.dtype
+    grad_y, grad_h_n, h0, w_hh, y = map(_up, (grad_y, grad_h_n, h0, w_hh, y))
+    T, B, H = y.shape
+    grad_y, y = _orient(reverse, lengths, grad_y, y)
+    mask = active_mask(lengths, T, B, y.device)
+    # derivative of the nonlinearity from its output (y is 0 at padded steps; masked anyway)
+    dact = (y > 0).to(y.dtype) if relu else 1 - y * y
+    dh = grad_h_n
+    da_all = torch.zeros_like(y)
+    for t in reversed(range(T)):
+        m = mask[t, :, None]
+        da = torch.where(m, (dh + grad_y[t]) * dact[t], 0)
+        da_all[t] = da
+        dh = torch.where(m, da @ w_hh, dh)
+    grad_w_hh = _matmul_t(da_all, previous_states(y, h0))
+    (da_all,) = _orient(reverse, lengths, da_all)
+    return da_all.to(out_dtype), dh.to(out_dtype), grad_w_hh.to(out_dtype)
