@@ -59,6 +59,9 @@ class Backend:
         return self.limits(call)
 
     def op(self, cell: str, direction: str):
+        why = self.unavailable()  # loading registers the kernels
+        if why:
+            raise RuntimeError(f"fusedrnn: backend {self.name!r} is unavailable: {why}")
         return ops.get_op(cell, direction, self.ops_backend)
 
 

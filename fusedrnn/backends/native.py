@@ -1,8 +1,8 @@
-"""The `cpu` and `cuda` backends: C++/CUDA kernels from csrc/, compiled into fusedrnn._C.
+"""The `cpu` and `cuda` backends: C++ kernels (csrc/cpu -> fusedrnn._C) and CUDA
+kernels (csrc/cuda -> fusedrnn._C_cuda).
 
 Both implement the same ops (no suffix); the dispatcher picks the CPU or CUDA
-kernel by the tensors' device. Each backend is usable only if the extension
-was built with kernels for its device.
+kernel by the tensors' device. Each backend is usable only if its extension was built.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from .. import ops
 from . import Backend, register
 
 
-def _load_extension():
+def _load_extension(module: str):
     ops.define("cpu")  # the schemas the C++ kernels implement (TORCH_LIBRARY_IMPL only)
-    return importlib.import_module("fusedrnn._C")
+    return importlib.import_module(module)
 
 
 def _has_kernel(dispatch_key: str) -> bool:
@@ -24,14 +24,14 @@ def _has_kernel(dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
 
 
-def _load_for(dispatch_key: str):
+def _load_for(dispatch_key: str, module: str):
     def load():
         try:
-            _load_extension()
+            _load_extension(module)
         except ImportError as e:
-            return f"the compiled extension fusedrnn._C is not built ({e})"
+            return f"the compiled extension {module} is not built ({e})"
         if not _has_kernel(dispatch_key):
-            return f"fusedrnn._C was built without {dispatch_key} kernels"
+            return f"{module} registers no {dispatch_key} kernel"
         if dispatch_key == "CUDA" and not torch.cuda.is_available():
             return "no CUDA device"
         return None
@@ -39,6 +39,6 @@ def _load_for(dispatch_key: str):
 
 
 register(Backend(name="cpu", ops_backend="cpu", device_types=("cpu",),
-                 dtypes=(torch.float64, torch.float32), load=_load_for("CPU")))
+                 dtypes=(torch.float64, torch.float32), load=_load_for("CPU", "fusedrnn._C")))
 register(Backend(name="cuda", ops_backend="cuda", device_types=("cuda",),
-                 dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load_for("CUDA")))
+                 dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load_for("CUDA", "fusedrnn._C_cuda")))

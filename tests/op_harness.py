@@ -1,0 +1,119 @@
+"""Op-level comparison of any backend against the reference backend.
+
+Used by every backend's tests: random inputs (never zeros), forward outputs and
+all gradients compared to the reference, which runs in float64 on the same
+inputs, with a tolerance that fits the backend's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from fusedrnn import ops
+from fusedrnn.backends import registry
+
+# (atol, rtol) per dtype of the backend under test, against a float64 reference.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 1e-5),
+    "tf32": (2e-3, 1e-3),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def make_inputs(cell, T, B, H, *, P=0, dtype=torch.float32, device="cpu", lengths=False,
+                reverse=False, bias=True, relu=False):
+    """Forward-op arguments (as a tuple in schema order) for one random case."""
+    G = GATES[cell] * H
+    Pd = P or H
+    scale = 1.0 / (Pd ** 0.5)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, dtype=torch.float64) * s).to(dtype=dtype, device=device)
+
+    gx = rnd(T, B, G)
+    h0 = rnd(B, Pd, s=0.5)
+    w_hh = rnd(G, Pd, s=scale)
+    L = None
+    if lengths:
+        L = torch.randint(1, T + 1, (B,))
+        L[torch.randint(0, B, (1,))] = T  # at least one full-length sequence
+        L = L.to(device)
+    if cell == "lstm":
+        w_hr = rnd(P, H, s=1.0 / H ** 0.5) if P else None
+        return (gx, h0, rnd(B, H, s=0.5), w_hh, w_hr, L, reverse)
+    if cell == "gru":
+        return (gx, h0, w_hh, rnd(G, s=0.3) if bias else None, L, reverse)
+    return (gx, h0, w_hh, L, reverse, relu)
+
+
+def _f64(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().double().requires_grad_(True)
+    return x
+
+
+def _diff_outputs(cell, outs):
+    return outs[:3] if cell == "lstm" else outs[:2]
+
+
+def assert_close(got, want, tol, what):
+    atol, rtol = tol
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got64 = got.detach().double()
+    assert torch.isfinite(got64).all(), f"{what}: non-finite values (unwritten output?)"
+    torch.testing.assert_close(got64, want.detach().double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def check_against_reference(backend: str, cell: str, args: tuple, *, tol=None, backward=True):
+    """Run `backend`'s forward op (and backward through autograd) on `args` and compare
+    every output and gradient with the float64 reference on the same inputs."""
+    be = registry()[backend]
+    assert be.unavailable() is None, be.unavailable()
+    ref = registry()["reference"]
+    assert ref.unavailable() is None
+    dtype = args[0].dtype
+    tol = tol or TOL[dtype]
+
+    test_args = tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                      else a for a in args)
+    ref_args = tuple(_f64(a) for a in args)
+    outs = _diff_outputs(cell, be.op(cell, "forward")(*test_args))
+    ref_outs = _diff_outputs(cell, ref.op(cell, "forward")(*ref_args))
+    names = ["y", "h_n", "c_n"]
+    for name, o, r in zip(names, outs, ref_outs):
+        assert o.dtype == dtype, f"{name}: dtype {o.dtype} != input dtype {dtype}"
+        assert_close(o, r, tol, f"{backend} {cell} forward {name}")
+    if not backward:
+        return
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+    inputs = [a for a in test_args if isinstance(a, torch.Tensor) and a.requires_grad]
+    ref_inputs = [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad]
+    got = torch.autograd.grad(outs, inputs, [g.to(dtype=dtype, device=o.device) for g, o in zip(grads, outs)])
+    want = torch.autograd.grad(ref_outs, ref_inputs, [g.to(r.device) for g, r in zip(grads, ref_outs)])
+    arg_names = [n for n, a in zip(_arg_names(cell), test_args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    for name, g, w in zip(arg_names, got, want):
+        assert_close(g, w, tol, f"{backend} {cell} grad {name}")
+
+
+def _arg_names(cell):
+    from fusedrnn.schema import SCHEMAS
+    sig = SCHEMAS[f"{cell}_forward"].split("->")[0].strip("() ")
+    return [p.split()[-1] for p in sig.split(",")]
+
+
+def gradcheck_backend(backend: str, cell: str, args: tuple):
+    """torch.autograd.gradcheck of one backend's forward op in float64."""
+    op = registry()[backend].op(cell, "forward")
+    args = tuple(_f64(a) for a in args)
+    n = 3 if cell == "lstm" else 2
+    return torch.autograd.gradcheck(lambda *a: op(*a)[:n], args, atol=1e-7, rtol=1e-5)
+
+
+def opcheck_backend(backend: str, cell: str, args: tuple):
+    """torch.library.opcheck (schema, fake kernel, autograd registration) of one backend's forward op."""
+    op = registry()[backend].op(cell, "forward")
+    args = tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args)
+    torch.library.opcheck(op, args)
