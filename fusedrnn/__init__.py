@@ -1,4 +1,14 @@
-"""fusedrnn: fused LSTM/GRU/RNN recurrences behind drop-in torch.nn modules."""
-from .backends import available_backends
+"""fusedrnn: fused LSTM/GRU/RNN recurrences behind drop-in torch.nn modules.
 
-__all__ = ["available_backends"]
+    import fusedrnn
+    lstm = fusedrnn.LSTM(256, 512, num_layers=2, batch_first=True)   # like torch.nn.LSTM
+    model = fusedrnn.convert(model)                                   # swap into an existing model
+    lstm.last_backend, lstm.last_backend_reason                       # what ran, and why
+"""
+from .backends import available_backends
+from .cells import GRUCell, LSTMCell, RNNCell
+from .convert import convert
+from .modules import GRU, LSTM, RNN
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "available_backends"]
+__version__ = "0.1.0"

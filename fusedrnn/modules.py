@@ -1,0 +1,191 @@
+"""Drop-in fusedrnn.LSTM / GRU / RNN.
+
+Each class subclasses its torch.nn counterpart, so the constructor, its
+validation, the parameters (names, shapes, order, initialisation), state_dict,
+repr and isinstance checks are torch.nn's own. Only forward differs: per layer
+and direction, the input projection is one GEMM over all time steps and the
+recurrence is one fused op of the chosen backend (DESIGN.md, "Data flow").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import validation as V
+from .backends import Call, select
+
+
+class BackendChoice:
+    """The `backend=` keyword of every fusedrnn module, and what ran last."""
+
+    def _init_backend(self, backend: str) -> None:
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string ('auto' or a backend name), got {type(backend).__name__}")
+        self.backend = backend
+        self.last_backend: str | None = None         # which backend ran the last forward
+        self.last_backend_reason: str | None = None  # and why it was chosen
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
+
+
+class _FusedRNNBase(BackendChoice):
+    """Shared forward of the three sequence modules; `_cell` is "lstm", "gru" or "rnn"."""
+
+    _cell: str
+    _torch_name: str
+
+    # ------------------------------------------------------------------ input handling
+    def _prepare(self, input, hx):
+        """Validate like torch.nn and bring everything to time-major [T, B, *] form.
+
+        Returns (x, lengths, hs, finish) where hs is the list of initial states
+        ([h0] or [h0, c0], each [L*D, B, *]) and finish(y, states) builds the
+        module's return value.
+        """
+        lstm = self._cell == "lstm"
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if lstm and self.proj_size > 0 else self.hidden_size
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_idx, unsorted_idx = input
+            V.require_tensor(data, f"{self._torch_name}: input")
+            self.check_input(data, batch_sizes)
+            # Padded in the caller's batch order (pad_packed_sequence undoes the sort),
+            # so hx needs no permutation and h_n comes out in the caller's order.
+            x, lengths = pad_packed_sequence(input)
+            B = x.shape[1]
+            hs = self._initial_states(hx, x, B, D, P, lstm)
+            self.check_forward_args(data, tuple(hs) if lstm else hs[0], batch_sizes)
+
+            def finish(y, states):
+                ys = y if sorted_idx is None else y.index_select(1, sorted_idx)
+                packed = pack_padded_sequence(ys, lengths if sorted_idx is None else lengths[sorted_idx])
+                out = PackedSequence(packed.data, batch_sizes, sorted_idx, unsorted_idx)
+                return out, (tuple(states) if lstm else states[0])
+
+            lengths = None if bool((lengths == x.shape[0]).all()) else lengths.to(x.device)
+            return x, lengths, hs, finish
+
+        V.require_tensor(input, f"{self._torch_name}: input")
+        V.check_input_dim(self._torch_name, input)
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        B = x.shape[1]
+        if hx is not None:
+            given = list(V.lstm_hidden_pair(hx)) if lstm else [hx]
+            if not lstm:
+                V.require_tensor(hx, f"{self._torch_name}: hx")
+            V.check_hidden_dims(batched, given, lstm)
+            if not batched:
+                given = [h.unsqueeze(1) for h in given]
+            hx = tuple(given) if lstm else given[0]
+        hs = self._initial_states(hx, x, B, D, P, lstm)
+        # check_forward_args reads the batch from input in the module's own layout.
+        self.check_forward_args(x.transpose(0, 1) if self.batch_first else x,
+                                tuple(hs) if lstm else hs[0], None)
+        V.check_sequence_length(x.shape[0])
+
+        def finish(y, states):
+            if self.batch_first:
+                y = y.transpose(0, 1)
+            if not batched:
+                y = y.squeeze(0 if self.batch_first else 1)
+                states = [s.squeeze(1) for s in states]
+            return y, (tuple(states) if lstm else states[0])
+
+        return x, None, hs, finish
+
+    def _initial_states(self, hx, x, B, D, P, lstm):
+        if hx is None:
+            shape = (self.num_layers * D, B)
+            zeros = [x.new_zeros(*shape, P)]
+            if lstm:
+                zeros.append(x.new_zeros(*shape, self.hidden_size))
+            return zeros
+        hs = list(V.lstm_hidden_pair(hx)) if lstm else [hx]
+        if not lstm:
+            V.require_tensor(hx, f"{self._torch_name}: hx")
+        V.check_hidden_like_input(x, hs, ["hx[0]", "hx[1]"] if lstm else ["hx"])
+        return hs
+
+    # ------------------------------------------------------------------ the layers
+    def _weights(self, layer: int, direction: int):
+        sfx = f"_l{layer}" + ("_reverse" if direction else "")
+        w_ih = getattr(self, "weight_ih" + sfx)
+        w_hh = getattr(self, "weight_hh" + sfx)
+        b_ih = getattr(self, "bias_ih" + sfx) if self.bias else None
+        b_hh = getattr(self, "bias_hh" + sfx) if self.bias else None
+        w_hr = getattr(self, "weight_hr" + sfx) if self._cell == "lstm" and self.proj_size > 0 else None
+        return w_ih, w_hh, b_ih, b_hh, w_hr
+
+    def forward(self, input, hx=None):
+        if hasattr(self, "_update_flat_weights"):
+            self._update_flat_weights()
+        x, lengths, hs, finish = self._prepare(input, hx)
+        V.check_device(self, x)
+        backend, why = select(self.backend, Call(
+            cell=self._cell, device=x.device, dtype=x.dtype, hidden_size=self.hidden_size,
+            proj_size=getattr(self, "proj_size", 0), batch=x.shape[1]))
+        self.last_backend, self.last_backend_reason = backend.name, why
+        fwd = backend.op(self._cell, "forward")
+        D = 2 if self.bidirectional else 1
+        finals: list[list[Tensor]] = [[] for _ in hs]
+        layer_in = x
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                idx = layer * D + d
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, d)
+                state = [h[idx] for h in hs]
+                if self._cell == "gru":
+                    # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).
+                    gx = F.linear(layer_in, w_ih, b_ih)
+                    y, h_n, *_ = fwd(gx, state[0], w_hh, b_hh, lengths, bool(d))
+                    new = [h_n]
+                elif self._cell == "lstm":
+                    gx = F.linear(layer_in, w_ih, None if b_ih is None else b_ih + b_hh)
+                    y, h_n, c_n, *_ = fwd(gx, state[0], state[1], w_hh, w_hr, lengths, bool(d))
+                    new = [h_n, c_n]
+                else:
+                    gx = F.linear(layer_in, w_ih, None if b_ih is None else b_ih + b_hh)
+                    y, h_n = fwd(gx, state[0], w_hh, lengths, bool(d), self.nonlinearity == "relu")
+                    new = [h_n]
+                outs.append(y)
+                for f, s in zip(finals, new):
+                    f.append(s)
+            layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_in = F.dropout(layer_in, self.dropout, training=True)
+        return finish(layer_in, [torch.stack(f, 0) for f in finals])
+
+
+class LSTM(_FusedRNNBase, nn.LSTM):
+    """Drop-in torch.nn.LSTM; extra keyword: backend ("auto", "cpu", "cuda", "triton", "reference", ...)."""
+    _cell, _torch_name = "lstm", "LSTM"
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_backend(backend)
+
+
+class GRU(_FusedRNNBase, nn.GRU):
+    """Drop-in torch.nn.GRU; extra keyword: backend."""
+    _cell, _torch_name = "gru", "GRU"
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_backend(backend)
+
+
+class RNN(_FusedRNNBase, nn.RNN):
+    """Drop-in torch.nn.RNN (tanh or relu); extra keyword: backend."""
+    _cell, _torch_name = "rnn", "RNN"
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_backend(backend)
