@@ -52,6 +52,7 @@ class _FusedRNNBase(BackendChoice):
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_idx, unsorted_idx = input
             V.require_tensor(data, f"{self._torch_name}: input")
+            V.check_input_dtype(self, data)
             self.check_input(data, batch_sizes)
             # Padded in the caller's batch order (pad_packed_sequence undoes the sort),
             # so hx needs no permutation and h_n comes out in the caller's order.
@@ -59,6 +60,7 @@ class _FusedRNNBase(BackendChoice):
             B = x.shape[1]
             hs = self._initial_states(hx, x, B, D, P, lstm)
             self.check_forward_args(data, tuple(hs) if lstm else hs[0], batch_sizes)
+            V.check_hidden_like_input(data, hs, self._hidden_names())
 
             def finish(y, states):
                 ys = y if sorted_idx is None else y.index_select(1, sorted_idx)
@@ -66,8 +68,9 @@ class _FusedRNNBase(BackendChoice):
                 out = PackedSequence(packed.data, batch_sizes, sorted_idx, unsorted_idx)
                 return out, (tuple(states) if lstm else states[0])
 
-            lengths = None if bool((lengths == x.shape[0]).all()) else lengths.to(x.device)
-            return x, lengths, hs, finish
+            # All full-length: no lengths needed (the kernels' fast path).
+            op_lengths = None if bool((lengths == x.shape[0]).all()) else lengths.to(x.device)
+            return x, op_lengths, hs, finish
 
         V.require_tensor(input, f"{self._torch_name}: input")
         V.check_input_dim(self._torch_name, input)
@@ -84,10 +87,12 @@ class _FusedRNNBase(BackendChoice):
             if not batched:
                 given = [h.unsqueeze(1) for h in given]
             hx = tuple(given) if lstm else given[0]
+        V.check_input_dtype(self, x)
         hs = self._initial_states(hx, x, B, D, P, lstm)
         # check_forward_args reads the batch from input in the module's own layout.
         self.check_forward_args(x.transpose(0, 1) if self.batch_first else x,
                                 tuple(hs) if lstm else hs[0], None)
+        V.check_hidden_like_input(x, hs, self._hidden_names())
         V.check_sequence_length(x.shape[0])
 
         def finish(y, states):
@@ -107,11 +112,12 @@ class _FusedRNNBase(BackendChoice):
             if lstm:
                 zeros.append(x.new_zeros(*shape, self.hidden_size))
             return zeros
-        hs = list(V.lstm_hidden_pair(hx)) if lstm else [hx]
         if not lstm:
             V.require_tensor(hx, f"{self._torch_name}: hx")
-        V.check_hidden_like_input(x, hs, ["hx[0]", "hx[1]"] if lstm else ["hx"])
-        return hs
+        return list(V.lstm_hidden_pair(hx)) if lstm else [hx]
+
+    def _hidden_names(self):
+        return ["hx[0]", "hx[1]"] if self._cell == "lstm" else ["hx"]
 
     # ------------------------------------------------------------------ the layers
     def _weights(self, layer: int, direction: int):

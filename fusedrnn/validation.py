@@ -21,6 +21,19 @@ class HiddenStatePairError(TypeError, IndexError):
     """An LSTM hx that is not a pair (h_0, c_0) (torch.nn raises IndexError or RuntimeError)."""
 
 
+class InputDtypeError(ValueError, RuntimeError):
+    """Input dtype differs from the weights' (torch.nn raises ValueError, or RuntimeError for packed LSTM input)."""
+
+
+def check_input_dtype(module: torch.nn.Module, input: Tensor) -> None:
+    """torch.nn's RNNBase.check_input dtype check and message (skipped under autocast, as there)."""
+    w = module._flat_weights[0]
+    if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+        raise InputDtypeError(
+            f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). "
+            f"Convert input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
+
+
 def require_tensor(x, what: str) -> None:
     if not isinstance(x, Tensor):
         raise NotATensorError(f"{what} must be a torch.Tensor, got {type(x).__name__}")

@@ -1,0 +1,109 @@
+"""Drop-in behaviour: state_dict both ways, convert(), dropout, backend choice and reporting."""
+import pytest
+import torch
+from torch import nn
+
+import fusedrnn
+from fusedrnn.backends import available_backends
+
+
+@pytest.mark.parametrize("torch_cls,fused_cls,kw", [
+    (nn.LSTM, fusedrnn.LSTM, {"proj_size": 3}), (nn.GRU, fusedrnn.GRU, {}),
+    (nn.RNN, fusedrnn.RNN, {"nonlinearity": "relu"})])
+def test_parameters_and_state_dict_identical(torch_cls, fused_cls, kw):
+    args = dict(input_size=4, hidden_size=5, num_layers=2, bidirectional=True, **kw)
+    torch.manual_seed(1)
+    ref = torch_cls(**args)
+    torch.manual_seed(1)
+    ours = fused_cls(**args)
+    assert isinstance(ours, torch_cls)
+    assert [(n, p.shape) for n, p in ref.named_parameters()] == [(n, p.shape) for n, p in ours.named_parameters()]
+    for (n, a), (_, b) in zip(ref.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(a, b), f"{n}: same seed must give the same initialisation"
+    # loads both ways
+    fresh = fused_cls(**args)
+    fresh.load_state_dict(ref.state_dict())
+    back = torch_cls(**args)
+    back.load_state_dict(fresh.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ref.state_dict().values()))
+
+
+class _Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(4, 6), nn.LSTM(6, 5, num_layers=2, batch_first=True))
+        self.dec = nn.ModuleDict({"gru": nn.GRU(5, 5, bidirectional=True), "cell": nn.RNNCell(10, 3)})
+
+    def forward(self, x):
+        y, _ = self.enc[1](self.enc[0](x))
+        z, h = self.dec["gru"](y.transpose(0, 1))
+        return z, h, self.dec["cell"](z[-1])
+
+
+def test_convert_nested_model():
+    model = _Nested().double().train()
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+    want = model.eval()(x)
+    keys = list(model.state_dict())
+    params = {n: p for n, p in model.named_parameters()}
+    converted = fusedrnn.convert(model.train())
+    assert isinstance(converted.enc[1], fusedrnn.LSTM) and isinstance(converted.dec["gru"], fusedrnn.GRU)
+    assert isinstance(converted.dec["cell"], fusedrnn.RNNCell)
+    assert converted.training and converted.enc[1].training
+    assert list(converted.state_dict()) == keys
+    assert all(p is params[n] for n, p in converted.named_parameters()), "parameters must be shared, not copied"
+    got = converted.eval()(x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert converted.enc[1].last_backend in available_backends("cpu")
+
+
+def test_convert_top_level_and_keeps_dtype():
+    m = nn.GRU(3, 4).double()
+    c = fusedrnn.convert(m, backend="reference")
+    assert isinstance(c, fusedrnn.GRU) and c.backend == "reference" and c.weight_hh_l0.dtype == torch.float64
+
+
+@pytest.mark.parametrize("torch_cls,fused_cls", [(nn.LSTM, fusedrnn.LSTM), (nn.GRU, fusedrnn.GRU), (nn.RNN, fusedrnn.RNN)])
+def test_dropout_p1_is_deterministic_and_matches(torch_cls, fused_cls):
+    # p = 1 drops every activation between layers: both must then agree exactly, in training.
+    ref = torch_cls(3, 4, num_layers=2, dropout=1.0).double().train()
+    ours = fused_cls(3, 4, num_layers=2, dropout=1.0).double().train()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], atol=1e-12, rtol=1e-12)
+
+
+def test_dropout_training_statistics_and_eval():
+    ref = nn.LSTM(3, 8, num_layers=2, dropout=0.5).double()
+    ours = fusedrnn.LSTM(3, 8, num_layers=2, dropout=0.5).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    # eval: dropout exactly off
+    torch.testing.assert_close(ours.eval()(x)[0], ref.eval()(x)[0], atol=1e-12, rtol=1e-12)
+    ours.train()
+    ref.train()
+    a = torch.stack([ours(x)[0] for _ in range(300)])
+    b = torch.stack([ref(x)[0] for _ in range(300)])
+    assert not torch.allclose(a[0], a[1]), "training outputs must vary with the dropout mask"
+    # same distribution: mean and spread per element agree within sampling error
+    se = (a.std(0) ** 2 / 300 + b.std(0) ** 2 / 300).sqrt()
+    assert ((a.mean(0) - b.mean(0)).abs() <= 5 * se + 1e-6).float().mean() > 0.97
+    torch.testing.assert_close(a.std(0).mean(), b.std(0).mean(), rtol=0.15, atol=1e-3)
+
+
+def test_backend_reporting_and_forcing():
+    m = fusedrnn.GRU(3, 4, backend="reference")
+    m(torch.randn(2, 1, 3))
+    assert m.last_backend == "reference" and "forced" in m.last_backend_reason
+    a = fusedrnn.GRU(3, 4)
+    a(torch.randn(2, 1, 3))
+    assert a.last_backend == available_backends("cpu")[0] and a.last_backend_reason.startswith("auto")
+    assert "backend='reference'" in repr(m)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        fusedrnn.LSTM(3, 4, backend="nope")(torch.randn(2, 1, 3))
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run this LSTM call.*cpu"):
+        fusedrnn.LSTM(3, 4, backend="cuda")(torch.randn(2, 1, 3))
+    with pytest.raises(TypeError, match="backend must be a string"):
+        fusedrnn.LSTM(3, 4, backend=1)
+    assert "reference" in available_backends("cpu")
