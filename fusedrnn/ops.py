@@ -43,12 +43,24 @@ def define(backend: str) -> None:
         torch.library.register_autograd(
             fwd, _bind_backward(backward, get_op(cell, "backward", backend)),
             setup_context=setup, lib=_LIB)
+        # Without this, differentiating the backward (create_graph=True, then a
+        # second backward) would silently give wrong second derivatives.
+        torch.library.register_autograd(bwd, _no_double_backward, setup_context=_no_setup, lib=_LIB)
 
 
 def _bind_backward(backward, bwd_op):
     def fn(ctx, *grads):
         return backward(ctx, bwd_op, *[g.contiguous() for g in grads])
     return fn
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fusedrnn: double backward (a gradient of a gradient through an RNN) is not supported; "
+                       "use torch.nn's RNN modules for that computation")
 
 
 def _empty(ref: torch.Tensor) -> torch.Tensor:

@@ -34,3 +34,12 @@ def test_zero_length_sequences_keep_initial_state(cell):
     assert torch.equal(outs[1][0], args[1][0]), "h_n of a length-0 sequence must be h0"
     assert (outs[0][:, 0] == 0).all(), "outputs of a length-0 sequence must be 0"
     assert (outs[0][2:, 2] == 0).all() and (outs[0][:2, 2] != 0).all()
+
+
+def test_double_backward_raises_instead_of_silently_wrong():
+    import fusedrnn
+    m = fusedrnn.GRU(3, 4, backend="reference").double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x)[0].pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
