@@ -95,13 +95,13 @@ def extensions():
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-Xptxas=-v", "-lineinfo"]
         exts.append(CUDAExtension(
             "fusedrnn._C_cuda", cuda_sources, include_dirs=include + [nv_include],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc}, optional=optional))
+            extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc}, optional=optional))
 
     # The CUDA kernel sources compiled for the CPU emulation of the CUDA execution model.
     emulated = _rel(glob.glob(os.path.join(ROOT, "csrc", "emulation", "*.cpp")))
     if emulated and wanted("_emulated"):
         exts.append(CppExtension("fusedrnn._emulated", emulated, include_dirs=include,
-                                 extra_compile_args={"cxx": ["-O2", "-std=c++17"]},
+                                 extra_compile_args={"cxx": ["-O2", "-std=c++20"]},  # torch >= 2.10 headers need C++20
                                  extra_link_args=["-lpthread"], optional=optional))
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
