@@ -1,0 +1,225 @@
+"""Host side of the Triton recurrences: buffers, grid, one launch per time step.
+
+Each function implements one op of the contract in fusedrnn/reference.py (same
+arguments, same results, same saved tensors) with the kernels of recurrence.py.
+`wrap` is applied to every kernel before launch: torch.library.wrap_triton inside
+the registered triton_op (so torch.compile sees the kernels), identity otherwise.
+`blocks` overrides the tile sizes (tests use it to exercise several grid shapes).
+
+All recurrent state lives in fp32 buffers (h ping-pong pair, c, dh, dc);
+half inputs give half y / h_n / c_n / grads and fp32 saved tensors, like the reference.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fusedrnn._debug import new_output
+from fusedrnn.reference import flip_within_lengths, previous_states
+
+from . import recurrence as K
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    BLOCK_B: int   # batch rows per program (>= 16: tl.dot's minimum tile)
+    BLOCK_H: int   # hidden units per program (all gate rows of each unit)
+    BLOCK_K: int   # reduction chunk of the recurrent matmul
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# Programs wanted per launch so that a small batch still spreads over the GPU
+# (an H100 has 132 SMs; more than one program per SM hides load latency).
+TARGET_PROGRAMS = 256
+
+
+def default_blocks(B: int, H: int) -> Blocks:
+    """Tile sizes: batch tile as small as tl.dot allows for small batches (weights are
+    re-read once per batch tile, so larger batches get larger tiles, up to 64), then the
+    largest hidden tile (16..64) that still gives about TARGET_PROGRAMS programs."""
+    bb = min(64, max(16, _pow2(B)))
+    nb = -(-B // bb)
+    bh = 64
+    while bh > 16 and nb * -(-H // bh) < TARGET_PROGRAMS:
+        bh //= 2
+    bk = min(64, max(16, _pow2(H)))
+    return Blocks(bb, bh, bk)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_flags(dtype: torch.dtype, device: torch.device, precision: str | None = None) -> dict:
+    """PREC / DOT_HALF / UPCAST of the kernels for one call (see recurrence.py).
+
+    fp32: "ieee" (exact fp32, parity with the reference) unless torch allows TF32
+    matmuls (torch.get_float32_matmul_precision() != "highest"), the GPU's own
+    setting; `precision` overrides. Half: half tensor-core dot with fp32
+    accumulation; the interpreter cannot run a bf16 dot, so it upcasts the rounded
+    operands (same products, exact fp32 dot)."""
+    if precision is None:
+        precision = ("tf32" if dtype == torch.float32 and device.type == "cuda"
+                     and torch.get_float32_matmul_precision() != "highest" else "ieee")
+    return dict(PREC=precision, DOT_HALF=dtype in HALF,
+                UPCAST=dtype == torch.bfloat16 and interpreting())
+
+
+def _identity(kernel):
+    return kernel
+
+
+def _setup(gx, h0, w_hh, lengths, gates_per_unit, blocks, precision):
+    T, B, G = gx.shape
+    H = G // gates_per_unit
+    if h0.shape[1] != H or w_hh.shape != (G, H):
+        raise ValueError(f"fusedrnn triton: expected h0 [B,{H}] and w_hh [{G},{H}] (no projection), "
+                         f"got {tuple(h0.shape)} and {tuple(w_hh.shape)}")
+    blk = blocks or default_blocks(B, H)
+    grid = (triton_cdiv(H, blk.BLOCK_H), triton_cdiv(B, blk.BLOCK_B))
+    meta = dict(HAS_LEN=lengths is not None, BLOCK_B=blk.BLOCK_B, BLOCK_H=blk.BLOCK_H, BLOCK_K=blk.BLOCK_K,
+                **dot_flags(gx.dtype, gx.device, precision))
+    return T, B, H, grid, meta
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _c(x):
+    return None if x is None else x.contiguous()
+
+
+def _len_arg(lengths, ref):
+    # The kernels need a pointer even when HAS_LEN is False (never dereferenced).
+    return lengths.contiguous() if lengths is not None else ref
+
+
+def _f32_state(x):
+    return x.detach().to(torch.float32, copy=True).contiguous()
+
+
+# ============================================================================ forward
+def lstm_forward(gx, h0, c0, w_hh, lengths, reverse, *, blocks=None, precision=None, wrap=_identity):
+    gx, h0, c0, w_hh = _c(gx), _c(h0), _c(c0), _c(w_hh)
+    T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 4, blocks, precision)
+    dev, dt = gx.device, gx.dtype
+    y = new_output(T, B, H, dtype=dt, device=dev)
+    gates = new_output(T, B, 4 * H, dtype=torch.float32, device=dev)
+    cells = new_output(T, B, H, dtype=torch.float32, device=dev)
+    h_a, h_b, c = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev), _f32_state(c0)
+    L = _len_arg(lengths, gx)
+    kernel = wrap(K.lstm_forward_step)
+    for s in range(T):
+        kernel[grid](gx, h_a, h_b, c, w_hh, y, gates, cells, L, s, T, B, H, REVERSE=reverse, **meta)
+        h_a, h_b = h_b, h_a
+    return y, h_a.to(dt), c.to(dt), gates, cells
+
+
+def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, *, blocks=None, precision=None, wrap=_identity):
+    gx, h0, w_hh, b_hh = _c(gx), _c(h0), _c(w_hh), _c(b_hh)
+    T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 3, blocks, precision)
+    dev, dt = gx.device, gx.dtype
+    y = new_output(T, B, H, dtype=dt, device=dev)
+    gates = new_output(T, B, 3 * H, dtype=torch.float32, device=dev)
+    hn = new_output(T, B, H, dtype=torch.float32, device=dev)
+    h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
+    L = _len_arg(lengths, gx)
+    kernel = wrap(K.gru_forward_step)
+    for s in range(T):
+        kernel[grid](gx, h_a, h_b, w_hh, b_hh if b_hh is not None else gx, y, gates, hn, L, s, T, B, H,
+                     HAS_BIAS=b_hh is not None, REVERSE=reverse, **meta)
+        h_a, h_b = h_b, h_a
+    return y, h_a.to(dt), gates, hn
+
+
+def rnn_forward(gx, h0, w_hh, lengths, reverse, relu, *, blocks=None, precision=None, wrap=_identity):
+    gx, h0, w_hh = _c(gx), _c(h0), _c(w_hh)
+    T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 1, blocks, precision)
+    dev, dt = gx.device, gx.dtype
+    y = new_output(T, B, H, dtype=dt, device=dev)
+    h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
+    L = _len_arg(lengths, gx)
+    kernel = wrap(K.rnn_forward_step)
+    for s in range(T):
+        kernel[grid](gx, h_a, h_b, w_hh, y, L, s, T, B, H, RELU=relu, REVERSE=reverse, **meta)
+        h_a, h_b = h_b, h_a
+    return y, h_a.to(dt)
+
+
+# ============================================================================ backward
+def _backward_launches(kernel, grid, T, run):
+    """Launch s = T-1 .. 0 (POINTWISE, and MATMUL for s < T-1), then the MATMUL-only
+    launch s = -1 that turns dpre_0 into grad_h0."""
+    for s in range(T - 1, -2, -1):
+        run(kernel[grid], s, MATMUL=s < T - 1, POINTWISE=s >= 0)
+
+
+def _h_prev_all(y, h0, lengths, reverse):
+    """[T,B,H] fp32: the state each (original-time) step started from, for the weight GEMM."""
+    y = y.to(torch.float32)
+    h0 = h0.to(torch.float32)
+    if not reverse:
+        return previous_states(y, h0)
+    return flip_within_lengths(previous_states(flip_within_lengths(y, lengths), h0), lengths)
+
+
+def _weight_grad(d, h_prev):
+    """sum over (t, b) of d[t,b,:]^T h_prev[t,b,:] (padded steps have d = 0)."""
+    return d.reshape(-1, d.shape[-1]).t() @ h_prev.reshape(-1, h_prev.shape[-1])
+
+
+def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, lengths, reverse, y, gates, cells,
+                  *, blocks=None, precision=None, wrap=_identity):
+    grad_y, h0, c0, w_hh, y, gates, cells = map(_c, (grad_y, h0, c0, w_hh, y, gates, cells))
+    T, B, G = gates.shape
+    H = G // 4
+    _, _, _, grid, meta = _setup(gates.new_empty(0, B, G, dtype=h0.dtype), h0, w_hh, lengths, 4, blocks, precision)
+    dt = h0.dtype
+    dh, dc = _f32_state(grad_h_n), _f32_state(grad_c_n)
+    dpre = new_output(T, B, G, dtype=torch.float32, device=gates.device)
+    L = _len_arg(lengths, gates)
+    _backward_launches(wrap(K.lstm_backward_step), grid, T, lambda k, s, **f: k(
+        grad_y, dh, dc, dpre, w_hh, gates, cells, c0, L, s, T, B, H, REVERSE=reverse, **f, **meta))
+    grad_w_hh = _weight_grad(dpre, _h_prev_all(y, h0, lengths, reverse))
+    return dpre.to(dt), dh.to(dt), dc.to(dt), grad_w_hh.to(dt), w_hh.new_zeros(0)
+
+
+def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn,
+                 *, blocks=None, precision=None, wrap=_identity):
+    grad_y, h0, w_hh, y, gates, hn = map(_c, (grad_y, h0, w_hh, y, gates, hn))
+    T, B, G = gates.shape
+    H = G // 3
+    _, _, _, grid, meta = _setup(gates.new_empty(0, B, G, dtype=h0.dtype), h0, w_hh, lengths, 3, blocks, precision)
+    dt = h0.dtype
+    dh = _f32_state(grad_h_n)
+    dgx = new_output(T, B, G, dtype=torch.float32, device=gates.device)
+    dgh = new_output(T, B, G, dtype=torch.float32, device=gates.device)
+    L = _len_arg(lengths, gates)
+    _backward_launches(wrap(K.gru_backward_step), grid, T, lambda k, s, **f: k(
+        grad_y, dh, dgx, dgh, w_hh, gates, hn, h0, y, L, s, T, B, H, REVERSE=reverse, **f, **meta))
+    grad_w_hh = _weight_grad(dgh, _h_prev_all(y, h0, lengths, reverse))
+    grad_b_hh = dgh.sum((0, 1)).to(dt) if b_hh is not None else w_hh.new_zeros(0)
+    return dgx.to(dt), dh.to(dt), grad_w_hh.to(dt), grad_b_hh
+
+
+def rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y,
+                 *, blocks=None, precision=None, wrap=_identity):
+    grad_y, h0, w_hh, y = map(_c, (grad_y, h0, w_hh, y))
+    T, B, H = y.shape
+    _, _, _, grid, meta = _setup(y.new_empty(0, B, H), h0, w_hh, lengths, 1, blocks, precision)
+    dt = h0.dtype
+    dh = _f32_state(grad_h_n)
+    dpre = new_output(T, B, H, dtype=torch.float32, device=y.device)
+    L = _len_arg(lengths, y)
+    _backward_launches(wrap(K.rnn_backward_step), grid, T, lambda k, s, **f: k(
+        grad_y, dh, dpre, w_hh, y, L, s, T, B, H, RELU=relu, REVERSE=reverse, **f, **meta))
+    grad_w_hh = _weight_grad(dpre, _h_prev_all(y, h0, lengths, reverse))
+    return dpre.to(dt), dh.to(dt), grad_w_hh.to(dt)

@@ -1,0 +1,352 @@
+"""Per-timestep Triton kernels of the LSTM / GRU / RNN recurrences (forward and backward).
+
+Work split (see DESIGN.md next to this file): a launch computes one time step of
+the whole batch. Program (pid_h, pid_b) owns hidden units
+[pid_h*BLOCK_H, +BLOCK_H) -- all gate rows of those units -- for batch rows
+[pid_b*BLOCK_B, +BLOCK_B). It reads the full previous state h_{t-1}[rows, :]
+(written by every program of the previous launch) and its own slice of W_hh,
+does the recurrent matmul with tl.dot (fp32 accumulation) and the fused
+pointwise update (triton_kernels/cells.py). Its pointwise state (c, the
+previous h of its own units) is local, so nothing but h crosses programs, and
+the launch boundary is the barrier.
+
+Backward launch s fuses two halves that have different cross-program reads:
+  MATMUL:    dh[rows, own units] += dpre_{s+1}[rows, :] @ W_hh[:, own units]
+             (dpre_{s+1}: every program's result of the previous launch)
+  POINTWISE: the cell derivative at step s on the own units -> dpre_s, dc
+The first launch (s = T-1) has no MATMUL half, an extra last launch has only it
+(it produces grad_h0). Weight gradients are one GEMM over all steps on the host.
+
+Time indexing (lengths / reverse): launch s is the s-th step of every sequence
+in its own direction. Row b is active iff s < L[b]; it then works on time index
+L[b]-1-s (reverse) or s (forward). An inactive row writes its padded outputs
+(zeros) at time index s and leaves its state unchanged, so every (t, b) of the
+outputs is written exactly once over the T launches.
+
+Dot precision: the recurrent operand h (or dpre) is kept in fp32. For fp32
+weights the dot runs with PREC ("ieee": exact fp32, or "tf32"). For half weights
+with DOT_HALF the operand is rounded to the weight dtype and the dot runs on half
+tensor cores with fp32 accumulation; UPCAST (the interpreter twin, which cannot
+do arithmetic on bf16) then upcasts both rounded operands to fp32 for an exact
+dot, i.e. the same products as the GPU path.
+"""
+import triton
+import triton.language as tl
+
+from . import cells
+
+
+@triton.jit
+def _rows(s, lengths, rb, mb, T, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr):
+    """(active[BLOCK_B], t[BLOCK_B] int64) of logical step s for batch rows rb."""
+    if HAS_LEN:
+        L = tl.load(lengths + rb, mask=mb, other=0).to(tl.int64)
+    else:
+        L = tl.zeros_like(rb).to(tl.int64) + T
+    active = (s < L) & mb
+    if REVERSE:
+        t = tl.where(active, L - 1 - s, s)
+    else:
+        t = tl.zeros_like(L) + s
+    return active, t
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, with a an fp32 tile and b a tile in the weight dtype."""
+    if DOT_HALF:
+        a = a.to(b.dtype)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    else:
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _w_rows(w, row0, rh, mh, rk, mk, K):
+    """[BLOCK_K, BLOCK_H] tile W[row0 + rh, rk]^T of a row-major [*, K] matrix."""
+    return tl.load(w + (row0 + rh[None, :]).to(tl.int64) * K + rk[:, None],
+                   mask=mh[None, :] & mk[:, None], other=0.0)
+
+
+# ============================================================================ forward
+@triton.jit
+def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
+
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < H
+        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        acc_i = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, H), acc_i, PREC, DOT_HALF, UPCAST)
+        acc_f = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, H), acc_f, PREC, DOT_HALF, UPCAST)
+        acc_g = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, H), acc_g, PREC, DOT_HALF, UPCAST)
+        acc_o = _dot(hk, _w_rows(w, 3 * H, rh, mh, rk, mk, H), acc_o, PREC, DOT_HALF, UPCAST)
+
+    m2 = mb[:, None] & mh[None, :]
+    act = active[:, None] & mh[None, :]
+    G = 4 * H
+    row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
+    row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+    st = rb[:, None] * H + rh[None, :]
+    ai = acc_i + tl.load(gx + row_g, mask=act, other=0.0).to(tl.float32)
+    af = acc_f + tl.load(gx + row_g + H, mask=act, other=0.0).to(tl.float32)
+    ag = acc_g + tl.load(gx + row_g + 2 * H, mask=act, other=0.0).to(tl.float32)
+    ao = acc_o + tl.load(gx + row_g + 3 * H, mask=act, other=0.0).to(tl.float32)
+    c_prev = tl.load(c + st, mask=m2, other=0.0)
+    i, f, g, o, c_new, h_new = cells.lstm_forward_unit(ai, af, ag, ao, c_prev)
+
+    h_prev = tl.load(h_in + st, mask=m2, other=0.0)
+    tl.store(h_out + st, tl.where(act, h_new, h_prev), mask=m2)
+    tl.store(c + st, tl.where(act, c_new, c_prev), mask=m2)
+    tl.store(y + row_h, tl.where(act, h_new, 0.0).to(y.dtype.element_ty), mask=m2)
+    tl.store(gates + row_g, tl.where(act, i, 0.0), mask=m2)
+    tl.store(gates + row_g + H, tl.where(act, f, 0.0), mask=m2)
+    tl.store(gates + row_g + 2 * H, tl.where(act, g, 0.0), mask=m2)
+    tl.store(gates + row_g + 3 * H, tl.where(act, o, 0.0), mask=m2)
+    tl.store(cells_out + row_h, tl.where(act, c_new, 0.0), mask=m2)
+
+
+@triton.jit
+def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
+                     HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
+
+    acc_r = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_z = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_n = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < H
+        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        acc_r = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, H), acc_r, PREC, DOT_HALF, UPCAST)
+        acc_z = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, H), acc_z, PREC, DOT_HALF, UPCAST)
+        acc_n = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, H), acc_n, PREC, DOT_HALF, UPCAST)
+    if HAS_BIAS:
+        acc_r += tl.load(b_hh + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+        acc_z += tl.load(b_hh + H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+        acc_n += tl.load(b_hh + 2 * H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+
+    m2 = mb[:, None] & mh[None, :]
+    act = active[:, None] & mh[None, :]
+    G = 3 * H
+    row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
+    row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+    st = rb[:, None] * H + rh[None, :]
+    xr = tl.load(gx + row_g, mask=act, other=0.0).to(tl.float32)
+    xz = tl.load(gx + row_g + H, mask=act, other=0.0).to(tl.float32)
+    xn = tl.load(gx + row_g + 2 * H, mask=act, other=0.0).to(tl.float32)
+    h_prev = tl.load(h_in + st, mask=m2, other=0.0)
+    r, z, n, h_new = cells.gru_forward_unit(xr, xz, xn, acc_r, acc_z, acc_n, h_prev)
+
+    tl.store(h_out + st, tl.where(act, h_new, h_prev), mask=m2)
+    tl.store(y + row_h, tl.where(act, h_new, 0.0).to(y.dtype.element_ty), mask=m2)
+    tl.store(gates + row_g, tl.where(act, r, 0.0), mask=m2)
+    tl.store(gates + row_g + H, tl.where(act, z, 0.0), mask=m2)
+    tl.store(gates + row_g + 2 * H, tl.where(act, n, 0.0), mask=m2)
+    tl.store(hn_out + row_h, tl.where(act, acc_n, 0.0), mask=m2)
+
+
+@triton.jit
+def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
+                     RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
+
+    acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < H
+        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        acc = _dot(hk, _w_rows(w, 0, rh, mh, rk, mk, H), acc, PREC, DOT_HALF, UPCAST)
+
+    m2 = mb[:, None] & mh[None, :]
+    act = active[:, None] & mh[None, :]
+    row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+    st = rb[:, None] * H + rh[None, :]
+    h_new = cells.rnn_forward_unit(acc + tl.load(gx + row_h, mask=act, other=0.0).to(tl.float32), RELU)
+    h_prev = tl.load(h_in + st, mask=m2, other=0.0)
+    tl.store(h_out + st, tl.where(act, h_new, h_prev), mask=m2)
+    tl.store(y + row_h, tl.where(act, h_new, 0.0).to(y.dtype.element_ty), mask=m2)
+
+
+# ============================================================================ backward
+@triton.jit
+def _dh_from_next(dh, d, w, lengths, s, T, B, H, G, rb, mb, rh, mh,
+                  HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+    """MATMUL half: dh[rows, own units] + d_{s+1}[rows, :G] @ W_hh[:G, own units]
+    (zero for rows inactive at step s+1: their d is masked out)."""
+    active1, t1 = _rows(s + 1, lengths, rb, mb, T, HAS_LEN, REVERSE)
+    acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    for k0 in range(0, G, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < G
+        dk = tl.load(d + t1[:, None] * B * G + rb[:, None] * G + rk[None, :],
+                     mask=active1[:, None] & mk[None, :], other=0.0)
+        wt = tl.load(w + rk[:, None].to(tl.int64) * H + rh[None, :], mask=mk[:, None] & mh[None, :], other=0.0)
+        acc = _dot(dk, wt, acc, PREC, DOT_HALF, UPCAST)
+    st = rb[:, None] * H + rh[None, :]
+    return tl.load(dh + st, mask=mb[:, None] & mh[None, :], other=0.0) + acc
+
+
+@triton.jit
+def _prev_state(init, seq, t, active, s, B, H, rb, rh, m2, REVERSE: tl.constexpr):
+    """The state step s of each active row started from: init (s == 0) or seq at its previous step."""
+    if REVERSE:
+        tp = t + 1
+    else:
+        tp = t - 1
+    from_seq = tl.load(seq + tp[:, None] * B * H + rb[:, None] * H + rh[None, :],
+                       mask=m2 & active[:, None] & (s > 0), other=0.0).to(tl.float32)
+    from_init = tl.load(init + rb[:, None] * H + rh[None, :], mask=m2 & (s == 0), other=0.0).to(tl.float32)
+    return tl.where(s > 0, from_seq, from_init)
+
+
+@triton.jit
+def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H,
+                       MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
+                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    m2 = mb[:, None] & mh[None, :]
+    st = rb[:, None] * H + rh[None, :]
+    G = 4 * H
+    if MATMUL:
+        dh_cur = _dh_from_next(dh, dpre, w, lengths, s, T, B, H, G, rb, mb, rh, mh, HAS_LEN, REVERSE,
+                               BLOCK_B, BLOCK_H, BLOCK_K, PREC, DOT_HALF, UPCAST)
+    else:
+        dh_cur = tl.load(dh + st, mask=m2, other=0.0)
+    if POINTWISE:
+        active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
+        act = active[:, None] & mh[None, :]
+        row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
+        row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+        dh_t = dh_cur + tl.load(grad_y + row_h, mask=act, other=0.0).to(tl.float32)
+        i = tl.load(gates + row_g, mask=act, other=0.0)
+        f = tl.load(gates + row_g + H, mask=act, other=0.0)
+        g = tl.load(gates + row_g + 2 * H, mask=act, other=0.0)
+        o = tl.load(gates + row_g + 3 * H, mask=act, other=0.0)
+        c = tl.load(cells_in + row_h, mask=act, other=0.0)
+        c_prev = _prev_state(c0, cells_in, t, active, s, B, H, rb, rh, m2, REVERSE)
+        dc_in = tl.load(dc + st, mask=m2, other=0.0)
+        dai, daf, dag, dao, dc_prev = cells.lstm_backward_unit(i, f, g, o, c, c_prev, dh_t, dc_in)
+        tl.store(dpre + row_g, tl.where(act, dai, 0.0), mask=m2)
+        tl.store(dpre + row_g + H, tl.where(act, daf, 0.0), mask=m2)
+        tl.store(dpre + row_g + 2 * H, tl.where(act, dag, 0.0), mask=m2)
+        tl.store(dpre + row_g + 3 * H, tl.where(act, dao, 0.0), mask=m2)
+        tl.store(dc + st, tl.where(act, dc_prev, dc_in), mask=m2)
+        # active rows: dh_{t-1} is dpre_s @ W_hh, added by the next launch's MATMUL half
+        dh_cur = tl.where(act, 0.0, dh_cur)
+    tl.store(dh + st, dh_cur, mask=m2)
+
+
+@triton.jit
+def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H,
+                      MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    m2 = mb[:, None] & mh[None, :]
+    st = rb[:, None] * H + rh[None, :]
+    G = 3 * H
+    if MATMUL:
+        dh_cur = _dh_from_next(dh, dgh, w, lengths, s, T, B, H, G, rb, mb, rh, mh, HAS_LEN, REVERSE,
+                               BLOCK_B, BLOCK_H, BLOCK_K, PREC, DOT_HALF, UPCAST)
+    else:
+        dh_cur = tl.load(dh + st, mask=m2, other=0.0)
+    if POINTWISE:
+        active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
+        act = active[:, None] & mh[None, :]
+        row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
+        row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+        dh_t = dh_cur + tl.load(grad_y + row_h, mask=act, other=0.0).to(tl.float32)
+        r = tl.load(gates + row_g, mask=act, other=0.0)
+        z = tl.load(gates + row_g + H, mask=act, other=0.0)
+        n = tl.load(gates + row_g + 2 * H, mask=act, other=0.0)
+        hn_t = tl.load(hn + row_h, mask=act, other=0.0)
+        h_prev = _prev_state(h0, y, t, active, s, B, H, rb, rh, m2, REVERSE)
+        dxr, dxz, dxn, dhn, dh_direct = cells.gru_backward_unit(r, z, n, hn_t, h_prev, dh_t)
+        tl.store(dgx + row_g, tl.where(act, dxr, 0.0), mask=m2)
+        tl.store(dgx + row_g + H, tl.where(act, dxz, 0.0), mask=m2)
+        tl.store(dgx + row_g + 2 * H, tl.where(act, dxn, 0.0), mask=m2)
+        tl.store(dgh + row_g, tl.where(act, dxr, 0.0), mask=m2)
+        tl.store(dgh + row_g + H, tl.where(act, dxz, 0.0), mask=m2)
+        tl.store(dgh + row_g + 2 * H, tl.where(act, dhn, 0.0), mask=m2)
+        # active rows: dh_{t-1} = z * dh_t here, + dgh_s @ W_hh in the next launch
+        dh_cur = tl.where(act, dh_direct, dh_cur)
+    tl.store(dh + st, dh_cur, mask=m2)
+
+
+@triton.jit
+def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
+                      RELU: tl.constexpr, MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    m2 = mb[:, None] & mh[None, :]
+    st = rb[:, None] * H + rh[None, :]
+    if MATMUL:
+        dh_cur = _dh_from_next(dh, dpre, w, lengths, s, T, B, H, H, rb, mb, rh, mh, HAS_LEN, REVERSE,
+                               BLOCK_B, BLOCK_H, BLOCK_K, PREC, DOT_HALF, UPCAST)
+    else:
+        dh_cur = tl.load(dh + st, mask=m2, other=0.0)
+    if POINTWISE:
+        active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
+        act = active[:, None] & mh[None, :]
+        row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+        dh_t = dh_cur + tl.load(grad_y + row_h, mask=act, other=0.0).to(tl.float32)
+        h = tl.load(y + row_h, mask=act, other=0.0).to(tl.float32)
+        da = cells.rnn_backward_unit(h, dh_t, RELU)
+        tl.store(dpre + row_h, tl.where(act, da, 0.0), mask=m2)
+        dh_cur = tl.where(act, 0.0, dh_cur)
+    tl.store(dh + st, dh_cur, mask=m2)
