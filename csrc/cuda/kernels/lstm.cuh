@@ -1,0 +1,231 @@
+// LSTM (optionally with projection): fused step kernels and host drivers. The pointwise
+// math is csrc/cells/lstm.h. Without projection P == H and one kernel per step does
+// everything; with projection a second kernel per step applies h = hr W_hr^T (forward),
+// and the backward splits into dh_t = da_{s+1} W_hh (+ grad_y) and dhr = dh_t W_hr fused
+// with the gate derivatives.
+#pragma once
+#include "cells/lstm.h"
+#include "cuda/kernels/common.cuh"
+
+namespace fusedrnn {
+namespace cuda {
+
+template <class T>
+struct LstmFwdP {
+  const T* gx; const T* w_hh; const T* w_hr; const int64_t* lengths;
+  T* y; float* gates; float* cells;
+  const float* h_in; float* h_out;  // [B][P]
+  float* c;                         // [B][H] cell state
+  float* hr;                        // [B][H] unprojected h of this step (projection only)
+  int steps, B, H, P; bool reverse;
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) lstm_fwd_step(LstmFwdP<T> p, int s) {
+  FRNN_DYN_SMEM(float, smem);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  tile_gemm_nt<4>(acc, p.h_in, p.P, p.B, p.w_hh, p.P, p.H, p.H, p.P, smem);
+  const int b = blockIdx.y * TB + threadIdx.y, j = blockIdx.x * TN + threadIdx.x;
+  if (b >= p.B || j >= p.H) return;
+  const int H = p.H;
+  const size_t bj = static_cast<size_t>(b) * H + j;
+  int t;
+  const bool active = step_time(seq_len(p.lengths, b, p.steps), s, p.reverse, t);
+  const size_t o4 = (static_cast<size_t>(t) * p.B + b) * 4 * H + j;
+  const size_t o1 = (static_cast<size_t>(t) * p.B + b) * H + j;
+  if (active) {
+    float i, f, g, o, c, h;
+    lstm_forward_unit(to_f(p.gx[o4]) + acc[0], to_f(p.gx[o4 + H]) + acc[1], to_f(p.gx[o4 + 2 * H]) + acc[2],
+                      to_f(p.gx[o4 + 3 * H]) + acc[3], p.c[bj], i, f, g, o, c, h);
+    p.gates[o4] = i; p.gates[o4 + H] = f; p.gates[o4 + 2 * H] = g; p.gates[o4 + 3 * H] = o;
+    p.cells[o1] = c;
+    p.c[bj] = c;
+    if (p.w_hr) {
+      p.hr[bj] = h;
+    } else {
+      p.h_out[bj] = h;
+      p.y[o1] = from_f<T>(h);
+    }
+  } else {
+    p.gates[o4] = 0.f; p.gates[o4 + H] = 0.f; p.gates[o4 + 2 * H] = 0.f; p.gates[o4 + 3 * H] = 0.f;
+    p.cells[o1] = 0.f;
+    if (!p.w_hr) {
+      p.h_out[bj] = p.h_in[bj];
+      p.y[o1] = from_f<T>(0.f);
+    }
+  }
+}
+
+// Projection of step s: h_out = hr W_hr^T for the block's [B x P] tile.
+template <class T>
+__global__ void __launch_bounds__(kThreads) lstm_proj_step(LstmFwdP<T> p, int s) {
+  FRNN_DYN_SMEM(float, smem);
+  float acc[1] = {0.f};
+  tile_gemm_nt<1>(acc, p.hr, p.H, p.B, p.w_hr, p.H, 0, p.P, p.H, smem);
+  const int b = blockIdx.y * TB + threadIdx.y, q = blockIdx.x * TN + threadIdx.x;
+  if (b >= p.B || q >= p.P) return;
+  const size_t bq = static_cast<size_t>(b) * p.P + q;
+  int t;
+  const bool active = step_time(seq_len(p.lengths, b, p.steps), s, p.reverse, t);
+  const size_t o = static_cast<size_t>(t) * p.B * p.P + bq;
+  if (active) {
+    p.h_out[bq] = acc[0];
+    p.y[o] = from_f<T>(acc[0]);
+  } else {
+    p.h_out[bq] = p.h_in[bq];
+    p.y[o] = from_f<T>(0.f);
+  }
+}
+
+template <class T>
+struct LstmBwdP {
+  const T* grad_y; const T* grad_h_n; const T* w_hh; const T* w_hr; const T* c0; const int64_t* lengths;
+  const float* gates; const float* cells;
+  T* dgx; float* dpre;
+  float* buf;     // [2][B][4H] da of the last two steps (by parity of s)
+  float* dc;      // [B][H] dL/dc carried backwards
+  float* dh_buf;  // [B][P] dL/dh_t of this step (projection only)
+  float* dhs;     // [T][B][P] the same at every step (projection only)
+  T* grad_h0;
+  int steps, B, H, P; bool reverse;
+};
+
+// Projection only. Step s (s == -1: grad_h0): dh_t = da_{s+1} W_hh + grad_y_t for [B x P].
+template <class T>
+__global__ void __launch_bounds__(kThreads) lstm_bwd_dh_step(LstmBwdP<T> p, int s) {
+  FRNN_DYN_SMEM(float, smem);
+  const int G = 4 * p.H;
+  float acc = 0.f;
+  if (s + 1 < p.steps)
+    tile_gemm_nn(acc, p.buf + ((s + 1) & 1) * static_cast<size_t>(p.B) * G, G, p.B, p.w_hh, p.P, p.P, G, smem);
+  const int b = blockIdx.y * TB + threadIdx.y, q = blockIdx.x * TN + threadIdx.x;
+  if (b >= p.B || q >= p.P) return;
+  const size_t bq = static_cast<size_t>(b) * p.P + q;
+  const int L = seq_len(p.lengths, b, p.steps);
+  const float dh_in = s + 1 < L ? acc : to_f(p.grad_h_n[bq]);
+  if (s < 0) {
+    p.grad_h0[bq] = from_f<T>(dh_in);
+    return;
+  }
+  int t;
+  const bool active = step_time(L, s, p.reverse, t);
+  const size_t o = static_cast<size_t>(t) * p.B * p.P + bq;
+  if (active) {
+    const float dh = dh_in + to_f(p.grad_y[o]);
+    p.dh_buf[bq] = dh;
+    p.dhs[o] = dh;
+  } else {
+    p.dhs[o] = 0.f;
+  }
+}
+
+// Step s (descending). Without projection: dh_t = da_{s+1} W_hh (+ grad_y) fused with the
+// gate derivatives (s == -1 writes grad_h0). With projection: dhr = dh_t W_hr fused with them.
+template <class T>
+__global__ void __launch_bounds__(kThreads) lstm_bwd_step(LstmBwdP<T> p, int s) {
+  FRNN_DYN_SMEM(float, smem);
+  const int H = p.H, G = 4 * H;
+  const size_t BG = static_cast<size_t>(p.B) * G;
+  float acc = 0.f;
+  if (p.w_hr) tile_gemm_nn(acc, p.dh_buf, p.P, p.B, p.w_hr, H, H, p.P, smem);
+  else if (s + 1 < p.steps) tile_gemm_nn(acc, p.buf + ((s + 1) & 1) * BG, G, p.B, p.w_hh, H, H, G, smem);
+  const int b = blockIdx.y * TB + threadIdx.y, j = blockIdx.x * TN + threadIdx.x;
+  if (b >= p.B || j >= H) return;
+  const size_t bj = static_cast<size_t>(b) * H + j;
+  const int L = seq_len(p.lengths, b, p.steps);
+  int t;
+  const bool active = step_time(L, s < 0 ? 0 : s, p.reverse, t);
+  float dh = acc;
+  if (!p.w_hr) {
+    const float dh_in = s + 1 < L ? acc : to_f(p.grad_h_n[bj]);
+    if (s < 0) {
+      p.grad_h0[bj] = from_f<T>(dh_in);
+      return;
+    }
+    if (active) dh = dh_in + to_f(p.grad_y[static_cast<size_t>(t) * p.B * H + bj]);
+  }
+  float* cur = p.buf + (s & 1) * BG + static_cast<size_t>(b) * G + j;
+  const size_t o4 = (static_cast<size_t>(t) * p.B + b) * G + j;
+  if (active) {
+    const float i = p.gates[o4], f = p.gates[o4 + H], g = p.gates[o4 + 2 * H], o = p.gates[o4 + 3 * H];
+    const float c = p.cells[(static_cast<size_t>(t) * p.B + b) * H + j];
+    const int tp = p.reverse ? t + 1 : t - 1;  // time index of the previous real step
+    const float c_prev = s > 0 ? p.cells[(static_cast<size_t>(tp) * p.B + b) * H + j] : to_f(p.c0[bj]);
+    float dai, daf, dag, dao, dc_prev;
+    lstm_backward_unit(i, f, g, o, c, c_prev, dh, p.dc[bj], dai, daf, dag, dao, dc_prev);
+    p.dc[bj] = dc_prev;
+    const float da[4] = {dai, daf, dag, dao};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      p.dgx[o4 + k * H] = from_f<T>(da[k]);
+      p.dpre[o4 + k * H] = da[k];
+      cur[k * H] = da[k];
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      p.dgx[o4 + k * H] = from_f<T>(0.f);
+      p.dpre[o4 + k * H] = 0.f;
+      cur[k * H] = 0.f;
+    }
+  }
+}
+
+template <class T>
+void lstm_forward_t(const LstmForwardArgs& a, cudaStream_t st) {
+  const int BP = a.B * a.P, BH = a.B * a.H;
+  float* h[2] = {a.ws, a.ws + BP};
+  float* c = a.ws + 2 * BP;
+  float* hr = c + BH;
+  launch_to_float<T>(a.h0, h[0], BP, st);
+  launch_to_float<T>(a.c0, c, BH, st);
+  if (BH > 0) {
+    LstmFwdP<T> p{static_cast<const T*>(a.gx), static_cast<const T*>(a.w_hh), static_cast<const T*>(a.w_hr),
+                  a.lengths, static_cast<T*>(a.y), a.gates, a.cells, nullptr, nullptr, c, hr,
+                  a.T, a.B, a.H, a.P, a.reverse};
+    for (int s = 0; s < a.T; ++s) {
+      p.h_in = h[s & 1];
+      p.h_out = h[(s + 1) & 1];
+      FRNN_LAUNCH(lstm_fwd_step<T>, step_grid(a.H, a.B), step_block(), smem_nt_floats(4) * sizeof(float), st, p, s);
+      if (a.w_hr)
+        FRNN_LAUNCH(lstm_proj_step<T>, step_grid(a.P, a.B), step_block(), smem_nt_floats(1) * sizeof(float), st, p, s);
+    }
+  }
+  launch_from_float<T>(h[a.T & 1], a.h_n, BP, st);
+  launch_from_float<T>(c, a.c_n, BH, st);
+  frnn_check_launch("lstm_forward");
+}
+
+template <class T>
+void lstm_backward_t(const LstmBackwardArgs& a, cudaStream_t st) {
+  const int BH = a.B * a.H;
+  float* buf = a.ws;
+  float* dc = buf + 8 * static_cast<size_t>(BH);
+  float* dh_buf = dc + BH;
+  launch_to_float<T>(a.grad_c_n, dc, BH, st);
+  if (BH > 0) {
+    LstmBwdP<T> p{static_cast<const T*>(a.grad_y), static_cast<const T*>(a.grad_h_n), static_cast<const T*>(a.w_hh),
+                  static_cast<const T*>(a.w_hr), static_cast<const T*>(a.c0), a.lengths, a.gates, a.cells,
+                  static_cast<T*>(a.grad_gx), a.dpre, buf, dc, dh_buf, a.dhs, static_cast<T*>(a.grad_h0),
+                  a.T, a.B, a.H, a.P, a.reverse};
+    const size_t smem = smem_nn_floats() * sizeof(float);
+    for (int s = a.T - 1; s >= 0; --s) {
+      if (a.w_hr) FRNN_LAUNCH(lstm_bwd_dh_step<T>, step_grid(a.P, a.B), step_block(), smem, st, p, s);
+      FRNN_LAUNCH(lstm_bwd_step<T>, step_grid(a.H, a.B), step_block(), smem, st, p, s);
+    }
+    if (a.w_hr) FRNN_LAUNCH(lstm_bwd_dh_step<T>, step_grid(a.P, a.B), step_block(), smem, st, p, -1);
+    else FRNN_LAUNCH(lstm_bwd_step<T>, step_grid(a.H, a.B), step_block(), smem, st, p, -1);
+  }
+  launch_from_float<T>(dc, a.grad_c0, BH, st);
+  frnn_check_launch("lstm_backward");
+}
+
+void lstm_forward(const LstmForwardArgs& a, void* stream) {
+  FRNN_DISPATCH_DTYPE(lstm_forward_t, a, static_cast<cudaStream_t>(stream));
+}
+void lstm_backward(const LstmBackwardArgs& a, void* stream) {
+  FRNN_DISPATCH_DTYPE(lstm_backward_t, a, static_cast<cudaStream_t>(stream));
+}
+
+}  // namespace cuda
+}  // namespace fusedrnn

@@ -1,0 +1,119 @@
+// Vanilla RNN (tanh / relu): fused step kernels (recurrent matmul + pointwise) and their
+// host drivers. The pointwise math is csrc/cells/rnn.h.
+#pragma once
+#include "cells/rnn.h"
+#include "cuda/kernels/common.cuh"
+
+namespace fusedrnn {
+namespace cuda {
+
+template <class T>
+struct RnnFwdP {
+  const T* gx; const T* w_hh; const int64_t* lengths;
+  T* y; const float* h_in; float* h_out;
+  int steps, B, H; bool reverse, relu;
+};
+
+// Step s: h_out = act(gx_t + h_in W_hh^T) for the block's tile.
+template <class T>
+__global__ void __launch_bounds__(kThreads) rnn_fwd_step(RnnFwdP<T> p, int s) {
+  FRNN_DYN_SMEM(float, smem);
+  float acc[1] = {0.f};
+  tile_gemm_nt<1>(acc, p.h_in, p.H, p.B, p.w_hh, p.H, 0, p.H, p.H, smem);
+  const int b = blockIdx.y * TB + threadIdx.y, j = blockIdx.x * TN + threadIdx.x;
+  if (b >= p.B || j >= p.H) return;
+  const size_t bj = static_cast<size_t>(b) * p.H + j;
+  int t;
+  if (step_time(seq_len(p.lengths, b, p.steps), s, p.reverse, t)) {
+    const size_t o = static_cast<size_t>(t) * p.B * p.H + bj;
+    const float h = rnn_forward_unit(to_f(p.gx[o]) + acc[0], p.relu);
+    p.h_out[bj] = h;
+    p.y[o] = from_f<T>(h);
+  } else {
+    p.h_out[bj] = p.h_in[bj];
+    p.y[static_cast<size_t>(t) * p.B * p.H + bj] = from_f<T>(0.f);
+  }
+}
+
+template <class T>
+struct RnnBwdP {
+  const T* grad_y; const T* grad_h_n; const T* w_hh; const T* y; const int64_t* lengths;
+  T* dgx; float* dpre; float* buf;  // buf: [2][B][H] da of the last two steps (by parity of s)
+  T* grad_h0;
+  int steps, B, H; bool reverse, relu;
+};
+
+// Step s (descending; s == -1 finishes with grad_h0): dh_t = da_{s+1} W_hh (the
+// dh_{t-1} = dgates . W_hh of the step after) fused with this step's da.
+template <class T>
+__global__ void __launch_bounds__(kThreads) rnn_bwd_step(RnnBwdP<T> p, int s) {
+  FRNN_DYN_SMEM(float, smem);
+  const size_t BH = static_cast<size_t>(p.B) * p.H;
+  const float* prev = p.buf + ((s + 1) & 1) * BH;
+  float* cur = p.buf + (s & 1) * BH;
+  float acc = 0.f;
+  if (s + 1 < p.steps) tile_gemm_nn(acc, prev, p.H, p.B, p.w_hh, p.H, p.H, p.H, smem);
+  const int b = blockIdx.y * TB + threadIdx.y, j = blockIdx.x * TN + threadIdx.x;
+  if (b >= p.B || j >= p.H) return;
+  const size_t bj = static_cast<size_t>(b) * p.H + j;
+  const int L = seq_len(p.lengths, b, p.steps);
+  const float dh_in = s + 1 < L ? acc : to_f(p.grad_h_n[bj]);
+  if (s < 0) {
+    p.grad_h0[bj] = from_f<T>(dh_in);
+    return;
+  }
+  int t;
+  if (step_time(L, s, p.reverse, t)) {
+    const size_t o = static_cast<size_t>(t) * BH + bj;
+    const float da = rnn_backward_unit(to_f(p.y[o]), dh_in + to_f(p.grad_y[o]), p.relu);
+    p.dgx[o] = from_f<T>(da);
+    p.dpre[o] = da;
+    cur[bj] = da;
+  } else {
+    const size_t o = static_cast<size_t>(t) * BH + bj;
+    p.dgx[o] = from_f<T>(0.f);
+    p.dpre[o] = 0.f;
+    cur[bj] = 0.f;
+  }
+}
+
+template <class T>
+void rnn_forward_t(const RnnForwardArgs& a, cudaStream_t st) {
+  const int BH = a.B * a.H;
+  float* h[2] = {a.ws, a.ws + BH};
+  launch_to_float<T>(a.h0, h[0], BH, st);
+  if (BH > 0) {
+    RnnFwdP<T> p{static_cast<const T*>(a.gx), static_cast<const T*>(a.w_hh), a.lengths, static_cast<T*>(a.y),
+                 nullptr, nullptr, a.T, a.B, a.H, a.reverse, a.relu};
+    const size_t smem = smem_nt_floats(1) * sizeof(float);
+    for (int s = 0; s < a.T; ++s) {
+      p.h_in = h[s & 1];
+      p.h_out = h[(s + 1) & 1];
+      FRNN_LAUNCH(rnn_fwd_step<T>, step_grid(a.H, a.B), step_block(), smem, st, p, s);
+    }
+  }
+  launch_from_float<T>(h[a.T & 1], a.h_n, BH, st);
+  frnn_check_launch("rnn_forward");
+}
+
+template <class T>
+void rnn_backward_t(const RnnBackwardArgs& a, cudaStream_t st) {
+  if (a.B * a.H == 0) return;
+  RnnBwdP<T> p{static_cast<const T*>(a.grad_y), static_cast<const T*>(a.grad_h_n), static_cast<const T*>(a.w_hh),
+               static_cast<const T*>(a.y), a.lengths, static_cast<T*>(a.grad_gx), a.dpre, a.ws,
+               static_cast<T*>(a.grad_h0), a.T, a.B, a.H, a.reverse, a.relu};
+  const size_t smem = smem_nn_floats() * sizeof(float);
+  for (int s = a.T - 1; s >= -1; --s)
+    FRNN_LAUNCH(rnn_bwd_step<T>, step_grid(a.H, a.B), step_block(), smem, st, p, s);
+  frnn_check_launch("rnn_backward");
+}
+
+void rnn_forward(const RnnForwardArgs& a, void* stream) {
+  FRNN_DISPATCH_DTYPE(rnn_forward_t, a, static_cast<cudaStream_t>(stream));
+}
+void rnn_backward(const RnnBackwardArgs& a, void* stream) {
+  FRNN_DISPATCH_DTYPE(rnn_backward_t, a, static_cast<cudaStream_t>(stream));
+}
+
+}  // namespace cuda
+}  // namespace fusedrnn
