@@ -35,6 +35,12 @@ def define(backend: str) -> None:
     _DEFINED.add(suffix)
     for name, schema in SCHEMAS.items():
         _LIB.define(f"{name}{suffix}{schema}")
+    register_fake_and_autograd(backend)
+
+
+def register_fake_and_autograd(backend: str) -> None:
+    """The fake kernels and autograd of `backend`'s six ops, once they exist: called by
+    define(), or directly by a backend that defines its ops itself (Triton's triton_op)."""
     for cell in CELLS:
         fwd, bwd = qualname(cell, "forward", backend), qualname(cell, "backward", backend)
         torch.library.register_fake(fwd, _FAKE_FORWARD[cell], lib=_LIB)

@@ -58,18 +58,20 @@ def interpreting() -> bool:
 
 
 def dot_flags(dtype: torch.dtype, device: torch.device, precision: str | None = None) -> dict:
-    """PREC / DOT_HALF / UPCAST of the kernels for one call (see recurrence.py).
+    """PREC / RTNE_BF16 of the kernels for one call (see recurrence.py).
 
-    fp32: "ieee" (exact fp32, parity with the reference) unless torch allows TF32
-    matmuls (torch.get_float32_matmul_precision() != "highest"), the GPU's own
-    setting; `precision` overrides. Half: half tensor-core dot with fp32
-    accumulation; the interpreter cannot run a bf16 dot, so it upcasts the rounded
-    operands (same products, exact fp32 dot)."""
+    PREC: fp32 inputs use "ieee" (exact fp32 products, parity with the reference)
+    unless torch allows TF32 matmuls (torch.get_float32_matmul_precision() !=
+    "highest"): the GPU's own setting. Half inputs use "tf32" on the GPU: their
+    weights are exact in tf32, only the fp32 state operand is rounded to 10 bits,
+    far below the half dtype's own error. `precision` overrides.
+    RTNE_BF16: the interpreter twin of the GPU's rounding of bf16 outputs."""
     if precision is None:
-        precision = ("tf32" if dtype == torch.float32 and device.type == "cuda"
-                     and torch.get_float32_matmul_precision() != "highest" else "ieee")
-    return dict(PREC=precision, DOT_HALF=dtype in HALF,
-                UPCAST=dtype == torch.bfloat16 and interpreting())
+        tf32_ok = dtype in HALF or torch.get_float32_matmul_precision() != "highest"
+        precision = "tf32" if device.type == "cuda" and tf32_ok else "ieee"
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"fusedrnn triton: precision must be 'ieee' or 'tf32', not {precision!r}")
+    return dict(PREC=precision, RTNE_BF16=dtype == torch.bfloat16 and interpreting())
 
 
 def _identity(kernel):

@@ -23,12 +23,15 @@ L[b]-1-s (reverse) or s (forward). An inactive row writes its padded outputs
 (zeros) at time index s and leaves its state unchanged, so every (t, b) of the
 outputs is written exactly once over the T launches.
 
-Dot precision: the recurrent operand h (or dpre) is kept in fp32. For fp32
-weights the dot runs with PREC ("ieee": exact fp32, or "tf32"). For half weights
-with DOT_HALF the operand is rounded to the weight dtype and the dot runs on half
-tensor cores with fp32 accumulation; UPCAST (the interpreter twin, which cannot
-do arithmetic on bf16) then upcasts both rounded operands to fp32 for an exact
-dot, i.e. the same products as the GPU path.
+Dot precision: the recurrent operand h (or dpre) is kept in fp32 and the weight
+tile is upcast to fp32 (exact for fp16/bf16), so every dot is an fp32 dot with
+input_precision PREC: "ieee" (exact fp32 products) or "tf32" (tensor cores; h
+rounded to a 10-bit mantissa, the weights of half inputs stay exact). The
+interpreter computes both exactly.
+
+Interpreter twin: the interpreter can cast fp32 -> bf16 but truncates, where the
+GPU rounds to nearest even. RTNE_BF16 (set only under the interpreter for bf16
+outputs) rounds with integer ops first, so CI sees the GPU's rounding.
 """
 import triton
 import triton.language as tl
@@ -52,16 +55,26 @@ def _rows(s, lengths, rb, mb, T, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b, with a an fp32 tile and b a tile in the weight dtype."""
-    if DOT_HALF:
-        a = a.to(b.dtype)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    else:
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PREC)
+def _round_bf16(x):
+    """fp32 -> the nearest-even bf16 value, kept in fp32. Integer ops only: the
+    interpreter's own fp32 -> bf16 cast truncates (the GPU's rounds to nearest even)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cast_out(x, dtype, RTNE_BF16: tl.constexpr):
+    """fp32 tile -> output dtype, rounding to nearest even also under the interpreter."""
+    if RTNE_BF16:
+        x = _round_bf16(x)
+    return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b: a an fp32 tile, b a tile in the weight dtype, upcast (exactly) to fp32."""
+    return tl.dot(a, b.to(tl.float32), acc, input_precision=PREC)
 
 
 @triton.jit
@@ -76,7 +89,7 @@ def _w_rows(w, row0, rh, mh, rk, mk, K):
 def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -93,10 +106,10 @@ def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T,
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < H
         hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-        acc_i = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, H), acc_i, PREC, DOT_HALF, UPCAST)
-        acc_f = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, H), acc_f, PREC, DOT_HALF, UPCAST)
-        acc_g = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, H), acc_g, PREC, DOT_HALF, UPCAST)
-        acc_o = _dot(hk, _w_rows(w, 3 * H, rh, mh, rk, mk, H), acc_o, PREC, DOT_HALF, UPCAST)
+        acc_i = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, H), acc_i, PREC)
+        acc_f = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, H), acc_f, PREC)
+        acc_g = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, H), acc_g, PREC)
+        acc_o = _dot(hk, _w_rows(w, 3 * H, rh, mh, rk, mk, H), acc_o, PREC)
 
     m2 = mb[:, None] & mh[None, :]
     act = active[:, None] & mh[None, :]
@@ -114,7 +127,7 @@ def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T,
     h_prev = tl.load(h_in + st, mask=m2, other=0.0)
     tl.store(h_out + st, tl.where(act, h_new, h_prev), mask=m2)
     tl.store(c + st, tl.where(act, c_new, c_prev), mask=m2)
-    tl.store(y + row_h, tl.where(act, h_new, 0.0).to(y.dtype.element_ty), mask=m2)
+    tl.store(y + row_h, _cast_out(tl.where(act, h_new, 0.0), y.dtype.element_ty, RTNE_BF16), mask=m2)
     tl.store(gates + row_g, tl.where(act, i, 0.0), mask=m2)
     tl.store(gates + row_g + H, tl.where(act, f, 0.0), mask=m2)
     tl.store(gates + row_g + 2 * H, tl.where(act, g, 0.0), mask=m2)
@@ -126,7 +139,7 @@ def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T,
 def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
                      HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -142,9 +155,9 @@ def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, 
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < H
         hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-        acc_r = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, H), acc_r, PREC, DOT_HALF, UPCAST)
-        acc_z = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, H), acc_z, PREC, DOT_HALF, UPCAST)
-        acc_n = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, H), acc_n, PREC, DOT_HALF, UPCAST)
+        acc_r = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, H), acc_r, PREC)
+        acc_z = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, H), acc_z, PREC)
+        acc_n = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, H), acc_n, PREC)
     if HAS_BIAS:
         acc_r += tl.load(b_hh + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
         acc_z += tl.load(b_hh + H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
@@ -163,7 +176,7 @@ def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, 
     r, z, n, h_new = cells.gru_forward_unit(xr, xz, xn, acc_r, acc_z, acc_n, h_prev)
 
     tl.store(h_out + st, tl.where(act, h_new, h_prev), mask=m2)
-    tl.store(y + row_h, tl.where(act, h_new, 0.0).to(y.dtype.element_ty), mask=m2)
+    tl.store(y + row_h, _cast_out(tl.where(act, h_new, 0.0), y.dtype.element_ty, RTNE_BF16), mask=m2)
     tl.store(gates + row_g, tl.where(act, r, 0.0), mask=m2)
     tl.store(gates + row_g + H, tl.where(act, z, 0.0), mask=m2)
     tl.store(gates + row_g + 2 * H, tl.where(act, n, 0.0), mask=m2)
@@ -174,7 +187,7 @@ def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, 
 def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
                      RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -188,7 +201,7 @@ def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < H
         hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-        acc = _dot(hk, _w_rows(w, 0, rh, mh, rk, mk, H), acc, PREC, DOT_HALF, UPCAST)
+        acc = _dot(hk, _w_rows(w, 0, rh, mh, rk, mk, H), acc, PREC)
 
     m2 = mb[:, None] & mh[None, :]
     act = active[:, None] & mh[None, :]
@@ -197,7 +210,7 @@ def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
     h_new = cells.rnn_forward_unit(acc + tl.load(gx + row_h, mask=act, other=0.0).to(tl.float32), RELU)
     h_prev = tl.load(h_in + st, mask=m2, other=0.0)
     tl.store(h_out + st, tl.where(act, h_new, h_prev), mask=m2)
-    tl.store(y + row_h, tl.where(act, h_new, 0.0).to(y.dtype.element_ty), mask=m2)
+    tl.store(y + row_h, _cast_out(tl.where(act, h_new, 0.0), y.dtype.element_ty, RTNE_BF16), mask=m2)
 
 
 # ============================================================================ backward
@@ -205,7 +218,7 @@ def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
 def _dh_from_next(dh, d, w, lengths, s, T, B, H, G, rb, mb, rh, mh,
                   HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+                  PREC: tl.constexpr):
     """MATMUL half: dh[rows, own units] + d_{s+1}[rows, :G] @ W_hh[:G, own units]
     (zero for rows inactive at step s+1: their d is masked out)."""
     active1, t1 = _rows(s + 1, lengths, rb, mb, T, HAS_LEN, REVERSE)
@@ -216,7 +229,7 @@ def _dh_from_next(dh, d, w, lengths, s, T, B, H, G, rb, mb, rh, mh,
         dk = tl.load(d + t1[:, None] * B * G + rb[:, None] * G + rk[None, :],
                      mask=active1[:, None] & mk[None, :], other=0.0)
         wt = tl.load(w + rk[:, None].to(tl.int64) * H + rh[None, :], mask=mk[:, None] & mh[None, :], other=0.0)
-        acc = _dot(dk, wt, acc, PREC, DOT_HALF, UPCAST)
+        acc = _dot(dk, wt, acc, PREC)
     st = rb[:, None] * H + rh[None, :]
     return tl.load(dh + st, mask=mb[:, None] & mh[None, :], other=0.0) + acc
 
@@ -239,7 +252,7 @@ def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s,
                        MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
                        HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -251,7 +264,7 @@ def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s,
     G = 4 * H
     if MATMUL:
         dh_cur = _dh_from_next(dh, dpre, w, lengths, s, T, B, H, G, rb, mb, rh, mh, HAS_LEN, REVERSE,
-                               BLOCK_B, BLOCK_H, BLOCK_K, PREC, DOT_HALF, UPCAST)
+                               BLOCK_B, BLOCK_H, BLOCK_K, PREC)
     else:
         dh_cur = tl.load(dh + st, mask=m2, other=0.0)
     if POINTWISE:
@@ -283,7 +296,7 @@ def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, 
                       MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -295,7 +308,7 @@ def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, 
     G = 3 * H
     if MATMUL:
         dh_cur = _dh_from_next(dh, dgh, w, lengths, s, T, B, H, G, rb, mb, rh, mh, HAS_LEN, REVERSE,
-                               BLOCK_B, BLOCK_H, BLOCK_K, PREC, DOT_HALF, UPCAST)
+                               BLOCK_B, BLOCK_H, BLOCK_K, PREC)
     else:
         dh_cur = tl.load(dh + st, mask=m2, other=0.0)
     if POINTWISE:
@@ -326,7 +339,7 @@ def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
                       RELU: tl.constexpr, MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, DOT_HALF: tl.constexpr, UPCAST: tl.constexpr):
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -337,7 +350,7 @@ def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
     st = rb[:, None] * H + rh[None, :]
     if MATMUL:
         dh_cur = _dh_from_next(dh, dpre, w, lengths, s, T, B, H, H, rb, mb, rh, mh, HAS_LEN, REVERSE,
-                               BLOCK_B, BLOCK_H, BLOCK_K, PREC, DOT_HALF, UPCAST)
+                               BLOCK_B, BLOCK_H, BLOCK_K, PREC)
     else:
         dh_cur = tl.load(dh + st, mask=m2, other=0.0)
     if POINTWISE:
