@@ -1,0 +1,27 @@
+// fusedrnn._C_cuda: the recurrence ops (no suffix; schemas in fusedrnn/schema.py)
+// implemented for the CUDA dispatch key by the fused kernels of csrc/cuda/kernels/,
+// enqueued on the current stream of the tensors' device. Host code only (g++): the
+// kernels live in the .cu files, which include no torch headers.
+#include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#define FRNN_STREAM() (static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()))
+#define FRNN_DEVICE_GUARD(t) c10::cuda::CUDAGuard frnn_device_guard_((t).device())
+#include "cuda/glue.h"
+
+namespace g = fusedrnn::glue;
+
+TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
+  m.impl("lstm_forward", &g::lstm_forward);
+  m.impl("lstm_backward", &g::lstm_backward);
+  m.impl("gru_forward", &g::gru_forward);
+  m.impl("gru_backward", &g::gru_backward);
+  m.impl("rnn_forward", &g::rnn_forward);
+  m.impl("rnn_backward", &g::rnn_backward);
+}
+
+// Importing the module runs the registration above; it has no Python API of its own.
+static PyModuleDef frnn_module = {PyModuleDef_HEAD_INIT, "_C_cuda", "fusedrnn CUDA kernels", -1, nullptr};
+PyMODINIT_FUNC PyInit__C_cuda() { return PyModule_Create(&frnn_module); }
