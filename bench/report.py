@@ -1,0 +1,232 @@
+"""Output: the Markdown table (terminal), results.json, results.csv and speedup.png."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+from .env import describe_device
+from .impls import BASELINE
+
+SHAPE_FIELDS = ["cell", "mode", "batch", "seq_len", "input_size", "hidden_size", "layers", "bidirectional", "dtype"]
+SHORT = {"cell": "cell", "mode": "mode", "batch": "B", "seq_len": "T", "input_size": "I", "hidden_size": "H",
+         "layers": "L", "bidirectional": "bi", "dtype": "dtype"}
+CSV_FIELDS = SHAPE_FIELDS + ["impl", "kind", "status", "detail", "median_ms", "q1_ms", "q3_ms", "min_ms", "runs",
+                             "tokens_per_s", "speedup", "gflops", "matmul_frac", "peak_mem_bytes", "flops",
+                             "max_rel_err", "tol"]
+
+
+# ------------------------------------------------------------------ formatting
+def _sig(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if x == 0:
+        return "0"
+    mag = int(math.floor(math.log10(abs(x))))
+    return f"{x:.{max(0, digits - 1 - mag)}f}"
+
+
+def _si(x) -> str:
+    if x is None:
+        return "—"
+    for unit, f in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= f:
+            return _sig(x / f) + unit
+    return _sig(x)
+
+
+def _check(row) -> str:
+    s = row["status"]
+    if s == "ok":
+        return "ok" if row["impl"] == BASELINE else f"ok ({row['max_rel_err']:.0e})"
+    d = row.get("detail") or ""
+    return f"{s}: {d[:70]}" if d else s
+
+
+def _field(row, k) -> str:
+    v = row[k]
+    if k == "cell":
+        return v.upper()
+    if k == "bidirectional":
+        return "yes" if v else "no"
+    return str(v)
+
+
+def varying(rows) -> list[str]:
+    return [k for k in SHAPE_FIELDS if len({r[k] for r in rows}) > 1 or k in ("cell", "mode")]
+
+
+def constants_line(rows) -> str:
+    parts = []
+    for k in SHAPE_FIELDS:
+        vals = {r[k] for r in rows}
+        if len(vals) == 1 and k not in ("cell", "mode"):
+            v = vals.pop()
+            parts.append(f"{SHORT[k]}={'yes' if v is True else 'no' if v is False else v}")
+    if rows and all(r["input_size"] == r["hidden_size"] for r in rows) and not any(p.startswith("I=") for p in parts):
+        parts.append("I=H")
+    return ", ".join(parts)
+
+
+def markdown(rows, meta) -> str:
+    cols = varying(rows)
+    if "input_size" in cols and all(r["input_size"] == r["hidden_size"] for r in rows):
+        cols.remove("input_size")
+    dev = describe_device(meta["device"])
+    v = meta["versions"]
+    git = (v.get("git") or {}).get("commit")
+    lines = [f"### fusedrnn benchmark on {dev}",
+             "",
+             f"preset `{meta['preset']}`; `{meta['command']}`; {meta['time_utc']}; torch {v['torch']}, "
+             f"fusedrnn {v['fusedrnn']}" + (f" (git {git[:10]}{'+dirty' if v['git'].get('dirty') else ''})"
+                                            if git else "")
+             + f"; load average at start {meta.get('load_at_start')}",
+             ]
+    for dt, mm in meta.get("matmul", {}).items():
+        lines.append(f"matmul rate ({mm['n']}x{mm['n']} {dt}, median): {_sig(mm['gflops'])} GFLOP/s")
+    lines.append(f"all rows: {constants_line(rows)}")
+    lines.append("")
+    head = [SHORT[k] for k in cols] + ["impl", "time ms", "±%", "tokens/s", "speedup", "GFLOP/s", "% mm",
+                                       "peak MiB", "check"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join("---" if i < len(cols) + 1 or i == len(head) - 1 else "---:"
+                                for i in range(len(head))) + "|")
+    for r in rows:
+        if r["status"] == "n/a":
+            continue
+        timed = r.get("median_ms") is not None
+        spread = (r["q3_ms"] - r["q1_ms"]) / 2 / r["median_ms"] * 100 if timed else None
+        mem = r.get("peak_mem_bytes")
+        cells = [_field(r, k) for k in cols] + [
+            r["impl"],
+            _sig(r.get("median_ms")) if timed else "—",
+            _sig(spread, 2) if timed else "—",
+            _si(r.get("tokens_per_s")) if timed else "—",
+            (_sig(r["speedup"]) + "x") if timed and r.get("speedup") else "—",
+            _sig(r.get("gflops")) if timed else "—",
+            _sig(100 * r["matmul_frac"], 2) if timed and r.get("matmul_frac") else "—",
+            _sig(mem / 2**20) if timed and mem is not None else "—",
+            _check(r),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    na = {}
+    for r in rows:
+        if r["status"] == "n/a":
+            na.setdefault((r["impl"], r["detail"]), 0)
+            na[(r["impl"], r["detail"])] += 1
+    notes = [f"- {k}: {why}" for k, why in meta.get("not_run", {}).items()]
+    notes += [f"- {impl}: skipped in {n} case(s): {why}" for (impl, why), n in na.items()]
+    lines += ["", "time: median over interleaved runs with fresh inputs (±%: half the interquartile range); "
+              "speedup: torch.nn time / time; GFLOP/s: matmul FLOPs (bench/cases.py) / time; "
+              "% mm: of the matmul rate above; peak MiB: allocated during one call beyond inputs and weights; "
+              "check: max relative error vs torch.nn (outputs, states and in training all gradients)."]
+    if notes:
+        lines += ["", "not run:"] + notes
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ files
+def write_json(path, rows, meta):
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None if math.isnan(x) else str(x)
+        return x
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": [{k: clean(v) for k, v in r.items()} for r in rows]}, f, indent=1)
+
+
+def write_csv(path, rows, meta):
+    with open(path, "w", newline="") as f:
+        f.write(f"# fusedrnn benchmark on {describe_device(meta['device'])}; {meta['command']}; "
+                f"{meta['time_utc']}; torch {meta['versions']['torch']}\n")
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def write_plot(path, rows, meta) -> str | None:
+    """speedup vs hidden size, one panel per batch size; returns why not written, or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        return f"matplotlib unavailable ({type(e).__name__}: {e})"
+    batches = sorted({r["batch"] for r in rows})
+    other = [k for k in varying(rows) if k not in ("batch", "hidden_size", "input_size")]
+    ok = [r for r in rows if r["impl"] != BASELINE and r.get("speedup")]
+    wrong = sum(r["status"] in ("WRONG", "error") for r in rows)
+    n = len(batches)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.2 * nrows), squeeze=False, sharey=True)
+    colors = {"lstm": "tab:blue", "gru": "tab:orange", "rnn": "tab:green"}
+    styles = {"inference": "-", "training": "--"}
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    impls = sorted({r["impl"] for r in ok})
+    for i, b in enumerate(batches):
+        ax = axes[i // ncols][i % ncols]
+        series = {}
+        for r in ok:
+            if r["batch"] == b:
+                key = (r["impl"],) + tuple(r[k] for k in other)
+                series.setdefault(key, []).append((r["hidden_size"], r["speedup"], r))
+        for key, pts in sorted(series.items(), key=lambda kv: str(kv[0])):
+            pts.sort(key=lambda p: p[0])
+            r0 = pts[0][2]
+            label = " ".join([key[0]] + [_field(r0, k) if k in ("cell", "mode") else f"{SHORT[k]}={_field(r0, k)}"
+                                         for k in other])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label,
+                    color=colors.get(r0["cell"]), linestyle=styles.get(r0["mode"], "-"),
+                    marker=markers[impls.index(key[0]) % len(markers)])
+        ax.axhline(1.0, color="gray", linewidth=1, linestyle=":", label="torch.nn (= 1)")
+        ax.set_xscale("log", base=2)
+        hs = sorted({r["hidden_size"] for r in rows})
+        ax.set_xticks(hs)
+        ax.set_xticklabels([str(h) for h in hs])
+        ax.set_title(f"batch {b}")
+        ax.set_xlabel("hidden size")
+        if i % ncols == 0:
+            ax.set_ylabel("speedup vs torch.nn (x)")
+        ax.grid(True, alpha=0.3)
+        if not series:
+            ax.text(0.5, 0.5, "no fusedrnn implementation timed", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+    for j in range(n, nrows * ncols):
+        axes[j // ncols][j % ncols].set_visible(False)
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    title = f"fusedrnn speedup vs torch.nn — {describe_device(meta['device'])}\n{constants_line(rows)}"
+    if wrong:
+        title += f"; {wrong} WRONG/error rows not plotted (see table)"
+    fig.suptitle(title, fontsize=10)
+    legend_rows = math.ceil(len(labels) / 4) if handles else 0
+    fig.tight_layout(rect=(0, min(0.5, (0.02 + 0.045 * legend_rows) / nrows), 1, 1 - 0.1 / nrows))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_all(out_dir, rows, meta, plot: bool = True) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "results.csv"),
+             "md": os.path.join(out_dir, "results.md"), "png": os.path.join(out_dir, "speedup.png")}
+    if not plot:
+        paths["png"] = None
+    write_json(paths["json"], rows, meta)
+    write_csv(paths["csv"], rows, meta)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(rows, meta) + "\n")
+    why = write_plot(paths["png"], rows, meta) if plot else None
+    if why:
+        paths["png"] = None
+        meta.setdefault("warnings", []).append(f"plot not written: {why}")
+    return paths

@@ -1,0 +1,57 @@
+"""CI smoke test of the benchmark CLI: `python -m bench --quick` end to end (no timing thresholds).
+
+Checks that the table, results.json, results.csv and speedup.png are produced, that every
+implementation that ran agreed with torch.nn, and that the numbers are sane (positive,
+finite), with the device, versions and command line recorded.
+"""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_preset_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+
+    # The Markdown table on the terminal.
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| cell | mode |") and "speedup" in table[0] and "check" in table[0]
+    assert any("| torch.nn |" in line for line in table[1:])
+    assert "fusedrnn benchmark on CPU" in proc.stdout or "fusedrnn benchmark on CUDA" in proc.stdout
+
+    data = json.loads((out / "results.json").read_text())
+    meta, rows = data["meta"], data["rows"]
+    assert meta["device"]["type"] in ("cpu", "cuda") and meta["device"]["name"]
+    assert meta["versions"]["torch"] and meta["command"].startswith("python -m bench --quick")
+    assert meta["matmul"]["float32"]["gflops"] > 0
+    ran = [r for r in rows if r["status"] != "n/a"]
+    assert len(ran) == len(table) - 2  # every timed/checked row is in the table, the rest are n/a
+    impls = {r["impl"] for r in ran}
+    assert "torch.nn" in impls and "fusedrnn:reference" in impls  # the quick preset always runs the spec
+    for r in ran:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and math.isfinite(r["median_ms"]) and r["runs"] >= 3, r
+        assert r["speedup"] > 0 and math.isfinite(r["speedup"]), r
+        assert r["tokens_per_s"] > 0 and r["gflops"] > 0 and r["flops"] > 0, r
+        assert r["max_rel_err"] <= r["tol"], r
+        if r["impl"] == "torch.nn":
+            assert r["speedup"] == 1.0
+    cells = {(r["cell"], r["mode"]) for r in ran}
+    assert cells >= {(c, m) for c in ("lstm", "gru", "rnn") for m in ("inference", "training")}
+    assert any(r["layers"] == 2 and r["bidirectional"] for r in ran)
+
+    with open(out / "results.csv", newline="") as f:
+        assert f.readline().startswith("# fusedrnn benchmark on")
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) and {r["impl"] for r in csv_rows} >= impls
+
+    png = (out / "speedup.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (out / "results.md").read_text().strip() in proc.stdout
