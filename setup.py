@@ -70,7 +70,7 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     optional = not _env_flag("FUSEDRNN_REQUIRE_EXT")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.10 headers need C++20
     include = [os.path.join(ROOT, "csrc")]
     exts = []
 

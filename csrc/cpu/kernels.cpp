@@ -1,0 +1,225 @@
+// Fused CPU recurrence kernels (see kernels.h and kernels_impl.h). This TU includes
+// only light headers: the cells' pointwise math, <ATen/Parallel.h> for
+// at::parallel_for, and the BLAS gemm symbols that libtorch_cpu exports (MKL).
+#include <math.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+// Vector variants of the transcendental functions (glibc's libmvec) so that the
+// `omp simd` pointwise loops below vectorize through the cells' exp_/tanh_.
+// glibc only declares them under -ffast-math; declaring them here keeps IEEE
+// semantics everywhere else.
+#pragma omp declare simd notinbranch
+extern "C" float expf(float);
+#pragma omp declare simd notinbranch
+extern "C" float tanhf(float);
+#pragma omp declare simd notinbranch
+extern "C" double exp(double);
+#pragma omp declare simd notinbranch
+extern "C" double tanh(double);
+
+#include <ATen/Parallel.h>
+
+#include "cells/gru.h"
+#include "cells/lstm.h"
+#include "cells/rnn.h"
+#include "cpu/kernels.h"
+
+// Fortran BLAS (LP64), exported by libtorch_cpu (MKL in the x86 wheels).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+}
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+
+inline void blas(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+                 const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// Row-major C[M,N] = A[M,K] @ W[N,K]^T + beta * C.
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
+             T* C, int64_t ldc, T beta) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
+    return;
+  }
+  blas('T', 'N', (int)N, (int)M, (int)K, T(1), W, (int)ldw, A, (int)lda, beta, C, (int)ldc);
+}
+
+// Row-major C[M,N] = A[M,K] @ Bm[K,N] + beta * C.
+template <typename T>
+void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb,
+             T* C, int64_t ldc, T beta) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
+    return;
+  }
+  blas('N', 'N', (int)N, (int)M, (int)K, T(1), Bm, (int)ldb, A, (int)lda, beta, C, (int)ldc);
+}
+
+// A partition of `units` (hidden units or projection columns) over threads.
+struct Slices {
+  int n = 1;
+  int64_t bound[65] = {0};
+  int64_t lo(int k) const { return bound[k]; }
+  int64_t hi(int k) const { return bound[k + 1]; }
+};
+
+// Below this many multiply-adds per step per thread, a parallel region costs more than it saves.
+constexpr int64_t kMinWorkPerThread = 1 << 15;
+
+Slices make_slices(int64_t units, int64_t work_per_unit) {
+  Slices sl;
+  int64_t n = at::in_parallel_region() ? 1 : at::get_num_threads();
+  n = std::min<int64_t>(n, 64);
+  n = std::min<int64_t>(n, std::max<int64_t>(1, units * work_per_unit / kMinWorkPerThread));
+  n = std::min<int64_t>(n, std::max<int64_t>(1, units / 8));  // at least 8 units (one AVX vector) each
+  sl.n = (int)n;
+  // Split on multiples of 8 units where possible so each slice's vectors stay aligned.
+  const int64_t chunks = (units + 7) / 8;
+  for (int k = 0; k <= sl.n; ++k) sl.bound[k] = std::min<int64_t>(units, (chunks * k / sl.n) * 8);
+  sl.bound[sl.n] = units;
+  return sl;
+}
+
+template <typename F>
+void run_slices(const Slices& sl, const F& f) {
+  if (sl.n == 1) {
+    f(0);
+    return;
+  }
+  at::parallel_for(0, sl.n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) f((int)k);
+  });
+}
+
+// Reorders the rows of a gate-major weight [ng*H, K] so that each slice's rows (all
+// gates of its units, gate-major within the slice) are contiguous: one GEMM per
+// slice per step, output columns [ng*j0, ng*j1) of a [B, ng*H] buffer.
+template <typename T>
+void pack_rows(const T* w, T* out, int ng, int64_t H, int64_t K, const Slices& sl) {
+  for (int k = 0; k < sl.n; ++k) {
+    const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+    for (int g = 0; g < ng; ++g)
+      std::copy(w + (g * H + j0) * K, w + (g * H + j0 + nu) * K, out + (ng * j0 + g * nu) * K);
+  }
+}
+
+
+}  // namespace
+
+// Seq::len is defined here (the header keeps Seq a plain struct).
+}  // namespace cpu
+}  // namespace fusedrnn
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+struct SeqV : Seq {
+  explicit SeqV(const Seq& s) : Seq(s) {}
+  int64_t len(int64_t b) const { return lengths ? lengths[b] : T; }
+};
+}  // namespace
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using Seq = SeqV;
+#include "cpu/kernels_impl.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+namespace base {
+using Seq = SeqV;
+#include "cpu/kernels_impl.h"
+}  // namespace base
+
+namespace {
+bool use_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+}  // namespace
+
+const char* simd_path() { return use_avx2() ? "avx2" : "baseline"; }
+
+#define FRNN_DISPATCH(fn, ...) \
+  (use_avx2() ? avx2::fn<T>(__VA_ARGS__) : base::fn<T>(__VA_ARGS__))
+
+template <typename T>
+void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T* w_hr,
+                  int64_t H, int64_t P, const Seq& sq, T* y, T* h_n, T* c_n, T* gates, T* cells) {
+  const SeqV s(sq);
+  FRNN_DISPATCH(lstm_forward, gx, h0, c0, w_hh, w_hr, H, P, s, y, h_n, c_n, gates, cells);
+}
+template <typename T>
+void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t H, const Seq& sq,
+                 T* y, T* h_n, T* gates, T* hn) {
+  const SeqV s(sq);
+  FRNN_DISPATCH(gru_forward, gx, h0, w_hh, b_hh, H, s, y, h_n, gates, hn);
+}
+template <typename T>
+void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, const Seq& sq,
+                 T* y, T* h_n) {
+  const SeqV s(sq);
+  FRNN_DISPATCH(rnn_forward, gx, h0, w_hh, H, relu, s, y, h_n);
+}
+template <typename T>
+void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const T* c0,
+                   const T* w_hh, const T* w_hr, int64_t H, int64_t P, const Seq& sq,
+                   const T* gates, const T* cells,
+                   T* grad_gx, T* grad_h0, T* grad_c0, T* dfirst, T* dhs, T* hr) {
+  const SeqV s(sq);
+  FRNN_DISPATCH(lstm_backward, grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, H, P, s, gates, cells,
+                grad_gx, grad_h0, grad_c0, dfirst, dhs, hr);
+}
+template <typename T>
+void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh, int64_t H,
+                  const Seq& sq, const T* y, const T* gates, const T* hn,
+                  T* grad_gx, T* grad_h0, T* dfirst, T* dgh) {
+  const SeqV s(sq);
+  FRNN_DISPATCH(gru_backward, grad_y, grad_h_n, h0, w_hh, H, s, y, gates, hn, grad_gx, grad_h0, dfirst, dgh);
+}
+template <typename T>
+void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, bool relu,
+                  const Seq& sq, const T* y, T* grad_gx, T* grad_h0, T* dfirst) {
+  const SeqV s(sq);
+  FRNN_DISPATCH(rnn_backward, grad_y, grad_h_n, w_hh, H, relu, s, y, grad_gx, grad_h0, dfirst);
+}
+
+#define FRNN_INSTANTIATE(T)                                                                              \
+  template void lstm_forward<T>(const T*, const T*, const T*, const T*, const T*, int64_t, int64_t,     \
+                                const Seq&, T*, T*, T*, T*, T*);                                         \
+  template void gru_forward<T>(const T*, const T*, const T*, const T*, int64_t, const Seq&, T*, T*, T*,  \
+                               T*);                                                                      \
+  template void rnn_forward<T>(const T*, const T*, const T*, int64_t, bool, const Seq&, T*, T*);         \
+  template void lstm_backward<T>(const T*, const T*, const T*, const T*, const T*, const T*, int64_t,   \
+                                 int64_t, const Seq&, const T*, const T*, T*, T*, T*, T*, T*, T*);       \
+  template void gru_backward<T>(const T*, const T*, const T*, const T*, int64_t, const Seq&, const T*,  \
+                                const T*, const T*, T*, T*, T*, T*);                                     \
+  template void rnn_backward<T>(const T*, const T*, const T*, int64_t, bool, const Seq&, const T*, T*,  \
+                                T*, T*);
+FRNN_INSTANTIATE(float)
+FRNN_INSTANTIATE(double)
+
+}  // namespace cpu
+}  // namespace fusedrnn

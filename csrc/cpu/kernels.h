@@ -1,0 +1,56 @@
+// Fused CPU recurrence kernels: raw-pointer entry points, no torch headers.
+// Implemented in kernels.cpp (light TU), called from register.cpp (the only TU
+// that includes ATen/torch). Semantics: fusedrnn/reference.py.
+//
+// Layouts (all row-major, contiguous): gx/gates [T,B,G], y [T,B,P], cells/hn [T,B,H],
+// weights as PyTorch stores them (w_hh [G,P], w_hr [P,H]). `lengths` may be null
+// (every sequence has length T); values are in [0, T].
+#pragma once
+#include <cstdint>
+
+namespace fusedrnn {
+namespace cpu {
+
+struct Seq {
+  int64_t T;
+  int64_t B;
+  const int64_t* lengths;  // [B] or nullptr
+  bool reverse;
+};
+
+// Forward ops: write every element of y/h_n/c_n/gates/cells (and hn for GRU).
+template <typename T>
+void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T* w_hr,
+                  int64_t H, int64_t P, const Seq& sq,
+                  T* y, T* h_n, T* c_n, T* gates, T* cells);
+template <typename T>
+void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t H, const Seq& sq,
+                 T* y, T* h_n, T* gates, T* hn);
+template <typename T>
+void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, const Seq& sq,
+                 T* y, T* h_n);
+
+// Backward ops: the sequential part only. They write grad_gx (all of it), grad_h0,
+// grad_c0 and `dfirst` [B,G]: each sequence's pre-activation gradient at its first
+// (oriented) step, 0 for empty sequences, for the weight gradient's h0 term.
+// LSTM with projection also writes dhs [T,B,P] (dL/dh_t, 0 at padded steps) and
+// hr [T,B,H] (unprojected h_t, 0 at padded steps) for grad_w_hr.
+// GRU also writes dgh [T,B,3H]: gradient w.r.t. W_hh h + b_hh.
+template <typename T>
+void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const T* c0,
+                   const T* w_hh, const T* w_hr, int64_t H, int64_t P, const Seq& sq,
+                   const T* gates, const T* cells,
+                   T* grad_gx, T* grad_h0, T* grad_c0, T* dfirst, T* dhs, T* hr);
+template <typename T>
+void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh, int64_t H,
+                  const Seq& sq, const T* y, const T* gates, const T* hn,
+                  T* grad_gx, T* grad_h0, T* dfirst, T* dgh);
+template <typename T>
+void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, bool relu,
+                  const Seq& sq, const T* y, T* grad_gx, T* grad_h0, T* dfirst);
+
+// Which elementwise code path runs ("avx2" or "baseline"), for the benchmark/report.
+const char* simd_path();
+
+}  // namespace cpu
+}  // namespace fusedrnn

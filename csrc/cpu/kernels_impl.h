@@ -1,0 +1,392 @@
+// Kernel bodies, included twice by kernels.cpp: once compiled for AVX2+FMA and once
+// for the baseline ISA (runtime dispatch). Helpers (Slices, run_slices, gemm_nt,
+// gemm_nn, ...) come from kernels.cpp. No include guard on purpose.
+//
+// Per time step, one parallel region per GEMM: each thread owns a slice of hidden
+// units (all gates of those units), computes its part of the recurrent GEMM with a
+// single-threaded BLAS call into a per-call buffer and runs the cell's pointwise
+// math on it while it is in cache. Nothing is allocated inside the time loop.
+
+// ----------------------------------------------------------------------------- forward
+template <typename T>
+void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T* w_hr,
+                  int64_t H, int64_t P, const Seq& sq,
+                  T* y, T* h_n, T* c_n, T* gates, T* cells) {
+  const int64_t B = sq.B, TT = sq.T, G = 4 * H;
+  const bool proj = w_hr != nullptr;
+  const Slices sl = make_slices(H, B * 4 * P);
+  const Slices slp = make_slices(P, B * H);
+  std::vector<T> wp(G * P), gh(B * G), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
+  pack_rows(w_hh, wp.data(), 4, H, P, sl);
+  std::copy(h0, h0 + B * P, ha.data());
+  std::copy(c0, c0 + B * H, c.data());
+  T* hcur = ha.data();
+  T* hnext = hb.data();
+  for (int64_t s = 0; s < TT; ++s) {
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+      gemm_nt<T>(B, 4 * nu, P, hcur, P, wp.data() + 4 * j0 * P, P, gh.data() + 4 * j0, G, T(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t L = sq.len(b);
+        if (s < L) {
+          const int64_t t = sq.reverse ? L - 1 - s : s;
+          const T* x = gx + (t * B + b) * G + j0;
+          const T* a = gh.data() + b * G + 4 * j0;
+          T* gt = gates + (t * B + b) * G + j0;
+          T* ct = cells + (t * B + b) * H + j0;
+          T* cb = c.data() + b * H + j0;
+          T* out = proj ? hr.data() + b * H + j0 : hnext + b * P + j0;
+          T* yt = y + (t * B + b) * P + j0;
+#pragma omp simd
+          for (int64_t u = 0; u < nu; ++u) {
+            T i, f, g, o, cc, hh;
+            lstm_forward_unit(x[u] + a[u], x[H + u] + a[nu + u], x[2 * H + u] + a[2 * nu + u],
+                              x[3 * H + u] + a[3 * nu + u], cb[u], i, f, g, o, cc, hh);
+            gt[u] = i; gt[H + u] = f; gt[2 * H + u] = g; gt[3 * H + u] = o;
+            ct[u] = cc; cb[u] = cc; out[u] = hh;
+          }
+          if (!proj) std::copy(out, out + nu, yt);
+        } else {
+          T* gt = gates + (s * B + b) * G + j0;
+          for (int q = 0; q < 4; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
+          std::fill(cells + (s * B + b) * H + j0, cells + (s * B + b) * H + j0 + nu, T(0));
+          if (!proj) {
+            std::fill(y + (s * B + b) * P + j0, y + (s * B + b) * P + j0 + nu, T(0));
+            std::copy(hcur + b * P + j0, hcur + b * P + j0 + nu, hnext + b * P + j0);
+          }
+        }
+      }
+    });
+    if (proj) {
+      run_slices(slp, [&](int k) {
+        const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
+        gemm_nt<T>(B, np, H, hr.data(), H, w_hr + p0 * H, H, hnext + p0, P, T(0));
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t L = sq.len(b);
+          if (s < L) {
+            const int64_t t = sq.reverse ? L - 1 - s : s;
+            std::copy(hnext + b * P + p0, hnext + b * P + p0 + np, y + (t * B + b) * P + p0);
+          } else {
+            std::copy(hcur + b * P + p0, hcur + b * P + p0 + np, hnext + b * P + p0);
+            std::fill(y + (s * B + b) * P + p0, y + (s * B + b) * P + p0 + np, T(0));
+          }
+        }
+      });
+    }
+    std::swap(hcur, hnext);
+  }
+  std::copy(hcur, hcur + B * P, h_n);
+  std::copy(c.data(), c.data() + B * H, c_n);
+}
+
+template <typename T>
+void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t H, const Seq& sq,
+                 T* y, T* h_n, T* gates, T* hn) {
+  const int64_t B = sq.B, TT = sq.T, G = 3 * H;
+  const Slices sl = make_slices(H, B * 3 * H);
+  std::vector<T> wp(G * H), bp(G, T(0)), gh(B * G), ha(B * H), hb(B * H);
+  pack_rows(w_hh, wp.data(), 3, H, H, sl);
+  if (b_hh) pack_rows(b_hh, bp.data(), 3, H, 1, sl);
+  std::copy(h0, h0 + B * H, ha.data());
+  T* hcur = ha.data();
+  T* hnext = hb.data();
+  for (int64_t s = 0; s < TT; ++s) {
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+      gemm_nt<T>(B, 3 * nu, H, hcur, H, wp.data() + 3 * j0 * H, H, gh.data() + 3 * j0, G, T(0));
+      const T* bb = bp.data() + 3 * j0;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t L = sq.len(b);
+        if (s < L) {
+          const int64_t t = sq.reverse ? L - 1 - s : s;
+          const T* x = gx + (t * B + b) * G + j0;
+          const T* a = gh.data() + b * G + 3 * j0;
+          const T* hp = hcur + b * H + j0;
+          T* gt = gates + (t * B + b) * G + j0;
+          T* hs = hn + (t * B + b) * H + j0;
+          T* out = hnext + b * H + j0;
+#pragma omp simd
+          for (int64_t u = 0; u < nu; ++u) {
+            T r, z, n, hh;
+            const T an = a[2 * nu + u] + bb[2 * nu + u];
+            gru_forward_unit(x[u], x[H + u], x[2 * H + u], a[u] + bb[u], a[nu + u] + bb[nu + u], an, hp[u],
+                             r, z, n, hh);
+            gt[u] = r; gt[H + u] = z; gt[2 * H + u] = n;
+            hs[u] = an; out[u] = hh;
+          }
+          std::copy(out, out + nu, y + (t * B + b) * H + j0);
+        } else {
+          T* gt = gates + (s * B + b) * G + j0;
+          for (int q = 0; q < 3; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
+          std::fill(hn + (s * B + b) * H + j0, hn + (s * B + b) * H + j0 + nu, T(0));
+          std::fill(y + (s * B + b) * H + j0, y + (s * B + b) * H + j0 + nu, T(0));
+          std::copy(hcur + b * H + j0, hcur + b * H + j0 + nu, hnext + b * H + j0);
+        }
+      }
+    });
+    std::swap(hcur, hnext);
+  }
+  std::copy(hcur, hcur + B * H, h_n);
+}
+
+template <typename T>
+void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, const Seq& sq,
+                 T* y, T* h_n) {
+  const int64_t B = sq.B, TT = sq.T;
+  const Slices sl = make_slices(H, B * H);
+  std::vector<T> gh(B * H), ha(B * H), hb(B * H);
+  std::copy(h0, h0 + B * H, ha.data());
+  T* hcur = ha.data();
+  T* hnext = hb.data();
+  for (int64_t s = 0; s < TT; ++s) {
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+      gemm_nt<T>(B, nu, H, hcur, H, w_hh + j0 * H, H, gh.data() + j0, H, T(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t L = sq.len(b);
+        if (s < L) {
+          const int64_t t = sq.reverse ? L - 1 - s : s;
+          const T* x = gx + (t * B + b) * H + j0;
+          const T* a = gh.data() + b * H + j0;
+          T* out = hnext + b * H + j0;
+          if (relu) {
+#pragma omp simd
+            for (int64_t u = 0; u < nu; ++u) out[u] = rnn_forward_unit(x[u] + a[u], true);
+          } else {
+#pragma omp simd
+            for (int64_t u = 0; u < nu; ++u) out[u] = rnn_forward_unit(x[u] + a[u], false);
+          }
+          std::copy(out, out + nu, y + (t * B + b) * H + j0);
+        } else {
+          std::fill(y + (s * B + b) * H + j0, y + (s * B + b) * H + j0 + nu, T(0));
+          std::copy(hcur + b * H + j0, hcur + b * H + j0 + nu, hnext + b * H + j0);
+        }
+      }
+    });
+    std::swap(hcur, hnext);
+  }
+  std::copy(hcur, hcur + B * H, h_n);
+}
+
+// ----------------------------------------------------------------------------- backward
+// dh carries dL/dh_{t} between steps. At each step the GEMM of the previous (later)
+// step's pre-activation gradient, dpre_{s+1} @ W_hh, is added into dh (beta = 1):
+// rows that were padded at s+1 have dpre = 0, so their dh passes through unchanged,
+// and rows that were active hold only the cell's direct term (0 for LSTM and RNN,
+// z * dh for GRU), written by the pointwise part of step s+1.
+template <typename T>
+void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const T* c0,
+                   const T* w_hh, const T* w_hr, int64_t H, int64_t P, const Seq& sq,
+                   const T* gates, const T* cells,
+                   T* grad_gx, T* grad_h0, T* grad_c0, T* dfirst, T* dhs, T* hr) {
+  const int64_t B = sq.B, TT = sq.T, G = 4 * H;
+  const bool proj = w_hr != nullptr;
+  const Slices sl = make_slices(H, B * G * (proj ? 1 : 2));
+  const Slices slp = make_slices(P, B * G);
+  std::vector<T> dh(grad_h_n, grad_h_n + B * P), dc(grad_c_n, grad_c_n + B * H);
+  std::vector<T> da(B * G, T(0)), db(B * G, T(0)), dht(proj ? B * P : 0), dhr(proj ? B * H : 0);
+  T* dcur = da.data();
+  T* dnext = db.data();
+  for (int64_t s = TT - 1; s >= 0; --s) {
+    if (proj) {
+      run_slices(slp, [&](int k) {
+        const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
+        if (s < TT - 1) gemm_nn<T>(B, np, G, dnext, G, w_hh + p0, P, dh.data() + p0, P, T(1));
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t L = sq.len(b);
+          T* d = dh.data() + b * P + p0;
+          T* dt = dht.data() + b * P + p0;
+          if (s < L) {
+            const int64_t t = sq.reverse ? L - 1 - s : s;
+            const T* gy = grad_y + (t * B + b) * P + p0;
+            T* ds = dhs + (t * B + b) * P + p0;
+#pragma omp simd
+            for (int64_t u = 0; u < np; ++u) {
+              const T v = d[u] + gy[u];
+              dt[u] = v; ds[u] = v; d[u] = T(0);
+            }
+          } else {
+            std::fill(dt, dt + np, T(0));
+            std::fill(dhs + (s * B + b) * P + p0, dhs + (s * B + b) * P + p0 + np, T(0));
+          }
+        }
+      });
+    }
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+      if (proj) {
+        gemm_nn<T>(B, nu, P, dht.data(), P, w_hr + j0, H, dhr.data() + j0, H, T(0));
+      } else if (s < TT - 1) {
+        gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t L = sq.len(b);
+        T* dcr = dcur + b * G + j0;
+        if (s < L) {
+          const int64_t t = sq.reverse ? L - 1 - s : s;
+          const int64_t tp = sq.reverse ? t + 1 : t - 1;
+          const T* gt = gates + (t * B + b) * G + j0;
+          const T* ct = cells + (t * B + b) * H + j0;
+          const T* cp = s == 0 ? c0 + b * H + j0 : cells + (tp * B + b) * H + j0;
+          T* gg = grad_gx + (t * B + b) * G + j0;
+          T* dcb = dc.data() + b * H + j0;
+          if (proj) {
+            const T* dr = dhr.data() + b * H + j0;
+            T* hrt = hr + (t * B + b) * H + j0;
+#pragma omp simd
+            for (int64_t u = 0; u < nu; ++u) {
+              T dai, daf, dag, dao, dcp;
+              lstm_backward_unit(gt[u], gt[H + u], gt[2 * H + u], gt[3 * H + u], ct[u], cp[u], dr[u], dcb[u],
+                                 dai, daf, dag, dao, dcp);
+              gg[u] = dai; gg[H + u] = daf; gg[2 * H + u] = dag; gg[3 * H + u] = dao;
+              dcr[u] = dai; dcr[H + u] = daf; dcr[2 * H + u] = dag; dcr[3 * H + u] = dao;
+              dcb[u] = dcp;
+              hrt[u] = gt[3 * H + u] * tanh_(ct[u]);
+            }
+          } else {
+            T* d = dh.data() + b * H + j0;
+            const T* gy = grad_y + (t * B + b) * H + j0;
+#pragma omp simd
+            for (int64_t u = 0; u < nu; ++u) {
+              T dai, daf, dag, dao, dcp;
+              lstm_backward_unit(gt[u], gt[H + u], gt[2 * H + u], gt[3 * H + u], ct[u], cp[u], d[u] + gy[u],
+                                 dcb[u], dai, daf, dag, dao, dcp);
+              gg[u] = dai; gg[H + u] = daf; gg[2 * H + u] = dag; gg[3 * H + u] = dao;
+              dcr[u] = dai; dcr[H + u] = daf; dcr[2 * H + u] = dag; dcr[3 * H + u] = dao;
+              dcb[u] = dcp;
+              d[u] = T(0);
+            }
+          }
+        } else {
+          T* gg = grad_gx + (s * B + b) * G + j0;
+          for (int q = 0; q < 4; ++q) {
+            std::fill(gg + q * H, gg + q * H + nu, T(0));
+            std::fill(dcr + q * H, dcr + q * H + nu, T(0));
+          }
+          if (proj) std::fill(hr + (s * B + b) * H + j0, hr + (s * B + b) * H + j0 + nu, T(0));
+        }
+      }
+    });
+    std::swap(dcur, dnext);
+  }
+  if (TT > 0) {
+    run_slices(slp, [&](int k) {
+      const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
+      gemm_nn<T>(B, np, G, dnext, G, w_hh + p0, P, dh.data() + p0, P, T(1));
+    });
+  }
+  std::copy(dh.begin(), dh.end(), grad_h0);
+  std::copy(dc.begin(), dc.end(), grad_c0);
+  std::copy(dnext, dnext + B * G, dfirst);
+}
+
+template <typename T>
+void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh, int64_t H,
+                  const Seq& sq, const T* y, const T* gates, const T* hn,
+                  T* grad_gx, T* grad_h0, T* dfirst, T* dgh) {
+  const int64_t B = sq.B, TT = sq.T, G = 3 * H;
+  const Slices sl = make_slices(H, B * G * 2);
+  std::vector<T> dh(grad_h_n, grad_h_n + B * H), da(B * G, T(0)), db(B * G, T(0));
+  T* dcur = da.data();
+  T* dnext = db.data();
+  for (int64_t s = TT - 1; s >= 0; --s) {
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+      if (s < TT - 1) gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t L = sq.len(b);
+        T* dcr = dcur + b * G + j0;
+        if (s < L) {
+          const int64_t t = sq.reverse ? L - 1 - s : s;
+          const int64_t tp = sq.reverse ? t + 1 : t - 1;
+          const T* gt = gates + (t * B + b) * G + j0;
+          const T* hs = hn + (t * B + b) * H + j0;
+          const T* hp = s == 0 ? h0 + b * H + j0 : y + (tp * B + b) * H + j0;
+          const T* gy = grad_y + (t * B + b) * H + j0;
+          T* gg = grad_gx + (t * B + b) * G + j0;
+          T* dg = dgh + (t * B + b) * G + j0;
+          T* d = dh.data() + b * H + j0;
+#pragma omp simd
+          for (int64_t u = 0; u < nu; ++u) {
+            T dxr, dxz, dxn, dhn, direct;
+            gru_backward_unit(gt[u], gt[H + u], gt[2 * H + u], hs[u], hp[u], d[u] + gy[u],
+                              dxr, dxz, dxn, dhn, direct);
+            gg[u] = dxr; gg[H + u] = dxz; gg[2 * H + u] = dxn;
+            dg[u] = dxr; dg[H + u] = dxz; dg[2 * H + u] = dhn;
+            dcr[u] = dxr; dcr[H + u] = dxz; dcr[2 * H + u] = dhn;
+            d[u] = direct;
+          }
+        } else {
+          T* gg = grad_gx + (s * B + b) * G + j0;
+          T* dg = dgh + (s * B + b) * G + j0;
+          for (int q = 0; q < 3; ++q) {
+            std::fill(gg + q * H, gg + q * H + nu, T(0));
+            std::fill(dg + q * H, dg + q * H + nu, T(0));
+            std::fill(dcr + q * H, dcr + q * H + nu, T(0));
+          }
+        }
+      }
+    });
+    std::swap(dcur, dnext);
+  }
+  if (TT > 0) {
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+      gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
+    });
+  }
+  std::copy(dh.begin(), dh.end(), grad_h0);
+  std::copy(dnext, dnext + B * G, dfirst);
+}
+
+template <typename T>
+void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, bool relu,
+                  const Seq& sq, const T* y, T* grad_gx, T* grad_h0, T* dfirst) {
+  const int64_t B = sq.B, TT = sq.T;
+  const Slices sl = make_slices(H, B * H * 2);
+  std::vector<T> dh(grad_h_n, grad_h_n + B * H), da(B * H, T(0)), db(B * H, T(0));
+  T* dcur = da.data();
+  T* dnext = db.data();
+  for (int64_t s = TT - 1; s >= 0; --s) {
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+      if (s < TT - 1) gemm_nn<T>(B, nu, H, dnext, H, w_hh + j0, H, dh.data() + j0, H, T(1));
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t L = sq.len(b);
+        T* dcr = dcur + b * H + j0;
+        if (s < L) {
+          const int64_t t = sq.reverse ? L - 1 - s : s;
+          const T* yt = y + (t * B + b) * H + j0;
+          const T* gy = grad_y + (t * B + b) * H + j0;
+          T* gg = grad_gx + (t * B + b) * H + j0;
+          T* d = dh.data() + b * H + j0;
+          if (relu) {
+#pragma omp simd
+            for (int64_t u = 0; u < nu; ++u) {
+              const T v = rnn_backward_unit(yt[u], d[u] + gy[u], true);
+              gg[u] = v; dcr[u] = v; d[u] = T(0);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t u = 0; u < nu; ++u) {
+              const T v = rnn_backward_unit(yt[u], d[u] + gy[u], false);
+              gg[u] = v; dcr[u] = v; d[u] = T(0);
+            }
+          }
+        } else {
+          std::fill(grad_gx + (s * B + b) * H + j0, grad_gx + (s * B + b) * H + j0 + nu, T(0));
+          std::fill(dcr, dcr + nu, T(0));
+        }
+      }
+    });
+    std::swap(dcur, dnext);
+  }
+  if (TT > 0) {
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+      gemm_nn<T>(B, nu, H, dnext, H, w_hh + j0, H, dh.data() + j0, H, T(1));
+    });
+  }
+  std::copy(dh.begin(), dh.end(), grad_h0);
+  std::copy(dnext, dnext + B * H, dfirst);
+}

@@ -1,0 +1,343 @@
+// CPU implementations of the fusedrnn recurrence ops (schemas defined in Python,
+// fusedrnn/schema.py): argument checks, output allocation, the fused sequential
+// kernels of kernels.cpp, and the weight gradients as one GEMM over all time steps.
+// Light includes (per-operator ATen headers, no torch/extension.h) keep this TU's compile time down.
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+bool poison() {
+  static const bool on = [] {
+    const char* v = std::getenv("FUSEDRNN_POISON");
+    return v && std::string(v) == "1";
+  }();
+  return on;
+}
+
+// An output the kernel must fully write: NaN-filled first under FUSEDRNN_POISON=1.
+Tensor new_output(at::IntArrayRef shape, const Tensor& like) {
+  Tensor t = at::empty(shape, like.options());
+  if (poison()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+void check_tensor(const Tensor& t, const char* op, const char* name, const Tensor& ref, int64_t dim) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (got ", t.device(), ")");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but gx/grad_y has dtype ", ref.scalar_type(), "; all floating-point arguments must match");
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+void check_shape(const Tensor& t, const char* op, const char* name, at::IntArrayRef want) {
+  TORCH_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", want, ", got ", t.sizes());
+}
+
+void check_dtype(const Tensor& ref, const char* op) {
+  TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, op,
+              ": the cpu backend supports float32 and float64, got ", ref.scalar_type());
+}
+
+// Validated lengths as a contiguous int64 CPU tensor (undefined if absent).
+Tensor check_lengths(const optional<Tensor>& lengths, const char* op, int64_t T, int64_t B) {
+  if (!lengths.has_value() || !lengths->defined()) return Tensor();
+  const Tensor& L = *lengths;
+  TORCH_CHECK(L.device().is_cpu(), op, ": lengths must be a CPU tensor (got ", L.device(), ")");
+  TORCH_CHECK(L.scalar_type() == at::kLong, op, ": lengths must be int64, got ", L.scalar_type());
+  TORCH_CHECK(L.dim() == 1 && L.size(0) == B, op, ": lengths must have shape [", B, "], got ", L.sizes());
+  Tensor Lc = L.contiguous();
+  const int64_t* p = Lc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(p[b] >= 0 && p[b] <= T, op, ": lengths[", b, "] = ", p[b], " is outside [0, ", T, "]");
+  return Lc;
+}
+
+Seq make_seq(int64_t T, int64_t B, const Tensor& L, bool reverse) {
+  return Seq{T, B, L.defined() ? L.data_ptr<int64_t>() : nullptr, reverse};
+}
+
+Tensor opt(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+// grad_w = dfirst^T @ h0 + sum_t dpre[t]^T @ y[t -/+ 1]: the state each step started
+// from is h0 at the sequence's first step and the previous output otherwise. Padded
+// steps have dpre = 0 and y = 0, so one shifted GEMM over all steps covers lengths too.
+Tensor weight_grad(const Tensor& dpre, const Tensor& dfirst, const Tensor& h0, const Tensor& y, bool reverse) {
+  const int64_t T = dpre.size(0), B = dpre.size(1), G = dpre.size(2), P = y.size(2);
+  Tensor gw = at::mm(dfirst.t(), h0);
+  if (T > 1) {
+    Tensor d = reverse ? dpre.narrow(0, 0, T - 1) : dpre.narrow(0, 1, T - 1);
+    Tensor h = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+    gw.addmm_(d.reshape({(T - 1) * B, G}).t(), h.reshape({(T - 1) * B, P}));
+  }
+  return gw;
+}
+
+// ----------------------------------------------------------------------------- LSTM
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
+    const Tensor& gx_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_hh_, const optional<Tensor>& w_hr_,
+    const optional<Tensor>& lengths, bool reverse) {
+  const char* op = "fusedrnn::lstm_forward (cpu)";
+  check_dtype(gx_, op);
+  check_tensor(gx_, op, "gx", gx_, 3);
+  const int64_t T = gx_.size(0), B = gx_.size(1), G = gx_.size(2);
+  TORCH_CHECK(G % 4 == 0 && G > 0, op, ": gx's last dimension must be 4 * hidden_size, got ", G);
+  const int64_t H = G / 4;
+  Tensor w_hr = opt(w_hr_);
+  const int64_t P = w_hr.defined() ? w_hr.size(0) : H;
+  check_tensor(h0_, op, "h0", gx_, 2);
+  check_tensor(c0_, op, "c0", gx_, 2);
+  check_tensor(w_hh_, op, "w_hh", gx_, 2);
+  check_shape(h0_, op, "h0", {B, P});
+  check_shape(c0_, op, "c0", {B, H});
+  check_shape(w_hh_, op, "w_hh", {G, P});
+  if (w_hr.defined()) {
+    check_tensor(w_hr, op, "w_hr", gx_, 2);
+    check_shape(w_hr, op, "w_hr", {P, H});
+    TORCH_CHECK(P > 0, op, ": w_hr must have proj_size > 0 rows");
+  }
+  Tensor L = check_lengths(lengths, op, T, B);
+  Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), w_hh = w_hh_.contiguous();
+  if (w_hr.defined()) w_hr = w_hr.contiguous();
+  Tensor y = new_output({T, B, P}, gx), h_n = new_output({B, P}, gx), c_n = new_output({B, H}, gx);
+  Tensor gates = new_output({T, B, G}, gx), cells = new_output({T, B, H}, gx);
+  const Seq sq = make_seq(T, B, L, reverse);
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fusedrnn_lstm_forward_cpu", [&] {
+    cpu::lstm_forward<scalar_t>(gx.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+                                w_hh.data_ptr<scalar_t>(), w_hr.defined() ? w_hr.data_ptr<scalar_t>() : nullptr,
+                                H, P, sq, y.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
+                                c_n.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>());
+  });
+  return {y, h_n, c_n, gates, cells};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
+    const Tensor& grad_y_, const Tensor& grad_h_n_, const Tensor& grad_c_n_, const Tensor& h0_, const Tensor& c0_,
+    const Tensor& w_hh_, const optional<Tensor>& w_hr_, const optional<Tensor>& lengths, bool reverse,
+    const Tensor& y_, const Tensor& gates_, const Tensor& cells_) {
+  const char* op = "fusedrnn::lstm_backward (cpu)";
+  check_dtype(grad_y_, op);
+  check_tensor(grad_y_, op, "grad_y", grad_y_, 3);
+  check_tensor(gates_, op, "gates", grad_y_, 3);
+  const int64_t T = gates_.size(0), B = gates_.size(1), G = gates_.size(2);
+  TORCH_CHECK(G % 4 == 0 && G > 0, op, ": gates' last dimension must be 4 * hidden_size, got ", G);
+  const int64_t H = G / 4;
+  Tensor w_hr = opt(w_hr_);
+  const int64_t P = w_hr.defined() ? w_hr.size(0) : H;
+  check_shape(grad_y_, op, "grad_y", {T, B, P});
+  for (auto [t, name, shape] : {std::make_tuple(&grad_h_n_, "grad_h_n", std::vector<int64_t>{B, P}),
+                                std::make_tuple(&grad_c_n_, "grad_c_n", std::vector<int64_t>{B, H}),
+                                std::make_tuple(&h0_, "h0", std::vector<int64_t>{B, P}),
+                                std::make_tuple(&c0_, "c0", std::vector<int64_t>{B, H}),
+                                std::make_tuple(&w_hh_, "w_hh", std::vector<int64_t>{G, P}),
+                                std::make_tuple(&y_, "y", std::vector<int64_t>{T, B, P}),
+                                std::make_tuple(&cells_, "cells", std::vector<int64_t>{T, B, H})}) {
+    check_tensor(*t, op, name, grad_y_, (int64_t)shape.size());
+    check_shape(*t, op, name, shape);
+  }
+  if (w_hr.defined()) {
+    check_tensor(w_hr, op, "w_hr", grad_y_, 2);
+    check_shape(w_hr, op, "w_hr", {P, H});
+  }
+  Tensor L = check_lengths(lengths, op, T, B);
+  Tensor grad_y = grad_y_.contiguous(), grad_h_n = grad_h_n_.contiguous(), grad_c_n = grad_c_n_.contiguous();
+  Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous(), w_hh = w_hh_.contiguous(), y = y_.contiguous();
+  Tensor gates = gates_.contiguous(), cells = cells_.contiguous();
+  if (w_hr.defined()) w_hr = w_hr.contiguous();
+  Tensor grad_gx = new_output({T, B, G}, grad_y), grad_h0 = new_output({B, P}, grad_y);
+  Tensor grad_c0 = new_output({B, H}, grad_y), dfirst = new_output({B, G}, grad_y);
+  Tensor dhs, hr;
+  if (w_hr.defined()) {
+    dhs = new_output({T, B, P}, grad_y);
+    hr = new_output({T, B, H}, grad_y);
+  }
+  const Seq sq = make_seq(T, B, L, reverse);
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "fusedrnn_lstm_backward_cpu", [&] {
+    cpu::lstm_backward<scalar_t>(
+        grad_y.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(), grad_c_n.data_ptr<scalar_t>(),
+        c0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), w_hr.defined() ? w_hr.data_ptr<scalar_t>() : nullptr,
+        H, P, sq, gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), grad_gx.data_ptr<scalar_t>(),
+        grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(), dfirst.data_ptr<scalar_t>(),
+        dhs.defined() ? dhs.data_ptr<scalar_t>() : nullptr, hr.defined() ? hr.data_ptr<scalar_t>() : nullptr);
+  });
+  Tensor grad_w_hh = weight_grad(grad_gx, dfirst, h0, y, reverse);
+  Tensor grad_w_hr = w_hr.defined() ? at::mm(dhs.reshape({T * B, P}).t(), hr.reshape({T * B, H}))
+                                    : at::empty({0}, grad_y.options());
+  return {grad_gx, grad_h0, grad_c0, grad_w_hh, grad_w_hr};
+}
+
+// ----------------------------------------------------------------------------- GRU
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_op(
+    const Tensor& gx_, const Tensor& h0_, const Tensor& w_hh_, const optional<Tensor>& b_hh_,
+    const optional<Tensor>& lengths, bool reverse) {
+  const char* op = "fusedrnn::gru_forward (cpu)";
+  check_dtype(gx_, op);
+  check_tensor(gx_, op, "gx", gx_, 3);
+  const int64_t T = gx_.size(0), B = gx_.size(1), G = gx_.size(2);
+  TORCH_CHECK(G % 3 == 0 && G > 0, op, ": gx's last dimension must be 3 * hidden_size, got ", G);
+  const int64_t H = G / 3;
+  check_tensor(h0_, op, "h0", gx_, 2);
+  check_tensor(w_hh_, op, "w_hh", gx_, 2);
+  check_shape(h0_, op, "h0", {B, H});
+  check_shape(w_hh_, op, "w_hh", {G, H});
+  Tensor b_hh = opt(b_hh_);
+  if (b_hh.defined()) {
+    check_tensor(b_hh, op, "b_hh", gx_, 1);
+    check_shape(b_hh, op, "b_hh", {G});
+    b_hh = b_hh.contiguous();
+  }
+  Tensor L = check_lengths(lengths, op, T, B);
+  Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
+  Tensor y = new_output({T, B, H}, gx), h_n = new_output({B, H}, gx);
+  Tensor gates = new_output({T, B, G}, gx), hn = new_output({T, B, H}, gx);
+  const Seq sq = make_seq(T, B, L, reverse);
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fusedrnn_gru_forward_cpu", [&] {
+    cpu::gru_forward<scalar_t>(gx.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+                               b_hh.defined() ? b_hh.data_ptr<scalar_t>() : nullptr, H, sq,
+                               y.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                               hn.data_ptr<scalar_t>());
+  });
+  return {y, h_n, gates, hn};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
+    const Tensor& grad_y_, const Tensor& grad_h_n_, const Tensor& h0_, const Tensor& w_hh_,
+    const optional<Tensor>& b_hh_, const optional<Tensor>& lengths, bool reverse, const Tensor& y_,
+    const Tensor& gates_, const Tensor& hn_) {
+  const char* op = "fusedrnn::gru_backward (cpu)";
+  check_dtype(grad_y_, op);
+  check_tensor(grad_y_, op, "grad_y", grad_y_, 3);
+  check_tensor(gates_, op, "gates", grad_y_, 3);
+  const int64_t T = gates_.size(0), B = gates_.size(1), G = gates_.size(2);
+  TORCH_CHECK(G % 3 == 0 && G > 0, op, ": gates' last dimension must be 3 * hidden_size, got ", G);
+  const int64_t H = G / 3;
+  check_shape(grad_y_, op, "grad_y", {T, B, H});
+  for (auto [t, name, shape] : {std::make_tuple(&grad_h_n_, "grad_h_n", std::vector<int64_t>{B, H}),
+                                std::make_tuple(&h0_, "h0", std::vector<int64_t>{B, H}),
+                                std::make_tuple(&w_hh_, "w_hh", std::vector<int64_t>{G, H}),
+                                std::make_tuple(&y_, "y", std::vector<int64_t>{T, B, H}),
+                                std::make_tuple(&hn_, "hn", std::vector<int64_t>{T, B, H})}) {
+    check_tensor(*t, op, name, grad_y_, (int64_t)shape.size());
+    check_shape(*t, op, name, shape);
+  }
+  Tensor b_hh = opt(b_hh_);
+  if (b_hh.defined()) {
+    check_tensor(b_hh, op, "b_hh", grad_y_, 1);
+    check_shape(b_hh, op, "b_hh", {G});
+  }
+  Tensor L = check_lengths(lengths, op, T, B);
+  Tensor grad_y = grad_y_.contiguous(), grad_h_n = grad_h_n_.contiguous(), h0 = h0_.contiguous();
+  Tensor w_hh = w_hh_.contiguous(), y = y_.contiguous(), gates = gates_.contiguous(), hn = hn_.contiguous();
+  Tensor grad_gx = new_output({T, B, G}, grad_y), grad_h0 = new_output({B, H}, grad_y);
+  Tensor dfirst = new_output({B, G}, grad_y), dgh = new_output({T, B, G}, grad_y);
+  const Seq sq = make_seq(T, B, L, reverse);
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "fusedrnn_gru_backward_cpu", [&] {
+    cpu::gru_backward<scalar_t>(grad_y.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(),
+                                h0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), H, sq, y.data_ptr<scalar_t>(),
+                                gates.data_ptr<scalar_t>(), hn.data_ptr<scalar_t>(), grad_gx.data_ptr<scalar_t>(),
+                                grad_h0.data_ptr<scalar_t>(), dfirst.data_ptr<scalar_t>(),
+                                dgh.data_ptr<scalar_t>());
+  });
+  Tensor grad_w_hh = weight_grad(dgh, dfirst, h0, y, reverse);
+  Tensor grad_b_hh = b_hh.defined() ? dgh.sum(at::IntArrayRef{0, 1}) : at::empty({0}, grad_y.options());
+  return {grad_gx, grad_h0, grad_w_hh, grad_b_hh};
+}
+
+// ----------------------------------------------------------------------------- RNN
+std::tuple<Tensor, Tensor> rnn_forward_op(const Tensor& gx_, const Tensor& h0_, const Tensor& w_hh_,
+                                       const optional<Tensor>& lengths, bool reverse, bool relu) {
+  const char* op = "fusedrnn::rnn_forward (cpu)";
+  check_dtype(gx_, op);
+  check_tensor(gx_, op, "gx", gx_, 3);
+  const int64_t T = gx_.size(0), B = gx_.size(1), H = gx_.size(2);
+  TORCH_CHECK(H > 0, op, ": hidden_size must be positive");
+  check_tensor(h0_, op, "h0", gx_, 2);
+  check_tensor(w_hh_, op, "w_hh", gx_, 2);
+  check_shape(h0_, op, "h0", {B, H});
+  check_shape(w_hh_, op, "w_hh", {H, H});
+  Tensor L = check_lengths(lengths, op, T, B);
+  Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
+  Tensor y = new_output({T, B, H}, gx), h_n = new_output({B, H}, gx);
+  const Seq sq = make_seq(T, B, L, reverse);
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fusedrnn_rnn_forward_cpu", [&] {
+    cpu::rnn_forward<scalar_t>(gx.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), H,
+                               relu, sq, y.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>());
+  });
+  return {y, h_n};
+}
+
+std::tuple<Tensor, Tensor, Tensor> rnn_backward_op(const Tensor& grad_y_, const Tensor& grad_h_n_, const Tensor& h0_,
+                                                const Tensor& w_hh_, const optional<Tensor>& lengths, bool reverse,
+                                                bool relu, const Tensor& y_) {
+  const char* op = "fusedrnn::rnn_backward (cpu)";
+  check_dtype(grad_y_, op);
+  check_tensor(grad_y_, op, "grad_y", grad_y_, 3);
+  const int64_t T = grad_y_.size(0), B = grad_y_.size(1), H = grad_y_.size(2);
+  TORCH_CHECK(H > 0, op, ": hidden_size must be positive");
+  for (auto [t, name, shape] : {std::make_tuple(&grad_h_n_, "grad_h_n", std::vector<int64_t>{B, H}),
+                                std::make_tuple(&h0_, "h0", std::vector<int64_t>{B, H}),
+                                std::make_tuple(&w_hh_, "w_hh", std::vector<int64_t>{H, H}),
+                                std::make_tuple(&y_, "y", std::vector<int64_t>{T, B, H})}) {
+    check_tensor(*t, op, name, grad_y_, (int64_t)shape.size());
+    check_shape(*t, op, name, shape);
+  }
+  Tensor L = check_lengths(lengths, op, T, B);
+  Tensor grad_y = grad_y_.contiguous(), grad_h_n = grad_h_n_.contiguous(), h0 = h0_.contiguous();
+  Tensor w_hh = w_hh_.contiguous(), y = y_.contiguous();
+  Tensor grad_gx = new_output({T, B, H}, grad_y), grad_h0 = new_output({B, H}, grad_y);
+  Tensor dfirst = new_output({B, H}, grad_y);
+  const Seq sq = make_seq(T, B, L, reverse);
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "fusedrnn_rnn_backward_cpu", [&] {
+    cpu::rnn_backward<scalar_t>(grad_y.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(),
+                                w_hh.data_ptr<scalar_t>(), H, relu, sq, y.data_ptr<scalar_t>(),
+                                grad_gx.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(),
+                                dfirst.data_ptr<scalar_t>());
+  });
+  Tensor grad_w_hh = weight_grad(grad_gx, dfirst, h0, y, reverse);
+  return {grad_gx, grad_h0, grad_w_hh};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
+  m.impl("lstm_forward", &lstm_forward_op);
+  m.impl("lstm_backward", &lstm_backward_op);
+  m.impl("gru_forward", &gru_forward_op);
+  m.impl("gru_backward", &gru_backward_op);
+  m.impl("rnn_forward", &rnn_forward_op);
+  m.impl("rnn_backward", &rnn_backward_op);
+}
+
+}  // namespace cpu
+}  // namespace fusedrnn
+
+// The Python module fusedrnn._C: importing it registers the kernels above.
+namespace {
+PyObject* simd_path(PyObject*, PyObject*) { return PyUnicode_FromString(fusedrnn::cpu::simd_path()); }
+PyMethodDef methods[] = {
+    {"simd_path", simd_path, METH_NOARGS, "elementwise code path in use: avx2 or baseline"},
+    {nullptr, nullptr, 0, nullptr}};
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                      "fusedrnn CPU kernels (registered for the CPU dispatch key of the fusedrnn::* ops)", -1,
+                      methods};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

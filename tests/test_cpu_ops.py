@@ -1,0 +1,145 @@
+"""The `cpu` backend (csrc/cpu, fusedrnn._C) at op level: every cell against the
+reference backend (forward and all gradients, float64 tight and float32 ~1e-5),
+gradcheck in float64 and torch.library.opcheck."""
+import pytest
+import torch
+
+from fusedrnn.backends import registry
+from op_harness import check_against_reference, gradcheck_backend, make_inputs, opcheck_backend
+
+
+def _cpu_backend_or_skip():
+    be = registry().get("cpu")
+    why = "the cpu backend is not registered" if be is None else be.unavailable()
+    if why:
+        pytest.skip(f"cpu backend unavailable: {why}")
+    return be
+
+
+@pytest.fixture(autouse=True)
+def _need_cpu_backend():
+    _cpu_backend_or_skip()
+
+
+# (cell, P, flag): flag is relu for RNN, "no bias" for GRU.
+VARIANTS = [("lstm", 0, False), ("lstm", 5, False), ("gru", 0, False), ("gru", 0, True),
+            ("rnn", 0, False), ("rnn", 0, True)]
+
+
+def _kw(cell, flag):
+    return {"relu": flag} if cell == "rnn" else {"bias": not flag} if cell == "gru" else {}
+
+
+def _id(v):
+    cell, P, flag = v
+    return cell + (f"-proj{P}" if P else "") + ("-relu" if cell == "rnn" and flag else "") + \
+        ("-nobias" if cell == "gru" and flag else "")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("T,B,H", [(7, 3, 13), (1, 1, 13), (6, 1, 24), (5, 4, 40)])
+def test_against_reference(variant, dtype, lengths, reverse, T, B, H):
+    cell, P, flag = variant
+    args = make_inputs(cell, T, B, H, P=P, dtype=dtype, lengths=lengths, reverse=reverse, **_kw(cell, flag))
+    check_against_reference("cpu", cell, args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_large_multithreaded(variant, dtype):
+    """Sizes where the kernels split the hidden units over threads (several slices)."""
+    cell, P, flag = variant
+    P = 96 if P else 0
+    args = make_inputs(cell, 6, 9, 200, P=P, dtype=dtype, lengths=True, reverse=True, **_kw(cell, flag))
+    check_against_reference("cpu", cell, args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_gradcheck(variant, lengths, reverse):
+    cell, P, flag = variant
+    P = 3 if P else 0
+    args = make_inputs(cell, 5, 3, 4, P=P, dtype=torch.float64, lengths=lengths, reverse=reverse, **_kw(cell, flag))
+    assert gradcheck_backend("cpu", cell, args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_opcheck(variant, dtype):
+    cell, P, flag = variant
+    P = 2 if P else 0
+    args = make_inputs(cell, 4, 3, 5, P=P, dtype=dtype, lengths=True, reverse=True, **_kw(cell, flag))
+    opcheck_backend("cpu", cell, args)
+
+
+def _lengths_index(cell):
+    return {"lstm": 5, "gru": 4, "rnn": 3}[cell]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_zero_lengths_and_unsorted(variant, reverse):
+    """Empty sequences keep their initial state and output 0; lengths in any order."""
+    cell, P, flag = variant
+    args = list(make_inputs(cell, 5, 4, 6, P=P, dtype=torch.float64, reverse=reverse, **_kw(cell, flag)))
+    args[_lengths_index(cell)] = torch.tensor([0, 5, 2, 3])
+    check_against_reference("cpu", cell, tuple(args))
+    outs = registry()["cpu"].op(cell, "forward")(*args)
+    assert torch.equal(outs[1][0], args[1][0]), "h_n of a length-0 sequence must be h0"
+    assert (outs[0][:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+def test_all_empty_outputs_do_not_alias_inputs(variant):
+    cell, P, flag = variant
+    for T, L in ((0, None), (3, torch.zeros(2, dtype=torch.long))):
+        args = list(make_inputs(cell, max(T, 1), 2, 6, P=P, dtype=torch.float64, **_kw(cell, flag)))
+        args[0] = args[0][:T].contiguous()
+        args[_lengths_index(cell)] = L
+        if T:  # (the reference cannot run T = 0)
+            check_against_reference("cpu", cell, tuple(args))
+        args = [a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args]
+        outs = registry()["cpu"].op(cell, "forward")(*args)
+        assert outs[0].shape[0] == T and (outs[0] == 0).all()
+        n = 3 if cell == "lstm" else 2
+        g = [torch.randn_like(o) for o in outs[:n]]
+        grads = torch.autograd.grad(outs[1:n], args[1:n], g[1:])
+        for got, want in zip(grads, g[1:]):
+            assert torch.equal(got, want), "with no active step, grad of the initial state is grad of the final"
+        assert torch.equal(outs[1], args[1])
+        assert outs[1].data_ptr() != args[1].data_ptr()
+        if cell == "lstm":
+            assert torch.equal(outs[2], args[2]) and outs[2].data_ptr() != args[2].data_ptr()
+
+
+def test_noncontiguous_inputs():
+    gx, h0, c0, w_hh, w_hr, L, rev = make_inputs("lstm", 5, 3, 8, dtype=torch.float64)
+    gx_nc = gx.transpose(0, 1).contiguous().transpose(0, 1)
+    w_nc = w_hh.t().contiguous().t()
+    assert not gx_nc.is_contiguous() and not w_nc.is_contiguous()
+    check_against_reference("cpu", "lstm", (gx_nc, h0, c0, w_nc, w_hr, L, rev))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("dtype", "dtype"), ("shape", "shape"), ("lengths", "outside"), ("lengths_dtype", "int64"), ("half", "float32"),
+])
+def test_errors_are_clear(bad, match):
+    op = registry()["cpu"].op("lstm", "forward")
+    gx, h0, c0, w_hh, w_hr, L, rev = make_inputs("lstm", 4, 2, 5, dtype=torch.float32)
+    if bad == "dtype":
+        h0 = h0.double()
+    elif bad == "shape":
+        w_hh = w_hh[:, :3]
+    elif bad == "lengths":
+        L = torch.tensor([2, 9])
+    elif bad == "lengths_dtype":
+        L = torch.tensor([2, 3], dtype=torch.int32)
+    elif bad == "half":
+        gx, h0, c0, w_hh = (t.half() for t in (gx, h0, c0, w_hh))
+    with pytest.raises(RuntimeError, match=match):
+        op(gx, h0, c0, w_hh, w_hr, L, rev)
