@@ -68,14 +68,47 @@ def test_half(variant, dtype, reverse):
                             make_inputs(cell, 5, 3, 24, dtype=dtype, lengths=True, reverse=reverse, **kw))
 
 
+@pytest.fixture
+def path(monkeypatch):
+    """Force the per-step kernels ("step") or keep the default choice ("auto": the
+    time-loop kernels whenever the grid has a single hidden tile)."""
+    launch = _launch()
+
+    def set_path(p):
+        if p == "step":
+            monkeypatch.setattr(launch, "use_time_loop", lambda T, grid, time_loop: False)
+    return set_path
+
+
+GRIDS = {  # id: (tiles, path); B=20, H=40 against tiles of 16..64: partial tiles in batch, hidden and K
+    "grid3x2-k3-step": ((16, 16, 16), "auto"),
+    "grid3x1-k2-step": ((64, 16, 32), "auto"),
+    "grid1x1-step": ((32, 64, 64), "step"),
+    "grid1x1-loop": ((32, 64, 64), "auto"),
+    "grid1x2-k3-loop": ((16, 64, 16), "auto"),
+}
+
+
 @interpreter
-@pytest.mark.parametrize("tiles", [(16, 16, 16), (32, 64, 64), (16, 32, 16), (64, 16, 32)],
-                         ids=["grid3x2-k3", "grid1x1", "grid2x2", "grid3x1-k2"])
+@pytest.mark.parametrize("grid", list(GRIDS))
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_program_grids(blocks, tiles, cell):
-    # B=20, H=40 against tiles of 16..64: partial tiles in batch, hidden and K
+def test_program_grids(blocks, path, grid, cell):
+    tiles, p = GRIDS[grid]
     blocks(*tiles)
+    path(p)
+    launch = _launch()
+    n_h = -(-40 // tiles[1])
+    assert launch.use_time_loop(4, (n_h, 1), None) == grid.endswith("loop") or p == "step"
     check_against_reference("triton", cell, make_inputs(cell, 4, 20, 40, lengths=True, reverse=True))
+
+
+def test_time_loop_only_with_one_hidden_tile():
+    launch = _launch()
+    assert launch.use_time_loop(5, (1, 3), None) and not launch.use_time_loop(5, (2, 3), None)
+    assert not launch.use_time_loop(0, (1, 1), None)
+    with pytest.raises(ValueError, match="hidden tile"):
+        launch.use_time_loop(5, (2, 1), True)
+    assert launch.default_blocks(3, 40).BLOCK_H >= 40  # small H: one tile, in-kernel time loop
 
 
 @interpreter

@@ -40,17 +40,37 @@ def _pow2(n: int) -> int:
 TARGET_PROGRAMS = 256
 
 
+# Up to this hidden size one program owns all hidden units of its batch rows and the
+# whole time loop runs inside one launch (the *_seq kernels); see DESIGN.md.
+SEQ_MAX_H = 64
+
+
 def default_blocks(B: int, H: int) -> Blocks:
-    """Tile sizes: batch tile as small as tl.dot allows for small batches (weights are
+    """Tile sizes.
+
+    H <= SEQ_MAX_H: one hidden tile (grid (1, cdiv(B, 16))), so the time-loop kernels apply.
+    Otherwise: batch tile as small as tl.dot allows for small batches (the weights are
     re-read once per batch tile, so larger batches get larger tiles, up to 64), then the
     largest hidden tile (16..64) that still gives about TARGET_PROGRAMS programs."""
+    if H <= SEQ_MAX_H:
+        h = max(16, _pow2(H))
+        return Blocks(16, h, h)
     bb = min(64, max(16, _pow2(B)))
     nb = -(-B // bb)
     bh = 64
     while bh > 16 and nb * -(-H // bh) < TARGET_PROGRAMS:
         bh //= 2
-    bk = min(64, max(16, _pow2(H)))
-    return Blocks(bb, bh, bk)
+    return Blocks(bb, bh, 64)
+
+
+def use_time_loop(T: int, grid: tuple, time_loop: bool | None) -> bool:
+    """Whether to run the whole sequence in one launch (*_seq kernels): possible iff one
+    program owns all hidden units of its rows (grid[0] == 1); default: whenever possible."""
+    possible = grid[0] == 1 and T > 0
+    if time_loop and not possible:
+        raise ValueError(f"fusedrnn triton: the in-kernel time loop needs one hidden tile per program "
+                         f"(got {grid[0]} hidden tiles)")
+    return possible if time_loop is None else time_loop
 
 
 def interpreting() -> bool:
@@ -108,16 +128,29 @@ def _f32_state(x):
     return x.detach().to(torch.float32, copy=True).contiguous()
 
 
+def _hbuf(h0):
+    """[2, B, H] fp32 ping-pong state of the time-loop kernels, h0 in slot 0."""
+    buf = torch.empty((2,) + tuple(h0.shape), dtype=torch.float32, device=h0.device)
+    buf[0] = h0
+    return buf
+
+
 # ============================================================================ forward
-def lstm_forward(gx, h0, c0, w_hh, lengths, reverse, *, blocks=None, precision=None, wrap=_identity):
+def lstm_forward(gx, h0, c0, w_hh, lengths, reverse, *, blocks=None, precision=None, time_loop=None,
+                 wrap=_identity):
     gx, h0, c0, w_hh = _c(gx), _c(h0), _c(c0), _c(w_hh)
     T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 4, blocks, precision)
     dev, dt = gx.device, gx.dtype
     y = new_output(T, B, H, dtype=dt, device=dev)
     gates = new_output(T, B, 4 * H, dtype=torch.float32, device=dev)
     cells = new_output(T, B, H, dtype=torch.float32, device=dev)
-    h_a, h_b, c = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev), _f32_state(c0)
+    c = _f32_state(c0)
     L = _len_arg(lengths, gx)
+    if use_time_loop(T, grid, time_loop):
+        hbuf = _hbuf(h0)
+        wrap(K.lstm_forward_seq)[grid](gx, hbuf, c, w_hh, y, gates, cells, L, T, B, H, REVERSE=reverse, **meta)
+        return y, hbuf[T % 2].to(dt, copy=True), c.to(dt), gates, cells
+    h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
     kernel = wrap(K.lstm_forward_step)
     for s in range(T):
         kernel[grid](gx, h_a, h_b, c, w_hh, y, gates, cells, L, s, T, B, H, REVERSE=reverse, **meta)
@@ -125,15 +158,21 @@ def lstm_forward(gx, h0, c0, w_hh, lengths, reverse, *, blocks=None, precision=N
     return y, h_a.to(dt), c.to(dt), gates, cells
 
 
-def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, *, blocks=None, precision=None, wrap=_identity):
+def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, *, blocks=None, precision=None, time_loop=None,
+                 wrap=_identity):
     gx, h0, w_hh, b_hh = _c(gx), _c(h0), _c(w_hh), _c(b_hh)
     T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 3, blocks, precision)
     dev, dt = gx.device, gx.dtype
     y = new_output(T, B, H, dtype=dt, device=dev)
     gates = new_output(T, B, 3 * H, dtype=torch.float32, device=dev)
     hn = new_output(T, B, H, dtype=torch.float32, device=dev)
-    h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
     L = _len_arg(lengths, gx)
+    if use_time_loop(T, grid, time_loop):
+        hbuf = _hbuf(h0)
+        wrap(K.gru_forward_seq)[grid](gx, hbuf, w_hh, b_hh if b_hh is not None else gx, y, gates, hn, L, T, B, H,
+                                      HAS_BIAS=b_hh is not None, REVERSE=reverse, **meta)
+        return y, hbuf[T % 2].to(dt, copy=True), gates, hn
+    h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
     kernel = wrap(K.gru_forward_step)
     for s in range(T):
         kernel[grid](gx, h_a, h_b, w_hh, b_hh if b_hh is not None else gx, y, gates, hn, L, s, T, B, H,
@@ -142,13 +181,18 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, *, blocks=None, precision=
     return y, h_a.to(dt), gates, hn
 
 
-def rnn_forward(gx, h0, w_hh, lengths, reverse, relu, *, blocks=None, precision=None, wrap=_identity):
+def rnn_forward(gx, h0, w_hh, lengths, reverse, relu, *, blocks=None, precision=None, time_loop=None,
+                 wrap=_identity):
     gx, h0, w_hh = _c(gx), _c(h0), _c(w_hh)
     T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 1, blocks, precision)
     dev, dt = gx.device, gx.dtype
     y = new_output(T, B, H, dtype=dt, device=dev)
-    h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
     L = _len_arg(lengths, gx)
+    if use_time_loop(T, grid, time_loop):
+        hbuf = _hbuf(h0)
+        wrap(K.rnn_forward_seq)[grid](gx, hbuf, w_hh, y, L, T, B, H, RELU=relu, REVERSE=reverse, **meta)
+        return y, hbuf[T % 2].to(dt, copy=True)
+    h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
     kernel = wrap(K.rnn_forward_step)
     for s in range(T):
         kernel[grid](gx, h_a, h_b, w_hh, y, L, s, T, B, H, RELU=relu, REVERSE=reverse, **meta)
@@ -157,11 +201,20 @@ def rnn_forward(gx, h0, w_hh, lengths, reverse, relu, *, blocks=None, precision=
 
 
 # ============================================================================ backward
-def _backward_launches(kernel, grid, T, run):
-    """Launch s = T-1 .. 0 (POINTWISE, and MATMUL for s < T-1), then the MATMUL-only
-    launch s = -1 that turns dpre_0 into grad_h0."""
+def _backward_launches(kernel, seq_kernel, grid, T, time_loop, wrap, run):
+    """Time-loop kernel (one launch), or per-step kernels: launch s = T-1 .. 0
+    (POINTWISE, and MATMUL for s < T-1), then the MATMUL-only launch s = -1 that
+    turns dpre_0 into grad_h0."""
+    if use_time_loop(T, grid, time_loop):
+        run(wrap(seq_kernel)[grid], None)
+        return
+    k = wrap(kernel)[grid]
     for s in range(T - 1, -2, -1):
-        run(kernel[grid], s, MATMUL=s < T - 1, POINTWISE=s >= 0)
+        run(k, s, MATMUL=s < T - 1, POINTWISE=s >= 0)
+
+
+def _args(s, T):
+    return (T,) if s is None else (s, T)
 
 
 def _h_prev_all(y, h0, lengths, reverse):
@@ -175,11 +228,14 @@ def _h_prev_all(y, h0, lengths, reverse):
 
 def _weight_grad(d, h_prev):
     """sum over (t, b) of d[t,b,:]^T h_prev[t,b,:] (padded steps have d = 0)."""
+    if d.shape[0] == 0:
+        return d.new_zeros(d.shape[-1], h_prev.shape[-1])
     return d.reshape(-1, d.shape[-1]).t() @ h_prev.reshape(-1, h_prev.shape[-1])
 
 
 def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, lengths, reverse, y, gates, cells,
-                  *, blocks=None, precision=None, wrap=_identity):
+                  *, blocks=None, precision=None, time_loop=None,
+                 wrap=_identity):
     grad_y, h0, c0, w_hh, y, gates, cells = map(_c, (grad_y, h0, c0, w_hh, y, gates, cells))
     T, B, G = gates.shape
     H = G // 4
@@ -188,14 +244,15 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, lengths, reverse, y,
     dh, dc = _f32_state(grad_h_n), _f32_state(grad_c_n)
     dpre = new_output(T, B, G, dtype=torch.float32, device=gates.device)
     L = _len_arg(lengths, gates)
-    _backward_launches(wrap(K.lstm_backward_step), grid, T, lambda k, s, **f: k(
-        grad_y, dh, dc, dpre, w_hh, gates, cells, c0, L, s, T, B, H, REVERSE=reverse, **f, **meta))
+    _backward_launches(K.lstm_backward_step, K.lstm_backward_seq, grid, T, time_loop, wrap, lambda k, s, **f: k(
+        grad_y, dh, dc, dpre, w_hh, gates, cells, c0, L, *_args(s, T), B, H, REVERSE=reverse, **f, **meta))
     grad_w_hh = _weight_grad(dpre, _h_prev_all(y, h0, lengths, reverse))
     return dpre.to(dt), dh.to(dt), dc.to(dt), grad_w_hh.to(dt), w_hh.new_zeros(0)
 
 
 def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn,
-                 *, blocks=None, precision=None, wrap=_identity):
+                 *, blocks=None, precision=None, time_loop=None,
+                 wrap=_identity):
     grad_y, h0, w_hh, y, gates, hn = map(_c, (grad_y, h0, w_hh, y, gates, hn))
     T, B, G = gates.shape
     H = G // 3
@@ -205,15 +262,16 @@ def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, h
     dgx = new_output(T, B, G, dtype=torch.float32, device=gates.device)
     dgh = new_output(T, B, G, dtype=torch.float32, device=gates.device)
     L = _len_arg(lengths, gates)
-    _backward_launches(wrap(K.gru_backward_step), grid, T, lambda k, s, **f: k(
-        grad_y, dh, dgx, dgh, w_hh, gates, hn, h0, y, L, s, T, B, H, REVERSE=reverse, **f, **meta))
+    _backward_launches(K.gru_backward_step, K.gru_backward_seq, grid, T, time_loop, wrap, lambda k, s, **f: k(
+        grad_y, dh, dgx, dgh, w_hh, gates, hn, h0, y, L, *_args(s, T), B, H, REVERSE=reverse, **f, **meta))
     grad_w_hh = _weight_grad(dgh, _h_prev_all(y, h0, lengths, reverse))
     grad_b_hh = dgh.sum((0, 1)).to(dt) if b_hh is not None else w_hh.new_zeros(0)
     return dgx.to(dt), dh.to(dt), grad_w_hh.to(dt), grad_b_hh
 
 
 def rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y,
-                 *, blocks=None, precision=None, wrap=_identity):
+                 *, blocks=None, precision=None, time_loop=None,
+                 wrap=_identity):
     grad_y, h0, w_hh, y = map(_c, (grad_y, h0, w_hh, y))
     T, B, H = y.shape
     _, _, _, grid, meta = _setup(y.new_empty(0, B, H), h0, w_hh, lengths, 1, blocks, precision)
@@ -221,7 +279,7 @@ def rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y,
     dh = _f32_state(grad_h_n)
     dpre = new_output(T, B, H, dtype=torch.float32, device=y.device)
     L = _len_arg(lengths, y)
-    _backward_launches(wrap(K.rnn_backward_step), grid, T, lambda k, s, **f: k(
-        grad_y, dh, dpre, w_hh, y, L, s, T, B, H, RELU=relu, REVERSE=reverse, **f, **meta))
+    _backward_launches(K.rnn_backward_step, K.rnn_backward_seq, grid, T, time_loop, wrap, lambda k, s, **f: k(
+        grad_y, dh, dpre, w_hh, y, L, *_args(s, T), B, H, RELU=relu, REVERSE=reverse, **f, **meta))
     grad_w_hh = _weight_grad(dpre, _h_prev_all(y, h0, lengths, reverse))
     return dpre.to(dt), dh.to(dt), grad_w_hh.to(dt)

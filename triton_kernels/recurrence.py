@@ -86,7 +86,7 @@ def _w_rows(w, row0, rh, mh, rk, mk, K):
 
 # ============================================================================ forward
 @triton.jit
-def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H,
+def _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
@@ -136,7 +136,7 @@ def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T,
 
 
 @triton.jit
-def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
+def _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
                      HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
@@ -184,7 +184,7 @@ def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, 
 
 
 @triton.jit
-def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
+def _rnn_forward_body(gx, h_in, h_out, w, y, lengths, s, T, B, H,
                      RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
@@ -248,7 +248,7 @@ def _prev_state(init, seq, t, active, s, B, H, rb, rh, m2, REVERSE: tl.constexpr
 
 
 @triton.jit
-def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H,
+def _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H,
                        MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
                        HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -292,7 +292,7 @@ def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s,
 
 
 @triton.jit
-def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H,
+def _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H,
                       MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -335,7 +335,7 @@ def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, 
 
 
 @triton.jit
-def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
+def _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
                       RELU: tl.constexpr, MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -363,3 +363,130 @@ def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
         tl.store(dpre + row_h, tl.where(act, da, 0.0), mask=m2)
         dh_cur = tl.where(act, 0.0, dh_cur)
     tl.store(dh + st, dh_cur, mask=m2)
+
+
+# ============================================================================ kernels
+# Per-step kernels: one launch = one time step; the launch boundary is the grid-wide
+# barrier. Any hidden size, any number of programs.
+
+@triton.jit
+def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
+@triton.jit
+def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
+                     HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
+@triton.jit
+def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
+                     RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    _rnn_forward_body(gx, h_in, h_out, w, y, lengths, s, T, B, H, RELU, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
+@triton.jit
+def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H,
+                       MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
+                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H, MATMUL, POINTWISE, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
+@triton.jit
+def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H,
+                      MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H, MATMUL, POINTWISE, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
+@triton.jit
+def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
+                      RELU: tl.constexpr, MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, s, T, B, H, RELU, MATMUL, POINTWISE, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
+
+# Time-loop kernels: the whole sequence in one launch. Allowed only when one program
+# owns every hidden unit of its batch rows (grid (1, cdiv(B, BLOCK_B))): then no other
+# program ever reads what it writes, and a step's cross-thread dependencies inside the
+# program are ordered by tl.debug_barrier() (__syncthreads; a no-op in the interpreter,
+# which runs a program's ops in order). Batch tiles are independent sequences.
+
+@triton.jit
+def lstm_forward_seq(gx, hbuf, c, w, y, gates, cells_out, lengths, T, B, H,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    for s in range(0, T):
+        h_in = hbuf + (s % 2) * (B * H)
+        h_out = hbuf + ((s + 1) % 2) * (B * H)
+        _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        tl.debug_barrier()
+
+@triton.jit
+def gru_forward_seq(gx, hbuf, w, b_hh, y, gates, hn_out, lengths, T, B, H,
+                     HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    for s in range(0, T):
+        h_in = hbuf + (s % 2) * (B * H)
+        h_out = hbuf + ((s + 1) % 2) * (B * H)
+        _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        tl.debug_barrier()
+
+@triton.jit
+def rnn_forward_seq(gx, hbuf, w, y, lengths, T, B, H,
+                     RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    for s in range(0, T):
+        h_in = hbuf + (s % 2) * (B * H)
+        h_out = hbuf + ((s + 1) % 2) * (B * H)
+        _rnn_forward_body(gx, h_in, h_out, w, y, lengths, s, T, B, H, RELU, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        tl.debug_barrier()
+
+@triton.jit
+def lstm_backward_seq(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T, B, H,
+                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 1, T, B, H, False, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    tl.debug_barrier()
+    for i in range(0, T - 1):
+        _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 2 - i, T, B, H, True, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        tl.debug_barrier()
+    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, -1, T, B, H, True, False, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
+@triton.jit
+def gru_backward_seq(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T, B, H,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 1, T, B, H, False, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    tl.debug_barrier()
+    for i in range(0, T - 1):
+        _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 2 - i, T, B, H, True, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        tl.debug_barrier()
+    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, -1, T, B, H, True, False, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
+@triton.jit
+def rnn_backward_seq(grad_y, dh, dpre, w, y, lengths, T, B, H,
+                      RELU: tl.constexpr, 
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, T - 1, T, B, H, RELU, False, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    tl.debug_barrier()
+    for i in range(0, T - 1):
+        _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, T - 2 - i, T, B, H, RELU, True, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        tl.debug_barrier()
+    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, -1, T, B, H, RELU, True, False, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
