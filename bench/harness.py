@@ -26,6 +26,16 @@ def tolerance(case: Case, device: torch.device) -> float:
     return TOL[case.dtype]
 
 
+def failure_status(e: BaseException) -> str:
+    """"oom" (the case does not fit this device: reported, not a failure) or "error"."""
+    return "oom" if isinstance(e, torch.OutOfMemoryError) else "error"
+
+
+def free_cached(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         return float("inf")
@@ -119,7 +129,8 @@ def run_case(case: Case, impls: list[Impl], device: torch.device, *, seed: int, 
             runner = impl.build(case, ref_module, device)
             got = outputs(runner, case, x0, g0)
         except Exception as e:  # noqa: BLE001 - reported in the table
-            row.update(status="error", detail=f"{type(e).__name__}: {e}"[:300])
+            row.update(status=failure_status(e), detail=f"{type(e).__name__}: {e}"[:300])
+            free_cached(device)
             continue
         if impl.name == BASELINE:
             want = got
@@ -149,7 +160,7 @@ def run_case(case: Case, impls: list[Impl], device: torch.device, *, seed: int, 
     for name, res in results.items():
         row = rows[name]
         if "error" in res:
-            row.update(status="error", detail=res["error"][:300])
+            row.update(status=res.get("status", "error"), detail=res["error"][:300])
             continue
         ms = res["median_ms"]
         row.update(res)
@@ -167,4 +178,6 @@ def run_case(case: Case, impls: list[Impl], device: torch.device, *, seed: int, 
             del args
     for row in rows.values():
         row["flops"] = flops
+    del runners, calls
+    free_cached(device)
     return list(rows.values())

@@ -147,69 +147,88 @@ def write_csv(path, rows, meta):
 
 
 def write_plot(path, rows, meta) -> str | None:
-    """speedup vs hidden size, one panel per batch size; returns why not written, or None."""
+    """Speedup vs hidden size, one panel per batch size, one line per implementation x cell x
+    mode (x any other field that varies); the same numbers as the table. Returns why no plot
+    was written, or None."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except Exception as e:  # noqa: BLE001
         return f"matplotlib unavailable ({type(e).__name__}: {e})"
     batches = sorted({r["batch"] for r in rows})
     other = [k for k in varying(rows) if k not in ("batch", "hidden_size", "input_size")]
     ok = [r for r in rows if r["impl"] != BASELINE and r.get("speedup")]
-    wrong = sum(r["status"] in ("WRONG", "error") for r in rows)
-    n = len(batches)
-    ncols = min(n, 3)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.2 * nrows), squeeze=False, sharey=True)
+    failed = sum(r["status"] in ("WRONG", "error", "oom", "unchecked") for r in rows)
+    impls = sorted({r["impl"] for r in ok})
     colors = {"lstm": "tab:blue", "gru": "tab:orange", "rnn": "tab:green"}
     styles = {"inference": "-", "training": "--"}
     markers = ["o", "s", "^", "D", "v", "P", "X"]
-    impls = sorted({r["impl"] for r in ok})
+
+    def label(r):
+        return " ".join([r["impl"]] + [_field(r, k) if k in ("cell", "mode") else f"{SHORT[k]}={_field(r, k)}"
+                                       for k in other])
+    series: dict = {}          # (batch, label) -> points
+    for r in ok:
+        series.setdefault((r["batch"], label(r)), []).append(r)
+    labels = sorted({lab for _, lab in series}) + ["torch.nn (= 1)"]
+
+    n = len(batches) or 1
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    width = 5.0 * ncols + 0.5
+    leg_cols = max(1, min(len(labels), int(width // 3.6)))
+    leg_rows = math.ceil(len(labels) / leg_cols)
+    top, bottom = 0.75, 0.25 + 0.2 * leg_rows        # inches for the title and the legend
+    height = 3.8 * nrows + top + bottom
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, sharey=True)
+    ys = [r["speedup"] for r in ok] + [1.0]
+    lo, hi = min(ys), max(ys)
+    hs = sorted({r["hidden_size"] for r in rows})
     for i, b in enumerate(batches):
         ax = axes[i // ncols][i % ncols]
-        series = {}
-        for r in ok:
-            if r["batch"] == b:
-                key = (r["impl"],) + tuple(r[k] for k in other)
-                series.setdefault(key, []).append((r["hidden_size"], r["speedup"], r))
-        for key, pts in sorted(series.items(), key=lambda kv: str(kv[0])):
-            pts.sort(key=lambda p: p[0])
-            r0 = pts[0][2]
-            label = " ".join([key[0]] + [_field(r0, k) if k in ("cell", "mode") else f"{SHORT[k]}={_field(r0, k)}"
-                                         for k in other])
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label,
+        drawn = False
+        for (sb, lab), pts in sorted(series.items()):
+            if sb != b:
+                continue
+            pts = sorted(pts, key=lambda r: r["hidden_size"])
+            r0 = pts[0]
+            ax.plot([r["hidden_size"] for r in pts], [r["speedup"] for r in pts], label=lab,
                     color=colors.get(r0["cell"]), linestyle=styles.get(r0["mode"], "-"),
-                    marker=markers[impls.index(key[0]) % len(markers)])
-        ax.axhline(1.0, color="gray", linewidth=1, linestyle=":", label="torch.nn (= 1)")
+                    marker=markers[impls.index(r0["impl"]) % len(markers)], markersize=5)
+            drawn = True
+        ax.axhline(1.0, color="gray", linewidth=1.2, linestyle=":", label="torch.nn (= 1)")
         ax.set_xscale("log", base=2)
-        hs = sorted({r["hidden_size"] for r in rows})
         ax.set_xticks(hs)
         ax.set_xticklabels([str(h) for h in hs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_yscale("log")
+        ax.set_ylim(lo / 1.3, hi * 1.3)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if hi / lo < 20 else ""))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_title(f"batch {b}")
         ax.set_xlabel("hidden size")
         if i % ncols == 0:
-            ax.set_ylabel("speedup vs torch.nn (x)")
-        ax.grid(True, alpha=0.3)
-        if not series:
+            ax.set_ylabel("speedup vs torch.nn (log scale)")
+        ax.grid(True, which="both", alpha=0.25)
+        if not drawn:
             ax.text(0.5, 0.5, "no fusedrnn implementation timed", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
     for j in range(n, nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
-    handles, labels = [], []
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    title = f"fusedrnn speedup vs torch.nn — {describe_device(meta['device'])}\n{constants_line(rows)}"
-    if wrong:
-        title += f"; {wrong} WRONG/error rows not plotted (see table)"
+            handles.setdefault(lab, h)
+    fig.legend([handles[lab] for lab in labels if lab in handles], [lab for lab in labels if lab in handles],
+               loc="lower center", ncol=leg_cols, fontsize=8, frameon=False)
+    title = f"fusedrnn speedup vs torch.nn on {describe_device(meta['device'])}\n{constants_line(rows)}"
+    if failed:
+        title += f"; {failed} WRONG/failed row(s) not plotted (see the table)"
     fig.suptitle(title, fontsize=10)
-    legend_rows = math.ceil(len(labels) / 4) if handles else 0
-    fig.tight_layout(rect=(0, min(0.5, (0.02 + 0.045 * legend_rows) / nrows), 1, 1 - 0.1 / nrows))
+    fig.tight_layout(rect=(0, bottom / height, 1, 1 - top / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None

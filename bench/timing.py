@@ -109,7 +109,8 @@ def time_interleaved(calls: dict, device: torch.device, *, budget_s: float, min_
                 except Exception as e:  # noqa: BLE001
                     errors[name] = f"{type(e).__name__}: {e}"
     out = {n: summarize(t) for n, t in times.items() if n not in errors and t}
-    out.update({n: {"error": msg} for n, msg in errors.items()})
+    out.update({n: {"error": msg, "status": "oom" if "OutOfMemoryError" in msg else "error"}
+                for n, msg in errors.items()})
     return out
 
 
