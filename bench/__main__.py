@@ -83,8 +83,11 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     preset = PRESETS[args.preset]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device available")
+        if device.index is not None:
+            torch.cuda.set_device(device)  # events and streams of the timed device
     grids = override(preset.grids, cells=args.cells, batch=args.batch, seq_len=args.seq_len,
                      input_size=args.input_size, hidden=args.hidden, layers=args.layers,
                      bidirectional=args.bidirectional, dtypes=args.dtype, modes=args.modes)

@@ -153,8 +153,14 @@ def run_case(case: Case, impls: list[Impl], device: torch.device, *, seed: int, 
     calls = {name: timed_call(r, case, device) for name, r in runners.items()}
     for r in runners.values():
         r.set_mode(case.mode)
+    peak: dict[str, Optional[int]] = {}
+
+    def measure_memory(name, call):  # on the first warm-up call: no extra call for memory
+        peak[name] = timing.peak_memory(call, device)
+
     results = timing.time_interleaved(calls, device, budget_s=budget_s, min_runs=min_runs,
-                                      max_runs=max_runs, warmup=warmup)
+                                      max_runs=max_runs, warmup=warmup,
+                                      wrap_first_warmup=measure_memory if memory else None)
     flops = case.flops()
     base = results.get(BASELINE, {}).get("median_ms")
     for name, res in results.items():
@@ -168,14 +174,7 @@ def run_case(case: Case, impls: list[Impl], device: torch.device, *, seed: int, 
         row["speedup"] = base / ms if base else None
         row["gflops"] = flops / (ms / 1e3) / 1e9
         row["matmul_frac"] = row["gflops"] / matmul_gflops if matmul_gflops else None
-        if memory:
-            prepare, run = calls[name]
-            args = prepare()
-            try:
-                row["peak_mem_bytes"] = timing.peak_memory(lambda: run(args), device)
-            except Exception:  # noqa: BLE001
-                row["peak_mem_bytes"] = None
-            del args
+        row["peak_mem_bytes"] = peak.get(name)
     for row in rows.values():
         row["flops"] = flops
     del runners, calls

@@ -12,9 +12,9 @@ from .impls import BASELINE
 SHAPE_FIELDS = ["cell", "mode", "batch", "seq_len", "input_size", "hidden_size", "layers", "bidirectional", "dtype"]
 SHORT = {"cell": "cell", "mode": "mode", "batch": "B", "seq_len": "T", "input_size": "I", "hidden_size": "H",
          "layers": "L", "bidirectional": "bi", "dtype": "dtype"}
-CSV_FIELDS = SHAPE_FIELDS + ["impl", "kind", "status", "detail", "median_ms", "q1_ms", "q3_ms", "min_ms", "runs",
+CSV_FIELDS = ["device"] + SHAPE_FIELDS + ["impl", "kind", "status", "detail", "median_ms", "q1_ms", "q3_ms", "min_ms", "runs",
                              "tokens_per_s", "speedup", "gflops", "matmul_frac", "peak_mem_bytes", "flops",
-                             "max_rel_err", "tol"]
+                             "max_rel_err", "tol", "torch", "fusedrnn_git", "time_utc", "command"]
 
 
 # ------------------------------------------------------------------ formatting
@@ -81,7 +81,8 @@ def markdown(rows, meta) -> str:
              f"preset `{meta['preset']}`; `{meta['command']}`; {meta['time_utc']}; torch {v['torch']}, "
              f"fusedrnn {v['fusedrnn']}" + (f" (git {git[:10]}{'+dirty' if v['git'].get('dirty') else ''})"
                                             if git else "")
-             + f"; load average at start {meta.get('load_at_start')}",
+             + f"; load average at start {meta.get('load_at_start')}"
+             + (f", at end {meta['load_at_end']}; took {meta['wall_s']} s" if "wall_s" in meta else ""),
              ]
     for dt, mm in meta.get("matmul", {}).items():
         lines.append(f"matmul rate ({mm['n']}x{mm['n']} {dt}, median): {_sig(mm['gflops'])} GFLOP/s")
@@ -137,13 +138,15 @@ def write_json(path, rows, meta):
 
 
 def write_csv(path, rows, meta):
+    """One row per (case, implementation); the device, versions and command line on every row."""
+    common = {"device": describe_device(meta["device"]), "torch": meta["versions"]["torch"],
+              "fusedrnn_git": (meta["versions"].get("git") or {}).get("commit"), "time_utc": meta["time_utc"],
+              "command": meta["command"]}
     with open(path, "w", newline="") as f:
-        f.write(f"# fusedrnn benchmark on {describe_device(meta['device'])}; {meta['command']}; "
-                f"{meta['time_utc']}; torch {meta['versions']['torch']}\n")
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow(r)
+            w.writerow({**r, **common})
 
 
 def write_plot(path, rows, meta) -> str | None:

@@ -71,11 +71,12 @@ def summarize(ms: Sequence[float]) -> dict:
 
 
 def time_interleaved(calls: dict, device: torch.device, *, budget_s: float, min_runs: int, max_runs: int,
-                     warmup: int) -> dict:
+                     warmup: int, wrap_first_warmup: Optional[Callable] = None) -> dict:
     """calls: name -> (prepare, run); prepare() makes fresh inputs (untimed), run(inputs) is timed.
 
-    Returns name -> summarize(times) for the implementations that ran, and
-    name -> {"error": msg} for one that raised.
+    wrap_first_warmup(name, call) runs each implementation's first warm-up call (used to
+    measure peak memory without an extra call). Returns name -> summarize(times) for the
+    implementations that ran, and name -> {"error": msg, "status": ...} for one that raised.
     """
     clock = _Clock(device)
     names = list(calls)
@@ -84,9 +85,12 @@ def time_interleaved(calls: dict, device: torch.device, *, budget_s: float, min_
     for name in names:
         prepare, run = calls[name]
         try:
-            for _ in range(max(1, warmup)):
+            for w in range(max(1, warmup)):
                 args = prepare()
-                est[name] = clock(lambda: run(args))
+                if w == 0 and wrap_first_warmup is not None:
+                    est[name] = clock(lambda: wrap_first_warmup(name, lambda: run(args)))
+                else:
+                    est[name] = clock(lambda: run(args))
                 del args
         except Exception as e:  # noqa: BLE001 - reported in the table
             errors[name] = f"{type(e).__name__}: {e}"
@@ -151,6 +155,10 @@ def _quiet_stderr():
         os.close(devnull)
 
 
+class _CallFailed(Exception):
+    pass
+
+
 def _cpu_memory_events(fn) -> list:
     """(start_ns, nbytes) of every allocation (+) and free (-) through PyTorch's CPU allocator during fn()."""
     from torch.autograd import (ProfilerActivity, ProfilerConfig, ProfilerState, _disable_profiler,
@@ -163,6 +171,8 @@ def _cpu_memory_events(fn) -> list:
         _enable_profiler(cfg, acts)
         try:
             fn()
+        except Exception as e:  # the implementation's failure, not the profiler's
+            raise _CallFailed() from e
         finally:
             res = _disable_profiler()
     return [(e.start_ns(), e.nbytes()) for e in res.events() if e.name() == "[memory]"]
@@ -187,6 +197,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
         return None
     try:
         events = sorted(_cpu_memory_events(fn))
+    except _CallFailed as e:
+        raise e.__cause__
     except Exception:  # noqa: BLE001 - private profiler API; memory is then reported as unknown
         return None
     cur = peak = 0
