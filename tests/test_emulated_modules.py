@@ -1,0 +1,26 @@
+"""fusedrnn modules forced onto the emulated backend (the CUDA kernel sources under the
+CPU emulation) against torch.nn on the CPU, float32: the kernels behind the modules'
+layer/direction/packing logic, forward and backward."""
+import pytest
+import torch
+
+from module_harness import compare_modules
+from fusedrnn.backends import registry
+
+pytestmark = pytest.mark.emulated
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_emulated():
+    why = registry()["emulated"].unavailable()
+    if why:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("cell,extra", [("lstm", {}), ("lstm", {"proj_size": 3}), ("gru", {}),
+                                        ("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"})])
+@pytest.mark.parametrize("input_kind", ["batched", "packed_unsorted", "unbatched"])
+def test_modules_match_torch_nn(cell, extra, input_kind):
+    cfg = dict(input_size=5, hidden_size=37, num_layers=2, bidirectional=True, **extra)
+    compare_modules(cell, "emulated", cfg, input_kind, True, dtype=torch.float32, atol=2e-5, rtol=1e-4,
+                    T=6, B=5, init_range=None)
