@@ -12,6 +12,7 @@ ATOL, RTOL = 2e-5, 1e-4
 
 CFGS = {
     "lstm": dict(input_size=7, hidden_size=20, num_layers=2, bidirectional=True, batch_first=True),
+    "lstm-proj": dict(input_size=7, hidden_size=20, proj_size=9, num_layers=2, bidirectional=True),
     "gru": dict(input_size=7, hidden_size=20, bidirectional=True, bias=False),
     "gru-2layer": dict(input_size=5, hidden_size=18, num_layers=2),
     "rnn-relu": dict(input_size=7, hidden_size=20, nonlinearity="relu", bidirectional=True),
@@ -36,10 +37,10 @@ def test_module_reports_triton_ran():
 
 
 @pytest.mark.interpreter
-def test_forced_triton_with_projection_errors_clearly():
-    m = fusedrnn.LSTM(4, 16, proj_size=8, backend="triton")
-    with pytest.raises(RuntimeError, match="projection"):
-        m(torch.randn(3, 2, 4))
+def test_forced_triton_float64_errors_clearly():
+    m = fusedrnn.GRU(4, 16, backend="triton").double()
+    with pytest.raises(RuntimeError, match="float64"):
+        m(torch.randn(3, 2, 4, dtype=torch.float64))
 
 
 def test_auto_on_cpu_never_picks_triton():

@@ -13,9 +13,9 @@ from op_harness import TOL, check_against_reference, make_inputs
 
 from fusedrnn.backends import Call, registry, select
 
-VARIANTS = [("lstm", {}), ("gru", {"bias": True}), ("gru", {"bias": False}),
+VARIANTS = [("lstm", {}), ("lstm", {"P": 12}), ("gru", {"bias": True}), ("gru", {"bias": False}),
             ("rnn", {"relu": False}), ("rnn", {"relu": True})]
-VARIANT_IDS = ["lstm", "gru", "gru-nobias", "rnn-tanh", "rnn-relu"]
+VARIANT_IDS = ["lstm", "lstm-proj", "gru", "gru-nobias", "rnn-tanh", "rnn-relu"]
 interpreter = pytest.mark.interpreter
 gpu = pytest.mark.gpu
 
@@ -119,7 +119,7 @@ def test_batch1_and_T1(cell, T, B):
 
 
 @interpreter
-@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[1], VARIANTS[3]], ids=["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2], VARIANTS[4]], ids=["lstm", "gru", "rnn"])
 def test_hidden_512(blocks, variant):
     # 4 programs over the hidden units, 4 K chunks (tiles kept large: the interpreter is slow)
     cell, kw = variant
@@ -163,15 +163,14 @@ def test_tf32_precision_path(cell):
     launch = _launch()
     from fusedrnn import reference as R
     args = make_inputs(cell, 4, 3, 24, lengths=True, reverse=True)
-    fwd_args = args[:4] + args[5:] if cell == "lstm" else args
-    got = getattr(launch, f"{cell}_forward")(*fwd_args, precision="tf32")
+    got = getattr(launch, f"{cell}_forward")(*args, precision="tf32")
     want = getattr(R, f"{cell}_forward")(*args)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=TOL["tf32"][0], rtol=TOL["tf32"][1])
     grads = [torch.randn_like(o) for o in got[:3 if cell == "lstm" else 2]]
     if cell == "lstm":
         gx, h0, c0, w, _, L, rev = args
-        got_b = launch.lstm_backward(*grads, h0, c0, w, L, rev, *got[0:1], *got[3:], precision="tf32")
+        got_b = launch.lstm_backward(*grads, h0, c0, w, None, L, rev, *got[0:1], *got[3:], precision="tf32")
         want_b = R.lstm_backward(*grads, h0, c0, w, None, L, rev, want[0], *want[3:])
     elif cell == "gru":
         gx, h0, w, b, L, rev = args
@@ -231,9 +230,6 @@ def test_default_blocks_spread_small_batches():
 
 def test_refusals(monkeypatch):
     be = registry()["triton"]
-    call = Call(cell="lstm", device=torch.device("cuda"), dtype=torch.float32, hidden_size=64, proj_size=16)
-    why = be.refuses(call)
-    assert why and "projection" in why
     why = be.refuses(Call(cell="gru", device=torch.device("cuda"), dtype=torch.float64, hidden_size=64))
     assert why and "float64" in why
     # auto never picks triton for CPU tensors
@@ -246,10 +242,11 @@ def test_refusals(monkeypatch):
 
 
 @interpreter
-def test_projection_op_raises_clearly():
-    args = make_inputs("lstm", 3, 2, 8, P=4)
-    with pytest.raises(NotImplementedError, match="projection"):
-        registry()["triton"].op("lstm", "forward")(*args)
+@pytest.mark.parametrize("tiles", [(16, 16, 16), (32, 64, 32)], ids=["grid3x2-proj2x2", "grid1x1-proj1x1"])
+def test_projection_grids(blocks, tiles):
+    # the gate kernels split H=40, the projection kernels split P=24, with partial tiles
+    blocks(*tiles)
+    check_against_reference("triton", "lstm", make_inputs("lstm", 4, 20, 40, P=24, lengths=True, reverse=True))
 
 
 # ----------------------------------------------------------------------------- gpu

@@ -98,17 +98,27 @@ def _identity(kernel):
     return kernel
 
 
-def _setup(gx, h0, w_hh, lengths, gates_per_unit, blocks, precision):
+def _setup(gx, h0, w_hh, lengths, gates_per_unit, blocks, precision, P=None):
     T, B, G = gx.shape
     H = G // gates_per_unit
-    if h0.shape[1] != H or w_hh.shape != (G, H):
-        raise ValueError(f"fusedrnn triton: expected h0 [B,{H}] and w_hh [{G},{H}] (no projection), "
+    Pd = P or H
+    if h0.shape[1] != Pd or w_hh.shape != (G, Pd):
+        raise ValueError(f"fusedrnn triton: expected h0 [B,{Pd}] and w_hh [{G},{Pd}], "
                          f"got {tuple(h0.shape)} and {tuple(w_hh.shape)}")
     blk = blocks or default_blocks(B, H)
     grid = (triton_cdiv(H, blk.BLOCK_H), triton_cdiv(B, blk.BLOCK_B))
     meta = dict(HAS_LEN=lengths is not None, BLOCK_B=blk.BLOCK_B, BLOCK_H=blk.BLOCK_H, BLOCK_K=blk.BLOCK_K,
                 **dot_flags(gx.dtype, gx.device, precision))
     return T, B, H, grid, meta
+
+
+def _proj_grid(P, grid, meta):
+    """Grid of the kernels that split the P projected outputs (same tiles as the hidden split)."""
+    return (triton_cdiv(P, meta["BLOCK_H"]), grid[1])
+
+
+def _no_rounding(meta):
+    return {k: v for k, v in meta.items() if k != "RTNE_BF16"}
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -136,24 +146,31 @@ def _hbuf(h0):
 
 
 # ============================================================================ forward
-def lstm_forward(gx, h0, c0, w_hh, lengths, reverse, *, blocks=None, precision=None, time_loop=None,
+def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, *, blocks=None, precision=None, time_loop=None,
                  wrap=_identity):
-    gx, h0, c0, w_hh = _c(gx), _c(h0), _c(c0), _c(w_hh)
-    T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 4, blocks, precision)
+    gx, h0, c0, w_hh, w_hr = _c(gx), _c(h0), _c(c0), _c(w_hh), _c(w_hr)
+    P = w_hr.shape[0] if w_hr is not None else None
+    T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 4, blocks, precision, P)
+    Pd = P or H
     dev, dt = gx.device, gx.dtype
-    y = new_output(T, B, H, dtype=dt, device=dev)
+    y = new_output(T, B, Pd, dtype=dt, device=dev)
     gates = new_output(T, B, 4 * H, dtype=torch.float32, device=dev)
     cells = new_output(T, B, H, dtype=torch.float32, device=dev)
     c = _f32_state(c0)
     L = _len_arg(lengths, gx)
-    if use_time_loop(T, grid, time_loop):
+    if P is None and use_time_loop(T, grid, time_loop):
         hbuf = _hbuf(h0)
         wrap(K.lstm_forward_seq)[grid](gx, hbuf, c, w_hh, y, gates, cells, L, T, B, H, REVERSE=reverse, **meta)
         return y, hbuf[T % 2].to(dt, copy=True), c.to(dt), gates, cells
-    h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
+    h_a, h_b = _f32_state(h0), torch.empty(B, Pd, dtype=torch.float32, device=dev)
+    hr = torch.empty(B, H, dtype=torch.float32, device=dev) if P else gx  # unprojected h (scratch)
     kernel = wrap(K.lstm_forward_step)
+    project = wrap(K.lstm_project_step)
     for s in range(T):
-        kernel[grid](gx, h_a, h_b, c, w_hh, y, gates, cells, L, s, T, B, H, REVERSE=reverse, **meta)
+        kernel[grid](gx, h_a, h_b, c, w_hh, y, gates, cells, hr, L, s, T, B, H, Pd, HAS_PROJ=P is not None,
+                     REVERSE=reverse, **meta)
+        if P:
+            project[_proj_grid(P, grid, meta)](hr, w_hr, h_a, h_b, y, L, s, T, B, H, P, REVERSE=reverse, **meta)
         h_a, h_b = h_b, h_a
     return y, h_a.to(dt), c.to(dt), gates, cells
 
@@ -233,21 +250,36 @@ def _weight_grad(d, h_prev):
     return d.reshape(-1, d.shape[-1]).t() @ h_prev.reshape(-1, h_prev.shape[-1])
 
 
-def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, lengths, reverse, y, gates, cells,
-                  *, blocks=None, precision=None, time_loop=None,
-                 wrap=_identity):
-    grad_y, h0, c0, w_hh, y, gates, cells = map(_c, (grad_y, h0, c0, w_hh, y, gates, cells))
+def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells,
+                  *, blocks=None, precision=None, time_loop=None, wrap=_identity):
+    grad_y, h0, c0, w_hh, w_hr, y, gates, cells = map(_c, (grad_y, h0, c0, w_hh, w_hr, y, gates, cells))
     T, B, G = gates.shape
     H = G // 4
-    _, _, _, grid, meta = _setup(gates.new_empty(0, B, G, dtype=h0.dtype), h0, w_hh, lengths, 4, blocks, precision)
+    P = w_hr.shape[0] if w_hr is not None else None
+    _, _, _, grid, meta = _setup(gates.new_empty(0, B, G, dtype=h0.dtype), h0, w_hh, lengths, 4, blocks,
+                                 precision, P)
     dt = h0.dtype
     dh, dc = _f32_state(grad_h_n), _f32_state(grad_c_n)
     dpre = new_output(T, B, G, dtype=torch.float32, device=gates.device)
     L = _len_arg(lengths, gates)
-    _backward_launches(K.lstm_backward_step, K.lstm_backward_seq, grid, T, time_loop, wrap, lambda k, s, **f: k(
-        grad_y, dh, dc, dpre, w_hh, gates, cells, c0, L, *_args(s, T), B, H, REVERSE=reverse, **f, **meta))
+    if P is None:
+        _backward_launches(K.lstm_backward_step, K.lstm_backward_seq, grid, T, time_loop, wrap, lambda k, s, **f: k(
+            grad_y, dh, dc, dpre, w_hh, gates, cells, c0, L, *_args(s, T), B, H, REVERSE=reverse, **f, **meta))
+        grad_w_hr = w_hh.new_zeros(0)
+    else:
+        dhs = new_output(T, B, P, dtype=torch.float32, device=gates.device)  # dL/dh_t (projected)
+        m = _no_rounding(meta)
+        k_dh = wrap(K.lstm_proj_dh_step)[_proj_grid(P, grid, meta)]
+        k_cell = wrap(K.lstm_proj_cell_backward_step)[grid]
+        for s in range(T - 1, -2, -1):
+            k_dh(grad_y, dh, dhs, dpre, w_hh, L, s, T, B, H, P, MATMUL=s < T - 1, POINTWISE=s >= 0,
+                 REVERSE=reverse, **m)
+            if s >= 0:
+                k_cell(dhs, w_hr, dc, dpre, gates, cells, c0, L, s, T, B, H, P, REVERSE=reverse, **m)
+        hr = gates[..., 3 * H:] * torch.tanh(cells)  # unprojected h_t, 0 at padded steps
+        grad_w_hr = _weight_grad(dhs, hr).to(dt)
     grad_w_hh = _weight_grad(dpre, _h_prev_all(y, h0, lengths, reverse))
-    return dpre.to(dt), dh.to(dt), dc.to(dt), grad_w_hh.to(dt), w_hh.new_zeros(0)
+    return dpre.to(dt), dh.to(dt), dc.to(dt), grad_w_hh.to(dt), grad_w_hr
 
 
 def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn,

@@ -86,8 +86,8 @@ def _w_rows(w, row0, rh, mh, rk, mk, K):
 
 # ============================================================================ forward
 @triton.jit
-def _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H,
-                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+def _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengths, s, T, B, H, P,
+                      HAS_PROJ: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     pid_h = tl.program_id(0)
@@ -102,14 +102,14 @@ def _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_o = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    for k0 in range(0, P, BLOCK_K):  # h_{t-1} is [B, P] (P == H without projection)
         rk = k0 + tl.arange(0, BLOCK_K)
-        mk = rk < H
-        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-        acc_i = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, H), acc_i, PREC)
-        acc_f = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, H), acc_f, PREC)
-        acc_g = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, H), acc_g, PREC)
-        acc_o = _dot(hk, _w_rows(w, 3 * H, rh, mh, rk, mk, H), acc_o, PREC)
+        mk = rk < P
+        hk = tl.load(h_in + rb[:, None] * P + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        acc_i = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, P), acc_i, PREC)
+        acc_f = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, P), acc_f, PREC)
+        acc_g = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, P), acc_g, PREC)
+        acc_o = _dot(hk, _w_rows(w, 3 * H, rh, mh, rk, mk, P), acc_o, PREC)
 
     m2 = mb[:, None] & mh[None, :]
     act = active[:, None] & mh[None, :]
@@ -124,10 +124,13 @@ def _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T
     c_prev = tl.load(c + st, mask=m2, other=0.0)
     i, f, g, o, c_new, h_new = cells.lstm_forward_unit(ai, af, ag, ao, c_prev)
 
-    h_prev = tl.load(h_in + st, mask=m2, other=0.0)
-    tl.store(h_out + st, tl.where(act, h_new, h_prev), mask=m2)
+    if HAS_PROJ:  # unprojected h for lstm_project_step, which writes h_t and y
+        tl.store(hr_buf + st, h_new, mask=m2)
+    else:
+        h_prev = tl.load(h_in + st, mask=m2, other=0.0)
+        tl.store(h_out + st, tl.where(act, h_new, h_prev), mask=m2)
+        tl.store(y + row_h, _cast_out(tl.where(act, h_new, 0.0), y.dtype.element_ty, RTNE_BF16), mask=m2)
     tl.store(c + st, tl.where(act, c_new, c_prev), mask=m2)
-    tl.store(y + row_h, _cast_out(tl.where(act, h_new, 0.0), y.dtype.element_ty, RTNE_BF16), mask=m2)
     tl.store(gates + row_g, tl.where(act, i, 0.0), mask=m2)
     tl.store(gates + row_g + H, tl.where(act, f, 0.0), mask=m2)
     tl.store(gates + row_g + 2 * H, tl.where(act, g, 0.0), mask=m2)
@@ -370,11 +373,12 @@ def _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
 # barrier. Any hidden size, any number of programs.
 
 @triton.jit
-def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H,
-                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengths, s, T, B, H, P,
+                      HAS_PROJ: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengths, s, T, B, H, P, HAS_PROJ,
+                       HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
 
 @triton.jit
 def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
@@ -429,7 +433,8 @@ def lstm_forward_seq(gx, hbuf, c, w, y, gates, cells_out, lengths, T, B, H,
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
-        _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, lengths, s, T, B, H, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, gx, lengths, s, T, B, H, H, False,
+                           HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
 
 @triton.jit
@@ -490,3 +495,109 @@ def rnn_backward_seq(grad_y, dh, dpre, w, y, lengths, T, B, H,
         _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, T - 2 - i, T, B, H, RELU, True, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
     _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, -1, T, B, H, RELU, True, False, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
+
+# ============================================================================ LSTM projection
+# proj_size P > 0: h_t = W_hr (o * tanh(c_t)) is a second matmul across all H units, so a
+# step takes two launches: lstm_forward_step (HAS_PROJ: gates, c and the unprojected hr over
+# hidden-unit tiles) then lstm_project_step (h_t over tiles of the P outputs). Backward:
+# lstm_proj_dh_step (over P tiles: dh += dpre_{s+1} @ W_hh, dh_t = dh + grad_y) then
+# lstm_proj_cell_backward_step (over H tiles: dhr = dh_t @ W_hr, cell derivative).
+# Always per-step launches (no time-loop variant).
+@triton.jit
+def lstm_project_step(hr_buf, w_hr, h_in, h_out, y, lengths, s, T, B, H, P,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rp = pid_p * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mp = rp < P
+    active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
+    acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < H
+        hk = tl.load(hr_buf + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        acc = _dot(hk, _w_rows(w_hr, 0, rp, mp, rk, mk, H), acc, PREC)
+    m2 = mb[:, None] & mp[None, :]
+    act = active[:, None] & mp[None, :]
+    st = rb[:, None] * P + rp[None, :]
+    h_prev = tl.load(h_in + st, mask=m2, other=0.0)
+    tl.store(h_out + st, tl.where(act, acc, h_prev), mask=m2)
+    row_p = t[:, None] * B * P + rb[:, None] * P + rp[None, :]
+    tl.store(y + row_p, _cast_out(tl.where(act, acc, 0.0), y.dtype.element_ty, RTNE_BF16), mask=m2)
+
+
+@triton.jit
+def lstm_proj_dh_step(grad_y, dh, dhs, dpre, w_hh, lengths, s, T, B, H, P,
+                      MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Over P tiles. dh: [B, P] state; dhs[t]: dL/dh_t (projected; 0 at padded steps)."""
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rp = pid_p * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mp = rp < P
+    m2 = mb[:, None] & mp[None, :]
+    st = rb[:, None] * P + rp[None, :]
+    if MATMUL:  # W_hh is [4H, P]: its "H" (row stride, dh stride) is P here
+        dh_cur = _dh_from_next(dh, dpre, w_hh, lengths, s, T, B, P, 4 * H, rb, mb, rp, mp, HAS_LEN, REVERSE,
+                               BLOCK_B, BLOCK_H, BLOCK_K, PREC)
+    else:
+        dh_cur = tl.load(dh + st, mask=m2, other=0.0)
+    if POINTWISE:
+        active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
+        act = active[:, None] & mp[None, :]
+        row_p = t[:, None] * B * P + rb[:, None] * P + rp[None, :]
+        dh_t = dh_cur + tl.load(grad_y + row_p, mask=act, other=0.0).to(tl.float32)
+        tl.store(dhs + row_p, tl.where(act, dh_t, 0.0), mask=m2)
+        dh_cur = tl.where(act, 0.0, dh_cur)
+    tl.store(dh + st, dh_cur, mask=m2)
+
+
+@triton.jit
+def lstm_proj_cell_backward_step(dhs, w_hr, dc, dpre, gates, cells_in, c0, lengths, s, T, B, H, P,
+                                 HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                                 BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 PREC: tl.constexpr):
+    """Over H tiles: dhr = dhs[t] @ W_hr[:, own units] (W_hr is [P, H]), then the cell derivative."""
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    m2 = mb[:, None] & mh[None, :]
+    st = rb[:, None] * H + rh[None, :]
+    active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
+    act = active[:, None] & mh[None, :]
+    acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < P
+        dk = tl.load(dhs + t[:, None] * B * P + rb[:, None] * P + rk[None, :],
+                     mask=active[:, None] & mk[None, :], other=0.0)
+        wt = tl.load(w_hr + rk[:, None].to(tl.int64) * H + rh[None, :], mask=mk[:, None] & mh[None, :], other=0.0)
+        acc = _dot(dk, wt, acc, PREC)
+    G = 4 * H
+    row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
+    row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+    i = tl.load(gates + row_g, mask=act, other=0.0)
+    f = tl.load(gates + row_g + H, mask=act, other=0.0)
+    g = tl.load(gates + row_g + 2 * H, mask=act, other=0.0)
+    o = tl.load(gates + row_g + 3 * H, mask=act, other=0.0)
+    c = tl.load(cells_in + row_h, mask=act, other=0.0)
+    c_prev = _prev_state(c0, cells_in, t, active, s, B, H, rb, rh, m2, REVERSE)
+    dc_in = tl.load(dc + st, mask=m2, other=0.0)
+    dai, daf, dag, dao, dc_prev = cells.lstm_backward_unit(i, f, g, o, c, c_prev, acc, dc_in)
+    tl.store(dpre + row_g, tl.where(act, dai, 0.0), mask=m2)
+    tl.store(dpre + row_g + H, tl.where(act, daf, 0.0), mask=m2)
+    tl.store(dpre + row_g + 2 * H, tl.where(act, dag, 0.0), mask=m2)
+    tl.store(dpre + row_g + 3 * H, tl.where(act, dao, 0.0), mask=m2)
+    tl.store(dc + st, tl.where(act, dc_prev, dc_in), mask=m2)

@@ -8,7 +8,7 @@ the ones shared by every backend (fusedrnn/ops.py).
 Usable on CUDA tensors when triton imports. On CPU tensors only under the Triton
 interpreter (TRITON_INTERPRET=1, set before triton is first imported): that is how
 CI runs every kernel. Never chosen by "auto" on CPU (AUTO_ORDER has no triton there).
-Not supported: LSTM projection (proj_size > 0) and float64 -- refused with the reason.
+Not supported: float64 (refused with the reason). LSTM projection runs as two launches per step.
 """
 from __future__ import annotations
 
@@ -19,10 +19,6 @@ import torch
 from .. import ops
 from ..schema import SCHEMAS
 from . import Backend, Call, register
-
-_PROJ_REFUSAL = ("LSTM projection (proj_size > 0) is not implemented by the Triton kernels; "
-                 "use the 'cuda', 'cpu' or 'reference' backend (auto falls back to them)")
-
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,15 +34,11 @@ def _define_ops() -> None:
 
     @op("lstm_forward")
     def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse):
-        if w_hr is not None:
-            raise NotImplementedError("fusedrnn triton: " + _PROJ_REFUSAL)
-        return L.lstm_forward(gx, h0, c0, w_hh, lengths, reverse, wrap=wrap_triton)
+        return L.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, wrap=wrap_triton)
 
     @op("lstm_backward")
     def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
-        if w_hr is not None:
-            raise NotImplementedError("fusedrnn triton: " + _PROJ_REFUSAL)
-        return L.lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, lengths, reverse, y, gates, cells,
+        return L.lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells,
                                wrap=wrap_triton)
 
     @op("gru_forward")
@@ -82,8 +74,6 @@ def _load():
 def _limits(call: Call):
     if call.device.type == "cpu" and not interpreting():
         return "runs CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1)"
-    if call.cell == "lstm" and call.proj_size:
-        return _PROJ_REFUSAL
     return None
 
 
