@@ -1,0 +1,142 @@
+"""CPU benchmark: fusedrnn modules with backend="cpu" (csrc/cpu kernels) against torch.nn on the CPU.
+
+    python bench/cpu_ops.py [--cells lstm,gru,rnn] [--batch 1,8,32,64] [--hidden 256,512,1024]
+                            [--seq 32] [--reps 7] [--dtype float32]
+
+Same weights and inputs for both; the two implementations alternate call by call
+(interleaved, so machine noise hits both alike) and each case reports the median.
+"inference" is a forward under torch.no_grad(); "training" is forward + backward of
+y.sum() (gradients of the input and all weights). Speedup = torch.nn time / fusedrnn time.
+Standalone script (the general bench CLI is `python -m bench`).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fusedrnn  # noqa: E402
+from fusedrnn.backends import registry  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_pair(cell: str, H: int, dtype):
+    cls_t = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
+    cls_f = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "rnn": fusedrnn.RNN}[cell]
+    ref = cls_t(H, H).to(dtype)
+    mine = cls_f(H, H, backend="cpu").to(dtype)
+    mine.load_state_dict(ref.state_dict())
+    return ref, mine
+
+
+def run_once(model, x, train: bool) -> float:
+    if train:
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        y, _ = model(x)
+        y.sum().backward()
+        return time.perf_counter() - t0
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(x)
+        return time.perf_counter() - t0
+
+
+def bench_case(cell, B, H, T, reps, dtype, train):
+    torch.manual_seed(0)
+    ref, mine = make_pair(cell, H, dtype)
+    x = torch.randn(T, B, H, dtype=dtype, requires_grad=train)
+    # correctness guard: the benchmark must compare equal computations
+    with torch.no_grad():
+        a, b = ref(x)[0], mine(x)[0]
+    tol = 1e-3 if dtype == torch.float32 else 1e-8
+    assert torch.allclose(a, b, atol=tol, rtol=tol), f"{cell} B={B} H={H}: outputs differ"
+    assert mine.last_backend == "cpu", mine.last_backend_reason
+    for _ in range(2):  # warm-up (oneDNN primitive caches, allocator, thread pool)
+        run_once(ref, x, train)
+        run_once(mine, x, train)
+    t_ref, t_mine = [], []
+    for i in range(reps):
+        # alternate which goes first, so neither always sees a warm cache from the other
+        if i % 2 == 0:
+            t_ref.append(run_once(ref, x, train))
+            t_mine.append(run_once(mine, x, train))
+        else:
+            t_mine.append(run_once(mine, x, train))
+            t_ref.append(run_once(ref, x, train))
+    return statistics.median(t_ref), statistics.median(t_mine)
+
+
+def geomean(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", default="lstm,gru,rnn")
+    p.add_argument("--batch", default="1,8,32,64")
+    p.add_argument("--hidden", default="256,512,1024")
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--modes", default="inference,training")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    be = registry()["cpu"]
+    if be.unavailable():
+        sys.exit(f"cpu backend unavailable: {be.unavailable()} (build it: "
+                 "FUSEDRNN_EXTENSIONS=_C python setup.py build_ext --inplace)")
+    from fusedrnn import _C
+    print(f"device: {cpu_model()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
+          f"torch {torch.__version__}, mkldnn {'on' if torch.backends.mkldnn.is_available() else 'off'}, "
+          f"fusedrnn elementwise path {_C.simd_path()}")
+    print(f"seq_len {a.seq}, input_size = hidden, {a.dtype}, median of {a.reps} interleaved runs; "
+          f"speedup = torch.nn / fusedrnn(backend='cpu')")
+    print(f"{'cell':5} {'mode':10} {'batch':>5} {'hidden':>6} {'torch.nn ms':>12} {'fusedrnn ms':>12} {'speedup':>8}")
+    results = {}
+    for mode in a.modes.split(","):
+        for cell in a.cells.split(","):
+            for H in map(int, a.hidden.split(",")):
+                for B in map(int, a.batch.split(",")):
+                    t_ref, t_mine = bench_case(cell, B, H, a.seq, a.reps, dtype, mode == "training")
+                    s = t_ref / t_mine
+                    results[(mode, cell, B, H)] = s
+                    print(f"{cell:5} {mode:10} {B:5d} {H:6d} {t_ref * 1e3:12.3f} {t_mine * 1e3:12.3f} {s:7.2f}x",
+                          flush=True)
+    print()
+    for mode in a.modes.split(","):
+        for cell in a.cells.split(","):
+            xs = [v for k, v in results.items() if k[0] == mode and k[1] == cell]
+            print(f"geomean speedup {cell:5} {mode:10}: {geomean(xs):.2f}x  (min {min(xs):.2f}x)")
+        xs = [v for k, v in results.items() if k[0] == mode]
+        print(f"geomean speedup all   {mode:10}: {geomean(xs):.2f}x  (min {min(xs):.2f}x)")
+    small = [v for k, v in results.items() if k[0] == "inference" and k[2] <= 8]
+    if small:
+        print(f"inference, batch <= 8: geomean {geomean(small):.2f}x, min {min(small):.2f}x")
+    slower = [k for k, v in results.items() if v < 1.0]
+    print("cases slower than torch.nn: " + (", ".join(f"{m} {c} B={b} H={h}" for m, c, b, h in slower) or "none"))
+
+
+if __name__ == "__main__":
+    main()
