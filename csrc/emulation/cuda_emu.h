@@ -68,6 +68,12 @@ void get_schedule(int* mode, unsigned* seed);
 
 // Synchronization points (each may switch to another fiber).
 void syncthreads();
+void syncthreads_at(const char* file, int line);
+// Mutation testing of barriers: make the __syncthreads at `site` ("path:line" as listed by
+// barrier_sites(); "" for none) a no-op. barrier_sites(): every site executed so far.
+void set_drop_barrier(const char* site);
+int barrier_site_count();
+const char* barrier_site(int i);
 void syncwarp(unsigned mask);
 void grid_sync();
 // Warp collective: every lane in `mask` deposits `v`; returns, for the calling lane, a
@@ -122,7 +128,9 @@ typedef void* cudaStream_t;
 #define FRNN_CHECK_LAUNCH() ((void)0)
 
 // ----------------------------------------------------------------------------- barriers
-inline void __syncthreads() { emu::syncthreads(); }
+// Each __syncthreads call site is recorded (file:line); one site can be switched off at
+// run time (emu::set_drop_barrier) to check that the tests notice its absence.
+#define __syncthreads() ::emu::syncthreads_at(__FILE__, __LINE__)
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::syncwarp(mask); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}

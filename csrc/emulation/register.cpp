@@ -93,6 +93,13 @@ void divergent_barrier() {
   emu_selftest::divergent_barrier(out.data_ptr<float>());
 }
 
+void set_drop_barrier(const std::string& site) { emu_selftest::set_drop_barrier(site.c_str()); }
+std::vector<std::string> barrier_sites() {
+  std::vector<std::string> v;
+  for (int i = 0; i < emu_selftest::barrier_site_count(); ++i) v.push_back(emu_selftest::barrier_site(i));
+  return v;
+}
+
 std::tuple<int64_t, int64_t> get_schedule() {
   int mode;
   unsigned seed;
@@ -106,6 +113,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_schedule", &emu_selftest::set_schedule, "mode: 0 alternate, 1 reversed, 2 forward, 3 random; seed",
         pybind11::arg("mode"), pybind11::arg("seed") = 12345u);
   m.def("get_schedule", &get_schedule);
+  m.def("set_drop_barrier", &set_drop_barrier, "make the __syncthreads at 'file:line' a no-op ('' restores all)");
+  m.def("barrier_sites", &barrier_sites, "every __syncthreads call site executed so far ('file:line')");
   m.def("selftest_neighbor", &neighbor);
   m.def("selftest_warp", &warp);
   m.def("selftest_atomics", &atomics);

@@ -223,6 +223,29 @@ void syncthreads() {
   switch_to_scheduler();
 }
 
+namespace {
+std::vector<std::string>& sites() {
+  static std::vector<std::string> v;
+  return v;
+}
+std::string& dropped() {
+  static std::string d;
+  return d;
+}
+}  // namespace
+
+void syncthreads_at(const char* file, int line) {
+  std::string site = std::string(file) + ":" + std::to_string(line);
+  auto& v = sites();
+  if (std::find(v.begin(), v.end(), site) == v.end()) v.push_back(site);
+  if (!dropped().empty() && site == dropped()) return;  // switched off for a mutation test
+  syncthreads();
+}
+
+void set_drop_barrier(const char* site) { dropped() = site ? site : ""; }
+int barrier_site_count() { return static_cast<int>(sites().size()); }
+const char* barrier_site(int i) { return sites().at(i).c_str(); }
+
 void grid_sync() {
   Group* g = g_group;
   if (!g->cooperative) kernel_error("grid.sync() in a kernel that was not launched cooperatively");

@@ -133,5 +133,8 @@ void convert(const float* in, uint16_t* h, uint16_t* bf, float* hb, float* bb, i
 void divergent_barrier(float* out) { FRNN_LAUNCH(divergent_barrier_kernel, dim3(1), dim3(32), 0, nullptr, out); }
 void set_schedule(int mode, unsigned seed) { emu::set_schedule(mode, seed); }
 void get_schedule(int* mode, unsigned* seed) { emu::get_schedule(mode, seed); }
+void set_drop_barrier(const char* site) { emu::set_drop_barrier(site); }
+int barrier_site_count() { return emu::barrier_site_count(); }
+const char* barrier_site(int i) { return emu::barrier_site(i); }
 
 }  // namespace emu_selftest

@@ -13,4 +13,7 @@ void convert(const float* in, uint16_t* half_bits, uint16_t* bf16_bits, float* h
 void divergent_barrier(float* out);
 void set_schedule(int mode, unsigned seed);
 void get_schedule(int* mode, unsigned* seed);
+void set_drop_barrier(const char* site);
+int barrier_site_count();
+const char* barrier_site(int i);
 }  // namespace emu_selftest
