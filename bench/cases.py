@@ -133,7 +133,7 @@ PRESETS = {
               dtypes=("float32", "bfloat16", "float16"), max_tokens=256 * 1024),),
         "LSTM/GRU/RNN, batch 1/16/64/256, T 256/1024/4096 (at most 262144 tokens), hidden 256-2048, "
         "fp32/bf16/fp16, inference and training",
-        budget_s=1.0, min_runs=10, max_runs=100, warmup=3),
+        budget_s=0.5, min_runs=5, max_runs=50, warmup=2),
 }
 
 
