@@ -112,6 +112,29 @@ def test_time_loop_only_with_one_hidden_tile():
 
 
 @interpreter
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[1], VARIANTS[2], VARIANTS[4]],
+                         ids=["lstm", "lstm-proj", "gru", "rnn"])
+def test_program_order_independence(blocks, monkeypatch, variant):
+    # The interpreter runs a launch's programs one after the other in grid order, so a
+    # program that reads what another program of the same launch writes goes unnoticed
+    # in one of the two directions. Run every grid in reverse order as well: with the
+    # forward-order tests above, any same-launch cross-program dependency changes a result.
+    from triton.runtime import interpreter as interp
+    builder = interp.interpreter_builder
+    calls = []
+
+    def reversed_idx(x, y, z, _orig=builder.set_grid_idx):
+        gx, gy, gz = builder.grid_dim
+        calls.append((x, y, z))
+        _orig(gx - 1 - x, gy - 1 - y, gz - 1 - z)
+    monkeypatch.setattr(builder, "set_grid_idx", reversed_idx)
+    blocks(16, 16, 16)
+    cell, kw = variant
+    check_against_reference("triton", cell, make_inputs(cell, 4, 20, 40, lengths=True, reverse=True, **kw))
+    assert len(calls) > 6, "the reversed grid order was not used"
+
+
+@interpreter
 @pytest.mark.parametrize("T,B", [(1, 1), (1, 4), (6, 1)])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_batch1_and_T1(cell, T, B):
