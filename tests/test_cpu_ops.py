@@ -40,7 +40,7 @@ def _id(v):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("T,B,H", [(7, 3, 13), (1, 1, 13), (6, 1, 24), (5, 4, 40)])
+@pytest.mark.parametrize("T,B,H", [(7, 3, 13), (1, 1, 13), (9, 2, 24)])  # T >= 8: packed weights
 def test_against_reference(variant, dtype, lengths, reverse, T, B, H):
     cell, P, flag = variant
     args = make_inputs(cell, T, B, H, P=P, dtype=dtype, lengths=lengths, reverse=reverse, **_kw(cell, flag))
@@ -53,7 +53,7 @@ def test_large_multithreaded(variant, dtype):
     """Sizes where the kernels split the hidden units over threads (several slices)."""
     cell, P, flag = variant
     P = 96 if P else 0
-    args = make_inputs(cell, 6, 9, 200, P=P, dtype=dtype, lengths=True, reverse=True, **_kw(cell, flag))
+    args = make_inputs(cell, 9, 9, 200, P=P, dtype=dtype, lengths=True, reverse=True, **_kw(cell, flag))
     check_against_reference("cpu", cell, args)
 
 

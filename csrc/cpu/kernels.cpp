@@ -125,6 +125,35 @@ void pack_rows(const T* w, T* out, int ng, int64_t H, int64_t K, const Slices& s
 }
 
 
+// The recurrent weight [ng*H, K] seen per slice: gh[:, ng*j0 + g*nu + u] = h @ W[g*H + j0 + u]^T.
+// Long sequences pack each slice's rows contiguously once (one GEMM per slice per
+// step); short ones (e.g. step-by-step decoding) skip the copy and run one GEMM per gate.
+template <typename T>
+struct GateWeights {
+  static constexpr int64_t kPackMinSteps = 8;
+  const T* w;
+  int ng;
+  int64_t H, K;
+  const Slices& sl;
+  std::vector<T> packed;
+  GateWeights(const T* w_, int ng_, int64_t H_, int64_t K_, const Slices& sl_, int64_t steps)
+      : w(w_), ng(ng_), H(H_), K(K_), sl(sl_) {
+    if (steps >= kPackMinSteps) {
+      packed.resize(ng * H * K);
+      pack_rows(w, packed.data(), ng, H, K, sl);
+    }
+  }
+  void gemm(int k, int64_t B, const T* h, T* gh) const {
+    const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+    if (!packed.empty()) {
+      gemm_nt<T>(B, ng * nu, K, h, K, packed.data() + ng * j0 * K, K, gh + ng * j0, ng * H, T(0));
+    } else {
+      for (int g = 0; g < ng; ++g)
+        gemm_nt<T>(B, nu, K, h, K, w + (g * H + j0) * K, K, gh + ng * j0 + g * nu, ng * H, T(0));
+    }
+  }
+};
+
 }  // namespace
 
 // Seq::len is defined here (the header keeps Seq a plain struct).

@@ -16,8 +16,8 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   const bool proj = w_hr != nullptr;
   const Slices sl = make_slices(H, B * 4 * P);
   const Slices slp = make_slices(P, B * H);
-  std::vector<T> wp(G * P), gh(B * G), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
-  pack_rows(w_hh, wp.data(), 4, H, P, sl);
+  const GateWeights<T> w(w_hh, 4, H, P, sl, TT);
+  std::vector<T> gh(B * G), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
   std::copy(h0, h0 + B * P, ha.data());
   std::copy(c0, c0 + B * H, c.data());
   T* hcur = ha.data();
@@ -25,7 +25,7 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   for (int64_t s = 0; s < TT; ++s) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      gemm_nt<T>(B, 4 * nu, P, hcur, P, wp.data() + 4 * j0 * P, P, gh.data() + 4 * j0, G, T(0));
+      w.gemm(k, B, hcur, gh.data());
       for (int64_t b = 0; b < B; ++b) {
         const int64_t L = sq.len(b);
         if (s < L) {
@@ -84,8 +84,8 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
                  T* y, T* h_n, T* gates, T* hn) {
   const int64_t B = sq.B, TT = sq.T, G = 3 * H;
   const Slices sl = make_slices(H, B * 3 * H);
-  std::vector<T> wp(G * H), bp(G, T(0)), gh(B * G), ha(B * H), hb(B * H);
-  pack_rows(w_hh, wp.data(), 3, H, H, sl);
+  const GateWeights<T> w(w_hh, 3, H, H, sl, TT);
+  std::vector<T> bp(G, T(0)), gh(B * G), ha(B * H), hb(B * H);
   if (b_hh) pack_rows(b_hh, bp.data(), 3, H, 1, sl);
   std::copy(h0, h0 + B * H, ha.data());
   T* hcur = ha.data();
@@ -93,7 +93,7 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
   for (int64_t s = 0; s < TT; ++s) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      gemm_nt<T>(B, 3 * nu, H, hcur, H, wp.data() + 3 * j0 * H, H, gh.data() + 3 * j0, G, T(0));
+      w.gemm(k, B, hcur, gh.data());
       const T* bb = bp.data() + 3 * j0;
       for (int64_t b = 0; b < B; ++b) {
         const int64_t L = sq.len(b);
