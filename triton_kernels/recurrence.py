@@ -231,7 +231,8 @@ def _dh_from_next(dh, d, w, lengths, s, T, B, H, G, rb, mb, rh, mh,
         mk = rk < G
         dk = tl.load(d + t1[:, None] * B * G + rb[:, None] * G + rk[None, :],
                      mask=active1[:, None] & mk[None, :], other=0.0)
-        wt = tl.load(w + rk[:, None].to(tl.int64) * H + rh[None, :], mask=mk[:, None] & mh[None, :], other=0.0)
+        wt = tl.load(w + rk[:, None].to(tl.int64) * H + rh[None, :], mask=mk[:, None] & mh[None, :],
+                     other=0.0)
         acc = _dot(dk, wt, acc, PREC)
     st = rb[:, None] * H + rh[None, :]
     return tl.load(dh + st, mask=mb[:, None] & mh[None, :], other=0.0) + acc
@@ -372,6 +373,7 @@ def _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
 # Per-step kernels: one launch = one time step; the launch boundary is the grid-wide
 # barrier. Any hidden size, any number of programs.
 
+
 @triton.jit
 def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengths, s, T, B, H, P,
                       HAS_PROJ: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
@@ -380,19 +382,24 @@ def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, length
     _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengths, s, T, B, H, P, HAS_PROJ,
                        HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
 
+
 @triton.jit
 def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
                      HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN,
+                      REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
 
 @triton.jit
 def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
                      RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _rnn_forward_body(gx, h_in, h_out, w, y, lengths, s, T, B, H, RELU, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _rnn_forward_body(gx, h_in, h_out, w, y, lengths, s, T, B, H, RELU, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H,
+                      BLOCK_K, PREC, RTNE_BF16)
+
 
 @triton.jit
 def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H,
@@ -400,7 +407,9 @@ def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s,
                        HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                        PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H, MATMUL, POINTWISE, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H, MATMUL, POINTWISE,
+                        HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
 
 @triton.jit
 def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H,
@@ -408,7 +417,9 @@ def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, 
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H, MATMUL, POINTWISE, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H, MATMUL, POINTWISE,
+                       HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
 
 @triton.jit
 def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
@@ -416,7 +427,8 @@ def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, s, T, B, H, RELU, MATMUL, POINTWISE, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, s, T, B, H, RELU, MATMUL, POINTWISE, HAS_LEN,
+                       REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
 
 
 # Time-loop kernels: the whole sequence in one launch. Allowed only when one program
@@ -424,6 +436,7 @@ def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
 # program ever reads what it writes, and a step's cross-thread dependencies inside the
 # program are ordered by tl.debug_barrier() (__syncthreads; a no-op in the interpreter,
 # which runs a program's ops in order). Batch tiles are independent sequences.
+
 
 @triton.jit
 def lstm_forward_seq(gx, hbuf, c, w, y, gates, cells_out, lengths, T, B, H,
@@ -437,6 +450,7 @@ def lstm_forward_seq(gx, hbuf, c, w, y, gates, cells_out, lengths, T, B, H,
                            HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
 
+
 @triton.jit
 def gru_forward_seq(gx, hbuf, w, b_hh, y, gates, hn_out, lengths, T, B, H,
                      HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
@@ -445,8 +459,10 @@ def gru_forward_seq(gx, hbuf, w, b_hh, y, gates, hn_out, lengths, T, B, H,
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
-        _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN,
+                          REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
+
 
 @triton.jit
 def rnn_forward_seq(gx, hbuf, w, y, lengths, T, B, H,
@@ -456,32 +472,42 @@ def rnn_forward_seq(gx, hbuf, w, y, lengths, T, B, H,
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
-        _rnn_forward_body(gx, h_in, h_out, w, y, lengths, s, T, B, H, RELU, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _rnn_forward_body(gx, h_in, h_out, w, y, lengths, s, T, B, H, RELU, HAS_LEN, REVERSE, BLOCK_B,
+                          BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
+
 
 @triton.jit
 def lstm_backward_seq(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T, B, H,
                        HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                        PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 1, T, B, H, False, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 1, T, B, H, False, True,
+                        HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
     tl.debug_barrier()
     for i in range(0, T - 1):
-        _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 2 - i, T, B, H, True, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 2 - i, T, B, H, True,
+                            True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
-    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, -1, T, B, H, True, False, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, -1, T, B, H, True, False,
+                        HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
 
 @triton.jit
 def gru_backward_seq(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T, B, H,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 1, T, B, H, False, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 1, T, B, H, False, True,
+                       HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
     tl.debug_barrier()
     for i in range(0, T - 1):
-        _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 2 - i, T, B, H, True, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 2 - i, T, B, H, True,
+                           True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
-    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, -1, T, B, H, True, False, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, -1, T, B, H, True, False, HAS_LEN,
+                       REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+
 
 @triton.jit
 def rnn_backward_seq(grad_y, dh, dpre, w, y, lengths, T, B, H,
@@ -489,12 +515,15 @@ def rnn_backward_seq(grad_y, dh, dpre, w, y, lengths, T, B, H,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, T - 1, T, B, H, RELU, False, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, T - 1, T, B, H, RELU, False, True, HAS_LEN, REVERSE,
+                       BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
     tl.debug_barrier()
     for i in range(0, T - 1):
-        _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, T - 2 - i, T, B, H, RELU, True, True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, T - 2 - i, T, B, H, RELU, True, True, HAS_LEN,
+                           REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
-    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, -1, T, B, H, RELU, True, False, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, -1, T, B, H, RELU, True, False, HAS_LEN, REVERSE,
+                       BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
 
 
 # ============================================================================ LSTM projection
@@ -583,7 +612,8 @@ def lstm_proj_cell_backward_step(dhs, w_hr, dc, dpre, gates, cells_in, c0, lengt
         mk = rk < P
         dk = tl.load(dhs + t[:, None] * B * P + rb[:, None] * P + rk[None, :],
                      mask=active[:, None] & mk[None, :], other=0.0)
-        wt = tl.load(w_hr + rk[:, None].to(tl.int64) * H + rh[None, :], mask=mk[:, None] & mh[None, :], other=0.0)
+        wt = tl.load(w_hr + rk[:, None].to(tl.int64) * H + rh[None, :], mask=mk[:, None] & mh[None, :],
+                     other=0.0)
         acc = _dot(dk, wt, acc, PREC)
     G = 4 * H
     row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
