@@ -68,8 +68,11 @@ def parse_args(argv=None):
     m.add_argument("--min-runs", type=int, default=None)
     m.add_argument("--max-runs", type=int, default=None)
     m.add_argument("--warmup", type=int, default=None, help="warm-up calls per implementation and case")
-    m.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
+    m.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (made on the first warm-up call)")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the run (default: torch's, recorded in the output); "
+                        "on a CPU shared with other work, 1 avoids threads waiting on descheduled peers")
     p.add_argument("--out", default="bench_results", help="results folder (default: bench_results/)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
@@ -82,6 +85,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.monotonic()
     preset = PRESETS[args.preset]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
