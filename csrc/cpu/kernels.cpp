@@ -10,7 +10,9 @@
 // Vector variants of the transcendental functions (glibc's libmvec) so that the
 // `omp simd` pointwise loops below vectorize through the cells' exp_/tanh_.
 // glibc only declares them under -ffast-math; declaring them here keeps IEEE
-// semantics everywhere else.
+// semantics everywhere else. (x86-64 glibc only: elsewhere the loops stay scalar.)
+#if defined(__x86_64__) && defined(__GLIBC__)
+#define FRNN_X86_SIMD 1
 #pragma omp declare simd notinbranch
 extern "C" float expf(float);
 #pragma omp declare simd notinbranch
@@ -19,6 +21,7 @@ extern "C" float tanhf(float);
 extern "C" double exp(double);
 #pragma omp declare simd notinbranch
 extern "C" double tanh(double);
+#endif
 
 #include <ATen/Parallel.h>
 
@@ -169,6 +172,7 @@ struct SeqV : Seq {
 };
 }  // namespace
 
+#if FRNN_X86_SIMD
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -176,6 +180,7 @@ using Seq = SeqV;
 #include "cpu/kernels_impl.h"
 }  // namespace avx2
 #pragma GCC pop_options
+#endif
 
 namespace base {
 using Seq = SeqV;
@@ -183,16 +188,20 @@ using Seq = SeqV;
 }  // namespace base
 
 namespace {
+#if FRNN_X86_SIMD
 bool use_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
 }
+#define FRNN_DISPATCH(fn, ...) \
+  (use_avx2() ? avx2::fn<T>(__VA_ARGS__) : base::fn<T>(__VA_ARGS__))
+#else
+bool use_avx2() { return false; }
+#define FRNN_DISPATCH(fn, ...) base::fn<T>(__VA_ARGS__)
+#endif
 }  // namespace
 
 const char* simd_path() { return use_avx2() ? "avx2" : "baseline"; }
-
-#define FRNN_DISPATCH(fn, ...) \
-  (use_avx2() ? avx2::fn<T>(__VA_ARGS__) : base::fn<T>(__VA_ARGS__))
 
 template <typename T>
 void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T* w_hr,
