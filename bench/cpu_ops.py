@@ -111,6 +111,8 @@ def main(argv=None):
     print(f"device: {cpu_model()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
           f"torch {torch.__version__}, mkldnn {'on' if torch.backends.mkldnn.is_available() else 'off'}, "
           f"fusedrnn elementwise path {_C.simd_path()}")
+    print("load average at start: %.2f %.2f %.2f (timings are only meaningful on an otherwise idle machine)"
+          % os.getloadavg())
     print(f"seq_len {a.seq}, input_size = hidden, {a.dtype}, median of {a.reps} interleaved runs; "
           f"speedup = torch.nn / fusedrnn(backend='cpu')")
     print(f"{'cell':5} {'mode':10} {'batch':>5} {'hidden':>6} {'torch.nn ms':>12} {'fusedrnn ms':>12} {'speedup':>8}")
@@ -134,6 +136,7 @@ def main(argv=None):
     small = [v for k, v in results.items() if k[0] == "inference" and k[2] <= 8]
     if small:
         print(f"inference, batch <= 8: geomean {geomean(small):.2f}x, min {min(small):.2f}x")
+    print("load average at end: %.2f %.2f %.2f" % os.getloadavg())
     slower = [k for k, v in results.items() if v < 1.0]
     print("cases slower than torch.nn: " + (", ".join(f"{m} {c} B={b} H={h}" for m, c, b, h in slower) or "none"))
 
