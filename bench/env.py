@@ -40,7 +40,7 @@ def device_info(device: torch.device) -> dict:
 def describe_device(info: dict) -> str:
     if info["type"] == "cuda":
         return f"CUDA: {info['name']} (sm_{info['capability'].replace('.', '')}, {info['memory_gb']} GB)"
-    return f"CPU: {info['name']} ({info['cpu_count']} logical cores, {info['torch_threads']} torch threads)"
+    return f"CPU: {info['name']} ({info['cpu_count']} logical cores, {info['torch_threads']} torch thread{'s' if info['torch_threads'] != 1 else ''})"
 
 
 def _version(mod: str):

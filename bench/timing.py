@@ -120,11 +120,21 @@ def time_interleaved(calls: dict, device: torch.device, *, budget_s: float, min_
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, *, n: Optional[int] = None, runs: int = 10) -> dict:
     """GFLOP/s of one square n x n matmul in `dtype` on `device` (median of `runs` after warm-up)."""
-    if n is None:
-        n = 8192 if device.type == "cuda" else 1024
+    clock = _Clock(device)
+    if n is None and device.type == "cuda":
+        n = 8192
+    elif n is None and dtype in (torch.float32, torch.float64):
+        n = 1024
+    elif n is None:
+        # bf16/fp16 on a CPU without native support can be ~100x slower than fp32: size n
+        # so that one product takes roughly 30 ms.
+        a = torch.randn(256, 256).to(dtype)
+        clock(lambda: torch.mm(a, a))
+        t = min(clock(lambda: torch.mm(a, a)) for _ in range(3)) / 1e3
+        n = int(256 * (0.03 / max(t, 1e-6)) ** (1 / 3)) // 128 * 128
+        n = max(256, min(1024, n))
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    clock = _Clock(device)
     for _ in range(3):
         clock(lambda: torch.mm(a, b))
     ms = [clock(lambda: torch.mm(a, b)) for _ in range(runs)]
