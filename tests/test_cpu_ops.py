@@ -53,7 +53,7 @@ def test_large_multithreaded(variant, dtype):
     """Sizes where the kernels split the hidden units over threads (several slices)."""
     cell, P, flag = variant
     P = 96 if P else 0
-    args = make_inputs(cell, 9, 9, 200, P=P, dtype=dtype, lengths=True, reverse=True, **_kw(cell, flag))
+    args = make_inputs(cell, 9, 12, 256, P=P, dtype=dtype, lengths=True, reverse=True, **_kw(cell, flag))
     check_against_reference("cpu", cell, args)
 
 

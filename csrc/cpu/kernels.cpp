@@ -4,6 +4,7 @@
 #include <math.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <vector>
 
@@ -87,14 +88,25 @@ struct Slices {
   int64_t hi(int k) const { return bound[k + 1]; }
 };
 
-// Below this many multiply-adds per step per thread, a parallel region costs more than it saves.
-constexpr int64_t kMinWorkPerThread = 1 << 15;
+// Below this many multiply-adds per step per thread, a parallel region (one per step,
+// a barrier at its end) costs more than it saves. It is set high on purpose: on a
+// loaded machine every barrier can wait a whole scheduler time slice for a
+// preempted thread, so only steps with plenty of work per thread are split.
+// FUSEDRNN_CPU_MIN_WORK overrides it (read once).
+int64_t min_work_per_thread() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("FUSEDRNN_CPU_MIN_WORK");
+    const long long x = e ? std::atoll(e) : 0;
+    return x > 0 ? (int64_t)x : (int64_t)(1 << 18);
+  }();
+  return v;
+}
 
 Slices make_slices(int64_t units, int64_t work_per_unit) {
   Slices sl;
   int64_t n = at::in_parallel_region() ? 1 : at::get_num_threads();
   n = std::min<int64_t>(n, 64);
-  n = std::min<int64_t>(n, std::max<int64_t>(1, units * work_per_unit / kMinWorkPerThread));
+  n = std::min<int64_t>(n, std::max<int64_t>(1, units * work_per_unit / min_work_per_thread()));
   n = std::min<int64_t>(n, std::max<int64_t>(1, units / 8));  // at least 8 units (one AVX vector) each
   sl.n = (int)n;
   // Split on multiples of 8 units where possible so each slice's vectors stay aligned.
