@@ -10,7 +10,7 @@ from torch import nn
 
 from . import validation as V
 from .backends import Call, select
-from .modules import BackendChoice
+from .modules import BackendChoice, below_autograd_if_no_grad
 
 
 class _FusedCellBase(BackendChoice):
@@ -27,21 +27,22 @@ class _FusedCellBase(BackendChoice):
             hs = [x.new_zeros(x.shape[0], self.hidden_size) for _ in range(2 if lstm else 1)]
         elif not batched:
             hs = [h.unsqueeze(0) for h in hs]
-        V.check_device(self, x)
+        V.check_device(self.weight_ih, x)
         backend, why = select(self.backend, Call(cell=self._cell, device=x.device, dtype=x.dtype,
                                                  hidden_size=self.hidden_size, batch=x.shape[0]))
-        self.last_backend, self.last_backend_reason = backend.name, why
+        self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
-        b_ih, b_hh = (self.bias_ih, self.bias_hh) if self.bias else (None, None)
-        if self._cell == "gru":
-            gx = F.linear(x, self.weight_ih, b_ih).unsqueeze(0)
-            out = [fwd(gx, hs[0], self.weight_hh, b_hh, None, False)[1]]
-        else:
-            gx = F.linear(x, self.weight_ih, None if b_ih is None else b_ih + b_hh).unsqueeze(0)
-            if lstm:
-                out = list(fwd(gx, hs[0], hs[1], self.weight_hh, None, None, False)[1:3])
+        with below_autograd_if_no_grad():
+            b_ih, b_hh = (self.bias_ih, self.bias_hh) if self.bias else (None, None)
+            if self._cell == "gru":
+                gx = F.linear(x, self.weight_ih, b_ih).unsqueeze(0)
+                out = [fwd(gx, hs[0], self.weight_hh, b_hh, None, False)[1]]
             else:
-                out = [fwd(gx, hs[0], self.weight_hh, None, False, self.nonlinearity == "relu")[1]]
+                gx = F.linear(x, self.weight_ih, None if b_ih is None else b_ih + b_hh).unsqueeze(0)
+                if lstm:
+                    out = list(fwd(gx, hs[0], hs[1], self.weight_hh, None, None, False)[1:3])
+                else:
+                    out = [fwd(gx, hs[0], self.weight_hh, None, False, self.nonlinearity == "relu")[1]]
         if not batched:
             out = [o.squeeze(0) for o in out]
         return tuple(out) if lstm else out[0]

@@ -8,6 +8,8 @@ recurrence is one fused op of the chosen backend (DESIGN.md, "Data flow").
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,9 +29,19 @@ class BackendChoice:
         self.last_backend: str | None = None         # which backend ran the last forward
         self.last_backend_reason: str | None = None  # and why it was chosen
 
+    def _record_choice(self, name: str, why: str) -> None:
+        # Plain attributes, set on every forward: skip nn.Module.__setattr__'s parameter checks.
+        self.__dict__["last_backend"], self.__dict__["last_backend_reason"] = name, why
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
+
+
+def below_autograd_if_no_grad():
+    """Under no_grad / inference, dispatch straight to the kernels: skips the autograd
+    wrapper of each custom op (~5 us per call, a third of a small op's time)."""
+    return torch._C._AutoDispatchBelowAutograd() if not torch.is_grad_enabled() else contextlib.nullcontext()
 
 
 class _FusedRNNBase(BackendChoice):
@@ -120,25 +132,47 @@ class _FusedRNNBase(BackendChoice):
         return ["hx[0]", "hx[1]"] if self._cell == "lstm" else ["hx"]
 
     # ------------------------------------------------------------------ the layers
-    def _weights(self, layer: int, direction: int):
-        sfx = f"_l{layer}" + ("_reverse" if direction else "")
-        w_ih = getattr(self, "weight_ih" + sfx)
-        w_hh = getattr(self, "weight_hh" + sfx)
-        b_ih = getattr(self, "bias_ih" + sfx) if self.bias else None
-        b_hh = getattr(self, "bias_hh" + sfx) if self.bias else None
-        w_hr = getattr(self, "weight_hr" + sfx) if self._cell == "lstm" and self.proj_size > 0 else None
-        return w_ih, w_hh, b_ih, b_hh, w_hr
+    def _weight_names(self) -> list[tuple]:
+        """Per (layer, direction): parameter names of (w_ih, w_hh, b_ih, b_hh, w_hr), None if absent.
+
+        Computed once: the names depend only on constructor arguments.
+        """
+        names = self.__dict__.get("_fused_weight_names")
+        if names is None:
+            names = []
+            proj = self._cell == "lstm" and self.proj_size > 0
+            for layer in range(self.num_layers):
+                for d in range(2 if self.bidirectional else 1):
+                    sfx = f"_l{layer}" + ("_reverse" if d else "")
+                    names.append(("weight_ih" + sfx, "weight_hh" + sfx,
+                                  "bias_ih" + sfx if self.bias else None,
+                                  "bias_hh" + sfx if self.bias else None,
+                                  "weight_hr" + sfx if proj else None))
+            self.__dict__["_fused_weight_names"] = names
+        return names
+
+    def _param(self, name):
+        if name is None:
+            return None
+        p = self._parameters.get(name)
+        # Not a plain parameter (e.g. torch.nn.utils.parametrize): the module attribute.
+        return p if p is not None else getattr(self, name)
 
     def forward(self, input, hx=None):
-        if hasattr(self, "_update_flat_weights"):
-            self._update_flat_weights()
+        # torch.nn's forward first re-syncs _flat_weights (its cuDNN buffer); this forward
+        # reads the parameters by name, so it has nothing to re-sync.
         x, lengths, hs, finish = self._prepare(input, hx)
-        V.check_device(self, x)
+        names = self._weight_names()
+        V.check_device(self._param(names[0][1]), x)
         backend, why = select(self.backend, Call(
             cell=self._cell, device=x.device, dtype=x.dtype, hidden_size=self.hidden_size,
             proj_size=getattr(self, "proj_size", 0), batch=x.shape[1]))
-        self.last_backend, self.last_backend_reason = backend.name, why
+        self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
+        with below_autograd_if_no_grad():
+            return self._layers(fwd, x, lengths, hs, finish, names)
+
+    def _layers(self, fwd, x, lengths, hs, finish, names):
         D = 2 if self.bidirectional else 1
         finals: list[list[Tensor]] = [[] for _ in hs]
         layer_in = x
@@ -146,7 +180,7 @@ class _FusedRNNBase(BackendChoice):
             outs = []
             for d in range(D):
                 idx = layer * D + d
-                w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, d)
+                w_ih, w_hh, b_ih, b_hh, w_hr = map(self._param, names[idx])
                 state = [h[idx] for h in hs]
                 if self._cell == "gru":
                     # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).
@@ -167,7 +201,7 @@ class _FusedRNNBase(BackendChoice):
             layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_in = F.dropout(layer_in, self.dropout, training=True)
-        return finish(layer_in, [torch.stack(f, 0) for f in finals])
+        return finish(layer_in, [f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f, 0) for f in finals])
 
 
 class LSTM(_FusedRNNBase, nn.LSTM):

@@ -79,7 +79,7 @@ def flip_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
 
 def previous_states(seq: Tensor, init: Tensor) -> Tensor:
     """[T,B,*]: the state each (forward-ordered) step started from: init, seq[0], ..., seq[T-2]."""
-    return torch.cat([init.unsqueeze(0), seq[:-1]], 0)
+    return torch.cat([init.unsqueeze(0), seq[:-1]], 0)[: seq.shape[0]]  # (T = 0: empty)
 
 
 def _orient(reverse: bool, lengths: Tensor | None, *xs: Tensor):
@@ -100,7 +100,8 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse):
     (gx,) = _orient(reverse, lengths, gx)
     mask = active_mask(lengths, T, B, gx.device)
     h, c = h0, c0
-    ys, gates, cells = [], [], []
+    # Preallocated (not stacked from lists) so that T = 0 works too.
+    ys, gates, cells = gx.new_zeros(T, B, h0.shape[1]), torch.zeros_like(gx), gx.new_zeros(T, B, H)
     for t in range(T):
         a = gx[t] + h @ w_hh.t()
         i, f, g, o = a.split(H, dim=1)
@@ -112,10 +113,10 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse):
         m = mask[t, :, None]
         h = torch.where(m, h_new, h)
         c = torch.where(m, c_new, c)
-        ys.append(torch.where(m, h_new, 0))
-        gates.append(torch.where(m, torch.cat([i, f, g, o], 1), 0))
-        cells.append(torch.where(m, c_new, 0))
-    y, gates, cells = _orient(reverse, lengths, torch.stack(ys), torch.stack(gates), torch.stack(cells))
+        ys[t] = torch.where(m, h_new, 0)
+        gates[t] = torch.where(m, torch.cat([i, f, g, o], 1), 0)
+        cells[t] = torch.where(m, c_new, 0)
+    y, gates, cells = _orient(reverse, lengths, ys, gates, cells)
     return y.to(out_dtype), h.to(out_dtype), c.to(out_dtype), gates, cells
 
 
@@ -171,7 +172,7 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse):
     (gx,) = _orient(reverse, lengths, gx)
     mask = active_mask(lengths, T, B, gx.device)
     h = h0
-    ys, gates, hns = [], [], []
+    ys, gates, hns = gx.new_zeros(T, B, H), torch.zeros_like(gx), gx.new_zeros(T, B, H)
     for t in range(T):
         gh = h @ w_hh.t()
         if b_hh is not None:
@@ -184,10 +185,10 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse):
         h_new = (1 - z) * n + z * h
         m = mask[t, :, None]
         h = torch.where(m, h_new, h)
-        ys.append(torch.where(m, h_new, 0))
-        gates.append(torch.where(m, torch.cat([r, z, n], 1), 0))
-        hns.append(torch.where(m, hn, 0))
-    y, gates, hns = _orient(reverse, lengths, torch.stack(ys), torch.stack(gates), torch.stack(hns))
+        ys[t] = torch.where(m, h_new, 0)
+        gates[t] = torch.where(m, torch.cat([r, z, n], 1), 0)
+        hns[t] = torch.where(m, hn, 0)
+    y, gates, hns = _orient(reverse, lengths, ys, gates, hns)
     return y.to(out_dtype), h.to(out_dtype), gates, hns
 
 
@@ -228,13 +229,13 @@ def rnn_forward(gx, h0, w_hh, lengths, reverse, relu):
     mask = active_mask(lengths, T, B, gx.device)
     act = torch.relu if relu else torch.tanh
     h = h0
-    ys = []
+    ys = torch.zeros_like(gx)
     for t in range(T):
         h_new = act(gx[t] + h @ w_hh.t())
         m = mask[t, :, None]
         h = torch.where(m, h_new, h)
-        ys.append(torch.where(m, h_new, 0))
-    (y,) = _orient(reverse, lengths, torch.stack(ys))
+        ys[t] = torch.where(m, h_new, 0)
+    (y,) = _orient(reverse, lengths, ys)
     return y.to(out_dtype), h.to(out_dtype)
 
 

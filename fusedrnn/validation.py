@@ -83,9 +83,9 @@ def check_hidden_like_input(input: Tensor, hs: list[Tensor], names: list[str]) -
             raise RuntimeError(f"Expected {n} to be on device {input.device} like the input, got {h.device}")
 
 
-def check_device(module: torch.nn.Module, input: Tensor) -> None:
-    w = next(iter(module.parameters()), None)
-    if w is not None and w.device != input.device:
+def check_device(w: Tensor, input: Tensor) -> None:
+    """The module's weight `w` and the input must be on one device."""
+    if w.device != input.device:
         raise RuntimeError(f"Input is on {input.device} but the module's parameters are on {w.device}; "
                            f"move one of them (e.g. input.to({str(w.device)!r}))")
 

@@ -107,3 +107,24 @@ def test_backend_reporting_and_forcing():
     with pytest.raises(TypeError, match="backend must be a string"):
         fusedrnn.LSTM(3, 4, backend=1)
     assert "reference" in available_backends("cpu")
+
+
+@pytest.mark.parametrize("torch_cls,fused_cls", [(nn.LSTM, fusedrnn.LSTM), (nn.GRU, fusedrnn.GRU),
+                                                 (nn.RNN, fusedrnn.RNN)])
+def test_parametrized_and_functional_weights_are_used(torch_cls, fused_cls):
+    """Weights that are not plain parameters: weight_norm on weight_hh_l0 (a parametrization),
+    and torch.func.functional_call with replacement tensors; both must reach the kernels."""
+    ref = torch_cls(3, 4, num_layers=2).double()
+    ours = fused_cls(3, 4, num_layers=2).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    replaced = {n: torch.randn_like(p) for n, p in ref.named_parameters()}
+    want = torch.func.functional_call(ref, replaced, (x,))[0]
+    got = torch.func.functional_call(ours, replaced, (x,))[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got, ours(x)[0]), "functional_call's tensors were ignored"
+    for m in (ref, ours):
+        nn.utils.parametrizations.weight_norm(m, "weight_hh_l1")
+        with torch.no_grad():
+            m.parametrizations.weight_hh_l1.original0.mul_(2.0)  # the norm: the weight doubles
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-10, atol=1e-10)
