@@ -128,3 +128,23 @@ def test_parametrized_and_functional_weights_are_used(torch_cls, fused_cls):
         with torch.no_grad():
             m.parametrizations.weight_hh_l1.original0.mul_(2.0)  # the norm: the weight doubles
     torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("no_grad", [False, True])
+def test_torch_compile_traces_the_module_after_first_use(no_grad):
+    """torch.compile(fullgraph=True) traces the whole forward (ops through their fake kernels)
+    once the backends are loaded (the first call imports them, which Dynamo cannot trace).
+    Dynamo treats torch.nn RNN subclasses as opaque unless allow_rnn is set."""
+    backend = "cpu" if "cpu" in available_backends("cpu") else "reference"
+    m = fusedrnn.LSTM(4, 6, num_layers=2, backend=backend)
+    x = torch.randn(5, 2, 4)
+    m(x)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True), torch.set_grad_enabled(not no_grad):
+        compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+        got, want = compiled(x)[0], m(x)[0]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        if not no_grad:
+            (g1,) = torch.autograd.grad(got.pow(2).sum(), m.weight_hh_l1)
+            (g2,) = torch.autograd.grad(want.pow(2).sum(), m.weight_hh_l1)
+            torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
