@@ -40,6 +40,15 @@ from . import cells
 
 
 @triton.jit
+def _tile(B, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch rows and units: grid axis 0 tiles the N units, axis 1 the B rows.
+    Returns (rows, rows < B, units, units < N)."""
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rb, rb < B, rn, rn < N
+
+
+@triton.jit
 def _rows(s, lengths, rb, mb, T, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr):
     """(active[BLOCK_B], t[BLOCK_B] int64) of logical step s for batch rows rb."""
     if HAS_LEN:
@@ -86,16 +95,11 @@ def _w_rows(w, row0, rh, mh, rk, mk, K):
 
 # ============================================================================ forward
 @triton.jit
-def _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengths, s, T, B, H, P,
+def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengths, s, T, B, H, P,
                       HAS_PROJ: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    pid_h = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mh = rh < H
+    rb, mb, rh, mh = _tile(B, H, BLOCK_B, BLOCK_H)
     active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
 
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
@@ -139,16 +143,11 @@ def _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengt
 
 
 @triton.jit
-def _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
+def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
                      HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    pid_h = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mh = rh < H
+    rb, mb, rh, mh = _tile(B, H, BLOCK_B, BLOCK_H)
     active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
 
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
@@ -187,16 +186,11 @@ def _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T,
 
 
 @triton.jit
-def _rnn_forward_body(gx, h_in, h_out, w, y, lengths, s, T, B, H,
+def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
                      RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    pid_h = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mh = rh < H
+    rb, mb, rh, mh = _tile(B, H, BLOCK_B, BLOCK_H)
     active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
 
     acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
@@ -252,17 +246,12 @@ def _prev_state(init, seq, t, active, s, B, H, rb, rh, m2, REVERSE: tl.constexpr
 
 
 @triton.jit
-def _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H,
+def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H,
                        MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
                        HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                        PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    pid_h = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mh = rh < H
+    rb, mb, rh, mh = _tile(B, H, BLOCK_B, BLOCK_H)
     m2 = mb[:, None] & mh[None, :]
     st = rb[:, None] * H + rh[None, :]
     G = 4 * H
@@ -296,17 +285,12 @@ def _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s
 
 
 @triton.jit
-def _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H,
+def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H,
                       MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    pid_h = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mh = rh < H
+    rb, mb, rh, mh = _tile(B, H, BLOCK_B, BLOCK_H)
     m2 = mb[:, None] & mh[None, :]
     st = rb[:, None] * H + rh[None, :]
     G = 3 * H
@@ -339,17 +323,12 @@ def _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T,
 
 
 @triton.jit
-def _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
+def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
                       RELU: tl.constexpr, MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    pid_h = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mh = rh < H
+    rb, mb, rh, mh = _tile(B, H, BLOCK_B, BLOCK_H)
     m2 = mb[:, None] & mh[None, :]
     st = rb[:, None] * H + rh[None, :]
     if MATMUL:
@@ -370,65 +349,9 @@ def _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
 
 
 # ============================================================================ kernels
-# Per-step kernels: one launch = one time step; the launch boundary is the grid-wide
-# barrier. Any hidden size, any number of programs.
-
-
-@triton.jit
-def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengths, s, T, B, H, P,
-                      HAS_PROJ: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengths, s, T, B, H, P, HAS_PROJ,
-                       HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-
-
-@triton.jit
-def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
-                     HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN,
-                      REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-
-
-@triton.jit
-def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
-                     RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _rnn_forward_body(gx, h_in, h_out, w, y, lengths, s, T, B, H, RELU, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H,
-                      BLOCK_K, PREC, RTNE_BF16)
-
-
-@triton.jit
-def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H,
-                       MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
-                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s, T, B, H, MATMUL, POINTWISE,
-                        HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-
-
-@triton.jit
-def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H,
-                      MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
-                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, B, H, MATMUL, POINTWISE,
-                       HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-
-
-@triton.jit
-def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
-                      RELU: tl.constexpr, MATMUL: tl.constexpr, POINTWISE: tl.constexpr,
-                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, s, T, B, H, RELU, MATMUL, POINTWISE, HAS_LEN,
-                       REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+# The *_step kernels above are launched once per time step (the launch boundary is the
+# grid-wide barrier; any hidden size, any number of programs); the *_seq kernels below
+# call them as functions inside one launch.
 
 
 # Time-loop kernels: the whole sequence in one launch. Allowed only when one program
@@ -446,7 +369,7 @@ def lstm_forward_seq(gx, hbuf, c, w, y, gates, cells_out, lengths, T, B, H,
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
-        _lstm_forward_body(gx, h_in, h_out, c, w, y, gates, cells_out, gx, lengths, s, T, B, H, H, False,
+        lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, gx, lengths, s, T, B, H, H, False,
                            HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
 
@@ -459,7 +382,7 @@ def gru_forward_seq(gx, hbuf, w, b_hh, y, gates, hn_out, lengths, T, B, H,
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
-        _gru_forward_body(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN,
+        gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN,
                           REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
 
@@ -472,7 +395,7 @@ def rnn_forward_seq(gx, hbuf, w, y, lengths, T, B, H,
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
-        _rnn_forward_body(gx, h_in, h_out, w, y, lengths, s, T, B, H, RELU, HAS_LEN, REVERSE, BLOCK_B,
+        rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H, RELU, HAS_LEN, REVERSE, BLOCK_B,
                           BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
 
@@ -482,14 +405,14 @@ def lstm_backward_seq(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T, 
                        HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                        PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 1, T, B, H, False, True,
+    lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 1, T, B, H, False, True,
                         HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
     tl.debug_barrier()
     for i in range(0, T - 1):
-        _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 2 - i, T, B, H, True,
+        lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 2 - i, T, B, H, True,
                             True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
-    _lstm_backward_body(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, -1, T, B, H, True, False,
+    lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, -1, T, B, H, True, False,
                         HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
 
 
@@ -498,14 +421,14 @@ def gru_backward_seq(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T, B, H
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 1, T, B, H, False, True,
+    gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 1, T, B, H, False, True,
                        HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
     tl.debug_barrier()
     for i in range(0, T - 1):
-        _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 2 - i, T, B, H, True,
+        gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 2 - i, T, B, H, True,
                            True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
-    _gru_backward_body(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, -1, T, B, H, True, False, HAS_LEN,
+    gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, -1, T, B, H, True, False, HAS_LEN,
                        REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
 
 
@@ -515,14 +438,14 @@ def rnn_backward_seq(grad_y, dh, dpre, w, y, lengths, T, B, H,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, T - 1, T, B, H, RELU, False, True, HAS_LEN, REVERSE,
+    rnn_backward_step(grad_y, dh, dpre, w, y, lengths, T - 1, T, B, H, RELU, False, True, HAS_LEN, REVERSE,
                        BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
     tl.debug_barrier()
     for i in range(0, T - 1):
-        _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, T - 2 - i, T, B, H, RELU, True, True, HAS_LEN,
+        rnn_backward_step(grad_y, dh, dpre, w, y, lengths, T - 2 - i, T, B, H, RELU, True, True, HAS_LEN,
                            REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
         tl.debug_barrier()
-    _rnn_backward_body(grad_y, dh, dpre, w, y, lengths, -1, T, B, H, RELU, True, False, HAS_LEN, REVERSE,
+    rnn_backward_step(grad_y, dh, dpre, w, y, lengths, -1, T, B, H, RELU, True, False, HAS_LEN, REVERSE,
                        BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
 
 
@@ -538,12 +461,7 @@ def lstm_project_step(hr_buf, w_hr, h_in, h_out, y, lengths, s, T, B, H, P,
                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rp = pid_p * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mp = rp < P
+    rb, mb, rp, mp = _tile(B, P, BLOCK_B, BLOCK_H)
     active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
     acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -567,12 +485,7 @@ def lstm_proj_dh_step(grad_y, dh, dhs, dpre, w_hh, lengths, s, T, B, H, P,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       PREC: tl.constexpr):
     """Over P tiles. dh: [B, P] state; dhs[t]: dL/dh_t (projected; 0 at padded steps)."""
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rp = pid_p * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mp = rp < P
+    rb, mb, rp, mp = _tile(B, P, BLOCK_B, BLOCK_H)
     m2 = mb[:, None] & mp[None, :]
     st = rb[:, None] * P + rp[None, :]
     if MATMUL:  # W_hh is [4H, P]: its "H" (row stride, dh stride) is P here
@@ -596,12 +509,7 @@ def lstm_proj_cell_backward_step(dhs, w_hr, dc, dpre, gates, cells_in, c0, lengt
                                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                                  PREC: tl.constexpr):
     """Over H tiles: dhr = dhs[t] @ W_hr[:, own units] (W_hr is [P, H]), then the cell derivative."""
-    pid_h = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mh = rh < H
+    rb, mb, rh, mh = _tile(B, H, BLOCK_B, BLOCK_H)
     m2 = mb[:, None] & mh[None, :]
     st = rb[:, None] * H + rh[None, :]
     active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
