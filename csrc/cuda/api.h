@@ -9,6 +9,11 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
 
 namespace fusedrnn {
 namespace cuda {
@@ -68,6 +73,69 @@ inline size_t lstm_forward_ws(int B, int H, int P) { return size_t(2) * B * P + 
 inline size_t lstm_backward_ws(int B, int H, int P) { return size_t(8) * B * H + size_t(B) * H + size_t(B) * P; }
 inline size_t gru_forward_ws(int B, int H) { return size_t(2) * B * H; }
 inline size_t gru_backward_ws(int B, int H) { return size_t(6) * B * H + size_t(B) * H; }
+
+// ----------------------------------------------------------------------------- algorithm
+// Which kernels run a call (csrc/cuda/PERSISTENT.md):
+//   per_step    one launch per time step (kernels/{rnn,lstm,gru}.cuh);
+//   persistent  one cooperative launch for the whole sequence, each block keeping its slice
+//               of W_hh on chip (kernels/persistent.cuh); a call it cannot run raises;
+//   auto        persistent when the slices fit the device (SM count and shared memory
+//               queried at run time; the emulation uses a pretend device), else per_step.
+// Process-wide switch, initially $FUSEDRNN_CUDA_ALGO or auto (the `_emulated` module sets
+// per_step at import unless that variable is set, so the part-1 tests keep testing the
+// per-step kernels). last_algo(): the choice of the latest call and why.
+enum class Algo : int { Auto = 0, PerStep = 1, Persistent = 2 };
+struct AlgoState {
+  std::mutex m;
+  Algo algo = Algo::Auto;
+  std::string last = "none yet";
+  int pretend_sms = 4, pretend_smem = 100 * 1024;  // the emulation's device
+};
+inline bool parse_algo(const char* name, Algo& out) {
+  if (!std::strcmp(name, "auto")) out = Algo::Auto;
+  else if (!std::strcmp(name, "per_step")) out = Algo::PerStep;
+  else if (!std::strcmp(name, "persistent")) out = Algo::Persistent;
+  else return false;
+  return true;
+}
+inline AlgoState& algo_state() {
+  static AlgoState* s = [] {
+    auto* st = new AlgoState();
+    const char* e = std::getenv("FUSEDRNN_CUDA_ALGO");
+    if (e && *e && !parse_algo(e, st->algo))
+      throw std::invalid_argument("FUSEDRNN_CUDA_ALGO must be auto, per_step or persistent");
+    return st;
+  }();
+  return *s;
+}
+inline const char* algo_name(Algo a) {
+  return a == Algo::Auto ? "auto" : a == Algo::PerStep ? "per_step" : "persistent";
+}
+inline void set_algo(const char* name) {
+  Algo a;
+  if (!parse_algo(name, a)) throw std::invalid_argument(std::string("fusedrnn: algo must be auto, per_step or persistent, not ") + name);
+  std::lock_guard<std::mutex> l(algo_state().m);
+  algo_state().algo = a;
+}
+inline Algo get_algo() {
+  std::lock_guard<std::mutex> l(algo_state().m);
+  return algo_state().algo;
+}
+inline void set_last_algo(const std::string& why) {
+  std::lock_guard<std::mutex> l(algo_state().m);
+  algo_state().last = why;
+}
+inline std::string last_algo() {
+  std::lock_guard<std::mutex> l(algo_state().m);
+  return algo_state().last;
+}
+// Emulation only: the SM count and shared memory per block (bytes) of the pretend device.
+inline void set_pretend_device(int sms, int smem_per_block) {
+  if (sms < 1 || smem_per_block < 1024) throw std::invalid_argument("fusedrnn: pretend device needs >= 1 SM and >= 1 KB");
+  std::lock_guard<std::mutex> l(algo_state().m);
+  algo_state().pretend_sms = sms;
+  algo_state().pretend_smem = smem_per_block;
+}
 
 // `stream` is a cudaStream_t in the CUDA build (ignored by the emulation).
 void rnn_forward(const RnnForwardArgs& a, void* stream);

@@ -22,6 +22,29 @@ TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
   m.impl("rnn_backward", &g::rnn_backward);
 }
 
-// Importing the module runs the registration above; it has no Python API of its own.
-static PyModuleDef frnn_module = {PyModuleDef_HEAD_INIT, "_C_cuda", "fusedrnn CUDA kernels", -1, nullptr};
+// Importing the module runs the registration above. Python API: the algorithm switch
+// (csrc/cuda/api.h; fusedrnn.backends.native.set_cuda_algo / last_cuda_algo).
+static PyObject* frnn_set_algo(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (!name) return nullptr;
+  try {
+    fusedrnn::cuda::set_algo(name);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+static PyObject* frnn_get_algo(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fusedrnn::cuda::algo_name(fusedrnn::cuda::get_algo()));
+}
+static PyObject* frnn_last_algo(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fusedrnn::cuda::last_algo().c_str());
+}
+static PyMethodDef frnn_methods[] = {
+    {"set_algo", frnn_set_algo, METH_O, "'auto' | 'per_step' | 'persistent'"},
+    {"get_algo", frnn_get_algo, METH_NOARGS, "the current algorithm switch"},
+    {"last_algo", frnn_last_algo, METH_NOARGS, "the algorithm the latest call chose, and why"},
+    {nullptr, nullptr, 0, nullptr}};
+static PyModuleDef frnn_module = {PyModuleDef_HEAD_INIT, "_C_cuda", "fusedrnn CUDA kernels", -1, frnn_methods};
 PyMODINIT_FUNC PyInit__C_cuda() { return PyModule_Create(&frnn_module); }

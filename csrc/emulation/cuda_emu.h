@@ -76,13 +76,20 @@ int barrier_site_count();
 const char* barrier_site(int i);
 void syncwarp(unsigned mask);
 void grid_sync();
+// Mutation testing of the grid barrier: make every grid.sync() a no-op (true) or not.
+void set_drop_grid_sync(bool drop);
+bool grid_sync_dropped();
 // Warp collective: every lane in `mask` deposits `v`; returns, for the calling lane, a
 // snapshot of all 32 lanes' deposits (undefined for lanes outside the mask).
 const uint64_t* warp_exchange(unsigned mask, uint64_t v);
 unsigned lane_id();
 
 // Launch `body` (the kernel call) on a grid. Cooperative launches run every block's
-// threads in one scheduler so grid_sync() can work; others run block by block.
+// threads in one scheduler so grid_sync() can work; others run block by block. Within a
+// cooperative launch, blocks run greedily: each pass runs only the first block (in the
+// permuted block order) that has a runnable thread, so a block runs on until all its
+// threads wait at grid.sync() (or exit) before the next block moves -- a legal schedule
+// that makes any read of another block's data without a grid barrier see stale values.
 void run_grid(dim3 grid, dim3 block, size_t smem_bytes, bool cooperative, const std::function<void()>& body);
 // Fail the launch from inside a kernel (reported as std::runtime_error by run_grid).
 [[noreturn]] void kernel_error(const char* msg);
@@ -235,6 +242,13 @@ inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 template <class T>
 inline T __ldg(const T* p) { return *p; }
+// Cache-global loads/stores (bypass L1: data exchanged between blocks within one launch).
+// Memory is coherent here; the schedule (blocks run greedily, see run_grid) exposes a
+// missing grid barrier instead.
+template <class T>
+inline T __ldcg(const T* p) { return *p; }
+template <class T>
+inline void __stcg(T* p, T v) { *p = v; }
 
 // ----------------------------------------------------------------------------- __half, __nv_bfloat16
 // Storage types with the IEEE binary16 / bfloat16 bit layouts (the same as at::Half /

@@ -110,6 +110,21 @@ std::tuple<int64_t, int64_t> get_schedule() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedrnn CUDA kernels under the CPU emulation of the CUDA execution model";
+  // The part-1 tests test the per-step kernels: per_step unless FUSEDRNN_CUDA_ALGO says otherwise.
+  const char* algo_env = std::getenv("FUSEDRNN_CUDA_ALGO");
+  if (!algo_env || !*algo_env) fusedrnn::cuda::set_algo("per_step");
+  m.def("set_algo", [](const std::string& a) { fusedrnn::cuda::set_algo(a.c_str()); },
+        "'auto' | 'per_step' | 'persistent' (csrc/cuda/api.h)");
+  m.def("get_algo", [] { return std::string(fusedrnn::cuda::algo_name(fusedrnn::cuda::get_algo())); });
+  m.def("last_algo", &fusedrnn::cuda::last_algo, "the algorithm the latest call chose, and why");
+  m.def("set_pretend_device", &fusedrnn::cuda::set_pretend_device,
+        "SM count and shared memory per block (bytes) of the device the emulation plans for",
+        pybind11::arg("sms"), pybind11::arg("smem_per_block"));
+  m.def("get_pretend_device", [] {
+    std::lock_guard<std::mutex> l(fusedrnn::cuda::algo_state().m);
+    return std::make_tuple(fusedrnn::cuda::algo_state().pretend_sms, fusedrnn::cuda::algo_state().pretend_smem);
+  });
+  m.def("set_drop_grid_sync", &emu_selftest::set_drop_grid_sync, "make every grid.sync() a no-op (mutation tests)");
   m.def("set_schedule", &emu_selftest::set_schedule, "mode: 0 alternate, 1 reversed, 2 forward, 3 random; seed",
         pybind11::arg("mode"), pybind11::arg("seed") = 12345u);
   m.def("get_schedule", &get_schedule);

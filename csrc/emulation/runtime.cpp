@@ -170,10 +170,16 @@ void run_group(Group& g, std::mt19937& rng, int mode) {
     if (m == 1) std::sort(order.begin(), order.end(), std::greater<int>());
     else if (m == 2) std::sort(order.begin(), order.end());
     else std::shuffle(order.begin(), order.end(), rng);
+    // Cooperative grid: run only the first block (in the permuted order) with a runnable
+    // thread this pass (see run_grid in cuda_emu.h).
+    int focus = -1;
+    if (g.cooperative)
+      for (Fiber* f : g.fibers)
+        if (f->state == St::Ready) { focus = f->block; break; }
     bool progressed = false;
     for (int i : order) {
       Fiber* f = g.fibers[i];
-      if (f->state != St::Ready) continue;
+      if (f->state != St::Ready || (focus >= 0 && f->block != focus)) continue;
       progressed = true;
       g.current = f;
       g_cur = &f->ts;
@@ -246,9 +252,16 @@ void set_drop_barrier(const char* site) { dropped() = site ? site : ""; }
 int barrier_site_count() { return static_cast<int>(sites().size()); }
 const char* barrier_site(int i) { return sites().at(i).c_str(); }
 
+namespace {
+bool g_drop_grid_sync = false;
+}
+void set_drop_grid_sync(bool drop) { g_drop_grid_sync = drop; }
+bool grid_sync_dropped() { return g_drop_grid_sync; }
+
 void grid_sync() {
   Group* g = g_group;
   if (!g->cooperative) kernel_error("grid.sync() in a kernel that was not launched cooperatively");
+  if (g_drop_grid_sync) return;  // switched off for a mutation test
   g->current->state = St::WaitGrid;
   ++g->grid_arrived;
   grid_barrier_check(g);

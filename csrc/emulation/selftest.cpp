@@ -136,5 +136,6 @@ void get_schedule(int* mode, unsigned* seed) { emu::get_schedule(mode, seed); }
 void set_drop_barrier(const char* site) { emu::set_drop_barrier(site); }
 int barrier_site_count() { return emu::barrier_site_count(); }
 const char* barrier_site(int i) { return emu::barrier_site(i); }
+void set_drop_grid_sync(bool drop) { emu::set_drop_grid_sync(drop); }
 
 }  // namespace emu_selftest

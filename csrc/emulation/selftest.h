@@ -16,4 +16,5 @@ void get_schedule(int* mode, unsigned* seed);
 void set_drop_barrier(const char* site);
 int barrier_site_count();
 const char* barrier_site(int i);
+void set_drop_grid_sync(bool drop);
 }  // namespace emu_selftest

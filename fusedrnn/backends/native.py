@@ -42,3 +42,20 @@ register(Backend(name="cpu", ops_backend="cpu", device_types=("cpu",),
                  dtypes=(torch.float64, torch.float32), load=_load_for("CPU", "fusedrnn._C")))
 register(Backend(name="cuda", ops_backend="cuda", device_types=("cuda",),
                  dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load_for("CUDA", "fusedrnn._C_cuda")))
+
+
+# The CUDA backend's algorithm switch (csrc/cuda/api.h, csrc/cuda/PERSISTENT.md):
+# "auto" (persistent kernels when the recurrent weights fit on chip for the current device,
+# per-step kernels otherwise), "per_step" or "persistent" (raises when a call cannot run it).
+def set_cuda_algo(algo: str) -> str:
+    """Set the CUDA kernels' algorithm for this process; returns the previous setting."""
+    mod = importlib.import_module("fusedrnn._C_cuda")
+    prev = mod.get_algo()
+    mod.set_algo(algo)
+    return prev
+
+
+def last_cuda_algo() -> str:
+    """Which algorithm the latest CUDA recurrence call ran, and why (e.g. 'lstm forward:
+    persistent (auto: W_hh slice 6 units x 4 x 768 = ... B per block on chip, ...)')."""
+    return importlib.import_module("fusedrnn._C_cuda").last_algo()

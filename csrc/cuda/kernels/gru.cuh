@@ -3,6 +3,7 @@
 #pragma once
 #include "cells/gru.h"
 #include "cuda/kernels/common.cuh"
+#include "cuda/kernels/persistent.cuh"
 
 namespace fusedrnn {
 namespace cuda {
@@ -103,8 +104,129 @@ __global__ void __launch_bounds__(kThreads) gru_bwd_step(GruBwdP<T> p, int s) {
   }
 }
 
+
+// ---------------------------------------------------------------- persistent (persistent.cuh)
+template <class T_>
+struct GruFwdPers {
+  using T = T_;
+  static constexpr int NA = 3;
+  static constexpr bool kTransposed = false;
+  const T* w; int B, H, iters; PGeom g;
+  const T* gx; const T* b_hh; const int64_t* lengths; T* y; float* gates; float* hn;
+  float* h;  // [2][B][H] fp32, by step parity
+  bool reverse;
+  __device__ const float* gemm_src(int s) const { return h + (s & 1) * static_cast<size_t>(B) * H; }
+  __device__ void point(int s, int b, int j, const float* acc) const {
+    const size_t BH = static_cast<size_t>(B) * H, bj = static_cast<size_t>(b) * H + j;
+    const float h_prev = __ldcg(h + (s & 1) * BH + bj);
+    float* h_out = h + ((s + 1) & 1) * BH;
+    int t;
+    const bool active = step_time(seq_len(lengths, b, iters), s, reverse, t);
+    const size_t o3 = (static_cast<size_t>(t) * B + b) * 3 * H + j, o1 = static_cast<size_t>(t) * BH + bj;
+    if (active) {
+      float ahr = acc[0], ahz = acc[1], ahn = acc[2];
+      if (b_hh) {
+        ahr += to_f(b_hh[j]);
+        ahz += to_f(b_hh[H + j]);
+        ahn += to_f(b_hh[2 * H + j]);
+      }
+      float r, z, n, hv;
+      gru_forward_unit(to_f(gx[o3]), to_f(gx[o3 + H]), to_f(gx[o3 + 2 * H]), ahr, ahz, ahn, h_prev, r, z, n, hv);
+      gates[o3] = r; gates[o3 + H] = z; gates[o3 + 2 * H] = n;
+      hn[o1] = ahn;
+      h_out[bj] = hv;
+      y[o1] = from_f<T>(hv);
+    } else {
+      gates[o3] = 0.f; gates[o3 + H] = 0.f; gates[o3 + 2 * H] = 0.f;
+      hn[o1] = 0.f;
+      h_out[bj] = h_prev;
+      y[o1] = from_f<T>(0.f);
+    }
+  }
+};
+
+// Iteration it handles step s = steps - 1 - it (the last, s = -1, writes grad_h0).
+template <class T_>
+struct GruBwdPers {
+  using T = T_;
+  static constexpr int NA = 1;
+  static constexpr bool kTransposed = true;
+  const T* w; int B, H, iters; PGeom g;
+  int steps;
+  const T* grad_y; const T* grad_h_n; const T* h0; const T* y; const int64_t* lengths;
+  const float* gates; const float* hn;
+  T* dgx; float* dgh;
+  float* buf;     // [2][B][3H] dL/d(W_hh h + b_hh) by parity of s
+  float* direct;  // [B][H] z * dh of the step after
+  T* grad_h0;
+  bool reverse;
+  __device__ const float* gemm_src(int it) const {
+    const int s = steps - 1 - it;
+    return s + 1 < steps ? buf + ((s + 1) & 1) * static_cast<size_t>(B) * 3 * H : nullptr;
+  }
+  __device__ void point(int it, int b, int j, const float* acc) const {
+    const int s = steps - 1 - it, G = 3 * H;
+    const size_t bj = static_cast<size_t>(b) * H + j;
+    const int L = seq_len(lengths, b, steps);
+    const float dh_in = s + 1 < L ? acc[0] + direct[bj] : to_f(grad_h_n[bj]);
+    if (s < 0) {
+      grad_h0[bj] = from_f<T>(dh_in);
+      return;
+    }
+    int t;
+    const bool active = step_time(L, s, reverse, t);
+    const size_t o3 = (static_cast<size_t>(t) * B + b) * G + j, o1 = (static_cast<size_t>(t) * B + b) * H + j;
+    float* cur = buf + (s & 1) * static_cast<size_t>(B) * G + static_cast<size_t>(b) * G + j;
+    float dxr = 0.f, dxz = 0.f, dxn = 0.f, dhn = 0.f;
+    if (active) {
+      const float dh = dh_in + to_f(grad_y[o1]);
+      const int tp = reverse ? t + 1 : t - 1;  // time index of the previous real step
+      const float h_prev = s > 0 ? to_f(y[(static_cast<size_t>(tp) * B + b) * H + j]) : to_f(h0[bj]);
+      float ddirect;
+      gru_backward_unit(gates[o3], gates[o3 + H], gates[o3 + 2 * H], hn[o1], h_prev, dh, dxr, dxz, dxn, dhn, ddirect);
+      direct[bj] = ddirect;
+    }
+    dgx[o3] = from_f<T>(dxr); dgx[o3 + H] = from_f<T>(dxz); dgx[o3 + 2 * H] = from_f<T>(dxn);
+    dgh[o3] = dxr; dgh[o3 + H] = dxz; dgh[o3 + 2 * H] = dhn;
+    cur[0] = dxr; cur[H] = dxz; cur[2 * H] = dhn;
+  }
+};
+
+template <class T>
+bool gru_forward_persistent(const GruForwardArgs& a, cudaStream_t st) {
+  PersistentPlan plan;
+  if (!choose_persistent<GruFwdPers<T>>("gru forward", a.H, a.H, a.B, a.T, nullptr, plan)) return false;
+  const int BH = a.B * a.H;
+  GruFwdPers<T> p;
+  p.w = static_cast<const T*>(a.w_hh); p.B = a.B; p.H = a.H; p.iters = a.T; p.g = PGeom{plan.U, plan.bch, a.H};
+  p.gx = static_cast<const T*>(a.gx); p.b_hh = static_cast<const T*>(a.b_hh); p.lengths = a.lengths;
+  p.y = static_cast<T*>(a.y); p.gates = a.gates; p.hn = a.hn; p.h = a.ws; p.reverse = a.reverse;
+  launch_to_float<T>(a.h0, p.h, BH, st);
+  launch_persistent(p, plan, st);
+  launch_from_float<T>(p.h + (a.T & 1) * static_cast<size_t>(BH), a.h_n, BH, st);
+  frnn_check_launch("gru_forward (persistent)");
+  return true;
+}
+
+template <class T>
+bool gru_backward_persistent(const GruBackwardArgs& a, cudaStream_t st) {
+  PersistentPlan plan;
+  if (!choose_persistent<GruBwdPers<T>>("gru backward", 3 * a.H, a.H, a.B, a.T, nullptr, plan)) return false;
+  GruBwdPers<T> p;
+  p.w = static_cast<const T*>(a.w_hh); p.B = a.B; p.H = a.H; p.iters = a.T + 1;
+  p.g = PGeom{plan.U, plan.bch, 3 * a.H};
+  p.steps = a.T; p.grad_y = static_cast<const T*>(a.grad_y); p.grad_h_n = static_cast<const T*>(a.grad_h_n);
+  p.h0 = static_cast<const T*>(a.h0); p.y = static_cast<const T*>(a.y); p.lengths = a.lengths;
+  p.gates = a.gates; p.hn = a.hn; p.dgx = static_cast<T*>(a.grad_gx); p.dgh = a.dgh; p.buf = a.ws;
+  p.direct = a.ws + 6 * static_cast<size_t>(a.B) * a.H; p.grad_h0 = static_cast<T*>(a.grad_h0); p.reverse = a.reverse;
+  launch_persistent(p, plan, st);
+  frnn_check_launch("gru_backward (persistent)");
+  return true;
+}
+
 template <class T>
 void gru_forward_t(const GruForwardArgs& a, cudaStream_t st) {
+  if (gru_forward_persistent<T>(a, st)) return;
   const int BH = a.B * a.H;
   float* h[2] = {a.ws, a.ws + BH};
   launch_to_float<T>(a.h0, h[0], BH, st);
@@ -123,6 +245,7 @@ void gru_forward_t(const GruForwardArgs& a, cudaStream_t st) {
 
 template <class T>
 void gru_backward_t(const GruBackwardArgs& a, cudaStream_t st) {
+  if (gru_backward_persistent<T>(a, st)) return;
   const int BH = a.B * a.H;
   if (BH == 0) return;
   GruBwdP<T> p{static_cast<const T*>(a.grad_y), static_cast<const T*>(a.grad_h_n), static_cast<const T*>(a.h0),

@@ -6,6 +6,7 @@
 #pragma once
 #include "cells/lstm.h"
 #include "cuda/kernels/common.cuh"
+#include "cuda/kernels/persistent.cuh"
 
 namespace fusedrnn {
 namespace cuda {
@@ -171,8 +172,142 @@ __global__ void __launch_bounds__(kThreads) lstm_bwd_step(LstmBwdP<T> p, int s) 
   }
 }
 
+
+// ---------------------------------------------------------------- persistent (persistent.cuh)
+// Without projection only (P == H).
+template <class T_>
+struct LstmFwdPers {
+  using T = T_;
+  static constexpr int NA = 4;
+  static constexpr bool kTransposed = false;
+  const T* w; int B, H, iters; PGeom g;
+  const T* gx; const int64_t* lengths; T* y; float* gates; float* cells;
+  float* h;  // [2][B][H] fp32, by step parity
+  float* c;  // [B][H] (each unit only ever touched by its own block)
+  bool reverse;
+  __device__ const float* gemm_src(int s) const { return h + (s & 1) * static_cast<size_t>(B) * H; }
+  __device__ void point(int s, int b, int j, const float* acc) const {
+    const size_t BH = static_cast<size_t>(B) * H, bj = static_cast<size_t>(b) * H + j;
+    float* h_out = h + ((s + 1) & 1) * BH;
+    int t;
+    const bool active = step_time(seq_len(lengths, b, iters), s, reverse, t);
+    const size_t o4 = (static_cast<size_t>(t) * B + b) * 4 * H + j, o1 = static_cast<size_t>(t) * BH + bj;
+    if (active) {
+      float i, f, gg, o, cc, hh;
+      lstm_forward_unit(to_f(gx[o4]) + acc[0], to_f(gx[o4 + H]) + acc[1], to_f(gx[o4 + 2 * H]) + acc[2],
+                        to_f(gx[o4 + 3 * H]) + acc[3], c[bj], i, f, gg, o, cc, hh);
+      gates[o4] = i; gates[o4 + H] = f; gates[o4 + 2 * H] = gg; gates[o4 + 3 * H] = o;
+      cells[o1] = cc;
+      c[bj] = cc;
+      h_out[bj] = hh;
+      y[o1] = from_f<T>(hh);
+    } else {
+      gates[o4] = 0.f; gates[o4 + H] = 0.f; gates[o4 + 2 * H] = 0.f; gates[o4 + 3 * H] = 0.f;
+      cells[o1] = 0.f;
+      h_out[bj] = __ldcg(h + (s & 1) * BH + bj);
+      y[o1] = from_f<T>(0.f);
+    }
+  }
+};
+
+// Iteration it handles step s = steps - 1 - it (the last, s = -1, writes grad_h0).
+template <class T_>
+struct LstmBwdPers {
+  using T = T_;
+  static constexpr int NA = 1;
+  static constexpr bool kTransposed = true;
+  const T* w; int B, H, iters; PGeom g;
+  int steps;
+  const T* grad_y; const T* grad_h_n; const T* c0; const int64_t* lengths;
+  const float* gates; const float* cells;
+  T* dgx; float* dpre;
+  float* buf;  // [2][B][4H] da by parity of s
+  float* dc;   // [B][H]
+  T* grad_h0;
+  bool reverse;
+  __device__ const float* gemm_src(int it) const {
+    const int s = steps - 1 - it;
+    return s + 1 < steps ? buf + ((s + 1) & 1) * static_cast<size_t>(B) * 4 * H : nullptr;
+  }
+  __device__ void point(int it, int b, int j, const float* acc) const {
+    const int s = steps - 1 - it, G = 4 * H;
+    const size_t bj = static_cast<size_t>(b) * H + j;
+    const int L = seq_len(lengths, b, steps);
+    const float dh_in = s + 1 < L ? acc[0] : to_f(grad_h_n[bj]);
+    if (s < 0) {
+      grad_h0[bj] = from_f<T>(dh_in);
+      return;
+    }
+    int t;
+    const bool active = step_time(L, s, reverse, t);
+    float* cur = buf + (s & 1) * static_cast<size_t>(B) * G + static_cast<size_t>(b) * G + j;
+    const size_t o4 = (static_cast<size_t>(t) * B + b) * G + j;
+    float da[4] = {0.f, 0.f, 0.f, 0.f};
+    if (active) {
+      const float dh = dh_in + to_f(grad_y[static_cast<size_t>(t) * B * H + bj]);
+      const float i = gates[o4], f = gates[o4 + H], gg = gates[o4 + 2 * H], o = gates[o4 + 3 * H];
+      const float c = cells[(static_cast<size_t>(t) * B + b) * H + j];
+      const int tp = reverse ? t + 1 : t - 1;  // time index of the previous real step
+      const float c_prev = s > 0 ? cells[(static_cast<size_t>(tp) * B + b) * H + j] : to_f(c0[bj]);
+      float dc_prev;
+      lstm_backward_unit(i, f, gg, o, c, c_prev, dh, dc[bj], da[0], da[1], da[2], da[3], dc_prev);
+      dc[bj] = dc_prev;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      dgx[o4 + k * H] = from_f<T>(da[k]);
+      dpre[o4 + k * H] = da[k];
+      cur[k * H] = da[k];
+    }
+  }
+};
+
+static const char* const kLstmProjUnsupported = "LSTM projection (proj_size > 0) is not implemented in the persistent kernels";
+
+template <class T>
+bool lstm_forward_persistent(const LstmForwardArgs& a, cudaStream_t st) {
+  PersistentPlan plan;
+  if (!choose_persistent<LstmFwdPers<T>>("lstm forward", a.H, a.H, a.B, a.T, a.w_hr ? kLstmProjUnsupported : nullptr,
+                                         plan))
+    return false;
+  const int BH = a.B * a.H;
+  LstmFwdPers<T> p;
+  p.w = static_cast<const T*>(a.w_hh); p.B = a.B; p.H = a.H; p.iters = a.T; p.g = PGeom{plan.U, plan.bch, a.H};
+  p.gx = static_cast<const T*>(a.gx); p.lengths = a.lengths; p.y = static_cast<T*>(a.y);
+  p.gates = a.gates; p.cells = a.cells; p.h = a.ws; p.c = a.ws + 2 * static_cast<size_t>(BH); p.reverse = a.reverse;
+  launch_to_float<T>(a.h0, p.h, BH, st);
+  launch_to_float<T>(a.c0, p.c, BH, st);
+  launch_persistent(p, plan, st);
+  launch_from_float<T>(p.h + (a.T & 1) * static_cast<size_t>(BH), a.h_n, BH, st);
+  launch_from_float<T>(p.c, a.c_n, BH, st);
+  frnn_check_launch("lstm_forward (persistent)");
+  return true;
+}
+
+template <class T>
+bool lstm_backward_persistent(const LstmBackwardArgs& a, cudaStream_t st) {
+  PersistentPlan plan;
+  if (!choose_persistent<LstmBwdPers<T>>("lstm backward", 4 * a.H, a.H, a.B, a.T,
+                                         a.w_hr ? kLstmProjUnsupported : nullptr, plan))
+    return false;
+  const int BH = a.B * a.H;
+  LstmBwdPers<T> p;
+  p.w = static_cast<const T*>(a.w_hh); p.B = a.B; p.H = a.H; p.iters = a.T + 1;
+  p.g = PGeom{plan.U, plan.bch, 4 * a.H};
+  p.steps = a.T; p.grad_y = static_cast<const T*>(a.grad_y); p.grad_h_n = static_cast<const T*>(a.grad_h_n);
+  p.c0 = static_cast<const T*>(a.c0); p.lengths = a.lengths; p.gates = a.gates; p.cells = a.cells;
+  p.dgx = static_cast<T*>(a.grad_gx); p.dpre = a.dpre; p.buf = a.ws; p.dc = a.ws + 8 * static_cast<size_t>(BH);
+  p.grad_h0 = static_cast<T*>(a.grad_h0); p.reverse = a.reverse;
+  launch_to_float<T>(a.grad_c_n, p.dc, BH, st);
+  launch_persistent(p, plan, st);
+  launch_from_float<T>(p.dc, a.grad_c0, BH, st);
+  frnn_check_launch("lstm_backward (persistent)");
+  return true;
+}
+
 template <class T>
 void lstm_forward_t(const LstmForwardArgs& a, cudaStream_t st) {
+  if (lstm_forward_persistent<T>(a, st)) return;
   const int BP = a.B * a.P, BH = a.B * a.H;
   float* h[2] = {a.ws, a.ws + BP};
   float* c = a.ws + 2 * BP;
@@ -198,6 +333,7 @@ void lstm_forward_t(const LstmForwardArgs& a, cudaStream_t st) {
 
 template <class T>
 void lstm_backward_t(const LstmBackwardArgs& a, cudaStream_t st) {
+  if (lstm_backward_persistent<T>(a, st)) return;
   const int BH = a.B * a.H;
   float* buf = a.ws;
   float* dc = buf + 8 * static_cast<size_t>(BH);

@@ -1,0 +1,249 @@
+// Persistent recurrence kernels (issue 7; design, footprint and timing model in
+// csrc/cuda/PERSISTENT.md): the whole time loop runs inside ONE cooperative launch.
+//
+//   * Work split: block x owns hidden units [x*U, x*U + U) for all batch rows (the hidden
+//     units are split over the SMs, not the batch, so small batches still use every SM).
+//   * At kernel start the block copies its slice of W_hh into shared memory, in the input
+//     dtype, and keeps it for all steps: forward, the NG gate rows of each owned unit
+//     (NG x U x H); backward, the NG*H-long columns of W_hh for each owned unit (the rows of
+//     W_hh^T), so dh_{t-1}[b, j] = sum_k da[b, k] W_hh[k, j] needs no other block's weights.
+//   * Per step, each block stages the previous step's state vector (h forward, the gate
+//     gradients backward; fp32, [B, K]) from global memory (L2; loaded with __ldcg so no stale
+//     L1 line is read) in batch chunks, computes its outputs with SIMT fp32 FMAs (the K
+//     dimension split over up to 32 threads, partial sums reduced through shared memory),
+//     runs the cell's pointwise math (csrc/cells/*.h, through the cell's `point`), writes its
+//     slice of the new state to global memory and waits at the grid barrier (one per step;
+//     the state is double-buffered by step parity, so one barrier suffices).
+//
+// A cell/direction is a parameter struct C (defined in the cell's .cuh) providing
+//   T, NA (accumulators per output: the gates forward, 1 backward), kTransposed (W slice
+//   is columns of W_hh), w (W_hh, [G, H] row-major), B, H, iters (time iterations),
+//   g (PGeom, filled by the driver), and device functions
+//   gemm_src(it): the fp32 [B, K] vector to multiply at iteration it (null: none; acc = 0)
+//   point(it, b, j, acc): the pointwise part for batch row b, hidden unit j.
+// Sizes are run-time values: one compiled kernel per cell, direction and dtype serves
+// every batch and hidden size (no recompilation, no per-size register pressure).
+#pragma once
+#include <algorithm>
+#include <cstdio>
+#include <string>
+
+#ifndef FRNN_EMULATION
+#include <cooperative_groups.h>
+#endif
+#include "cuda/kernels/common.cuh"
+
+namespace fusedrnn {
+namespace cuda {
+
+constexpr int kPThreads = 256;  // threads of a persistent block (one block per SM)
+constexpr int kMaxKSplit = 32;  // threads sharing one output's K loop
+
+struct PGeom {
+  int U;    // hidden units per block
+  int bch;  // batch rows staged per chunk
+  int K;    // length of the inner products (H forward, NG*H backward)
+};
+
+FRNN_HD size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
+
+// Dynamic shared memory of a block: W slice (input dtype) | staged state chunk (fp32) |
+// partial sums (fp32).
+inline size_t persistent_smem(int NA, int K, int U, int bch, int elem) {
+  return align16(size_t(NA) * U * K * elem) + align16(size_t(bch) * K * 4) +
+         size_t(NA) * std::max(kPThreads, bch * U) * 4;
+}
+
+struct DeviceLimits {
+  int sms;             // streaming multiprocessors
+  int smem_per_block;  // opt-in dynamic shared memory per block, bytes
+  bool cooperative;    // cooperative launches supported
+};
+
+#ifdef FRNN_EMULATION
+inline DeviceLimits device_limits() {
+  std::lock_guard<std::mutex> l(algo_state().m);
+  return {algo_state().pretend_sms, algo_state().pretend_smem, true};
+}
+#else
+// Queried at run time for the current device (cached per device ordinal).
+inline DeviceLimits device_limits() {
+  static DeviceLimits cache[64];
+  static bool have[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev >= 0 && dev < 64 && have[dev]) return cache[dev];
+  int sms = 0, smem = 0, coop = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
+  const DeviceLimits d{sms, smem, coop != 0};
+  if (dev >= 0 && dev < 64) {
+    cache[dev] = d;
+    have[dev] = true;
+  }
+  return d;
+}
+#endif
+
+struct PersistentPlan {
+  bool ok = false;
+  int U = 0, nblk = 0, bch = 0;
+  size_t smem = 0;
+  std::string why;
+};
+
+// The largest grid the device holds co-resident at one block per SM: U = ceil(H / SMs)
+// units per block; then the largest batch chunk that fits next to the W slice.
+inline PersistentPlan plan_persistent(int NA, int K, int H, int B, int elem, const DeviceLimits& d) {
+  PersistentPlan p;
+  char buf[320];
+  if (!d.cooperative) {
+    p.why = "the device does not support cooperative launches";
+    return p;
+  }
+  p.U = (H + d.sms - 1) / d.sms;
+  p.nblk = (H + p.U - 1) / p.U;
+  const size_t w = size_t(NA) * p.U * K * elem;
+  for (p.bch = B; p.bch >= 1; --p.bch)
+    if (persistent_smem(NA, K, p.U, p.bch, elem) <= size_t(d.smem_per_block)) break;
+  if (p.bch < 1) {
+    std::snprintf(buf, sizeof buf,
+                  "W_hh slice of %d units x %d x %d (%zu B) + one staged row + partial sums = %zu B "
+                  "> %d B shared memory per block (%d SMs)",
+                  p.U, NA, K, w, persistent_smem(NA, K, p.U, 1, elem), d.smem_per_block, d.sms);
+    p.why = buf;
+    return p;
+  }
+  p.smem = persistent_smem(NA, K, p.U, p.bch, elem);
+  p.ok = true;
+  std::snprintf(buf, sizeof buf,
+                "W_hh slice %d units x %d x %d = %zu B per block on chip, %d blocks <= %d SMs, "
+                "batch chunk %d of %d, %zu of %d B shared memory",
+                p.U, NA, K, w, p.nblk, d.sms, p.bch, B, p.smem, d.smem_per_block);
+  p.why = buf;
+  return p;
+}
+
+template <class C>
+__global__ void __launch_bounds__(kPThreads, 1) persistent_kernel(C p) {
+  using T = typename C::T;
+  constexpr int NA = C::NA;
+  FRNN_DYN_SMEM(unsigned char, smem);
+  const int U = p.g.U, bch = p.g.bch, K = p.g.K, H = p.H, B = p.B;
+  const int j0 = blockIdx.x * U, nu = imin(U, H - j0);
+  const int tid = threadIdx.x;
+  T* Ws = reinterpret_cast<T*>(smem);
+  float* hs = reinterpret_cast<float*>(smem + align16(size_t(NA) * U * K * sizeof(T)));
+  float* part = hs + align16(size_t(bch) * K * 4) / 4;
+
+  // This block's slice of W_hh, kept on chip for the whole sequence.
+  for (int i = tid; i < NA * U * K; i += kPThreads) {
+    const int k = i % K, u = (i / K) % U, a = i / (K * U);
+    T w = from_f<T>(0.f);
+    if (u < nu)
+      w = C::kTransposed ? p.w[static_cast<size_t>(k) * H + j0 + u]
+                         : p.w[(static_cast<size_t>(a) * H + j0 + u) * K + k];
+    Ws[i] = w;
+  }
+
+  for (int it = 0; it < p.iters; ++it) {
+    const float* src = p.gemm_src(it);
+    for (int b0 = 0; b0 < B; b0 += bch) {
+      const int nb = imin(bch, B - b0), items = nb * nu;
+      // Stage rows [b0, b0 + nb) of the state other blocks wrote before the grid barrier.
+      if (src)
+        for (int i = tid; i < nb * K; i += kPThreads) hs[i] = __ldcg(src + static_cast<size_t>(b0) * K + i);
+      __syncthreads();
+      const int KS = src ? imin(kMaxKSplit, items >= kPThreads ? 1 : kPThreads / items) : 0;
+      for (int i = tid; i < KS * items; i += kPThreads) {
+        const int ks = i % KS, item = i / KS, bb = item / nu, u = item % nu;
+        const float* hrow = hs + static_cast<size_t>(bb) * K;
+        float acc[NA];
+#pragma unroll
+        for (int a = 0; a < NA; ++a) acc[a] = 0.f;
+        for (int k = ks; k < K; k += KS) {
+          const float h = hrow[k];
+#pragma unroll
+          for (int a = 0; a < NA; ++a) acc[a] += h * to_f(Ws[(a * U + u) * K + k]);
+        }
+#pragma unroll
+        for (int a = 0; a < NA; ++a) part[(a * KS + ks) * items + item] = acc[a];
+      }
+      __syncthreads();
+      for (int item = tid; item < items; item += kPThreads) {
+        float acc[NA];
+#pragma unroll
+        for (int a = 0; a < NA; ++a) {
+          acc[a] = 0.f;
+          for (int ks = 0; ks < KS; ++ks) acc[a] += part[(a * KS + ks) * items + item];
+        }
+        p.point(it, b0 + item / nu, j0 + item % nu, acc);
+      }
+    }
+    // The new state slice is in global memory: one grid-wide barrier per step (it also
+    // orders this step's reads of the other parity buffer before anyone overwrites it).
+    if (it + 1 < p.iters) cooperative_groups::this_grid().sync();
+  }
+}
+
+#ifndef FRNN_EMULATION
+inline void frnn_cuda_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("fusedrnn persistent kernel: ") + what + ": " + cudaGetErrorString(e));
+}
+#endif
+
+// Decide per_step / persistent for one call (see Algo in api.h), record why, fill `plan`.
+// `unsupported`: why this call can never run persistent (null if it can).
+template <class C>
+bool choose_persistent(const char* what, int K, int H, int B, int T, const char* unsupported, PersistentPlan& plan) {
+  const Algo algo = get_algo();
+  std::string why;
+  bool ok = false;
+  if (T == 0 || B == 0 || H == 0) {
+    why = "empty sequence or batch: nothing to keep on chip";
+  } else if (algo == Algo::PerStep) {
+    why = "forced by set_algo('per_step')";
+  } else if (unsupported) {
+    why = unsupported;
+  } else {
+    const DeviceLimits d = device_limits();
+    plan = plan_persistent(C::NA, K, H, B, sizeof(typename C::T), d);
+    ok = plan.ok;
+    why = plan.why;
+#ifndef FRNN_EMULATION
+    if (ok) {  // the grid must be co-resident: ask the occupancy calculator at this size
+      frnn_cuda_check(cudaFuncSetAttribute(persistent_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(plan.smem)), "cudaFuncSetAttribute");
+      int per_sm = 0;
+      frnn_cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel<C>, kPThreads, plan.smem),
+                      "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+      if (per_sm * d.sms < plan.nblk) {
+        ok = false;
+        why = "occupancy calculator: " + std::to_string(per_sm) + " block(s) per SM cannot hold " +
+              std::to_string(plan.nblk) + " blocks (" + why + ")";
+      }
+    }
+#endif
+  }
+  set_last_algo(std::string(what) + ": " + (ok ? "persistent" : "per_step") + " (" +
+                (algo == Algo::Auto ? "auto: " : "") + why + ")");
+  if (!ok && algo == Algo::Persistent && T > 0 && B > 0 && H > 0)
+    throw std::runtime_error(std::string("fusedrnn: set_algo('persistent') but ") + what + " cannot run persistent: " + why);
+  return ok;
+}
+
+template <class C>
+void launch_persistent(C p, const PersistentPlan& plan, cudaStream_t st) {
+#ifdef FRNN_EMULATION
+  FRNN_LAUNCH_COOPERATIVE(persistent_kernel<C>, dim3(plan.nblk), dim3(kPThreads), plan.smem, st, p);
+#else
+  void* args[] = {&p};
+  frnn_cuda_check(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<C>), dim3(plan.nblk),
+                                              dim3(kPThreads), args, plan.smem, st),
+                  "cudaLaunchCooperativeKernel");
+#endif
+}
+
+}  // namespace cuda
+}  // namespace fusedrnn

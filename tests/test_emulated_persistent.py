@@ -1,0 +1,225 @@
+"""The persistent CUDA kernels (csrc/cuda/kernels/persistent.cuh: the whole sequence in one
+cooperative launch, W_hh slices kept on chip, a grid barrier per step) under the CPU
+emulation, against the reference: forward and every gradient, each cell and dtype, lengths,
+reverse, several grid shapes (one block, several, ragged last block, one unit per block),
+batch chunking; the auto choice and its fallback to the per-step kernels; and mutation
+tests: without the grid barrier, or without any one of the kernel's __syncthreads, the
+comparisons fail.
+
+The emulator runs the blocks of a cooperative launch greedily (one block runs until all its
+threads wait at grid.sync()), so a block reading state another block has not written yet
+(a missing or misplaced grid barrier) reads stale/poisoned values deterministically.
+"""
+import re
+
+import pytest
+import torch
+
+from op_harness import check_against_reference, make_inputs
+from test_emulated_ops import check_kernel
+from fusedrnn.backends import registry
+
+pytestmark = pytest.mark.emulated
+
+E = pytest.importorskip("fusedrnn._emulated", reason="fusedrnn._emulated is not built")
+
+THREADS = 256  # kPThreads
+NA_FWD = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+@pytest.fixture(autouse=True)
+def _persistent():
+    why = registry()["emulated"].unavailable()
+    if why:
+        pytest.skip(why)
+    algo, dev = E.get_algo(), E.get_pretend_device()
+    E.set_algo("persistent")
+    E.set_pretend_device(4, 100 * 1024)
+    yield
+    E.set_algo(algo)
+    E.set_pretend_device(*dev)
+    E.set_drop_grid_sync(False)
+    E.set_drop_barrier("")
+
+
+def _inputs(cell, T, B, H, dtype=torch.float32, **kw):
+    extra = {"relu": kw.pop("relu", False)} if cell == "rnn" else {}
+    if cell == "gru":
+        extra["bias"] = kw.pop("bias", True)
+    return make_inputs(cell, T, B, H, dtype=dtype, **extra, **kw)
+
+
+def _forward_and_backward_ran_persistent(cell):
+    assert E.last_algo().startswith(f"{cell} backward: persistent"), E.last_algo()
+
+
+# (T, B, H, pretend SMs): several blocks with a ragged last one (20 = 7+7+6), one block,
+# one unit per block (H=7 on 16 SMs), batch 1.
+GRIDS = [(4, 3, 20, 3), (3, 2, 9, 1), (3, 3, 7, 16), (4, 1, 20, 4)]
+VARIANTS = [dict(), dict(lengths=True), dict(reverse=True), dict(lengths=True, reverse=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"T{g[0]}B{g[1]}H{g[2]}sm{g[3]}")
+def test_against_reference(cell, grid, dtype):
+    T, B, H, sms = grid
+    E.set_pretend_device(sms, 100 * 1024)
+    i = GRIDS.index(grid)
+    variant = VARIANTS[i % len(VARIANTS)]  # each grid with a different lengths/reverse variant
+    kw = {}
+    if cell == "rnn":
+        kw["relu"] = i % 2 == 1
+    if cell == "gru":
+        kw["bias"] = i != 1
+    check_kernel("emulated", cell, _inputs(cell, T, B, H, dtype, **variant, **kw))
+    _forward_and_backward_ran_persistent(cell)
+    n_blocks = -(-H // -(-H // sms))
+    assert f"{n_blocks} blocks <= {sms} SMs" in E.last_algo()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "+".join(v) or "plain")
+def test_lengths_and_reverse_fp32(cell, variant):
+    check_against_reference("emulated", cell, _inputs(cell, 5, 4, 12, **variant))
+    _forward_and_backward_ran_persistent(cell)
+
+
+def _smem(na, K, U, bch, elem):
+    a16 = lambda x: (x + 15) // 16 * 16  # noqa: E731
+    return a16(na * U * K * elem) + a16(bch * K * 4) + na * max(THREADS, bch * U) * 4
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_batch_chunks(cell, direction):
+    """Shared memory for only 2 of the 5 batch rows next to the W slice: the state is
+    staged in chunks of 2, 2, 1 rows."""
+    T, B, H, sms = 3, 5, 12, 3
+    U, ng = 4, NA_FWD[cell]
+    na, K = (ng, H) if direction == "forward" else (1, ng * H)
+    smem = _smem(na, K, U, 2, 4) + 4 * K - 4  # 2 rows fit, 3 do not
+    args = _inputs(cell, T, B, H, lengths=True, reverse=direction == "backward")
+    if direction == "backward":  # forward with room for every row; then shrink for the backward
+        E.set_pretend_device(sms, 100 * 1024)
+        a = tuple(x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                  for x in args)
+        n = 3 if cell == "lstm" else 2
+        outs = registry()["emulated"].op(cell, "forward")(*a)[:n]
+        ra = tuple(x.detach().double().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                   else x for x in args)
+        ref = registry()["reference"].op(cell, "forward")(*ra)[:n]
+        seeds = [torch.randn_like(o) for o in outs]
+        E.set_pretend_device(sms, smem)
+        leaves = [x for x in a if isinstance(x, torch.Tensor) and x.requires_grad]
+        got = torch.autograd.grad(outs, leaves, seeds)
+        assert "batch chunk 2 of 5" in E.last_algo(), E.last_algo()
+        want = torch.autograd.grad(ref, [x for x in ra if isinstance(x, torch.Tensor) and x.requires_grad],
+                                   [s.double() for s in seeds])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-5)
+    else:
+        E.set_pretend_device(sms, smem)
+        check_against_reference("emulated", cell, args, backward=False)
+        assert E.last_algo().startswith(f"{cell} forward: persistent") and "batch chunk 2 of 5" in E.last_algo()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_auto_chooses_and_says_why(cell):
+    """auto: persistent when the W_hh slices fit the (pretend) device, per-step otherwise
+    (results right either way); forced persistent that does not fit raises."""
+    E.set_algo("auto")
+    args = _inputs(cell, 3, 2, 24)
+    E.set_pretend_device(4, 100 * 1024)
+    check_against_reference("emulated", cell, args)
+    assert re.match(rf"{cell} backward: persistent \(auto: W_hh slice 6 units", E.last_algo()), E.last_algo()
+    E.set_pretend_device(4, 1024)  # not even the partial sums fit
+    check_against_reference("emulated", cell, args)
+    assert re.match(rf"{cell} backward: per_step \(auto: .*> 1024 B shared memory per block", E.last_algo()), \
+        E.last_algo()
+    E.set_algo("persistent")
+    with pytest.raises(RuntimeError, match="cannot run persistent"):
+        registry()["emulated"].op(cell, "forward")(*args)
+    E.set_algo("per_step")
+    registry()["emulated"].op(cell, "forward")(*args)
+    assert E.last_algo() == f"{cell} forward: per_step (forced by set_algo('per_step'))"
+
+
+def test_lstm_projection_falls_back_to_per_step():
+    E.set_algo("auto")
+    check_against_reference("emulated", "lstm", make_inputs("lstm", 3, 2, 12, P=5))
+    assert "per_step" in E.last_algo() and "projection" in E.last_algo(), E.last_algo()
+
+
+def test_every_schedule_gives_the_same_bits():
+    args = _inputs("gru", 3, 3, 20, lengths=True)
+    op = registry()["emulated"].op("gru", "forward")
+    E.set_pretend_device(3, 100 * 1024)
+    saved = E.get_schedule()
+    try:
+        outs = []
+        for mode, seed in [(1, 0), (2, 0), (3, 7)]:
+            E.set_schedule(mode, seed)
+            outs.append(op(*args))
+    finally:
+        E.set_schedule(*saved)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------ mutation tests
+MUT = dict(T=3, B=3, H=20)  # 3 blocks on the pretend 3-SM device
+
+
+def _mut_inputs(cell):
+    return _inputs(cell, MUT["T"], MUT["B"], MUT["H"], lengths=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_dropping_the_grid_barrier_fails_forward_and_backward(cell):
+    E.set_pretend_device(3, 100 * 1024)
+    args = _mut_inputs(cell)
+    check_against_reference("emulated", cell, args)  # passes with the barrier
+    # forward without it
+    E.set_drop_grid_sync(True)
+    with pytest.raises(AssertionError):
+        check_against_reference("emulated", cell, args, backward=False)
+    E.set_drop_grid_sync(False)
+    # backward without it (the forward ran with it)
+    a = tuple(x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+              for x in args)
+    n = 3 if cell == "lstm" else 2
+    outs = registry()["emulated"].op(cell, "forward")(*a)[:n]
+    seeds = [torch.randn_like(o) for o in outs]
+    leaves = [x for x in a if isinstance(x, torch.Tensor) and x.requires_grad]
+    good = torch.autograd.grad(outs, leaves, seeds, retain_graph=True)
+    E.set_drop_grid_sync(True)
+    try:
+        bad = torch.autograd.grad(outs, leaves, seeds)
+    finally:
+        E.set_drop_grid_sync(False)
+    assert E.last_algo().startswith(f"{cell} backward: persistent")
+    # grad of h0 depends on every step's exchange through the barrier
+    assert not all(torch.allclose(g, b, atol=1e-4, rtol=1e-4, equal_nan=False) for g, b in zip(good, bad))
+
+
+def test_every_persistent_kernel_barrier_is_caught_when_removed():
+    E.set_pretend_device(3, 100 * 1024)
+    for cell in NA_FWD:  # executes every barrier of the persistent kernels
+        check_against_reference("emulated", cell, _mut_inputs(cell))
+    sites = [s for s in E.barrier_sites() if s.endswith(tuple(f"persistent.cuh:{n}" for n in range(10000)))]
+    assert len(sites) >= 2, E.barrier_sites()
+    survived = []
+    try:
+        for site in sites:
+            E.set_drop_barrier(site)
+            for cell in NA_FWD:
+                try:
+                    check_against_reference("emulated", cell, _mut_inputs(cell))
+                except (AssertionError, RuntimeError):
+                    continue
+                survived.append((site, cell))
+    finally:
+        E.set_drop_barrier("")
+    assert not survived, f"removing these barriers went unnoticed: {survived}"
