@@ -51,8 +51,19 @@ def build():
         if run([PY, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
                env={**env, "FUSEDRNN_NO_EXT": "1"}):
             sys.exit("pip install -e . failed")
-    if run([PY, "setup.py", "-q", "build_ext", "--inplace"], env=env):
+    # The build's output (with ptxas's -v resource report) is kept in build/build.log and
+    # condensed by csrc/cuda/ptxas_summary.py, which fails the build if a kernel spills.
+    os.makedirs(os.path.join(ROOT, "build"), exist_ok=True)
+    log = os.path.join(ROOT, "build", "build.log")
+    print("+", PY, "setup.py -q build_ext --inplace  (output: build/build.log)", flush=True)
+    with open(log, "w") as f:
+        rc = subprocess.run([PY, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, env=env, stdout=f,
+                            stderr=subprocess.STDOUT).returncode
+    if rc:
+        sys.stdout.write(open(log).read()[-30000:])
         sys.exit("building the extensions failed")
+    if run([PY, os.path.join("csrc", "cuda", "ptxas_summary.py"), log]):
+        sys.exit("CUDA kernels spill registers (ptxas summary above)")
 
 
 def main():

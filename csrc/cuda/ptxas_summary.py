@@ -7,7 +7,11 @@ The build (setup.py build_ext, as run by dev.py/CI) prints ptxas's raw report fo
 kernel and architecture; this turns it into one demangled row per kernel and arch:
 registers, stack frame, spill stores/loads, static shared memory, and the dynamic shared
 memory the launchers request (ptxas cannot see it; computed from the tile constants in
-csrc/cuda/kernels/common.cuh). Exits 1 if any step kernel spills more than 64 bytes.
+csrc/cuda/kernels/common.cuh). Exits 1 if any step kernel spills more than 64 bytes, or
+any persistent kernel spills at all. The persistent kernels (kernels/persistent.cuh) take
+every size at run time: their one row per cell/direction/dtype is the report for every
+hidden size (256, 512, 1024, ...); their dynamic shared memory depends on the call and is
+listed below the table for the default configurations (PERSISTENT.md).
 """
 import os
 import re
@@ -30,6 +34,30 @@ def dynamic_smem(name, c):
         if key in name:
             return val
     return 0
+
+
+def persistent_footprints():
+    """Dynamic shared memory of the persistent kernels (formula of persistent_smem() in
+    kernels/persistent.cuh) for LSTM at batch 16 on an A100 (108 SMs, 163 KB per block)
+    and an H100 (132 SMs, 227 KB), per hidden size, at the batch chunk the planner picks."""
+    src = open(os.path.join(HERE, "kernels", "persistent.cuh")).read()
+    threads = int(re.search(r"constexpr int kPThreads = (\d+);", src).group(1))
+    a16 = lambda x: (x + 15) // 16 * 16  # noqa: E731
+
+    def plan(na, K, H, B, elem, sms, limit):
+        U = -(-H // sms)
+        for bch in range(B, 0, -1):
+            need = a16(na * U * K * elem) + a16(bch * K * 4) + na * max(threads, bch * U) * 4
+            if need <= limit:
+                return f"{need // 1024}K/b{bch}"
+        return "no fit"
+    out = ["persistent kernels, dynamic smem per block / batch chunk, LSTM B=16 (fwd | bwd):"]
+    for dev, sms, limit in (("A100", 108, 163 * 1024), ("H100", 132, 227 * 1024)):
+        for dt, elem in (("fp32", 4), ("bf16", 2)):
+            cells = [f"H={H}: {plan(4, H, H, 16, elem, sms, limit)} | {plan(1, 4 * H, H, 16, elem, sms, limit)}"
+                     for H in (256, 512, 1024)]
+            out.append(f"  {dev} {dt}: " + ", ".join(cells))
+    return "\n".join(out)
 
 
 def parse(lines):
@@ -80,6 +108,10 @@ def main():
               f"{r['smem']:>5} {dynamic_smem(name, c):>8}")
         if "step" in name and r["spill_st"] > 64:
             bad.append(name)
+        if "persistent_kernel" in name and (r["spill_st"] or r["spill_ld"] or r["stack"]):
+            bad.append(name)
+    if any("persistent_kernel" in r["mangled"] for r in rows):
+        print(persistent_footprints())
     if bad:
         print("kernels spilling more than 64 bytes:", ", ".join(sorted(set(bad))))
         return 1
