@@ -21,7 +21,8 @@ Semantics shared by all cells:
     b_hh is applied inside (PyTorch's n = tanh(gx_n + r * (W_hn h + b_hn))).
   * Gate order and equations are PyTorch's: LSTM (i, f, g, o), GRU (r, z, n)
     with h' = (1 - z) * n + z * h.
-  * lengths (int64, on gx's device, values in [0, T], any order): sequence b is
+  * lengths (int64, on gx's device, values in [0, T], any order; fusedrnn/contract.py
+    checks the arguments): sequence b is
     active for its first lengths[b] time steps. Past that its state is frozen
     (h_n is the state after its last valid step) and its output is 0. With
     reverse=True each sequence starts at its own last valid step, lengths[b]-1,
@@ -40,6 +41,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .contract import check_forward
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -93,6 +96,7 @@ def _matmul_t(a: Tensor, b: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- LSTM
 def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse):
+    check_forward("lstm", gx, h0, w_hh, lengths, c0=c0, w_hr=w_hr)
     out_dtype = gx.dtype
     gx, h0, c0, w_hh, w_hr = map(_up, (gx, h0, c0, w_hh, w_hr))
     T, B, G = gx.shape
@@ -165,6 +169,7 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, rever
 
 # ----------------------------------------------------------------------------- GRU
 def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse):
+    check_forward("gru", gx, h0, w_hh, lengths, b_hh=b_hh)
     out_dtype = gx.dtype
     gx, h0, w_hh, b_hh = map(_up, (gx, h0, w_hh, b_hh))
     T, B, G = gx.shape
@@ -222,6 +227,7 @@ def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, h
 
 # ----------------------------------------------------------------------------- RNN
 def rnn_forward(gx, h0, w_hh, lengths, reverse, relu):
+    check_forward("rnn", gx, h0, w_hh, lengths)
     out_dtype = gx.dtype
     gx, h0, w_hh = map(_up, (gx, h0, w_hh))
     T, B, H = gx.shape

@@ -56,11 +56,29 @@ inline void check_saved(const Tensor& t, const char* name, const Tensor& like) {
               " must be float32 on ", like.device());
 }
 
-// int64 lengths on the kernels' device (kept alive by `keep`), or null.
-inline const int64_t* lengths_ptr(const OptT& lengths, Tensor& keep, const Tensor& like, int64_t B) {
+// A forward argument's shape, named in the error (the contract: fusedrnn/contract.py).
+inline void check_shape(const Tensor& t, const char* name, at::IntArrayRef want, const Tensor& gx) {
+  TORCH_CHECK(t.sizes() == want, "fusedrnn: ", name, " must have shape ", want, " (gx is ", gx.sizes(), "), got ",
+              t.sizes());
+}
+
+// int64 lengths on the kernels' device (kept alive by `keep`), or null. Values outside
+// [0, T] would send the kernels out of bounds: checked on the host for CPU tensors (the
+// emulation), by a device-side assert on the GPU (no host synchronization).
+inline const int64_t* lengths_ptr(const OptT& lengths, Tensor& keep, const Tensor& like, int64_t T, int64_t B) {
   if (!lengths.has_value()) return nullptr;
-  TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B, "fusedrnn: lengths must have shape [", B, "]");
-  keep = lengths->to(like.device(), at::kLong).contiguous();
+  TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == B,
+              "fusedrnn: lengths must be an int64 tensor of shape [", B, "], got ", lengths->scalar_type(), " ",
+              lengths->sizes());
+  TORCH_CHECK(lengths->device() == like.device(), "fusedrnn: lengths is on ", lengths->device(), ", expected ",
+              like.device());
+  keep = lengths->contiguous();
+  const Tensor valid = keep.ge(0).logical_and(keep.le(T)).all();
+  if (keep.is_cpu()) {
+    TORCH_CHECK(valid.item<bool>(), "fusedrnn: lengths must lie in [0, ", T, "] (T = gx.size(0))");
+  } else {
+    at::_assert_async(valid, "fusedrnn: lengths must lie in [0, T]");
+  }
   return keep.data_ptr<int64_t>();
 }
 
@@ -96,12 +114,13 @@ inline std::tuple<Tensor, Tensor> rnn_forward(const Tensor& gx_, const Tensor& h
   FRNN_DEVICE_GUARD(gx_);
   const Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
   const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2);
-  TORCH_CHECK(h0.size(0) == B && h0.size(1) == H && w_hh.size(0) == H && w_hh.size(1) == H, "fusedrnn: rnn shapes");
+  check_shape(h0, "h0", {B, H}, gx);
+  check_shape(w_hh, "w_hh", {H, H}, gx);
   Tensor keep;
   cuda::RnnForwardArgs a{};
   a.dt = dtype_of(gx); a.T = T; a.B = B; a.H = H; a.reverse = reverse; a.relu = relu;
   a.gx = gx.data_ptr(); a.h0 = h0.data_ptr(); a.w_hh = w_hh.data_ptr();
-  a.lengths = lengths_ptr(lengths, keep, gx, B);
+  a.lengths = lengths_ptr(lengths, keep, gx, T, B);
   Tensor y = new_out({T, B, H}, gx.options()), h_n = new_out({B, H}, gx.options());
   Tensor ws = new_out({(int64_t)cuda::rnn_forward_ws(B, H)}, gx.options().dtype(at::kFloat));
   a.y = y.data_ptr(); a.h_n = h_n.data_ptr(); a.ws = ws.data_ptr<float>();
@@ -125,7 +144,7 @@ inline std::tuple<Tensor, Tensor, Tensor> rnn_backward(const Tensor& grad_y_, co
   cuda::RnnBackwardArgs a{};
   a.dt = dtype_of(h0); a.T = T; a.B = B; a.H = H; a.reverse = reverse; a.relu = relu;
   a.grad_y = grad_y.data_ptr(); a.grad_h_n = grad_h_n.data_ptr(); a.w_hh = w_hh.data_ptr(); a.y = y.data_ptr();
-  a.lengths = lengths_ptr(lengths, keep, h0, B);
+  a.lengths = lengths_ptr(lengths, keep, h0, T, B);
   const auto f32 = h0.options().dtype(at::kFloat);
   Tensor grad_gx = new_out({T, B, H}, h0.options()), grad_h0 = new_out({B, H}, h0.options());
   Tensor dpre = new_out({T, B, H}, f32), ws = new_out({(int64_t)cuda::rnn_backward_ws(B, H)}, f32);
@@ -150,15 +169,17 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Ten
   const Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_hr = w_hr_.has_value() ? w_hr_->contiguous() : Tensor();
   const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2) / 4, P = h0.size(1);
-  TORCH_CHECK(gx.size(2) == 4 * H && w_hh.size(0) == 4 * H && w_hh.size(1) == P && c0.size(1) == H,
-              "fusedrnn: lstm shapes");
-  TORCH_CHECK(w_hr.defined() ? (w_hr.size(0) == P && w_hr.size(1) == H) : P == H, "fusedrnn: lstm w_hr shape");
+  TORCH_CHECK(gx.size(2) == 4 * H, "fusedrnn: gx's last dimension (", gx.size(2), ") must be 4 * hidden_size");
+  check_shape(h0, "h0", {B, w_hr.defined() ? w_hr.size(0) : H}, gx);
+  check_shape(c0, "c0", {B, H}, gx);
+  check_shape(w_hh, "w_hh", {4 * H, P}, gx);
+  if (w_hr.defined()) check_shape(w_hr, "w_hr", {P, H}, gx);
   Tensor keep;
   cuda::LstmForwardArgs a{};
   a.dt = dtype_of(gx); a.T = T; a.B = B; a.H = H; a.P = P; a.reverse = reverse;
   a.gx = gx.data_ptr(); a.h0 = h0.data_ptr(); a.c0 = c0.data_ptr(); a.w_hh = w_hh.data_ptr();
   a.w_hr = w_hr.defined() ? w_hr.data_ptr() : nullptr;
-  a.lengths = lengths_ptr(lengths, keep, gx, B);
+  a.lengths = lengths_ptr(lengths, keep, gx, T, B);
   const auto f32 = gx.options().dtype(at::kFloat);
   Tensor y = new_out({T, B, P}, gx.options()), h_n = new_out({B, P}, gx.options()), c_n = new_out({B, H}, gx.options());
   Tensor gates = new_out({T, B, 4 * H}, f32), cells = new_out({T, B, H}, f32);
@@ -192,7 +213,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
   a.dt = dtype_of(h0); a.T = T; a.B = B; a.H = H; a.P = P; a.reverse = reverse;
   a.grad_y = grad_y.data_ptr(); a.grad_h_n = grad_h_n.data_ptr(); a.grad_c_n = grad_c_n.data_ptr();
   a.c0 = c0.data_ptr(); a.w_hh = w_hh.data_ptr(); a.w_hr = w_hr.defined() ? w_hr.data_ptr() : nullptr;
-  a.lengths = lengths_ptr(lengths, keep, h0, B);
+  a.lengths = lengths_ptr(lengths, keep, h0, T, B);
   a.gates = gates.data_ptr<float>(); a.cells = cells.data_ptr<float>();
   const auto f32 = h0.options().dtype(at::kFloat);
   Tensor grad_gx = new_out({T, B, 4 * H}, h0.options()), grad_h0 = new_out({B, P}, h0.options()),
@@ -228,15 +249,16 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gx_,
   const Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
   const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2) / 3;
-  TORCH_CHECK(gx.size(2) == 3 * H && h0.size(1) == H && w_hh.size(0) == 3 * H && w_hh.size(1) == H &&
-                  (!b_hh.defined() || b_hh.size(0) == 3 * H),
-              "fusedrnn: gru shapes");
+  TORCH_CHECK(gx.size(2) == 3 * H, "fusedrnn: gx's last dimension (", gx.size(2), ") must be 3 * hidden_size");
+  check_shape(h0, "h0", {B, H}, gx);
+  check_shape(w_hh, "w_hh", {3 * H, H}, gx);
+  if (b_hh.defined()) check_shape(b_hh, "b_hh", {3 * H}, gx);
   Tensor keep;
   cuda::GruForwardArgs a{};
   a.dt = dtype_of(gx); a.T = T; a.B = B; a.H = H; a.reverse = reverse;
   a.gx = gx.data_ptr(); a.h0 = h0.data_ptr(); a.w_hh = w_hh.data_ptr();
   a.b_hh = b_hh.defined() ? b_hh.data_ptr() : nullptr;
-  a.lengths = lengths_ptr(lengths, keep, gx, B);
+  a.lengths = lengths_ptr(lengths, keep, gx, T, B);
   const auto f32 = gx.options().dtype(at::kFloat);
   Tensor y = new_out({T, B, H}, gx.options()), h_n = new_out({B, H}, gx.options());
   Tensor gates = new_out({T, B, 3 * H}, f32), hn = new_out({T, B, H}, f32);
@@ -267,7 +289,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& gra
   cuda::GruBackwardArgs a{};
   a.dt = dtype_of(h0); a.T = T; a.B = B; a.H = H; a.reverse = reverse;
   a.grad_y = grad_y.data_ptr(); a.grad_h_n = grad_h_n.data_ptr(); a.h0 = h0.data_ptr(); a.w_hh = w_hh.data_ptr();
-  a.y = y.data_ptr(); a.lengths = lengths_ptr(lengths, keep, h0, B);
+  a.y = y.data_ptr(); a.lengths = lengths_ptr(lengths, keep, h0, T, B);
   a.gates = gates.data_ptr<float>(); a.hn = hn.data_ptr<float>();
   const auto f32 = h0.options().dtype(at::kFloat);
   Tensor grad_gx = new_out({T, B, 3 * H}, h0.options()), grad_h0 = new_out({B, H}, h0.options());

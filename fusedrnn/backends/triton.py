@@ -17,6 +17,7 @@ import os
 import torch
 
 from .. import ops
+from ..contract import check_forward
 from ..schema import SCHEMAS
 from . import Backend, Call, register
 
@@ -34,6 +35,7 @@ def _define_ops() -> None:
 
     @op("lstm_forward")
     def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse):
+        check_forward("lstm", gx, h0, w_hh, lengths, c0=c0, w_hr=w_hr)
         return L.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, wrap=wrap_triton)
 
     @op("lstm_backward")
@@ -43,6 +45,7 @@ def _define_ops() -> None:
 
     @op("gru_forward")
     def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse):
+        check_forward("gru", gx, h0, w_hh, lengths, b_hh=b_hh)
         return L.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, wrap=wrap_triton)
 
     @op("gru_backward")
@@ -51,6 +54,7 @@ def _define_ops() -> None:
 
     @op("rnn_forward")
     def rnn_forward(gx, h0, w_hh, lengths, reverse, relu):
+        check_forward("rnn", gx, h0, w_hh, lengths)
         return L.rnn_forward(gx, h0, w_hh, lengths, reverse, relu, wrap=wrap_triton)
 
     @op("rnn_backward")
