@@ -173,7 +173,10 @@ class _FusedRNNBase(BackendChoice):
         self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
         with below_autograd_if_no_grad():
-            return self._layers(fwd, x, lengths, hs, finish, names)
+            out = self._layers(fwd, x, lengths, hs, finish, names)
+        if backend.kernel_choice is not None:
+            self._record_choice(backend.name, f"{why}; kernels: {backend.kernel_choice()}")
+        return out
 
     def _layers(self, fwd, x, lengths, hs, finish, names):
         D = 2 if self.bidirectional else 1

@@ -35,6 +35,9 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     load: Callable[[], Optional[str]]             # makes the backend usable; returns why not, or None
     limits: Callable[[Call], Optional[str]] = field(default=lambda call: None)  # why a call is refused
+    # What the backend's kernels chose in its latest call, and why (e.g. the CUDA
+    # backend's persistent vs per-step kernels); None if it has no such choice.
+    kernel_choice: Optional[Callable[[], str]] = None
     _state: Optional[str] = field(default="unloaded", repr=False)
 
     def unavailable(self) -> Optional[str]:

@@ -26,4 +26,5 @@ def _load():
 
 
 register(Backend(name="emulated", ops_backend="emulated", device_types=("cpu",),
-                 dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load))
+                 dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load,
+                 kernel_choice=lambda: importlib.import_module("fusedrnn._emulated").last_algo()))
