@@ -5,9 +5,12 @@ torch.nn's); one step is the recurrence op of the chosen backend with T = 1.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch.nn.functional as F
 from torch import nn
 
+from . import autocast as AC
 from . import validation as V
 from .backends import Call, select
 from .modules import BackendChoice, below_autograd_if_no_grad
@@ -28,21 +31,26 @@ class _FusedCellBase(BackendChoice):
         elif not batched:
             hs = [h.unsqueeze(0) for h in hs]
         V.check_device(self.weight_ih, x)
+        w_ih, w_hh = self.weight_ih, self.weight_hh
+        b_ih, b_hh = (self.bias_ih, self.bias_hh) if self.bias else (None, None)
+        cast = AC.run_dtype(self._torch_name, x)
+        if cast is not None:  # autocast: everything in the dtype torch.nn's cell computes in
+            x, hs = x.to(cast), [h.to(cast) for h in hs]
+            w_ih, w_hh, b_ih, b_hh = (w if w is None else w.to(cast) for w in (w_ih, w_hh, b_ih, b_hh))
         backend, why = select(self.backend, Call(cell=self._cell, device=x.device, dtype=x.dtype,
                                                  hidden_size=self.hidden_size, batch=x.shape[0]))
         self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
-        with below_autograd_if_no_grad():
-            b_ih, b_hh = (self.bias_ih, self.bias_hh) if self.bias else (None, None)
+        with below_autograd_if_no_grad(), (AC.autocast_off(x.device.type) if cast else contextlib.nullcontext()):
             if self._cell == "gru":
-                gx = F.linear(x, self.weight_ih, b_ih).unsqueeze(0)
-                out = [fwd(gx, hs[0], self.weight_hh, b_hh, None, False)[1]]
+                gx = F.linear(x, w_ih, b_ih).unsqueeze(0)
+                out = [fwd(gx, hs[0], w_hh, b_hh, None, False)[1]]
             else:
-                gx = F.linear(x, self.weight_ih, None if b_ih is None else b_ih + b_hh).unsqueeze(0)
+                gx = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh).unsqueeze(0)
                 if lstm:
-                    out = list(fwd(gx, hs[0], hs[1], self.weight_hh, None, None, False)[1:3])
+                    out = list(fwd(gx, hs[0], hs[1], w_hh, None, None, False)[1:3])
                 else:
-                    out = [fwd(gx, hs[0], self.weight_hh, None, False, self.nonlinearity == "relu")[1]]
+                    out = [fwd(gx, hs[0], w_hh, None, False, self.nonlinearity == "relu")[1]]
         if not batched:
             out = [o.squeeze(0) for o in out]
         return tuple(out) if lstm else out[0]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import autocast as AC
 from . import validation as V
 from .backends import Call, select
 
@@ -167,18 +168,21 @@ class _FusedRNNBase(BackendChoice):
         x, lengths, hs, finish = self._prepare(input, hx)
         names = self._weight_names()
         V.check_device(self._param(names[0][1]), x)
+        cast = AC.run_dtype(self._torch_name, x)
+        if cast is not None:
+            x, hs = x.to(cast), [h.to(cast) for h in hs]
         backend, why = select(self.backend, Call(
             cell=self._cell, device=x.device, dtype=x.dtype, hidden_size=self.hidden_size,
             proj_size=getattr(self, "proj_size", 0), batch=x.shape[1]))
         self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
-        with below_autograd_if_no_grad():
-            out = self._layers(fwd, x, lengths, hs, finish, names)
+        with below_autograd_if_no_grad(), (AC.autocast_off(x.device.type) if cast else contextlib.nullcontext()):
+            out = self._layers(fwd, x, lengths, hs, finish, names, cast)
         if backend.kernel_choice is not None:
             self._record_choice(backend.name, f"{why}; kernels: {backend.kernel_choice()}")
         return out
 
-    def _layers(self, fwd, x, lengths, hs, finish, names):
+    def _layers(self, fwd, x, lengths, hs, finish, names, cast):
         D = 2 if self.bidirectional else 1
         finals: list[list[Tensor]] = [[] for _ in hs]
         layer_in = x
@@ -186,7 +190,10 @@ class _FusedRNNBase(BackendChoice):
             outs = []
             for d in range(D):
                 idx = layer * D + d
-                w_ih, w_hh, b_ih, b_hh, w_hr = map(self._param, names[idx])
+                w_ih, w_hh, b_ih, b_hh, w_hr = (self._param(n) for n in names[idx])
+                if cast is not None:  # autocast: weights in the dtype the recurrence runs in
+                    w_ih, w_hh, b_ih, b_hh, w_hr = (w if w is None else w.to(cast)
+                                                    for w in (w_ih, w_hh, b_ih, b_hh, w_hr))
                 state = [h[idx] for h in hs]
                 if self._cell == "gru":
                     # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).

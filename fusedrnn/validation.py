@@ -75,9 +75,10 @@ def check_sequence_length(T: int) -> None:
 
 
 def check_hidden_like_input(input: Tensor, hs: list[Tensor], names: list[str]) -> None:
-    """hx must share the input's dtype and device (torch.nn fails later, and obscurely)."""
+    """hx must share the input's dtype (unless autocast casts both) and device
+    (torch.nn fails later, and obscurely)."""
     for h, n in zip(hs, names):
-        if h.dtype != input.dtype:
+        if h.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
             raise RuntimeError(f"Expected {n} to have dtype {input.dtype} like the input, got {h.dtype}")
         if h.device != input.device:
             raise RuntimeError(f"Expected {n} to be on device {input.device} like the input, got {h.device}")
@@ -106,7 +107,8 @@ def check_cell_input(name: str, input: Tensor, hs: list[Tensor | None], input_si
             raise ValueError(f"{name}: Expected {which} to be 1D or 2D, got {h.dim()}D instead")
     if input.size(-1) != input_size:
         raise RuntimeError(f"input has inconsistent input_size: got {input.size(-1)} expected {input_size}")
-    if input.dtype != weight.dtype:
+    autocast = torch.is_autocast_enabled(input.device.type)  # casts input, hx and weights alike
+    if input.dtype != weight.dtype and not autocast:
         raise RuntimeError(f"{name}: input dtype ({input.dtype}) does not match weight dtype ({weight.dtype})")
     batched = input.dim() == 2
     for i, h in enumerate(hs):
@@ -119,7 +121,7 @@ def check_cell_input(name: str, input: Tensor, hs: list[Tensor | None], input_si
                                f"{'batched 2-D' if batched else 'unbatched 1-D'} input, got {h.dim()}-D")
         if batched and h.size(0) != input.size(0):
             raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {h.size(0)}")
-        if h.dtype != input.dtype:
+        if h.dtype != input.dtype and not autocast:
             raise RuntimeError(f"{name}: hx dtype ({h.dtype}) does not match input dtype ({input.dtype})")
         if h.device != input.device:
             raise RuntimeError(f"{name}: hx is on {h.device} but the input is on {input.device}")
