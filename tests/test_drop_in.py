@@ -148,3 +148,21 @@ def test_torch_compile_traces_the_module_after_first_use(no_grad):
             (g1,) = torch.autograd.grad(got.pow(2).sum(), m.weight_hh_l1)
             (g2,) = torch.autograd.grad(want.pow(2).sum(), m.weight_hh_l1)
             torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_deepcopy_and_save_load_round_trip(tmp_path):
+    """copy.deepcopy and torch.save / torch.load of a whole model (after a forward, so any
+    per-module caches exist) give an independent module with the same outputs and backend."""
+    import copy
+    m = fusedrnn.LSTM(3, 4, num_layers=2, bidirectional=True, backend="reference")
+    x = torch.randn(5, 2, 3)
+    want = m(x)[0]
+    clone = copy.deepcopy(m)
+    torch.save(m, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for other in (clone, loaded):
+        assert type(other) is fusedrnn.LSTM and other.backend == "reference"
+        torch.testing.assert_close(other(x)[0], want, rtol=0, atol=0)
+    with torch.no_grad():
+        clone.weight_hh_l0.add_(1.0)
+    assert not torch.allclose(clone(x)[0], want) and torch.equal(m(x)[0], want)
