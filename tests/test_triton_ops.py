@@ -70,13 +70,13 @@ def test_half(variant, dtype, reverse):
 
 @pytest.fixture
 def path(monkeypatch):
-    """Force the per-step kernels ("step") or keep the default choice ("auto": the
-    time-loop kernels whenever the grid has a single hidden tile)."""
+    """Force the per-step kernels ("step") or keep the default choice ("auto": under the
+    interpreter, the time-loop kernels whenever the grid has a single hidden tile)."""
     launch = _launch()
 
     def set_path(p):
         if p == "step":
-            monkeypatch.setattr(launch, "use_time_loop", lambda T, grid, time_loop: False)
+            monkeypatch.setattr(launch, "choose_mode", lambda *args: launch.STEP)
     return set_path
 
 
@@ -98,16 +98,25 @@ def test_program_grids(blocks, path, grid, cell):
     path(p)
     launch = _launch()
     n_h = -(-40 // tiles[1])
-    assert launch.use_time_loop(4, (n_h, 1), None) == grid.endswith("loop") or p == "step"
+    mode = launch.choose_mode(4, (n_h, 1), torch.device("cpu"), None)
+    assert mode == (launch.SEQ if grid.endswith("loop") else launch.STEP) or p == "step"
     check_against_reference("triton", cell, make_inputs(cell, 4, 20, 40, lengths=True, reverse=True))
 
 
-def test_time_loop_only_with_one_hidden_tile():
+def test_time_loop_modes():
+    """One hidden tile: SEQ. More: PERSISTENT where all programs can be resident (a GPU with
+    enough SMs; tests/test_triton_persistent.py under the interpreter), else per-step."""
     launch = _launch()
-    assert launch.use_time_loop(5, (1, 3), None) and not launch.use_time_loop(5, (2, 3), None)
-    assert not launch.use_time_loop(0, (1, 1), None)
-    with pytest.raises(ValueError, match="hidden tile"):
-        launch.use_time_loop(5, (2, 1), True)
+    cpu = torch.device("cpu")
+    assert launch.choose_mode(5, (1, 3), cpu, None) == launch.SEQ
+    assert launch.choose_mode(5, (2, 3), cpu, None) == launch.STEP  # sequential interpreter
+    assert launch.choose_mode(0, (1, 1), cpu, None) == launch.STEP
+    assert launch.choose_mode(5, (1, 3), cpu, False) == launch.STEP
+    with pytest.raises(ValueError, match="one-launch mode"):
+        launch.choose_mode(5, (2, 1), cpu, True)
+    assert launch.persistent_blocks(16, 1024, 132) == launch.Blocks(16, 16, 64)    # 64 programs
+    assert launch.persistent_blocks(256, 1024, 132) == launch.Blocks(64, 32, 64)   # 4 x 32 programs
+    assert launch.persistent_blocks(256, 4096, 132) is None                       # 256 programs > 132 SMs
     assert launch.default_blocks(3, 40).BLOCK_H >= 40  # small H: one tile, in-kernel time loop
 
 

@@ -63,14 +63,49 @@ def default_blocks(B: int, H: int) -> Blocks:
     return Blocks(bb, bh, 64)
 
 
-def use_time_loop(T: int, grid: tuple, time_loop: bool | None) -> bool:
-    """Whether to run the whole sequence in one launch (*_seq kernels): possible iff one
-    program owns all hidden units of its rows (grid[0] == 1); default: whenever possible."""
-    possible = grid[0] == 1 and T > 0
-    if time_loop and not possible:
-        raise ValueError(f"fusedrnn triton: the in-kernel time loop needs one hidden tile per program "
-                         f"(got {grid[0]} hidden tiles)")
-    return possible if time_loop is None else time_loop
+# How a call runs: "step" (one launch per time step), "seq" (one launch, one hidden tile
+# per batch tile, the *_seq kernels) or "persistent" (one launch, the *_seq kernels with a
+# grid barrier per step across the hidden tiles; needs every program resident at once).
+STEP, SEQ, PERSISTENT = "step", "seq", "persistent"
+
+# Set by tests/triton_concurrency.py while the interpreter runs a launch's programs
+# concurrently; the sequential interpreter would spin forever in a grid barrier.
+CONCURRENT_INTERPRETER = False
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def persistent_blocks(B: int, H: int, n_sm: int) -> Blocks | None:
+    """Tiles for the persistent kernels: as default_blocks, but at most one program per SM
+    (all must be resident for the grid barrier); None if even 64-unit tiles need more."""
+    bb = min(64, max(16, _pow2(B)))
+    nb = -(-B // bb)
+    bh = 16
+    while bh < 64 and nb * -(-H // bh) > n_sm:
+        bh *= 2
+    return Blocks(bb, bh, 64) if nb * -(-H // bh) <= n_sm else None
+
+
+def choose_mode(T: int, grid: tuple, device: torch.device, time_loop: bool | None) -> str:
+    """STEP, SEQ or PERSISTENT for a call on `grid`. time_loop None: the fastest possible;
+    True: a one-launch mode (raises if impossible); False: STEP."""
+    if time_loop is False or T == 0:
+        return STEP
+    if grid[0] == 1:
+        return SEQ
+    if interpreting():
+        possible = CONCURRENT_INTERPRETER
+        why = "the interpreter runs programs one after the other (tests/triton_concurrency.py runs them concurrently)"
+    else:
+        possible = device.type == "cuda" and grid[0] * grid[1] <= _sm_count(device)
+        why = f"{grid[0] * grid[1]} programs exceed the device's SM count"
+    if possible and time_loop:
+        return PERSISTENT
+    if time_loop:
+        raise ValueError(f"fusedrnn triton: no one-launch mode for {grid[0]} hidden tiles: {why}")
+    return PERSISTENT if possible else STEP
 
 
 def interpreting() -> bool:
@@ -98,18 +133,25 @@ def _identity(kernel):
     return kernel
 
 
-def _setup(gx, h0, w_hh, lengths, gates_per_unit, blocks, precision, P=None):
+def _setup(gx, h0, w_hh, lengths, gates_per_unit, blocks, precision, time_loop, P=None):
+    """(T, B, H, grid, meta, mode, sync): sizes, tiles, kernel flags, how to run (STEP, SEQ,
+    PERSISTENT; LSTM projection: always STEP) and the zeroed grid-barrier counters."""
     T, B, G = gx.shape
     H = G // gates_per_unit
     Pd = P or H
     if h0.shape[1] != Pd or w_hh.shape != (G, Pd):
         raise ValueError(f"fusedrnn triton: expected h0 [B,{Pd}] and w_hh [{G},{Pd}], "
                          f"got {tuple(h0.shape)} and {tuple(w_hh.shape)}")
-    blk = blocks or default_blocks(B, H)
+    blk = blocks
+    if blk is None and P is None and H > SEQ_MAX_H and time_loop is not False and gx.is_cuda and not interpreting():
+        blk = persistent_blocks(B, H, _sm_count(gx.device))
+    blk = blk or default_blocks(B, H)
     grid = (triton_cdiv(H, blk.BLOCK_H), triton_cdiv(B, blk.BLOCK_B))
     meta = dict(HAS_LEN=lengths is not None, BLOCK_B=blk.BLOCK_B, BLOCK_H=blk.BLOCK_H, BLOCK_K=blk.BLOCK_K,
                 **dot_flags(gx.dtype, gx.device, precision))
-    return T, B, H, grid, meta
+    mode = STEP if P is not None else choose_mode(T, grid, gx.device, time_loop)
+    sync = torch.zeros(grid[1] if mode == PERSISTENT else 1, dtype=torch.int32, device=gx.device)
+    return T, B, H, grid, meta, mode, sync
 
 
 def _proj_grid(P, grid, meta):
@@ -123,6 +165,12 @@ def _no_rounding(meta):
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _shaped(like, *shape):
+    """A [shape] tensor of like's dtype and device holding one element (expanded): what
+    _setup reads from gx (shape, dtype, device) when the backward has no gx."""
+    return like.new_empty((1,) * len(shape)).expand(*shape)
 
 
 def _c(x):
@@ -140,7 +188,7 @@ def _f32_state(x):
 
 def _hbuf(h0):
     """[2, B, H] fp32 ping-pong state of the time-loop kernels, h0 in slot 0."""
-    buf = torch.empty((2,) + tuple(h0.shape), dtype=torch.float32, device=h0.device)
+    buf = new_output(2, *h0.shape, dtype=torch.float32, device=h0.device)  # slot 1: written before read
     buf[0] = h0
     return buf
 
@@ -150,7 +198,7 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, *, blocks=None, preci
                  wrap=_identity):
     gx, h0, c0, w_hh, w_hr = _c(gx), _c(h0), _c(c0), _c(w_hh), _c(w_hr)
     P = w_hr.shape[0] if w_hr is not None else None
-    T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 4, blocks, precision, P)
+    T, B, H, grid, meta, mode, sync = _setup(gx, h0, w_hh, lengths, 4, blocks, precision, time_loop, P)
     Pd = P or H
     dev, dt = gx.device, gx.dtype
     y = new_output(T, B, Pd, dtype=dt, device=dev)
@@ -158,9 +206,10 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, *, blocks=None, preci
     cells = new_output(T, B, H, dtype=torch.float32, device=dev)
     c = _f32_state(c0)
     L = _len_arg(lengths, gx)
-    if P is None and use_time_loop(T, grid, time_loop):
+    if mode != STEP:
         hbuf = _hbuf(h0)
-        wrap(K.lstm_forward_seq)[grid](gx, hbuf, c, w_hh, y, gates, cells, L, T, B, H, REVERSE=reverse, **meta)
+        wrap(K.lstm_forward_seq)[grid](gx, hbuf, c, w_hh, y, gates, cells, L, sync, T, B, H, REVERSE=reverse,
+                                       GRID_SYNC=mode == PERSISTENT, **meta)
         return y, hbuf[T % 2].to(dt, copy=True), c.to(dt), gates, cells
     h_a, h_b = _f32_state(h0), torch.empty(B, Pd, dtype=torch.float32, device=dev)
     hr = torch.empty(B, H, dtype=torch.float32, device=dev) if P else gx  # unprojected h (scratch)
@@ -178,16 +227,17 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, *, blocks=None, preci
 def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, *, blocks=None, precision=None, time_loop=None,
                  wrap=_identity):
     gx, h0, w_hh, b_hh = _c(gx), _c(h0), _c(w_hh), _c(b_hh)
-    T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 3, blocks, precision)
+    T, B, H, grid, meta, mode, sync = _setup(gx, h0, w_hh, lengths, 3, blocks, precision, time_loop)
     dev, dt = gx.device, gx.dtype
     y = new_output(T, B, H, dtype=dt, device=dev)
     gates = new_output(T, B, 3 * H, dtype=torch.float32, device=dev)
     hn = new_output(T, B, H, dtype=torch.float32, device=dev)
     L = _len_arg(lengths, gx)
-    if use_time_loop(T, grid, time_loop):
+    if mode != STEP:
         hbuf = _hbuf(h0)
-        wrap(K.gru_forward_seq)[grid](gx, hbuf, w_hh, b_hh if b_hh is not None else gx, y, gates, hn, L, T, B, H,
-                                      HAS_BIAS=b_hh is not None, REVERSE=reverse, **meta)
+        wrap(K.gru_forward_seq)[grid](gx, hbuf, w_hh, b_hh if b_hh is not None else gx, y, gates, hn, L, sync,
+                                      T, B, H, HAS_BIAS=b_hh is not None, REVERSE=reverse,
+                                      GRID_SYNC=mode == PERSISTENT, **meta)
         return y, hbuf[T % 2].to(dt, copy=True), gates, hn
     h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
     kernel = wrap(K.gru_forward_step)
@@ -201,13 +251,14 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, *, blocks=None, precision=
 def rnn_forward(gx, h0, w_hh, lengths, reverse, relu, *, blocks=None, precision=None, time_loop=None,
                  wrap=_identity):
     gx, h0, w_hh = _c(gx), _c(h0), _c(w_hh)
-    T, B, H, grid, meta = _setup(gx, h0, w_hh, lengths, 1, blocks, precision)
+    T, B, H, grid, meta, mode, sync = _setup(gx, h0, w_hh, lengths, 1, blocks, precision, time_loop)
     dev, dt = gx.device, gx.dtype
     y = new_output(T, B, H, dtype=dt, device=dev)
     L = _len_arg(lengths, gx)
-    if use_time_loop(T, grid, time_loop):
+    if mode != STEP:
         hbuf = _hbuf(h0)
-        wrap(K.rnn_forward_seq)[grid](gx, hbuf, w_hh, y, L, T, B, H, RELU=relu, REVERSE=reverse, **meta)
+        wrap(K.rnn_forward_seq)[grid](gx, hbuf, w_hh, y, L, sync, T, B, H, RELU=relu, REVERSE=reverse,
+                                      GRID_SYNC=mode == PERSISTENT, **meta)
         return y, hbuf[T % 2].to(dt, copy=True)
     h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
     kernel = wrap(K.rnn_forward_step)
@@ -218,20 +269,21 @@ def rnn_forward(gx, h0, w_hh, lengths, reverse, relu, *, blocks=None, precision=
 
 
 # ============================================================================ backward
-def _backward_launches(kernel, seq_kernel, grid, T, time_loop, wrap, run):
-    """Time-loop kernel (one launch), or per-step kernels: launch s = T-1 .. 0
-    (POINTWISE, and MATMUL for s < T-1), then the MATMUL-only launch s = -1 that
-    turns dpre_0 into grad_h0."""
-    if use_time_loop(T, grid, time_loop):
-        run(wrap(seq_kernel)[grid], None)
+def _backward_launches(kernel, seq_kernel, grid, T, mode, wrap, run):
+    """Time-loop kernel (one launch: SEQ, PERSISTENT), or per-step kernels: launch
+    s = T-1 .. 0 (POINTWISE, and MATMUL for s < T-1), then the MATMUL-only launch
+    s = -1 that turns dpre_0 into grad_h0."""
+    if mode != STEP:
+        run(wrap(seq_kernel)[grid], None, GRID_SYNC=mode == PERSISTENT)
         return
     k = wrap(kernel)[grid]
     for s in range(T - 1, -2, -1):
         run(k, s, MATMUL=s < T - 1, POINTWISE=s >= 0)
 
 
-def _args(s, T):
-    return (T,) if s is None else (s, T)
+def _args(s, T, sync):
+    """The kernels' (step, T) arguments; the time-loop kernels take (grid-barrier counters, T)."""
+    return (sync, T) if s is None else (s, T)
 
 
 def _h_prev_all(y, h0, lengths, reverse):
@@ -256,15 +308,16 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, rever
     T, B, G = gates.shape
     H = G // 4
     P = w_hr.shape[0] if w_hr is not None else None
-    _, _, _, grid, meta = _setup(gates.new_empty(0, B, G, dtype=h0.dtype), h0, w_hh, lengths, 4, blocks,
-                                 precision, P)
+    _, _, _, grid, meta, mode, sync = _setup(_shaped(h0, T, B, G), h0, w_hh, lengths, 4,
+                                             blocks, precision, time_loop, P)
     dt = h0.dtype
     dh, dc = _f32_state(grad_h_n), _f32_state(grad_c_n)
     dpre = new_output(T, B, G, dtype=torch.float32, device=gates.device)
     L = _len_arg(lengths, gates)
     if P is None:
-        _backward_launches(K.lstm_backward_step, K.lstm_backward_seq, grid, T, time_loop, wrap, lambda k, s, **f: k(
-            grad_y, dh, dc, dpre, w_hh, gates, cells, c0, L, *_args(s, T), B, H, REVERSE=reverse, **f, **meta))
+        _backward_launches(K.lstm_backward_step, K.lstm_backward_seq, grid, T, mode, wrap, lambda k, s, **f: k(
+            grad_y, dh, dc, dpre, w_hh, gates, cells, c0, L, *_args(s, T, sync), B, H, REVERSE=reverse, **f,
+            **meta))
         grad_w_hr = w_hh.new_zeros(0)
     else:
         dhs = new_output(T, B, P, dtype=torch.float32, device=gates.device)  # dL/dh_t (projected)
@@ -288,14 +341,15 @@ def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, h
     grad_y, h0, w_hh, y, gates, hn = map(_c, (grad_y, h0, w_hh, y, gates, hn))
     T, B, G = gates.shape
     H = G // 3
-    _, _, _, grid, meta = _setup(gates.new_empty(0, B, G, dtype=h0.dtype), h0, w_hh, lengths, 3, blocks, precision)
+    _, _, _, grid, meta, mode, sync = _setup(_shaped(h0, T, B, G), h0, w_hh, lengths, 3,
+                                             blocks, precision, time_loop)
     dt = h0.dtype
     dh = _f32_state(grad_h_n)
     dgx = new_output(T, B, G, dtype=torch.float32, device=gates.device)
     dgh = new_output(T, B, G, dtype=torch.float32, device=gates.device)
     L = _len_arg(lengths, gates)
-    _backward_launches(K.gru_backward_step, K.gru_backward_seq, grid, T, time_loop, wrap, lambda k, s, **f: k(
-        grad_y, dh, dgx, dgh, w_hh, gates, hn, h0, y, L, *_args(s, T), B, H, REVERSE=reverse, **f, **meta))
+    _backward_launches(K.gru_backward_step, K.gru_backward_seq, grid, T, mode, wrap, lambda k, s, **f: k(
+        grad_y, dh, dgx, dgh, w_hh, gates, hn, h0, y, L, *_args(s, T, sync), B, H, REVERSE=reverse, **f, **meta))
     grad_w_hh = _weight_grad(dgh, _h_prev_all(y, h0, lengths, reverse))
     grad_b_hh = dgh.sum((0, 1)).to(dt) if b_hh is not None else w_hh.new_zeros(0)
     return dgx.to(dt), dh.to(dt), grad_w_hh.to(dt), grad_b_hh
@@ -306,12 +360,13 @@ def rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y,
                  wrap=_identity):
     grad_y, h0, w_hh, y = map(_c, (grad_y, h0, w_hh, y))
     T, B, H = y.shape
-    _, _, _, grid, meta = _setup(y.new_empty(0, B, H), h0, w_hh, lengths, 1, blocks, precision)
+    _, _, _, grid, meta, mode, sync = _setup(_shaped(h0, T, B, H), h0, w_hh, lengths, 1, blocks, precision,
+                                             time_loop)
     dt = h0.dtype
     dh = _f32_state(grad_h_n)
     dpre = new_output(T, B, H, dtype=torch.float32, device=y.device)
     L = _len_arg(lengths, y)
-    _backward_launches(K.rnn_backward_step, K.rnn_backward_seq, grid, T, time_loop, wrap, lambda k, s, **f: k(
-        grad_y, dh, dpre, w_hh, y, L, *_args(s, T), B, H, RELU=relu, REVERSE=reverse, **f, **meta))
+    _backward_launches(K.rnn_backward_step, K.rnn_backward_seq, grid, T, mode, wrap, lambda k, s, **f: k(
+        grad_y, dh, dpre, w_hh, y, L, *_args(s, T, sync), B, H, RELU=relu, REVERSE=reverse, **f, **meta))
     grad_w_hh = _weight_grad(dpre, _h_prev_all(y, h0, lengths, reverse))
     return dpre.to(dt), dh.to(dt), grad_w_hh.to(dt)

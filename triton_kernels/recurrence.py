@@ -64,6 +64,27 @@ def _rows(s, lengths, rb, mb, T, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _sync(sync, phase, GRID_SYNC: tl.constexpr):
+    """End of a phase (a time step) inside one launch.
+
+    GRID_SYNC False: one program owns all hidden units of its rows, so the program's own
+    barrier (__syncthreads) orders a step's writes before the next step's reads.
+    GRID_SYNC True: the programs of one batch tile (grid axis 0) exchange h through global
+    memory; each adds 1 to the tile's counter (release: its stores are visible first) and
+    waits until all have (acquire) -- a barrier across programs, which must all be resident
+    at once (launch.py sizes the grid to the SM count). Counters start at 0; phase p waits
+    for (p + 1) * programs."""
+    tl.debug_barrier()
+    if GRID_SYNC:
+        n = tl.num_programs(0)
+        counter = sync + tl.program_id(1)
+        tl.atomic_add(counter, 1, sem="release", scope="gpu")
+        while tl.atomic_add(counter, 0, sem="acquire", scope="gpu") < (phase + 1) * n:
+            pass
+        tl.debug_barrier()
+
+
+@triton.jit
 def _round_bf16(x):
     """fp32 -> the nearest-even bf16 value, kept in fp32. Integer ops only: the
     interpreter's own fp32 -> bf16 cast truncates (the GPU's rounds to nearest even)."""
@@ -109,7 +130,7 @@ def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, length
     for k0 in range(0, P, BLOCK_K):  # h_{t-1} is [B, P] (P == H without projection)
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < P
-        hk = tl.load(h_in + rb[:, None] * P + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        hk = tl.load(h_in + rb[:, None] * P + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
         acc_i = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, P), acc_i, PREC)
         acc_f = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, P), acc_f, PREC)
         acc_g = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, P), acc_g, PREC)
@@ -156,7 +177,7 @@ def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, 
     for k0 in range(0, H, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < H
-        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
         acc_r = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, H), acc_r, PREC)
         acc_z = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, H), acc_z, PREC)
         acc_n = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, H), acc_n, PREC)
@@ -197,7 +218,7 @@ def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
     for k0 in range(0, H, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < H
-        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
         acc = _dot(hk, _w_rows(w, 0, rh, mh, rk, mk, H), acc, PREC)
 
     m2 = mb[:, None] & mh[None, :]
@@ -224,7 +245,7 @@ def _dh_from_next(dh, d, w, lengths, s, T, B, H, G, rb, mb, rh, mh,
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < G
         dk = tl.load(d + t1[:, None] * B * G + rb[:, None] * G + rk[None, :],
-                     mask=active1[:, None] & mk[None, :], other=0.0)
+                     mask=active1[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
         wt = tl.load(w + rk[:, None].to(tl.int64) * H + rh[None, :], mask=mk[:, None] & mh[None, :],
                      other=0.0)
         acc = _dot(dk, wt, acc, PREC)
@@ -354,99 +375,102 @@ def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
 # call them as functions inside one launch.
 
 
-# Time-loop kernels: the whole sequence in one launch. Allowed only when one program
-# owns every hidden unit of its batch rows (grid (1, cdiv(B, BLOCK_B))): then no other
-# program ever reads what it writes, and a step's cross-thread dependencies inside the
-# program are ordered by tl.debug_barrier() (__syncthreads; a no-op in the interpreter,
-# which runs a program's ops in order). Batch tiles are independent sequences.
+# Time-loop kernels: the whole sequence in one launch, each step the *_step function above
+# followed by _sync. GRID_SYNC False: only with one hidden tile per batch tile (grid
+# (1, cdiv(B, BLOCK_B))): no other program reads what a program writes, and the program's
+# own barrier (tl.debug_barrier, __syncthreads) orders each step. GRID_SYNC True (the
+# persistent kernels): any hidden split, programs of a batch tile meet at a grid barrier
+# per step; all programs must be resident at once (launch.py), `sync` holds one zeroed
+# int32 counter per batch tile. Batch tiles are independent sequences either way.
 
 
 @triton.jit
-def lstm_forward_seq(gx, hbuf, c, w, y, gates, cells_out, lengths, T, B, H,
-                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+def lstm_forward_seq(gx, hbuf, c, w, y, gates, cells_out, lengths, sync, T, B, H,
+                     HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, GRID_SYNC: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
         lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, gx, lengths, s, T, B, H, H, False,
-                           HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-        tl.debug_barrier()
+                          HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _sync(sync, s, GRID_SYNC)
 
 
 @triton.jit
-def gru_forward_seq(gx, hbuf, w, b_hh, y, gates, hn_out, lengths, T, B, H,
-                     HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+def gru_forward_seq(gx, hbuf, w, b_hh, y, gates, hn_out, lengths, sync, T, B, H,
+                    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, GRID_SYNC: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
         gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN,
-                          REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-        tl.debug_barrier()
+                         REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _sync(sync, s, GRID_SYNC)
 
 
 @triton.jit
-def rnn_forward_seq(gx, hbuf, w, y, lengths, T, B, H,
-                     RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+def rnn_forward_seq(gx, hbuf, w, y, lengths, sync, T, B, H,
+                    RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, GRID_SYNC: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
         rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H, RELU, HAS_LEN, REVERSE, BLOCK_B,
-                          BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-        tl.debug_barrier()
+                         BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _sync(sync, s, GRID_SYNC)
 
 
+# Backward, phase by phase as the per-step launches: step T-1 (POINTWISE only), steps
+# T-2..0 (MATMUL + POINTWISE), then the MATMUL half alone (grad_h0), a _sync between phases.
 @triton.jit
-def lstm_backward_seq(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T, B, H,
-                       HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+def lstm_backward_seq(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, sync, T, B, H,
+                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, GRID_SYNC: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 1, T, B, H, False, True,
-                        HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-    tl.debug_barrier()
+                       HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _sync(sync, 0, GRID_SYNC)
     for i in range(0, T - 1):
         lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, T - 2 - i, T, B, H, True,
-                            True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-        tl.debug_barrier()
+                           True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _sync(sync, i + 1, GRID_SYNC)
     lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, -1, T, B, H, True, False,
-                        HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+                       HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
 
 
 @triton.jit
-def gru_backward_seq(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T, B, H,
-                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+def gru_backward_seq(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, sync, T, B, H,
+                     HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, GRID_SYNC: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 1, T, B, H, False, True,
-                       HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-    tl.debug_barrier()
+                      HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _sync(sync, 0, GRID_SYNC)
     for i in range(0, T - 1):
         gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, T - 2 - i, T, B, H, True,
-                           True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-        tl.debug_barrier()
+                          True, HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _sync(sync, i + 1, GRID_SYNC)
     gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, -1, T, B, H, True, False, HAS_LEN,
-                       REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+                      REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
 
 
 @triton.jit
-def rnn_backward_seq(grad_y, dh, dpre, w, y, lengths, T, B, H,
-                      RELU: tl.constexpr, 
-                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+def rnn_backward_seq(grad_y, dh, dpre, w, y, lengths, sync, T, B, H,
+                     RELU: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, GRID_SYNC: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
     rnn_backward_step(grad_y, dh, dpre, w, y, lengths, T - 1, T, B, H, RELU, False, True, HAS_LEN, REVERSE,
-                       BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-    tl.debug_barrier()
+                      BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+    _sync(sync, 0, GRID_SYNC)
     for i in range(0, T - 1):
         rnn_backward_step(grad_y, dh, dpre, w, y, lengths, T - 2 - i, T, B, H, RELU, True, True, HAS_LEN,
-                           REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
-        tl.debug_barrier()
+                          REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+        _sync(sync, i + 1, GRID_SYNC)
     rnn_backward_step(grad_y, dh, dpre, w, y, lengths, -1, T, B, H, RELU, True, False, HAS_LEN, REVERSE,
-                       BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+                      BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
 
 
 # ============================================================================ LSTM projection
