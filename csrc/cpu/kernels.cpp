@@ -4,8 +4,11 @@
 #include <math.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstdint>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 // Vector variants of the transcendental functions (glibc's libmvec) so that the
@@ -25,6 +28,9 @@ extern "C" double tanh(double);
 #endif
 
 #include <ATen/Parallel.h>
+#if FRNN_X86_SIMD
+#include <immintrin.h>
+#endif
 
 #include "cells/gru.h"
 #include "cells/lstm.h"
@@ -92,26 +98,31 @@ struct Slices {
 // a barrier at its end) costs more than it saves. It is set high on purpose: on a
 // loaded machine every barrier can wait a whole scheduler time slice for a
 // preempted thread, so only steps with plenty of work per thread are split.
-// FUSEDRNN_CPU_MIN_WORK overrides it (read once).
-int64_t min_work_per_thread() {
-  static const int64_t v = [] {
-    const char* e = std::getenv("FUSEDRNN_CPU_MIN_WORK");
-    const long long x = e ? std::atoll(e) : 0;
-    return x > 0 ? (int64_t)x : (int64_t)(1 << 18);
-  }();
-  return v;
-}
+// FUSEDRNN_CPU_MIN_WORK sets the initial value; set_options() changes it (tests).
+std::atomic<int64_t> g_min_work{[] {
+  const char* e = std::getenv("FUSEDRNN_CPU_MIN_WORK");
+  const long long x = e ? std::atoll(e) : 0;
+  return x > 0 ? (int64_t)x : (int64_t)(1 << 18);
+}()};
+// Whether float32 on AVX2 uses the packed-panel micro-kernel (Tiled below) for the
+// recurrent GEMMs (else BLAS). FUSEDRNN_CPU_TILED=0 turns it off.
+std::atomic<bool> g_tiled{[] {
+  const char* e = std::getenv("FUSEDRNN_CPU_TILED");
+  return !(e && e[0] == '0');
+}()};
+int64_t min_work_per_thread() { return g_min_work.load(std::memory_order_relaxed); }
 
-Slices make_slices(int64_t units, int64_t work_per_unit) {
+// `gran`: slice boundaries on multiples of this many units (8: one AVX vector;
+// the tiled path uses its panel width).
+Slices make_slices(int64_t units, int64_t work_per_unit, int64_t gran = 8) {
   Slices sl;
   int64_t n = at::in_parallel_region() ? 1 : at::get_num_threads();
   n = std::min<int64_t>(n, 64);
   n = std::min<int64_t>(n, std::max<int64_t>(1, units * work_per_unit / min_work_per_thread()));
-  n = std::min<int64_t>(n, std::max<int64_t>(1, units / 8));  // at least 8 units (one AVX vector) each
+  n = std::min<int64_t>(n, std::max<int64_t>(1, (units + gran - 1) / gran));  // at least one granule each
   sl.n = (int)n;
-  // Split on multiples of 8 units where possible so each slice's vectors stay aligned.
-  const int64_t chunks = (units + 7) / 8;
-  for (int k = 0; k <= sl.n; ++k) sl.bound[k] = std::min<int64_t>(units, (chunks * k / sl.n) * 8);
+  const int64_t chunks = (units + gran - 1) / gran;
+  for (int k = 0; k <= sl.n; ++k) sl.bound[k] = std::min<int64_t>(units, (chunks * k / sl.n) * gran);
   sl.bound[sl.n] = units;
   return sl;
 }
@@ -169,6 +180,20 @@ struct GateWeights {
   }
 };
 
+
+// Packed-panel recurrent GEMM (AVX2/FMA float32 only; see the avx2 specialization
+// below). This generic version is never used: use() is false.
+template <typename T>
+struct TiledStub {
+  static bool use(int64_t) { return false; }
+  static int64_t panel_units(int) { return 8; }
+  TiledStub(const T*, int64_t, int64_t, int, int64_t, int64_t, int64_t, const Slices&) {}
+  int64_t ldc() const { return 0; }
+  int64_t first_panel(int64_t) const { return 0; }
+  int64_t end_panel(int64_t) const { return 0; }
+  void gemm_panel(int64_t, int64_t, const T*, int64_t, T*, int64_t, bool, bool, T*) const {}
+};
+
 }  // namespace
 
 // Seq::len is defined here (the header keeps Seq a plain struct).
@@ -187,7 +212,130 @@ struct SeqV : Seq {
 #if FRNN_X86_SIMD
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+namespace {
+
+// The recurrent GEMM C[B, N] (+)= A[B, K] @ W^T on a weight packed once per call into
+// panels of 8*V output columns: panel p holds, for k = 0..K-1, its 8*V values of row k
+// contiguously (zero-padded), so the micro-kernel streams it with aligned-size loads
+// and keeps an R x V block of 8-wide accumulators in registers (R batch rows).
+// Column layout of a panel: with ng gates interleaved (LSTM ng = V = 4, GRU ng = V = 3)
+// panel p covers units [8p, 8p+8) and vector v holds gate v of those units, so one
+// panel's output is all gates of 8 hidden units: the cell math runs on it right away.
+// With ng = 1 (RNN, and every backward, whose output is dL/dh) panel p covers units
+// [8Vp, 8Vp+8V). The output C is either a padded gate buffer (ldc = npanel*8V) or,
+// with `exact`, a [B, units] matrix whose last panel may be partial.
+struct TiledF {
+  static constexpr int64_t kMinSteps = 8;  // shorter sequences: BLAS on the unpacked weight
+  static constexpr int64_t KC = 128;       // k-block: a 4-vector panel block is 16 KB (L1)
+  static bool use(int64_t steps) { return steps >= kMinSteps && g_tiled.load(std::memory_order_relaxed); }
+  static int64_t panel_units(int ng) { return ng == 1 ? 32 : 8; }
+
+  int V, ng;
+  int64_t units, K, npanel;
+  std::unique_ptr<float[]> P;
+
+  // value(col, k) = W[col * sc + k * sk]; col = gate * units + unit.
+  TiledF(const float* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t /*unused*/,
+         const Slices& sl)
+      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_) {
+    const int64_t up = panel_units(ng);
+    npanel = (units + up - 1) / up;
+    P.reset(new float[npanel * K * 8 * V]);
+    run_slices(sl, [&](int k) {
+      for (int64_t p = sl.lo(k) / up; p < (sl.hi(k) + up - 1) / up; ++p) pack(W, sc, sk, p);
+    });
+  }
+  void pack(const float* W, int64_t sc, int64_t sk, int64_t p) {
+    const int64_t up = panel_units(ng);
+    float* out = P.get() + p * K * 8 * V;
+    for (int64_t k = 0; k < K; ++k)
+      for (int v = 0; v < V; ++v) {
+        const int gate = ng == 1 ? 0 : v;
+        const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
+        for (int l = 0; l < 8; ++l) {
+          const int64_t u = u0 + l;
+          out[(k * V + v) * 8 + l] = u < units ? W[(gate * units + u) * sc + k * sk] : 0.f;
+        }
+      }
+  }
+  int64_t gran() const { return panel_units(ng); }
+  // Row stride of the padded gate buffer: one cache line more than the panels, so that
+  // rows are not a multiple of 4 KB apart (L1 set conflicts, 4K aliasing).
+  int64_t ldc() const { return npanel * 8 * V + 16; }
+
+  template <int VV, int R>
+  static inline void kernel(int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
+                            bool acc) {
+    __m256 c[R][VV];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < VV; ++v) c[r][v] = acc ? _mm256_loadu_ps(C + r * ldc + v * 8) : _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const float* w = Pn + k * (8 * VV);
+      __m256 wv[VV];
+#pragma GCC unroll 8
+      for (int v = 0; v < VV; ++v) wv[v] = _mm256_loadu_ps(w + v * 8);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+#pragma GCC unroll 8
+        for (int v = 0; v < VV; ++v) c[r][v] = _mm256_fmadd_ps(a, wv[v], c[r][v]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < VV; ++v) _mm256_storeu_ps(C + r * ldc + v * 8, c[r][v]);
+  }
+  template <int VV>
+  static void rows(int64_t B, int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
+                   bool acc) {
+    constexpr int RM = VV == 4 ? 3 : 4;
+    int64_t b = 0;
+    for (; b + RM <= B; b += RM) kernel<VV, RM>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc);
+    switch (B - b) {
+      case 1: kernel<VV, 1>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc); break;
+      case 2: kernel<VV, 2>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc); break;
+      case 3: if constexpr (RM > 3) kernel<VV, 3>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc); break;
+      default: break;
+    }
+  }
+  // Panel p's columns of C (+)= A @ W^T for all B rows, k-blocked. Without `exact`, C is
+  // the padded gate buffer [B, ldc()] and the panel's columns are [8Vp, 8Vp+8V). With
+  // `exact`, C is [B, units] (leading dimension ldc, last panel possibly partial) and
+  // the micro-kernel works on the contiguous scratch `tmp` (B*8V floats, one per
+  // thread) instead: rows of dL/dh are often a multiple of 4 KB apart.
+  void gemm_panel(int64_t p, int64_t B, const float* A, int64_t lda, float* C, int64_t ldc, bool acc,
+                  bool exact, float* tmp) const {
+    const int64_t w = 8 * V;
+    const int64_t col = p * panel_units(ng);
+    const int64_t valid = exact ? std::min<int64_t>(w, units - col) : w;
+    float* Ct = exact ? tmp : C + p * w;
+    const int64_t ldt = exact ? w : ldc;
+    if (exact && acc)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < w; ++j) tmp[b * w + j] = j < valid ? C[b * ldc + col + j] : 0.f;
+    const float* Pn = P.get() + p * K * w;
+    if (K == 0 && !acc)
+      for (int64_t b = 0; b < B; ++b) std::fill(Ct + b * ldt, Ct + b * ldt + w, 0.f);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0);
+      const bool a = acc || k0 > 0;
+      if (V == 4) rows<4>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a);
+      else rows<3>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a);
+    }
+    if (exact)
+      for (int64_t b = 0; b < B; ++b) std::copy(tmp + b * w, tmp + b * w + valid, C + b * ldc + col);
+  }
+  int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
+  int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
+};
+
+}  // namespace
 namespace avx2 {
+template <typename T>
+using Tiled = std::conditional_t<std::is_same_v<T, float>, TiledF, TiledStub<T>>;
 using Seq = SeqV;
 #include "cpu/kernels_impl.h"
 }  // namespace avx2
@@ -195,6 +343,8 @@ using Seq = SeqV;
 #endif
 
 namespace base {
+template <typename T>
+using Tiled = TiledStub<T>;
 using Seq = SeqV;
 #include "cpu/kernels_impl.h"
 }  // namespace base
@@ -214,6 +364,13 @@ bool use_avx2() { return false; }
 }  // namespace
 
 const char* simd_path() { return use_avx2() ? "avx2" : "baseline"; }
+
+void set_options(int tiled, int64_t min_work, int* old_tiled, int64_t* old_min_work) {
+  if (old_tiled) *old_tiled = g_tiled.load() ? 1 : 0;
+  if (old_min_work) *old_min_work = g_min_work.load();
+  if (tiled >= 0) g_tiled.store(tiled != 0);
+  if (min_work > 0) g_min_work.store(min_work);
+}
 
 template <typename T>
 void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T* w_hr,

@@ -52,5 +52,12 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
 // Which elementwise code path runs ("avx2" or "baseline"), for the benchmark/report.
 const char* simd_path();
 
+// Tuning knobs, process-wide (tests use them to force every code path):
+// tiled: 1/0 = packed-panel AVX2 micro-kernel for float32 recurrent GEMMs on/off
+// (FUSEDRNN_CPU_TILED), -1 = unchanged; min_work: multiply-adds per thread per step
+// below which a step is not split over threads (FUSEDRNN_CPU_MIN_WORK), <= 0 = unchanged.
+// Returns the previous values through the pointers (may be null).
+void set_options(int tiled, int64_t min_work, int* old_tiled, int64_t* old_min_work);
+
 }  // namespace cpu
 }  // namespace fusedrnn

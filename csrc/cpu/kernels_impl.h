@@ -3,9 +3,11 @@
 // gemm_nn, ...) come from kernels.cpp. No include guard on purpose.
 //
 // Per time step, one parallel region per GEMM: each thread owns a slice of hidden
-// units (all gates of those units), computes its part of the recurrent GEMM with a
-// single-threaded BLAS call into a per-call buffer and runs the cell's pointwise
-// math on it while it is in cache. Nothing is allocated inside the time loop.
+// units (all gates of those units) and computes its part of the recurrent GEMM, then
+// the cell's pointwise math on it while it is in cache. float32 on AVX2 (Tiled, see
+// kernels.cpp) packs the recurrent weight once per call and runs the forward cell
+// math per 8-unit panel right after the panel's GEMM; otherwise a single-threaded BLAS
+// call per slice writes a per-call buffer. Nothing is allocated inside the time loop.
 
 // ----------------------------------------------------------------------------- forward
 template <typename T>
@@ -14,24 +16,23 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
                   T* y, T* h_n, T* c_n, T* gates, T* cells) {
   const int64_t B = sq.B, TT = sq.T, G = 4 * H;
   const bool proj = w_hr != nullptr;
-  const Slices sl = make_slices(H, B * 4 * P);
+  const bool tiled = Tiled<T>::use(TT);
+  const Slices sl = make_slices(H, B * 4 * P, Tiled<T>::panel_units(4));
   const Slices slp = make_slices(P, B * H);
-  const GateWeights<T> w(w_hh, 4, H, P, sl, TT);
-  std::vector<T> gh(B * G), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
+  std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, P, 1, 4, H, P, 0, sl) : nullptr);
+  const GateWeights<T> w(w_hh, 4, H, P, sl, tiled ? 0 : TT);
+  const int64_t ldg = tiled ? tw->ldc() : G;
+  std::vector<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
   std::copy(h0, h0 + B * P, ha.data());
   std::copy(c0, c0 + B * H, c.data());
   T* hcur = ha.data();
   T* hnext = hb.data();
-  for (int64_t s = 0; s < TT; ++s) {
-    run_slices(sl, [&](int k) {
-      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      w.gemm(k, B, hcur, gh.data());
-      for (int64_t b = 0; b < B; ++b) {
+  // Cell math of row b, units [j0, j0+nu), at step s; gate q's pre-activation at a[q*as + u].
+  auto cell = [&](int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as) {
         const int64_t L = sq.len(b);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* x = gx + (t * B + b) * G + j0;
-          const T* a = gh.data() + b * G + 4 * j0;
           T* gt = gates + (t * B + b) * G + j0;
           T* ct = cells + (t * B + b) * H + j0;
           T* cb = c.data() + b * H + j0;
@@ -40,8 +41,8 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
 #pragma omp simd
           for (int64_t u = 0; u < nu; ++u) {
             T i, f, g, o, cc, hh;
-            lstm_forward_unit(x[u] + a[u], x[H + u] + a[nu + u], x[2 * H + u] + a[2 * nu + u],
-                              x[3 * H + u] + a[3 * nu + u], cb[u], i, f, g, o, cc, hh);
+            lstm_forward_unit(x[u] + a[u], x[H + u] + a[as + u], x[2 * H + u] + a[2 * as + u],
+                              x[3 * H + u] + a[3 * as + u], cb[u], i, f, g, o, cc, hh);
             gt[u] = i; gt[H + u] = f; gt[2 * H + u] = g; gt[3 * H + u] = o;
             ct[u] = cc; cb[u] = cc; out[u] = hh;
           }
@@ -55,6 +56,21 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
             std::copy(hcur + b * P + j0, hcur + b * P + j0 + nu, hnext + b * P + j0);
           }
         }
+  };
+  for (int64_t s = 0; s < TT; ++s) {
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), j1 = sl.hi(k);
+      if (tiled) {
+        // The slice's GEMM panel by panel, then its cell math row by row (sequential in
+        // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
+        const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
+        for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, B, hcur, P, gh.data(), ldg, false, false, nullptr);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t p = p0; p < p1; ++p)
+            cell(s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8);
+      } else {
+        w.gemm(k, B, hcur, gh.data());
+        for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * G + 4 * j0, j1 - j0);
       }
     });
     if (proj) {
@@ -83,24 +99,22 @@ template <typename T>
 void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t H, const Seq& sq,
                  T* y, T* h_n, T* gates, T* hn) {
   const int64_t B = sq.B, TT = sq.T, G = 3 * H;
-  const Slices sl = make_slices(H, B * 3 * H);
-  const GateWeights<T> w(w_hh, 3, H, H, sl, TT);
-  std::vector<T> bp(G, T(0)), gh(B * G), ha(B * H), hb(B * H);
-  if (b_hh) pack_rows(b_hh, bp.data(), 3, H, 1, sl);
+  const bool tiled = Tiled<T>::use(TT);
+  const Slices sl = make_slices(H, B * 3 * H, Tiled<T>::panel_units(3));
+  std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 3, H, H, 0, sl) : nullptr);
+  const GateWeights<T> w(w_hh, 3, H, H, sl, tiled ? 0 : TT);
+  const int64_t ldg = tiled ? tw->ldc() : G;
+  std::vector<T> bz(b_hh ? 0 : G, T(0)), gh(B * ldg), ha(B * H), hb(B * H);
+  const T* bias = b_hh ? b_hh : bz.data();
   std::copy(h0, h0 + B * H, ha.data());
   T* hcur = ha.data();
   T* hnext = hb.data();
-  for (int64_t s = 0; s < TT; ++s) {
-    run_slices(sl, [&](int k) {
-      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      w.gemm(k, B, hcur, gh.data());
-      const T* bb = bp.data() + 3 * j0;
-      for (int64_t b = 0; b < B; ++b) {
+  auto cell = [&](int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as) {
+        const T* bb = bias + j0;
         const int64_t L = sq.len(b);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* x = gx + (t * B + b) * G + j0;
-          const T* a = gh.data() + b * G + 3 * j0;
           const T* hp = hcur + b * H + j0;
           T* gt = gates + (t * B + b) * G + j0;
           T* hs = hn + (t * B + b) * H + j0;
@@ -108,8 +122,8 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
 #pragma omp simd
           for (int64_t u = 0; u < nu; ++u) {
             T r, z, n, hh;
-            const T an = a[2 * nu + u] + bb[2 * nu + u];
-            gru_forward_unit(x[u], x[H + u], x[2 * H + u], a[u] + bb[u], a[nu + u] + bb[nu + u], an, hp[u],
+            const T an = a[2 * as + u] + bb[2 * H + u];
+            gru_forward_unit(x[u], x[H + u], x[2 * H + u], a[u] + bb[u], a[as + u] + bb[H + u], an, hp[u],
                              r, z, n, hh);
             gt[u] = r; gt[H + u] = z; gt[2 * H + u] = n;
             hs[u] = an; out[u] = hh;
@@ -122,6 +136,21 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
           std::fill(y + (s * B + b) * H + j0, y + (s * B + b) * H + j0 + nu, T(0));
           std::copy(hcur + b * H + j0, hcur + b * H + j0 + nu, hnext + b * H + j0);
         }
+  };
+  for (int64_t s = 0; s < TT; ++s) {
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), j1 = sl.hi(k);
+      if (tiled) {
+        // The slice's GEMM panel by panel, then its cell math row by row (sequential in
+        // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
+        const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
+        for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, B, hcur, H, gh.data(), ldg, false, false, nullptr);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t p = p0; p < p1; ++p)
+            cell(s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 24, 8);
+      } else {
+        w.gemm(k, B, hcur, gh.data());
+        for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * G + 3 * j0, j1 - j0);
       }
     });
     std::swap(hcur, hnext);
@@ -133,21 +162,19 @@ template <typename T>
 void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, const Seq& sq,
                  T* y, T* h_n) {
   const int64_t B = sq.B, TT = sq.T;
-  const Slices sl = make_slices(H, B * H);
-  std::vector<T> gh(B * H), ha(B * H), hb(B * H);
+  const bool tiled = Tiled<T>::use(TT);
+  const Slices sl = make_slices(H, B * H, Tiled<T>::panel_units(1));
+  std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 1, H, H, 0, sl) : nullptr);
+  const int64_t ldg = tiled ? tw->ldc() : H;
+  std::vector<T> gh(B * ldg), ha(B * H), hb(B * H);
   std::copy(h0, h0 + B * H, ha.data());
   T* hcur = ha.data();
   T* hnext = hb.data();
-  for (int64_t s = 0; s < TT; ++s) {
-    run_slices(sl, [&](int k) {
-      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      gemm_nt<T>(B, nu, H, hcur, H, w_hh + j0 * H, H, gh.data() + j0, H, T(0));
-      for (int64_t b = 0; b < B; ++b) {
+  auto cell = [&](int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a) {
         const int64_t L = sq.len(b);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* x = gx + (t * B + b) * H + j0;
-          const T* a = gh.data() + b * H + j0;
           T* out = hnext + b * H + j0;
           if (relu) {
 #pragma omp simd
@@ -161,6 +188,18 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
           std::fill(y + (s * B + b) * H + j0, y + (s * B + b) * H + j0 + nu, T(0));
           std::copy(hcur + b * H + j0, hcur + b * H + j0 + nu, hnext + b * H + j0);
         }
+  };
+  for (int64_t s = 0; s < TT; ++s) {
+    run_slices(sl, [&](int k) {
+      const int64_t j0 = sl.lo(k), j1 = sl.hi(k);
+      if (tiled) {
+        // The slice's GEMM panel by panel, then its cell math row by row (sequential in gx/y).
+        const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
+        for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, B, hcur, H, gh.data(), ldg, false, false, nullptr);
+        for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * ldg + j0);
+      } else {
+        gemm_nt<T>(B, j1 - j0, H, hcur, H, w_hh + j0 * H, H, gh.data() + j0, H, T(0));
+        for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * H + j0);
       }
     });
     std::swap(hcur, hnext);
@@ -181,12 +220,21 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
                    T* grad_gx, T* grad_h0, T* grad_c0, T* dfirst, T* dhs, T* hr) {
   const int64_t B = sq.B, TT = sq.T, G = 4 * H;
   const bool proj = w_hr != nullptr;
-  const Slices sl = make_slices(H, B * G * (proj ? 1 : 2));
+  const bool tiled = !proj && Tiled<T>::use(TT);
+  const Slices sl = make_slices(H, B * G * (proj ? 1 : 2), tiled ? Tiled<T>::panel_units(1) : 8);
   const Slices slp = make_slices(P, B * G);
   std::vector<T> dh(grad_h_n, grad_h_n + B * P), dc(grad_c_n, grad_c_n + B * H);
   std::vector<T> da(B * G, T(0)), db(B * G, T(0)), dht(proj ? B * P : 0), dhr(proj ? B * H : 0);
   T* dcur = da.data();
   T* dnext = db.data();
+  const int64_t KG = G;
+  std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
+  std::vector<T> tmp(tiled ? sl.n * B * 32 : 0);
+  // dh[:, j0:j1] += dnext @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
+  auto dh_gemm = [&](int k) {
+    for (int64_t p = tb->first_panel(sl.lo(k)); p < tb->end_panel(sl.hi(k)); ++p)
+      tb->gemm_panel(p, B, dnext, KG, dh.data(), H, true, true, tmp.data() + k * B * 32);
+  };
   for (int64_t s = TT - 1; s >= 0; --s) {
     if (proj) {
       run_slices(slp, [&](int k) {
@@ -217,7 +265,8 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
       if (proj) {
         gemm_nn<T>(B, nu, P, dht.data(), P, w_hr + j0, H, dhr.data() + j0, H, T(0));
       } else if (s < TT - 1) {
-        gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
+        if (tiled) dh_gemm(k);
+        else gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
       }
       for (int64_t b = 0; b < B; ++b) {
         const int64_t L = sq.len(b);
@@ -269,7 +318,9 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
     });
     std::swap(dcur, dnext);
   }
-  if (TT > 0) {
+  if (TT > 0 && tiled) {
+    run_slices(sl, [&](int k) { dh_gemm(k); });
+  } else if (TT > 0) {
     run_slices(slp, [&](int k) {
       const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
       gemm_nn<T>(B, np, G, dnext, G, w_hh + p0, P, dh.data() + p0, P, T(1));
@@ -285,14 +336,26 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
                   const Seq& sq, const T* y, const T* gates, const T* hn,
                   T* grad_gx, T* grad_h0, T* dfirst, T* dgh) {
   const int64_t B = sq.B, TT = sq.T, G = 3 * H;
-  const Slices sl = make_slices(H, B * G * 2);
+  const bool tiled = Tiled<T>::use(TT);
+  const Slices sl = make_slices(H, B * G * 2, tiled ? Tiled<T>::panel_units(1) : 8);
   std::vector<T> dh(grad_h_n, grad_h_n + B * H), da(B * G, T(0)), db(B * G, T(0));
   T* dcur = da.data();
   T* dnext = db.data();
+  const int64_t KG = G;
+  std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
+  std::vector<T> tmp(tiled ? sl.n * B * 32 : 0);
+  // dh[:, j0:j1] += dnext @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
+  auto dh_gemm = [&](int k) {
+    for (int64_t p = tb->first_panel(sl.lo(k)); p < tb->end_panel(sl.hi(k)); ++p)
+      tb->gemm_panel(p, B, dnext, KG, dh.data(), H, true, true, tmp.data() + k * B * 32);
+  };
   for (int64_t s = TT - 1; s >= 0; --s) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      if (s < TT - 1) gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
+      if (s < TT - 1) {
+        if (tiled) dh_gemm(k);
+        else gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
+      }
       for (int64_t b = 0; b < B; ++b) {
         const int64_t L = sq.len(b);
         T* dcr = dcur + b * G + j0;
@@ -332,7 +395,8 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
   if (TT > 0) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
+      if (tiled) dh_gemm(k);
+      else gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
     });
   }
   std::copy(dh.begin(), dh.end(), grad_h0);
@@ -343,14 +407,26 @@ template <typename T>
 void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, bool relu,
                   const Seq& sq, const T* y, T* grad_gx, T* grad_h0, T* dfirst) {
   const int64_t B = sq.B, TT = sq.T;
-  const Slices sl = make_slices(H, B * H * 2);
+  const bool tiled = Tiled<T>::use(TT);
+  const Slices sl = make_slices(H, B * H * 2, tiled ? Tiled<T>::panel_units(1) : 8);
   std::vector<T> dh(grad_h_n, grad_h_n + B * H), da(B * H, T(0)), db(B * H, T(0));
   T* dcur = da.data();
   T* dnext = db.data();
+  const int64_t KG = H;
+  std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
+  std::vector<T> tmp(tiled ? sl.n * B * 32 : 0);
+  // dh[:, j0:j1] += dnext @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
+  auto dh_gemm = [&](int k) {
+    for (int64_t p = tb->first_panel(sl.lo(k)); p < tb->end_panel(sl.hi(k)); ++p)
+      tb->gemm_panel(p, B, dnext, KG, dh.data(), H, true, true, tmp.data() + k * B * 32);
+  };
   for (int64_t s = TT - 1; s >= 0; --s) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      if (s < TT - 1) gemm_nn<T>(B, nu, H, dnext, H, w_hh + j0, H, dh.data() + j0, H, T(1));
+      if (s < TT - 1) {
+        if (tiled) dh_gemm(k);
+        else gemm_nn<T>(B, nu, H, dnext, H, w_hh + j0, H, dh.data() + j0, H, T(1));
+      }
       for (int64_t b = 0; b < B; ++b) {
         const int64_t L = sq.len(b);
         T* dcr = dcur + b * H + j0;
@@ -384,7 +460,8 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
   if (TT > 0) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      gemm_nn<T>(B, nu, H, dnext, H, w_hh + j0, H, dh.data() + j0, H, T(1));
+      if (tiled) dh_gemm(k);
+      else gemm_nn<T>(B, nu, H, dnext, H, w_hh + j0, H, dh.data() + j0, H, T(1));
     });
   }
   std::copy(dh.begin(), dh.end(), grad_h0);

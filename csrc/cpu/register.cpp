@@ -332,8 +332,22 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
 // The Python module fusedrnn._C: importing it registers the kernels above.
 namespace {
 PyObject* simd_path(PyObject*, PyObject*) { return PyUnicode_FromString(fusedrnn::cpu::simd_path()); }
+// _set_options(tiled: int, min_work: int) -> (old_tiled, old_min_work); -1 / 0 keep a value.
+PyObject* set_options(PyObject*, PyObject* args) {
+  int tiled = -1;
+  long long min_work = 0;
+  if (!PyArg_ParseTuple(args, "iL", &tiled, &min_work)) return nullptr;
+  int old_tiled = 0;
+  int64_t old_min_work = 0;
+  fusedrnn::cpu::set_options(tiled, (int64_t)min_work, &old_tiled, &old_min_work);
+  return Py_BuildValue("(iL)", old_tiled, (long long)old_min_work);
+}
 PyMethodDef methods[] = {
     {"simd_path", simd_path, METH_NOARGS, "elementwise code path in use: avx2 or baseline"},
+    {"_set_options", set_options, METH_VARARGS,
+     "_set_options(tiled, min_work) -> previous (tiled, min_work): float32 packed-panel micro-kernel "
+     "on (1) / off (0) / unchanged (-1); multiply-adds per thread per step before a step is split "
+     "over threads (<= 0: unchanged). For tests and benchmarks."},
     {nullptr, nullptr, 0, nullptr}};
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
                       "fusedrnn CPU kernels (registered for the CPU dispatch key of the fusedrnn::* ops)", -1,
