@@ -143,3 +143,31 @@ def test_errors_are_clear(bad, match):
         gx, h0, c0, w_hh = (t.half() for t in (gx, h0, c0, w_hh))
     with pytest.raises(RuntimeError, match=match):
         op(gx, h0, c0, w_hh, w_hr, L, rev)
+
+
+@pytest.fixture
+def cpu_options():
+    """Set the kernels' tuning knobs (fusedrnn._C._set_options) for one test, restored after."""
+    from fusedrnn import _C
+    old = _C._set_options(-1, 0)
+    threads = torch.get_num_threads()
+    yield _C._set_options
+    _C._set_options(*old)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("tiled", [1, 0], ids=["tiled", "blas"])
+@pytest.mark.parametrize("H", [40, 64])  # 40: partial last 8- and 32-unit panels
+@pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True)], ids=["full", "lengths-rev"])
+def test_forced_paths(variant, tiled, H, lengths, reverse, cpu_options):
+    """float32 with the packed-panel micro-kernel (AVX2) on and off, every step split over
+    as many threads as there are panels (min_work = 1), T >= 8 so the weight is packed."""
+    cell, P, flag = variant
+    cpu_options(tiled, 1)
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    P = 24 if P else 0
+    for B in (1, 5):
+        args = make_inputs(cell, 9, B, H, P=P, dtype=torch.float32, lengths=lengths, reverse=reverse,
+                           **_kw(cell, flag))
+        check_against_reference("cpu", cell, args)
