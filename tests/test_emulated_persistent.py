@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from op_harness import check_against_reference, make_inputs
+from op_harness import TOL, check_against_reference, make_inputs
 from test_emulated_ops import check_kernel
 from fusedrnn.backends import registry
 
@@ -76,6 +76,7 @@ def test_against_reference(cell, grid, dtype):
     _forward_and_backward_ran_persistent(cell)
     n_blocks = -(-H // -(-H // sms))
     assert f"{n_blocks} blocks <= {sms} SMs" in E.last_algo()
+    assert ("tensor cores" if dtype != torch.float32 else "SIMT fp32") in E.last_algo()
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -85,21 +86,31 @@ def test_lengths_and_reverse_fp32(cell, variant):
     _forward_and_backward_ran_persistent(cell)
 
 
-def _smem(na, K, U, bch, elem):
+def _smem(na, K, U, bch, elem, mma=True):
+    """persistent_smem() of kernels/persistent.cuh."""
     a16 = lambda x: (x + 15) // 16 * 16  # noqa: E731
+    up = lambda x, m: (x + m - 1) // m * m  # noqa: E731
+    if elem == 2 and mma:  # tensor-core layout
+        ks, rp, bp = up(K, 16) + 8, up(na * U, 8), up(bch, 16)
+        return a16(rp * ks * 2) + a16(bp * ks * 2) + 4 * max(bp * rp, 128 * THREADS // 32)
     return a16(na * U * K * elem) + a16(bch * K * 4) + na * max(THREADS, bch * U) * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_batch_chunks(cell, direction):
-    """Shared memory for only 2 of the 5 batch rows next to the W slice: the state is
-    staged in chunks of 2, 2, 1 rows."""
-    T, B, H, sms = 3, 5, 12, 3
+def test_batch_chunks(cell, direction, dtype):
+    """Shared memory for only 2 of the batch rows next to the W slice (SIMT), or one
+    16-row tile of them (tensor cores): the state is staged in several chunks."""
+    T, B, H, sms = 3, 5 if dtype == torch.float32 else 19, 12, 3
     U, ng = 4, NA_FWD[cell]
     na, K = (ng, H) if direction == "forward" else (1, ng * H)
-    smem = _smem(na, K, U, 2, 4) + 4 * K - 4  # 2 rows fit, 3 do not
-    args = _inputs(cell, T, B, H, lengths=True, reverse=direction == "backward")
+    elem = 4 if dtype == torch.float32 else 2
+    chunk = 2 if dtype == torch.float32 else 16
+    smem = _smem(na, K, U, chunk, elem)  # `chunk` rows fit, `chunk + 1` do not
+    assert _smem(na, K, U, chunk + 1, elem) > smem
+    want = f"batch chunk {chunk} of {B}"
+    args = _inputs(cell, T, B, H, dtype, lengths=True, reverse=direction == "backward")
     if direction == "backward":  # forward with room for every row; then shrink for the backward
         E.set_pretend_device(sms, 100 * 1024)
         a = tuple(x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
@@ -112,16 +123,33 @@ def test_batch_chunks(cell, direction):
         seeds = [torch.randn_like(o) for o in outs]
         E.set_pretend_device(sms, smem)
         leaves = [x for x in a if isinstance(x, torch.Tensor) and x.requires_grad]
-        got = torch.autograd.grad(outs, leaves, seeds)
-        assert "batch chunk 2 of 5" in E.last_algo(), E.last_algo()
-        want = torch.autograd.grad(ref, [x for x in ra if isinstance(x, torch.Tensor) and x.requires_grad],
-                                   [s.double() for s in seeds])
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-5)
+        got = torch.autograd.grad(outs, leaves, seeds, retain_graph=True)
+        assert want in E.last_algo(), E.last_algo()
+        E.set_algo("per_step")  # the spec at this dtype: same inputs, y and seeds
+        ref_grads = torch.autograd.grad(outs, leaves, seeds)
+        if dtype == torch.float32:  # and in float64
+            ref_grads = torch.autograd.grad(ref, [x for x in ra if isinstance(x, torch.Tensor) and x.requires_grad],
+                                            [s.double() for s in seeds])
+        for g, w in zip(got, ref_grads):
+            torch.testing.assert_close(g.double(), w.double(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
     else:
         E.set_pretend_device(sms, smem)
         check_against_reference("emulated", cell, args, backward=False)
-        assert E.last_algo().startswith(f"{cell} forward: persistent") and "batch chunk 2 of 5" in E.last_algo()
+        assert E.last_algo().startswith(f"{cell} forward: persistent") and want in E.last_algo(), E.last_algo()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_half_falls_back_to_simt_when_the_tensor_core_layout_does_not_fit(cell, dtype):
+    """fp16/bf16 run on tensor cores when their (padded) layout fits, else on the SIMT kernel."""
+    T, B, H, sms = 3, 3, 20, 3
+    U, ng = 7, NA_FWD[cell]
+    simt = max(_smem(ng, H, U, B, 2, mma=False), _smem(1, ng * H, U, B, 2, mma=False))
+    assert simt < min(_smem(ng, H, U, 1, 2), _smem(1, ng * H, U, 1, 2))
+    E.set_pretend_device(sms, simt)
+    check_kernel("emulated", cell, _inputs(cell, T, B, H, dtype, lengths=True, reverse=True))
+    assert E.last_algo().startswith(f"{cell} backward: persistent"), E.last_algo()
+    assert "SIMT fp32 FMAs (the tensor-core layout does not fit)" in E.last_algo(), E.last_algo()
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -170,17 +198,19 @@ def test_every_schedule_gives_the_same_bits():
 
 # ------------------------------------------------------------------------ mutation tests
 MUT = dict(T=3, B=3, H=20)  # 3 blocks on the pretend 3-SM device
+MUT_DTYPES = [torch.float32, torch.bfloat16]  # the SIMT and the tensor-core paths
 
 
-def _mut_inputs(cell):
-    return _inputs(cell, MUT["T"], MUT["B"], MUT["H"], lengths=True)
+def _mut_inputs(cell, dtype=torch.float32):
+    return _inputs(cell, MUT["T"], MUT["B"], MUT["H"], dtype, lengths=True)
 
 
+@pytest.mark.parametrize("dtype", MUT_DTYPES, ids=str)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_dropping_the_grid_barrier_fails_forward_and_backward(cell):
+def test_dropping_the_grid_barrier_fails_forward_and_backward(cell, dtype):
     E.set_pretend_device(3, 100 * 1024)
-    args = _mut_inputs(cell)
-    check_against_reference("emulated", cell, args)  # passes with the barrier
+    args = _mut_inputs(cell, dtype)
+    check_kernel("emulated", cell, args)  # passes with the barrier
     # forward without it
     E.set_drop_grid_sync(True)
     with pytest.raises(AssertionError):
@@ -206,20 +236,21 @@ def test_dropping_the_grid_barrier_fails_forward_and_backward(cell):
 
 def test_every_persistent_kernel_barrier_is_caught_when_removed():
     E.set_pretend_device(3, 100 * 1024)
-    for cell in NA_FWD:  # executes every barrier of the persistent kernels
-        check_against_reference("emulated", cell, _mut_inputs(cell))
+    cases = [(cell, dt) for cell in NA_FWD for dt in MUT_DTYPES]
+    for cell, dt in cases:  # executes every barrier of the persistent kernels
+        check_kernel("emulated", cell, _mut_inputs(cell, dt))
     sites = [s for s in E.barrier_sites() if s.endswith(tuple(f"persistent.cuh:{n}" for n in range(10000)))]
     assert len(sites) >= 2, E.barrier_sites()
     survived = []
     try:
         for site in sites:
             E.set_drop_barrier(site)
-            for cell in NA_FWD:
+            for cell, dt in cases:
                 try:
-                    check_against_reference("emulated", cell, _mut_inputs(cell))
+                    check_kernel("emulated", cell, _mut_inputs(cell, dt))
                 except (AssertionError, RuntimeError):
                     continue
-                survived.append((site, cell))
+                survived.append((site, cell, dt))
     finally:
         E.set_drop_barrier("")
     assert not survived, f"removing these barriers went unnoticed: {survived}"

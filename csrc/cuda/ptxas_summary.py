@@ -44,14 +44,23 @@ def persistent_footprints():
     threads = int(re.search(r"constexpr int kPThreads = (\d+);", src).group(1))
     a16 = lambda x: (x + 15) // 16 * 16  # noqa: E731
 
-    def plan(na, K, H, B, elem, sms, limit):
+    up = lambda x, m: (x + m - 1) // m * m  # noqa: E731
+
+    def smem(na, K, U, bch, elem, mma):
+        if mma:  # tensor-core layout (persistent_smem_mma)
+            ks, rp, bp = up(K, 16) + 8, up(na * U, 8), up(bch, 16)
+            return a16(rp * ks * 2) + a16(bp * ks * 2) + 4 * max(bp * rp, 128 * threads // 32)
+        return a16(na * U * K * elem) + a16(bch * K * 4) + na * max(threads, bch * U) * 4
+
+    def plan(na, K, H, B, elem, sms, limit):  # plan_persistent(): tensor cores first for 2-byte types
         U = -(-H // sms)
-        for bch in range(B, 0, -1):
-            need = a16(na * U * K * elem) + a16(bch * K * 4) + na * max(threads, bch * U) * 4
-            if need <= limit:
-                return f"{need // 1024}K/b{bch}"
+        for mma in ((True, False) if elem == 2 else (False,)):
+            for bch in range(B, 0, -1):
+                need = smem(na, K, U, bch, elem, mma)
+                if need <= limit:
+                    return f"{need // 1024}K/b{bch}{'/mma' if mma else ''}"
         return "no fit"
-    out = ["persistent kernels, dynamic smem per block / batch chunk, LSTM B=16 (fwd | bwd):"]
+    out = ["persistent kernels, dynamic smem per block / batch chunk[/mma: tensor cores], LSTM B=16 (fwd | bwd):"]
     for dev, sms, limit in (("A100", 108, 163 * 1024), ("H100", 132, 227 * 1024)):
         for dt, elem in (("fp32", 4), ("bf16", 2)):
             cells = [f"H={H}: {plan(4, H, H, 16, elem, sms, limit)} | {plan(1, 4 * H, H, 16, elem, sms, limit)}"

@@ -327,3 +327,46 @@ inline __nv_bfloat16 atomicAdd<__nv_bfloat16>(__nv_bfloat16* p, __nv_bfloat16 v)
   *p = __float2bfloat16(__bfloat162float(old) + __bfloat162float(v));
   return old;
 }
+
+// ----------------------------------------------------------------------------- tensor cores
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16|bf16}.{f16|bf16}.f32: d += A (16x16) B (16x8) for
+// the warp, each lane holding the fragments of the PTX ISA layout (g = lane / 4, t = lane % 4):
+//   a[0] = A[g][2t..2t+1]    a[1] = A[g+8][2t..2t+1]   a[2] = A[g][2t+8..]   a[3] = A[g+8][2t+8..]
+//   b[0] = B[2t..2t+1][g]    b[1] = B[2t+8..2t+9][g]
+//   d[0..1] = D[g][2t..2t+1] d[2..3] = D[g+8][2t..2t+1]
+// (lower element of each pair in the low 16 bits). A warp collective: all 32 lanes must call
+// it together. Products and sums in fp32 (the hardware's summation order is unspecified).
+namespace emu {
+inline float mma_elem(uint32_t r, int hi, bool bf16) {
+  const uint16_t h = static_cast<uint16_t>(hi ? r >> 16 : r & 0xffffu);
+  return bf16 ? bf16_bits_to_float(h) : half_bits_to_float(h);
+}
+inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, bool bf16) {
+  uint64_t A01[32], A23[32], Bq[32];
+  std::memcpy(A01, warp_exchange(0xffffffffu, a[0] | (uint64_t(a[1]) << 32)), sizeof A01);
+  std::memcpy(A23, warp_exchange(0xffffffffu, a[2] | (uint64_t(a[3]) << 32)), sizeof A23);
+  std::memcpy(Bq, warp_exchange(0xffffffffu, b[0] | (uint64_t(b[1]) << 32)), sizeof Bq);
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    const uint32_t r[4] = {uint32_t(A01[l]), uint32_t(A01[l] >> 32), uint32_t(A23[l]), uint32_t(A23[l] >> 32)};
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i & 1) * 8, col = 2 * t + (i >> 1) * 8;
+      A[row][col] = mma_elem(r[i], 0, bf16);
+      A[row][col + 1] = mma_elem(r[i], 1, bf16);
+    }
+    const uint32_t q[2] = {uint32_t(Bq[l]), uint32_t(Bq[l] >> 32)};
+    for (int i = 0; i < 2; ++i) {
+      B[2 * t + 8 * i][g] = mma_elem(q[i], 0, bf16);
+      B[2 * t + 8 * i + 1][g] = mma_elem(q[i], 1, bf16);
+    }
+  }
+  const int lane = static_cast<int>(lane_id()), g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >> 1) * 8, col = 2 * t + (i & 1);
+    float s = 0.f;
+    for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+    d[i] += s;
+  }
+}
+}  // namespace emu
