@@ -79,6 +79,17 @@ def test_against_reference(cell, grid, dtype):
     assert ("tensor cores" if dtype != torch.float32 else "SIMT fp32") in E.last_algo()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_more_outputs_than_threads(cell, dtype):
+    """One block owning 40 units x 20 batch rows = 800 outputs for 256 threads: each thread
+    computes several (only its first one's gx is prefetched)."""
+    E.set_pretend_device(1, 100 * 1024)
+    check_kernel("emulated", cell, _inputs(cell, 3, 20, 40, dtype, lengths=True))
+    _forward_and_backward_ran_persistent(cell)
+    assert "1 blocks <= 1 SMs, batch chunk 20 of 20" in E.last_algo(), E.last_algo()
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "+".join(v) or "plain")
 def test_lengths_and_reverse_fp32(cell, variant):

@@ -81,8 +81,13 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
+_IMPORTED = False
+
+
 def registry() -> dict[str, Backend]:
-    if not _REGISTRY:
+    global _IMPORTED
+    if not _IMPORTED:  # (not "if not _REGISTRY": importing one backend module directly registers it first)
+        _IMPORTED = True
         for mod in _MODULES:
             try:
                 importlib.import_module(f"{__name__}.{mod}")

@@ -115,8 +115,16 @@ struct GruFwdPers {
   const T* gx; const T* b_hh; const int64_t* lengths; T* y; float* gates; float* hn;
   float* h;  // [2][B][H] fp32, by step parity
   bool reverse;
+  static constexpr int NP = 3;  // gx of the 3 gates, prefetched before the recurrent product
   __device__ const float* gemm_src(int s) const { return h + (s & 1) * static_cast<size_t>(B) * H; }
-  __device__ void point(int s, int b, int j, const float* acc) const {
+  __device__ void prefetch(int s, int b, int j, float (&pre)[NP]) const {
+    int t;
+    const bool active = step_time(seq_len(lengths, b, iters), s, reverse, t);
+    const size_t o3 = (static_cast<size_t>(t) * B + b) * 3 * H + j;
+#pragma unroll
+    for (int g = 0; g < 3; ++g) pre[g] = active ? to_f(gx[o3 + g * H]) : 0.f;
+  }
+  __device__ void point(int s, int b, int j, const float* acc, const float (&pre)[NP], bool use_pre) const {
     const size_t BH = static_cast<size_t>(B) * H, bj = static_cast<size_t>(b) * H + j;
     const float h_prev = __ldcg(h + (s & 1) * BH + bj);
     float* h_out = h + ((s + 1) & 1) * BH;
@@ -131,7 +139,10 @@ struct GruFwdPers {
         ahn += to_f(b_hh[2 * H + j]);
       }
       float r, z, n, hv;
-      gru_forward_unit(to_f(gx[o3]), to_f(gx[o3 + H]), to_f(gx[o3 + 2 * H]), ahr, ahz, ahn, h_prev, r, z, n, hv);
+      float x[3];
+#pragma unroll
+      for (int g = 0; g < 3; ++g) x[g] = use_pre ? pre[g] : to_f(gx[o3 + g * H]);
+      gru_forward_unit(x[0], x[1], x[2], ahr, ahz, ahn, h_prev, r, z, n, hv);
       gates[o3] = r; gates[o3 + H] = z; gates[o3 + 2 * H] = n;
       hn[o1] = ahn;
       h_out[bj] = hv;
@@ -160,11 +171,13 @@ struct GruBwdPers {
   float* direct;  // [B][H] z * dh of the step after
   T* grad_h0;
   bool reverse;
+  static constexpr int NP = 1;  // nothing prefetched
+  __device__ void prefetch(int, int, int, float (&pre)[NP]) const { pre[0] = 0.f; }
   __device__ const float* gemm_src(int it) const {
     const int s = steps - 1 - it;
     return s + 1 < steps ? buf + ((s + 1) & 1) * static_cast<size_t>(B) * 3 * H : nullptr;
   }
-  __device__ void point(int it, int b, int j, const float* acc) const {
+  __device__ void point(int it, int b, int j, const float* acc, const float (&)[NP], bool) const {
     const int s = steps - 1 - it, G = 3 * H;
     const size_t bj = static_cast<size_t>(b) * H + j;
     const int L = seq_len(lengths, b, steps);

@@ -185,8 +185,16 @@ struct LstmFwdPers {
   float* h;  // [2][B][H] fp32, by step parity
   float* c;  // [B][H] (each unit only ever touched by its own block)
   bool reverse;
+  static constexpr int NP = 4;  // gx of the 4 gates, prefetched before the recurrent product
   __device__ const float* gemm_src(int s) const { return h + (s & 1) * static_cast<size_t>(B) * H; }
-  __device__ void point(int s, int b, int j, const float* acc) const {
+  __device__ void prefetch(int s, int b, int j, float (&pre)[NP]) const {
+    int t;
+    const bool active = step_time(seq_len(lengths, b, iters), s, reverse, t);
+    const size_t o4 = (static_cast<size_t>(t) * B + b) * 4 * H + j;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) pre[g] = active ? to_f(gx[o4 + g * H]) : 0.f;
+  }
+  __device__ void point(int s, int b, int j, const float* acc, const float (&pre)[NP], bool use_pre) const {
     const size_t BH = static_cast<size_t>(B) * H, bj = static_cast<size_t>(b) * H + j;
     float* h_out = h + ((s + 1) & 1) * BH;
     int t;
@@ -194,8 +202,10 @@ struct LstmFwdPers {
     const size_t o4 = (static_cast<size_t>(t) * B + b) * 4 * H + j, o1 = static_cast<size_t>(t) * BH + bj;
     if (active) {
       float i, f, gg, o, cc, hh;
-      lstm_forward_unit(to_f(gx[o4]) + acc[0], to_f(gx[o4 + H]) + acc[1], to_f(gx[o4 + 2 * H]) + acc[2],
-                        to_f(gx[o4 + 3 * H]) + acc[3], c[bj], i, f, gg, o, cc, hh);
+      float x[4];
+#pragma unroll
+      for (int g = 0; g < 4; ++g) x[g] = use_pre ? pre[g] : to_f(gx[o4 + g * H]);
+      lstm_forward_unit(x[0] + acc[0], x[1] + acc[1], x[2] + acc[2], x[3] + acc[3], c[bj], i, f, gg, o, cc, hh);
       gates[o4] = i; gates[o4 + H] = f; gates[o4 + 2 * H] = gg; gates[o4 + 3 * H] = o;
       cells[o1] = cc;
       c[bj] = cc;
@@ -225,11 +235,13 @@ struct LstmBwdPers {
   float* dc;   // [B][H]
   T* grad_h0;
   bool reverse;
+  static constexpr int NP = 1;  // nothing prefetched
+  __device__ void prefetch(int, int, int, float (&pre)[NP]) const { pre[0] = 0.f; }
   __device__ const float* gemm_src(int it) const {
     const int s = steps - 1 - it;
     return s + 1 < steps ? buf + ((s + 1) & 1) * static_cast<size_t>(B) * 4 * H : nullptr;
   }
-  __device__ void point(int it, int b, int j, const float* acc) const {
+  __device__ void point(int it, int b, int j, const float* acc, const float (&)[NP], bool) const {
     const int s = steps - 1 - it, G = 4 * H;
     const size_t bj = static_cast<size_t>(b) * H + j;
     const int L = seq_len(lengths, b, steps);

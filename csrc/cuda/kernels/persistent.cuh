@@ -20,7 +20,9 @@
 //   is columns of W_hh), w (W_hh, [G, H] row-major), B, H, iters (time iterations),
 //   g (PGeom, filled by the driver), and device functions
 //   gemm_src(it): the fp32 [B, K] vector to multiply at iteration it (null: none; acc = 0)
-//   point(it, b, j, acc): the pointwise part for batch row b, hidden unit j.
+//   prefetch(it, b, j, pre): load the NP inputs of (b, j) that do not depend on the state
+//   point(it, b, j, acc, pre, use_pre): the pointwise part for batch row b, hidden unit j
+//     (pre holds prefetch's values for it when use_pre).
 // Sizes are run-time values: one compiled kernel per cell, direction and dtype serves
 // every batch and hidden size (no recompilation, no per-size register pressure).
 #pragma once
@@ -220,6 +222,10 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_kernel(C p) {
     for (int b0 = 0; b0 < B; b0 += bch) {
       const int nb = imin(bch, B - b0), items = nb * nu;
       const int Bp = kMma ? round_up(nb, 16) : nb;
+      // This thread's first output of the chunk: its inputs that do not depend on the state
+      // (gx) are loaded now, so their latency hides behind the staging and the product.
+      float pre[C::NP];
+      if (tid < items) p.prefetch(it, b0 + tid / nu, j0 + tid % nu, pre);
       // Stage rows [b0, b0 + nb) of the state other blocks wrote before the grid barrier.
       if (src) {
         if (kMma) {
@@ -283,7 +289,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_kernel(C p) {
             acc[a] += kMma ? part[(static_cast<size_t>(ks) * Bp + bb) * Rp + a * U + u]
                            : part[(a * KS + ks) * items + item];
         }
-        p.point(it, b0 + bb, j0 + u, acc);
+        p.point(it, b0 + bb, j0 + u, acc, pre, item == tid);
       }
     }
     // The new state slice is in global memory: one grid-wide barrier per step (it also

@@ -89,14 +89,20 @@ struct RnnFwdPers {
   const T* gx; const int64_t* lengths; T* y;
   float* h;  // [2][B][H] fp32 state, by step parity
   bool reverse, relu;
+  static constexpr int NP = 1;  // gx prefetched before the recurrent product
   __device__ const float* gemm_src(int s) const { return h + (s & 1) * static_cast<size_t>(B) * H; }
-  __device__ void point(int s, int b, int j, const float* acc) const {
+  __device__ void prefetch(int s, int b, int j, float (&pre)[NP]) const {
+    int t;
+    const bool active = step_time(seq_len(lengths, b, iters), s, reverse, t);
+    pre[0] = active ? to_f(gx[static_cast<size_t>(t) * B * H + static_cast<size_t>(b) * H + j]) : 0.f;
+  }
+  __device__ void point(int s, int b, int j, const float* acc, const float (&pre)[NP], bool use_pre) const {
     const size_t BH = static_cast<size_t>(B) * H, bj = static_cast<size_t>(b) * H + j;
     float* h_out = h + ((s + 1) & 1) * BH;
     int t;
     if (step_time(seq_len(lengths, b, iters), s, reverse, t)) {
       const size_t o = static_cast<size_t>(t) * BH + bj;
-      const float hv = rnn_forward_unit(to_f(gx[o]) + acc[0], relu);
+      const float hv = rnn_forward_unit((use_pre ? pre[0] : to_f(gx[o])) + acc[0], relu);
       h_out[bj] = hv;
       y[o] = from_f<T>(hv);
     } else {
@@ -117,11 +123,13 @@ struct RnnBwdPers {
   const T* grad_y; const T* grad_h_n; const T* y; const int64_t* lengths;
   T* dgx; float* dpre; float* buf; T* grad_h0;  // buf: [2][B][H] da by parity of s
   bool reverse, relu;
+  static constexpr int NP = 1;  // nothing prefetched
+  __device__ void prefetch(int, int, int, float (&pre)[NP]) const { pre[0] = 0.f; }
   __device__ const float* gemm_src(int it) const {
     const int s = steps - 1 - it;
     return s + 1 < steps ? buf + ((s + 1) & 1) * static_cast<size_t>(B) * H : nullptr;
   }
-  __device__ void point(int it, int b, int j, const float* acc) const {
+  __device__ void point(int it, int b, int j, const float* acc, const float (&)[NP], bool) const {
     const int s = steps - 1 - it;
     const size_t BH = static_cast<size_t>(B) * H, bj = static_cast<size_t>(b) * H + j;
     const int L = seq_len(lengths, b, steps);
