@@ -248,15 +248,48 @@ struct TiledF {
   void pack(const float* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng);
     float* out = P.get() + p * K * 8 * V;
-    for (int64_t k = 0; k < K; ++k)
-      for (int v = 0; v < V; ++v) {
-        const int gate = ng == 1 ? 0 : v;
-        const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
+    for (int v = 0; v < V; ++v) {
+      const int gate = ng == 1 ? 0 : v;
+      const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
+      int64_t k = 0;
+      if (sk == 1) {
+        // Rows of W contiguous in k (the forward's W_hh): 8 rows x 8 k at a time through
+        // an 8x8 register transpose.
+        const float* row[8];
+        for (int l = 0; l < 8; ++l) row[l] = u0 + l < units ? W + (gate * units + u0 + l) * sc : nullptr;
+        for (; k + 8 <= K; k += 8) {
+          __m256 r[8];
+          for (int l = 0; l < 8; ++l) r[l] = row[l] ? _mm256_loadu_ps(row[l] + k) : _mm256_setzero_ps();
+          transpose8(r);
+          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + ((k + j) * V + v) * 8, r[j]);
+        }
+      }
+      if (sc == 1 && u0 + 8 <= units)  // columns contiguous (the backward's W_hh^T): 8 at a time
+        for (; k < K; ++k) _mm256_storeu_ps(out + (k * V + v) * 8, _mm256_loadu_ps(W + gate * units + u0 + k * sk));
+      for (; k < K; ++k)
         for (int l = 0; l < 8; ++l) {
           const int64_t u = u0 + l;
           out[(k * V + v) * 8 + l] = u < units ? W[(gate * units + u) * sc + k * sk] : 0.f;
         }
-      }
+    }
+  }
+  static inline void transpose8(__m256 r[8]) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
   }
   int64_t gran() const { return panel_units(ng); }
   // Row stride of the padded gate buffer: one cache line more than the panels, so that
@@ -271,7 +304,26 @@ struct TiledF {
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int v = 0; v < VV; ++v) c[r][v] = acc ? _mm256_loadu_ps(C + r * ldc + v * 8) : _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t k = 0;
+    if constexpr (R == 1) {
+      // One row (batch 1, a GEMV): a second set of accumulators for odd k, so that
+      // 2*VV independent FMA chains hide the FMA latency.
+      __m256 d[VV];
+#pragma GCC unroll 8
+      for (int v = 0; v < VV; ++v) d[v] = _mm256_setzero_ps();
+      for (; k + 2 <= K; k += 2) {
+        const float* w = Pn + k * (8 * VV);
+        const __m256 a0 = _mm256_broadcast_ss(A + k), a1 = _mm256_broadcast_ss(A + k + 1);
+#pragma GCC unroll 8
+        for (int v = 0; v < VV; ++v) {
+          c[0][v] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(w + v * 8), c[0][v]);
+          d[v] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(w + 8 * VV + v * 8), d[v]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < VV; ++v) c[0][v] = _mm256_add_ps(c[0][v], d[v]);
+    }
+    for (; k < K; ++k) {
       const float* w = Pn + k * (8 * VV);
       __m256 wv[VV];
 #pragma GCC unroll 8
