@@ -384,6 +384,74 @@ struct TiledF {
   int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
 };
 
+// Float32 LSTM forward cell for 8 units in registers (the tiled path's panels), with
+// exp/tanh evaluated inline instead of through libmvec calls: exp by range reduction
+// to [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes' expf scheme, max relative
+// error ~1e-7 here), sigmoid = 1/(1+exp(-x)) with a true division, tanh from an odd
+// polynomial below |x| = 0.625 and 1 - 2/(exp(2|x|)+1) above (max relative error
+// ~1.4e-7 over [-90, 90]); float32 rounding level, like libmvec's.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.37626f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+inline __m256 sigmoid8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+inline __m256 tanh8(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 ax = _mm256_andnot_ps(sign, x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 e = exp8(_mm256_add_ps(ax, ax));
+  const __m256 big = _mm256_or_ps(_mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one))),
+                                  _mm256_and_ps(sign, x));
+  return _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+}
+// x: gx row at the panel's first unit (gate stride H); a: the panel's 4x8 recurrent
+// pre-activations; cb: cell state (updated); gt: gates row (stride H); ct, out: 8 values.
+inline void lstm_cell8(const float* x, int64_t H, const float* a, float* cb, float* gt, float* ct, float* out) {
+  const __m256 i = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(a)));
+  const __m256 f = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x + H), _mm256_loadu_ps(a + 8)));
+  const __m256 g = tanh8(_mm256_add_ps(_mm256_loadu_ps(x + 2 * H), _mm256_loadu_ps(a + 16)));
+  const __m256 o = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x + 3 * H), _mm256_loadu_ps(a + 24)));
+  const __m256 c = _mm256_fmadd_ps(f, _mm256_loadu_ps(cb), _mm256_mul_ps(i, g));
+  const __m256 h = _mm256_mul_ps(o, tanh8(c));
+  _mm256_storeu_ps(gt, i);
+  _mm256_storeu_ps(gt + H, f);
+  _mm256_storeu_ps(gt + 2 * H, g);
+  _mm256_storeu_ps(gt + 3 * H, o);
+  _mm256_storeu_ps(ct, c);
+  _mm256_storeu_ps(cb, c);
+  _mm256_storeu_ps(out, h);
+}
+template <typename T>
+inline bool lstm_cell8_fast(const T* x, int64_t H, const T* a, T* cb, T* gt, T* ct, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    lstm_cell8(x, H, a, cb, gt, ct, out);
+    return true;
+  }
+  return false;
+}
+
 }  // namespace
 namespace avx2 {
 template <typename T>
@@ -397,6 +465,8 @@ using Seq = SeqV;
 namespace base {
 template <typename T>
 using Tiled = TiledStub<T>;
+template <typename T>
+inline bool lstm_cell8_fast(const T*, int64_t, const T*, T*, T*, T*, T*) { return false; }
 using Seq = SeqV;
 #include "cpu/kernels_impl.h"
 }  // namespace base

@@ -38,6 +38,10 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
           T* cb = c.data() + b * H + j0;
           T* out = proj ? hr.data() + b * H + j0 : hnext + b * P + j0;
           T* yt = y + (t * B + b) * P + j0;
+          if (tiled && nu == 8 && lstm_cell8_fast(x, H, a, cb, gt, ct, out)) {  // float32 panel
+            if (!proj) std::copy(out, out + nu, yt);
+            return;
+          }
 #pragma omp simd
           for (int64_t u = 0; u < nu; ++u) {
             T i, f, g, o, cc, hh;
