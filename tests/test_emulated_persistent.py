@@ -103,7 +103,7 @@ def _smem(na, K, U, bch, elem, mma=True):
     up = lambda x, m: (x + m - 1) // m * m  # noqa: E731
     if elem == 2 and mma:  # tensor-core layout
         ks, rp, bp = up(K, 16) + 8, up(na * U, 8), up(bch, 16)
-        return a16(rp * ks * 2) + a16(bp * ks * 2) + 4 * max(bp * rp, 128 * THREADS // 32)
+        return a16(rp * ks * 2) + 2 * a16(bp * ks * 2) + 4 * max(bp * rp, 128 * THREADS // 32)
     return a16(na * U * K * elem) + a16(bch * K * 4) + na * max(THREADS, bch * U) * 4
 
 

@@ -49,7 +49,7 @@ def persistent_footprints():
     def smem(na, K, U, bch, elem, mma):
         if mma:  # tensor-core layout (persistent_smem_mma)
             ks, rp, bp = up(K, 16) + 8, up(na * U, 8), up(bch, 16)
-            return a16(rp * ks * 2) + a16(bp * ks * 2) + 4 * max(bp * rp, 128 * threads // 32)
+            return a16(rp * ks * 2) + 2 * a16(bp * ks * 2) + 4 * max(bp * rp, 128 * threads // 32)
         return a16(na * U * K * elem) + a16(bch * K * 4) + na * max(threads, bch * U) * 4
 
     def plan(na, K, H, B, elem, sms, limit):  # plan_persistent(): tensor cores first for 2-byte types

@@ -9,8 +9,10 @@
 //     W_hh^T), so dh_{t-1}[b, j] = sum_k da[b, k] W_hh[k, j] needs no other block's weights.
 //   * Per step, each block stages the previous step's state vector (h forward, the gate
 //     gradients backward; fp32, [B, K]) from global memory (L2; loaded with __ldcg so no stale
-//     L1 line is read) in batch chunks, computes its outputs with SIMT fp32 FMAs (the K
-//     dimension split over up to 32 threads, partial sums reduced through shared memory),
+//     L1 line is read) in batch chunks, computes its outputs with tensor cores (fp16/bf16:
+//     mma.sync m16n8k16, fp32 accumulate, the fp32 state split into hi + lo parts) or
+//     SIMT fp32 FMAs (fp32, or when only the smaller SIMT layout fits), the K dimension split
+//     over threads/warps and the partial sums reduced through shared memory,
 //     runs the cell's pointwise math (csrc/cells/*.h, through the cell's `point`), writes its
 //     slice of the new state to global memory and waits at the grid barrier (one per step;
 //     the state is double-buffered by step parity, so one barrier suffices).
@@ -51,8 +53,8 @@ struct PGeom {
 
 FRNN_HD size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
 
-// Dynamic shared memory of a block: W slice (input dtype) | staged state chunk (fp32) |
-// partial sums (fp32).
+// Dynamic shared memory of a block. SIMT: W slice (input dtype) | staged state chunk (fp32) |
+// partial sums (fp32); the tensor-core layout is persistent_smem_mma.
 inline size_t persistent_smem_mma(int NA, int K, int U, int bch);
 inline size_t persistent_smem(int NA, int K, int U, int bch, int elem, bool mma) {
   if (mma) return persistent_smem_mma(NA, K, U, bch);  // tensor-core layout (below)
@@ -149,7 +151,8 @@ inline PersistentPlan plan_persistent(int NA, int K, int H, int B, int elem, con
 
 // ---------------------------------------------------------------- tensor cores (fp16/bf16)
 // D (batch rows x W-slice rows) += S (state, batch x K) W_slice^T with mma.sync m16n8k16
-// (fp32 accumulate): A = the staged state in the input dtype (rows padded to 16), B = the W
+// (fp32 accumulate): A = the staged state as hi + lo parts in the input dtype (two products;
+// rows padded to 16), B = the W
 // slice as stored ([rows][K]: exactly the "col" operand; rows padded to 8). Shared-memory rows
 // are K rounded up to 16 plus 8 elements, which makes the fragment loads bank-conflict free.
 constexpr int kWarps = kPThreads / 32;
@@ -186,7 +189,7 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 // Shared memory of the tensor-core layout: W slice | staged state | partial sums (fp32).
 inline size_t persistent_smem_mma(int NA, int K, int U, int bch) {
   const size_t ks = mma_stride(K), rp = round_up(NA * U, 8), bp = round_up(bch, 16);
-  return align16(rp * ks * 2) + align16(bp * ks * 2) + size_t(4) * std::max<size_t>(bp * rp, 128 * kWarps);
+  return align16(rp * ks * 2) + 2 * align16(bp * ks * 2) + size_t(4) * std::max<size_t>(bp * rp, 128 * kWarps);
 }
 
 template <class C, bool kMma>  // kMma: tensor cores (fp16/bf16 only); else SIMT FMAs
@@ -204,8 +207,13 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_kernel(C p) {
   T* Ws = reinterpret_cast<T*>(smem);
   unsigned char* hs_raw = smem + align16(size_t(Rp) * Ks * sizeof(T));
   float* hs = reinterpret_cast<float*>(hs_raw);
+  // mma: the fp32 state is staged as hi + lo parts in the input dtype (hi = rn(h), lo =
+  // rn(h - hi)), two products per K step: as precise as an fp32 state (~2^-16 relative for
+  // bf16) instead of rounding the state to bf16/fp16.
   T* hs_t = reinterpret_cast<T*>(hs_raw);
-  float* part = reinterpret_cast<float*>(hs_raw + align16(size_t(Bpmax) * Ks * (kMma ? sizeof(T) : 4)));
+  T* hs_lo = reinterpret_cast<T*>(hs_raw + align16(size_t(Bpmax) * Ks * sizeof(T)));
+  float* part = reinterpret_cast<float*>(hs_raw + (kMma ? 2 * align16(size_t(Bpmax) * Ks * sizeof(T))
+                                                        : align16(size_t(Bpmax) * Ks * 4)));
 
   // This block's slice of W_hh, kept on chip for the whole sequence (zero padding).
   for (int i = tid; i < Rp * Ks; i += kPThreads) {
@@ -231,7 +239,10 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_kernel(C p) {
         if (kMma) {
           for (int i = tid; i < Bp * Ks; i += kPThreads) {
             const int k = i % Ks, r = i / Ks;
-            hs_t[i] = from_f<T>(r < nb && k < K ? __ldcg(src + static_cast<size_t>(b0 + r) * K + k) : 0.f);
+            const float v = r < nb && k < K ? __ldcg(src + static_cast<size_t>(b0 + r) * K + k) : 0.f;
+            const T hi = from_f<T>(v);
+            hs_t[i] = hi;
+            hs_lo[i] = from_f<T>(v - to_f(hi));
           }
         } else {
           for (int i = tid; i < nb * K; i += kPThreads) hs[i] = __ldcg(src + static_cast<size_t>(b0) * K + i);
@@ -246,15 +257,20 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_kernel(C p) {
         for (int wi = warp; wi < tiles * KS; wi += kWarps) {  // warp-uniform
           const int tile = wi % tiles, ks = wi / tiles;
           const int m0 = (tile / (Rp / 8)) * 16, n0 = (tile % (Rp / 8)) * 8;
-          float d[4] = {0.f, 0.f, 0.f, 0.f};
+          float d[4] = {0.f, 0.f, 0.f, 0.f}, dl[4] = {0.f, 0.f, 0.f, 0.f};  // two independent chains
           for (int kk = ks; kk < ksteps; kk += KS) {
             const int k0 = kk * 16 + 2 * t;
             const T* ar = hs_t + (m0 + g) * Ks + k0;
+            const T* al = hs_lo + (m0 + g) * Ks + k0;
             const T* br = Ws + (n0 + g) * Ks + k0;
-            const uint32_t a[4] = {ld_pair(ar), ld_pair(ar + 8 * Ks), ld_pair(ar + 8), ld_pair(ar + 8 * Ks + 8)};
             const uint32_t b[2] = {ld_pair(br), ld_pair(br + 8)};
+            const uint32_t a[4] = {ld_pair(ar), ld_pair(ar + 8 * Ks), ld_pair(ar + 8), ld_pair(ar + 8 * Ks + 8)};
             mma16816<T>(d, a, b);
+            const uint32_t l[4] = {ld_pair(al), ld_pair(al + 8 * Ks), ld_pair(al + 8), ld_pair(al + 8 * Ks + 8)};
+            mma16816<T>(dl, l, b);
           }
+#pragma unroll
+          for (int q = 0; q < 4; ++q) d[q] += dl[q];
           float* out = part + (static_cast<size_t>(ks) * Bp + m0 + g) * Rp + n0 + 2 * t;
           out[0] = d[0];
           out[1] = d[1];
