@@ -60,3 +60,17 @@ def test_without_the_grid_barrier_results_are_wrong(tiles, monkeypatch, variant)
     monkeypatch.setattr(recurrence, "_sync", no_grid_sync)
     with concurrent_programs("forward"), pytest.raises(AssertionError):
         check_against_reference("triton", cell, make_inputs(cell, 4, 20, 40, reverse=True, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("B,H", [(1, 200), (16, 768), (64, 1024)])
+def test_persistent_on_gpu(monkeypatch, variant, B, H):
+    """On a device: auto picks the persistent kernels for these sizes (grid <= SM count), and
+    they match the reference forward and backward."""
+    cell, kw = variant
+    chosen = []
+    real = launch.choose_mode
+    monkeypatch.setattr(launch, "choose_mode", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    check_against_reference("triton", cell, make_inputs(cell, 6, B, H, device="cuda", lengths=True, **kw))
+    assert launch.PERSISTENT in chosen, chosen
