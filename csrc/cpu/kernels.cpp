@@ -220,7 +220,7 @@ namespace {
 // and keeps an R x V block of 8-wide accumulators in registers (R batch rows).
 // Column layout of a panel: with ng gates interleaved (LSTM ng = V = 4, GRU ng = V = 3)
 // panel p covers units [8p, 8p+8) and vector v holds gate v of those units, so one
-// panel's output is all gates of 8 hidden units: the cell math runs on it right away.
+// panel's output is all gates of 8 hidden units (the cell math's unit of work).
 // With ng = 1 (RNN, and every backward, whose output is dL/dh) panel p covers units
 // [8Vp, 8Vp+8V). The output C is either a padded gate buffer (ldc = npanel*8V) or,
 // with `exact`, a [B, units] matrix whose last panel may be partial.
@@ -291,7 +291,6 @@ struct TiledF {
     r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
     r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
   }
-  int64_t gran() const { return panel_units(ng); }
   // Row stride of the padded gate buffer: one cache line more than the panels, so that
   // rows are not a multiple of 4 KB apart (L1 set conflicts, 4K aliasing).
   int64_t ldc() const { return npanel * 8 * V + 16; }

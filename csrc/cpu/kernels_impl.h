@@ -4,10 +4,10 @@
 //
 // Per time step, one parallel region per GEMM: each thread owns a slice of hidden
 // units (all gates of those units) and computes its part of the recurrent GEMM, then
-// the cell's pointwise math on it while it is in cache. float32 on AVX2 (Tiled, see
-// kernels.cpp) packs the recurrent weight once per call and runs the forward cell
-// math per 8-unit panel right after the panel's GEMM; otherwise a single-threaded BLAS
-// call per slice writes a per-call buffer. Nothing is allocated inside the time loop.
+// the cell's pointwise math on it while it is in cache (L2). float32 on AVX2 (Tiled,
+// see kernels.cpp) packs the recurrent weight once per call (sequences of >= 8 steps)
+// and runs its own register-blocked micro-kernel, panel by panel; otherwise a
+// single-threaded BLAS call per slice. Nothing is allocated inside the time loop.
 
 // ----------------------------------------------------------------------------- forward
 template <typename T>
