@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,17 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fusedrnn  # noqa: E402
 from fusedrnn.backends import registry  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from bench.env import cpu_name  # noqa: E402
 
 
 def make_pair(cell: str, H: int, dtype):
@@ -108,7 +97,7 @@ def main(argv=None):
         sys.exit(f"cpu backend unavailable: {be.unavailable()} (build it: "
                  "FUSEDRNN_EXTENSIONS=_C python setup.py build_ext --inplace)")
     from fusedrnn import _C
-    print(f"device: {cpu_model()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
+    print(f"device: {cpu_name()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
           f"torch {torch.__version__}, mkldnn {'on' if torch.backends.mkldnn.is_available() else 'off'}, "
           f"fusedrnn elementwise path {_C.simd_path()}")
     print("load average at start: %.2f %.2f %.2f (timings are only meaningful on an otherwise idle machine)"

@@ -13,7 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -25,7 +25,7 @@ def _cpu_name() -> str:
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": _cpu_name(),
+    info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
             "cpu_count": os.cpu_count()}
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
