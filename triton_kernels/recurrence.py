@@ -49,6 +49,12 @@ def _tile(B, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _at(t, rb, rn, B, N):
+    """Offsets of elements (t[b], b, n) of a [T, B, N] row-major tensor: rows rb, columns rn."""
+    return t[:, None] * B * N + rb[:, None] * N + rn[None, :]
+
+
+@triton.jit
 def _rows(s, lengths, rb, mb, T, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr):
     """(active[BLOCK_B], t[BLOCK_B] int64) of logical step s for batch rows rb."""
     if HAS_LEN:
@@ -130,7 +136,8 @@ def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, length
     for k0 in range(0, P, BLOCK_K):  # h_{t-1} is [B, P] (P == H without projection)
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < P
-        hk = tl.load(h_in + rb[:, None] * P + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
+        hk = tl.load(h_in + rb[:, None] * P + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+                     cache_modifier=".cg")  # other programs' h: L2, not a stale L1 line
         acc_i = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, P), acc_i, PREC)
         acc_f = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, P), acc_f, PREC)
         acc_g = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, P), acc_g, PREC)
@@ -139,8 +146,8 @@ def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, length
     m2 = mb[:, None] & mh[None, :]
     act = active[:, None] & mh[None, :]
     G = 4 * H
-    row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
-    row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+    row_g = _at(t, rb, rh, B, G)
+    row_h = _at(t, rb, rh, B, H)
     st = rb[:, None] * H + rh[None, :]
     ai = acc_i + tl.load(gx + row_g, mask=act, other=0.0).to(tl.float32)
     af = acc_f + tl.load(gx + row_g + H, mask=act, other=0.0).to(tl.float32)
@@ -177,7 +184,8 @@ def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, 
     for k0 in range(0, H, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < H
-        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
+        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+                     cache_modifier=".cg")  # other programs' h: L2, not a stale L1 line
         acc_r = _dot(hk, _w_rows(w, 0 * H, rh, mh, rk, mk, H), acc_r, PREC)
         acc_z = _dot(hk, _w_rows(w, 1 * H, rh, mh, rk, mk, H), acc_z, PREC)
         acc_n = _dot(hk, _w_rows(w, 2 * H, rh, mh, rk, mk, H), acc_n, PREC)
@@ -189,8 +197,8 @@ def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, 
     m2 = mb[:, None] & mh[None, :]
     act = active[:, None] & mh[None, :]
     G = 3 * H
-    row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
-    row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+    row_g = _at(t, rb, rh, B, G)
+    row_h = _at(t, rb, rh, B, H)
     st = rb[:, None] * H + rh[None, :]
     xr = tl.load(gx + row_g, mask=act, other=0.0).to(tl.float32)
     xz = tl.load(gx + row_g + H, mask=act, other=0.0).to(tl.float32)
@@ -218,12 +226,13 @@ def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
     for k0 in range(0, H, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < H
-        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
+        hk = tl.load(h_in + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+                     cache_modifier=".cg")  # other programs' h: L2, not a stale L1 line
         acc = _dot(hk, _w_rows(w, 0, rh, mh, rk, mk, H), acc, PREC)
 
     m2 = mb[:, None] & mh[None, :]
     act = active[:, None] & mh[None, :]
-    row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+    row_h = _at(t, rb, rh, B, H)
     st = rb[:, None] * H + rh[None, :]
     h_new = cells.rnn_forward_unit(acc + tl.load(gx + row_h, mask=act, other=0.0).to(tl.float32), RELU)
     h_prev = tl.load(h_in + st, mask=m2, other=0.0)
@@ -233,24 +242,26 @@ def rnn_forward_step(gx, h_in, h_out, w, y, lengths, s, T, B, H,
 
 # ============================================================================ backward
 @triton.jit
-def _dh_from_next(dh, d, w, lengths, s, T, B, H, G, rb, mb, rh, mh,
-                  HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
-                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PREC: tl.constexpr):
-    """MATMUL half: dh[rows, own units] + d_{s+1}[rows, :G] @ W_hh[:G, own units]
+def _dh_in(dh, d, w, lengths, s, T, B, H, G, rb, mb, rh, mh, MATMUL: tl.constexpr,
+           HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+           BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+           PREC: tl.constexpr):
+    """dh[rows, own units], plus (MATMUL half) d_{s+1}[rows, :G] @ W_hh[:G, own units]
     (zero for rows inactive at step s+1: their d is masked out)."""
+    dh_own = tl.load(dh + rb[:, None] * H + rh[None, :], mask=mb[:, None] & mh[None, :], other=0.0)
+    if not MATMUL:
+        return dh_own
     active1, t1 = _rows(s + 1, lengths, rb, mb, T, HAS_LEN, REVERSE)
     acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     for k0 in range(0, G, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < G
-        dk = tl.load(d + t1[:, None] * B * G + rb[:, None] * G + rk[None, :],
-                     mask=active1[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
+        dk = tl.load(d + _at(t1, rb, rk, B, G), mask=active1[:, None] & mk[None, :], other=0.0,
+                     cache_modifier=".cg")
         wt = tl.load(w + rk[:, None].to(tl.int64) * H + rh[None, :], mask=mk[:, None] & mh[None, :],
                      other=0.0)
         acc = _dot(dk, wt, acc, PREC)
-    st = rb[:, None] * H + rh[None, :]
-    return tl.load(dh + st, mask=mb[:, None] & mh[None, :], other=0.0) + acc
+    return dh_own + acc
 
 
 @triton.jit
@@ -260,7 +271,7 @@ def _prev_state(init, seq, t, active, s, B, H, rb, rh, m2, REVERSE: tl.constexpr
         tp = t + 1
     else:
         tp = t - 1
-    from_seq = tl.load(seq + tp[:, None] * B * H + rb[:, None] * H + rh[None, :],
+    from_seq = tl.load(seq + _at(tp, rb, rh, B, H),
                        mask=m2 & active[:, None] & (s > 0), other=0.0).to(tl.float32)
     from_init = tl.load(init + rb[:, None] * H + rh[None, :], mask=m2 & (s == 0), other=0.0).to(tl.float32)
     return tl.where(s > 0, from_seq, from_init)
@@ -276,16 +287,13 @@ def lstm_backward_step(grad_y, dh, dc, dpre, w, gates, cells_in, c0, lengths, s,
     m2 = mb[:, None] & mh[None, :]
     st = rb[:, None] * H + rh[None, :]
     G = 4 * H
-    if MATMUL:
-        dh_cur = _dh_from_next(dh, dpre, w, lengths, s, T, B, H, G, rb, mb, rh, mh, HAS_LEN, REVERSE,
-                               BLOCK_B, BLOCK_H, BLOCK_K, PREC)
-    else:
-        dh_cur = tl.load(dh + st, mask=m2, other=0.0)
+    dh_cur = _dh_in(dh, dpre, w, lengths, s, T, B, H, G, rb, mb, rh, mh, MATMUL,
+                    HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC)
     if POINTWISE:
         active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
         act = active[:, None] & mh[None, :]
-        row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
-        row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+        row_g = _at(t, rb, rh, B, G)
+        row_h = _at(t, rb, rh, B, H)
         dh_t = dh_cur + tl.load(grad_y + row_h, mask=act, other=0.0).to(tl.float32)
         i = tl.load(gates + row_g, mask=act, other=0.0)
         f = tl.load(gates + row_g + H, mask=act, other=0.0)
@@ -315,16 +323,13 @@ def gru_backward_step(grad_y, dh, dgx, dgh, w, gates, hn, h0, y, lengths, s, T, 
     m2 = mb[:, None] & mh[None, :]
     st = rb[:, None] * H + rh[None, :]
     G = 3 * H
-    if MATMUL:
-        dh_cur = _dh_from_next(dh, dgh, w, lengths, s, T, B, H, G, rb, mb, rh, mh, HAS_LEN, REVERSE,
-                               BLOCK_B, BLOCK_H, BLOCK_K, PREC)
-    else:
-        dh_cur = tl.load(dh + st, mask=m2, other=0.0)
+    dh_cur = _dh_in(dh, dgh, w, lengths, s, T, B, H, G, rb, mb, rh, mh, MATMUL,
+                    HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC)
     if POINTWISE:
         active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
         act = active[:, None] & mh[None, :]
-        row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
-        row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+        row_g = _at(t, rb, rh, B, G)
+        row_h = _at(t, rb, rh, B, H)
         dh_t = dh_cur + tl.load(grad_y + row_h, mask=act, other=0.0).to(tl.float32)
         r = tl.load(gates + row_g, mask=act, other=0.0)
         z = tl.load(gates + row_g + H, mask=act, other=0.0)
@@ -352,15 +357,12 @@ def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
     rb, mb, rh, mh = _tile(B, H, BLOCK_B, BLOCK_H)
     m2 = mb[:, None] & mh[None, :]
     st = rb[:, None] * H + rh[None, :]
-    if MATMUL:
-        dh_cur = _dh_from_next(dh, dpre, w, lengths, s, T, B, H, H, rb, mb, rh, mh, HAS_LEN, REVERSE,
-                               BLOCK_B, BLOCK_H, BLOCK_K, PREC)
-    else:
-        dh_cur = tl.load(dh + st, mask=m2, other=0.0)
+    dh_cur = _dh_in(dh, dpre, w, lengths, s, T, B, H, H, rb, mb, rh, mh, MATMUL,
+                    HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC)
     if POINTWISE:
         active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
         act = active[:, None] & mh[None, :]
-        row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+        row_h = _at(t, rb, rh, B, H)
         dh_t = dh_cur + tl.load(grad_y + row_h, mask=act, other=0.0).to(tl.float32)
         h = tl.load(y + row_h, mask=act, other=0.0).to(tl.float32)
         da = cells.rnn_backward_unit(h, dh_t, RELU)
@@ -498,7 +500,7 @@ def lstm_project_step(hr_buf, w_hr, h_in, h_out, y, lengths, s, T, B, H, P,
     st = rb[:, None] * P + rp[None, :]
     h_prev = tl.load(h_in + st, mask=m2, other=0.0)
     tl.store(h_out + st, tl.where(act, acc, h_prev), mask=m2)
-    row_p = t[:, None] * B * P + rb[:, None] * P + rp[None, :]
+    row_p = _at(t, rb, rp, B, P)
     tl.store(y + row_p, _cast_out(tl.where(act, acc, 0.0), y.dtype.element_ty, RTNE_BF16), mask=m2)
 
 
@@ -512,15 +514,13 @@ def lstm_proj_dh_step(grad_y, dh, dhs, dpre, w_hh, lengths, s, T, B, H, P,
     rb, mb, rp, mp = _tile(B, P, BLOCK_B, BLOCK_H)
     m2 = mb[:, None] & mp[None, :]
     st = rb[:, None] * P + rp[None, :]
-    if MATMUL:  # W_hh is [4H, P]: its "H" (row stride, dh stride) is P here
-        dh_cur = _dh_from_next(dh, dpre, w_hh, lengths, s, T, B, P, 4 * H, rb, mb, rp, mp, HAS_LEN, REVERSE,
-                               BLOCK_B, BLOCK_H, BLOCK_K, PREC)
-    else:
-        dh_cur = tl.load(dh + st, mask=m2, other=0.0)
+    # W_hh is [4H, P]: its "H" (row stride, dh stride) is P here
+    dh_cur = _dh_in(dh, dpre, w_hh, lengths, s, T, B, P, 4 * H, rb, mb, rp, mp, MATMUL,
+                    HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC)
     if POINTWISE:
         active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
         act = active[:, None] & mp[None, :]
-        row_p = t[:, None] * B * P + rb[:, None] * P + rp[None, :]
+        row_p = _at(t, rb, rp, B, P)
         dh_t = dh_cur + tl.load(grad_y + row_p, mask=act, other=0.0).to(tl.float32)
         tl.store(dhs + row_p, tl.where(act, dh_t, 0.0), mask=m2)
         dh_cur = tl.where(act, 0.0, dh_cur)
@@ -542,14 +542,14 @@ def lstm_proj_cell_backward_step(dhs, w_hr, dc, dpre, gates, cells_in, c0, lengt
     for k0 in range(0, P, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < P
-        dk = tl.load(dhs + t[:, None] * B * P + rb[:, None] * P + rk[None, :],
+        dk = tl.load(dhs + _at(t, rb, rk, B, P),
                      mask=active[:, None] & mk[None, :], other=0.0)
         wt = tl.load(w_hr + rk[:, None].to(tl.int64) * H + rh[None, :], mask=mk[:, None] & mh[None, :],
                      other=0.0)
         acc = _dot(dk, wt, acc, PREC)
     G = 4 * H
-    row_g = t[:, None] * B * G + rb[:, None] * G + rh[None, :]
-    row_h = t[:, None] * B * H + rb[:, None] * H + rh[None, :]
+    row_g = _at(t, rb, rh, B, G)
+    row_h = _at(t, rb, rh, B, H)
     i = tl.load(gates + row_g, mask=act, other=0.0)
     f = tl.load(gates + row_g + H, mask=act, other=0.0)
     g = tl.load(gates + row_g + 2 * H, mask=act, other=0.0)
