@@ -15,7 +15,14 @@ os.environ["FUSEDRNN_POISON"] = "1"
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA device")
     no_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (set before triton is imported)")
+    no_emulation = None
+    if any(item.get_closest_marker("emulated") for item in items):
+        from fusedrnn.backends import registry
+        why = registry()["emulated"].unavailable()
+        no_emulation = pytest.mark.skip(reason=f"emulated backend: {why}") if why else None
     for item in items:
+        if no_emulation is not None and item.get_closest_marker("emulated"):
+            item.add_marker(no_emulation)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
         if "interpreter" in item.keywords and os.environ.get("TRITON_INTERPRET") != "1":

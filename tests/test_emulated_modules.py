@@ -5,16 +5,8 @@ import pytest
 import torch
 
 from module_harness import compare_modules
-from fusedrnn.backends import registry
 
 pytestmark = pytest.mark.emulated
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _needs_emulated():
-    why = registry()["emulated"].unavailable()
-    if why:
-        pytest.skip(why)
 
 
 @pytest.mark.parametrize("cell,extra", [("lstm", {}), ("lstm", {"proj_size": 3}), ("gru", {}),

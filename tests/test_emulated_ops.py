@@ -11,13 +11,6 @@ from fusedrnn.backends import registry
 pytestmark = pytest.mark.emulated
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _needs_emulated():
-    why = registry()["emulated"].unavailable()
-    if why:
-        pytest.skip(why)
-
-
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (T, B, H, P): several blocks in both grid dimensions, sizes off the tile, batch 1, T 1
 SHAPES = [(5, 6, 40, 0), (1, 1, 7, 0), (4, 1, 33, 0), (3, 9, 20, 0)]

@@ -29,9 +29,6 @@ NA_FWD = {"lstm": 4, "gru": 3, "rnn": 1}
 
 @pytest.fixture(autouse=True)
 def _persistent():
-    why = registry()["emulated"].unavailable()
-    if why:
-        pytest.skip(why)
     algo, dev = E.get_algo(), E.get_pretend_device()
     E.set_algo("persistent")
     E.set_pretend_device(4, 100 * 1024)
