@@ -13,7 +13,7 @@ from torch import nn
 from . import autocast as AC
 from . import validation as V
 from .backends import Call, select
-from .modules import BackendChoice, below_autograd_if_no_grad
+from .modules import BackendChoice, below_autograd_if_no_grad, records_grad
 
 
 class _FusedCellBase(BackendChoice):
@@ -44,11 +44,12 @@ class _FusedCellBase(BackendChoice):
         with below_autograd_if_no_grad(), (AC.autocast_off(x.device.type) if cast else contextlib.nullcontext()):
             if self._cell == "gru":
                 gx = F.linear(x, w_ih, b_ih).unsqueeze(0)
-                out = [fwd(gx, hs[0], w_hh, b_hh, None, False)[1]]
+                out = [fwd(gx, hs[0], w_hh, b_hh, None, False, records_grad(gx, hs[0], w_hh, b_hh))[1]]
             else:
                 gx = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh).unsqueeze(0)
                 if lstm:
-                    out = list(fwd(gx, hs[0], hs[1], w_hh, None, None, False)[1:3])
+                    train = records_grad(gx, hs[0], hs[1], w_hh)
+                    out = list(fwd(gx, hs[0], hs[1], w_hh, None, None, False, train)[1:3])
                 else:
                     out = [fwd(gx, hs[0], w_hh, None, False, self.nonlinearity == "relu")[1]]
         if not batched:

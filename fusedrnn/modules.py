@@ -48,6 +48,12 @@ def below_autograd_if_no_grad():
     return torch._C._AutoDispatchBelowAutograd()
 
 
+def records_grad(*tensors) -> bool:
+    """Whether autograd records an op on these inputs. If not, the forward ops run with
+    train=False: they keep no saved tensors (gates, cells) for a backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _FusedRNNBase(BackendChoice):
     """Shared forward of the three sequence modules; `_cell` is "lstm", "gru" or "rnn"."""
 
@@ -198,11 +204,13 @@ class _FusedRNNBase(BackendChoice):
                 if self._cell == "gru":
                     # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).
                     gx = F.linear(layer_in, w_ih, b_ih)
-                    y, h_n, *_ = fwd(gx, state[0], w_hh, b_hh, lengths, bool(d))
+                    train = records_grad(gx, state[0], w_hh, b_hh)
+                    y, h_n, *_ = fwd(gx, state[0], w_hh, b_hh, lengths, bool(d), train)
                     new = [h_n]
                 elif self._cell == "lstm":
                     gx = F.linear(layer_in, w_ih, None if b_ih is None else b_ih + b_hh)
-                    y, h_n, c_n, *_ = fwd(gx, state[0], state[1], w_hh, w_hr, lengths, bool(d))
+                    train = records_grad(gx, state[0], state[1], w_hh, w_hr)
+                    y, h_n, c_n, *_ = fwd(gx, state[0], state[1], w_hh, w_hr, lengths, bool(d), train)
                     new = [h_n, c_n]
                 else:
                     gx = F.linear(layer_in, w_ih, None if b_ih is None else b_ih + b_hh)

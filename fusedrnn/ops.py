@@ -78,10 +78,10 @@ def _saved(x: torch.Tensor, *shape: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- fake kernels
-def _lstm_forward_fake(gx, h0, c0, w_hh, w_hr, lengths, reverse):
+def _lstm_forward_fake(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
     T, B, G = gx.shape
     return (gx.new_empty(T, B, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
-            _saved(gx, T, B, G), _saved(gx, T, B, G // 4))
+            _saved(gx, T, B, G) if train else _saved(gx, 0), _saved(gx, T, B, G // 4) if train else _saved(gx, 0))
 
 
 def _lstm_backward_fake(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
@@ -89,9 +89,10 @@ def _lstm_backward_fake(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
             torch.empty_like(w_hh), torch.empty_like(w_hr) if w_hr is not None else _empty(w_hh))
 
 
-def _gru_forward_fake(gx, h0, w_hh, b_hh, lengths, reverse):
+def _gru_forward_fake(gx, h0, w_hh, b_hh, lengths, reverse, train=True):
     T, B, G = gx.shape
-    return (gx.new_empty(T, B, G // 3), torch.empty_like(h0), _saved(gx, T, B, G), _saved(gx, T, B, G // 3))
+    return (gx.new_empty(T, B, G // 3), torch.empty_like(h0),
+            _saved(gx, T, B, G) if train else _saved(gx, 0), _saved(gx, T, B, G // 3) if train else _saved(gx, 0))
 
 
 def _gru_backward_fake(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn):
@@ -116,31 +117,39 @@ _FAKE_BACKWARD = {"lstm": _lstm_backward_fake, "gru": _gru_backward_fake, "rnn":
 # op's results onto the forward op's inputs (None for lengths/reverse/relu and
 # for absent optional weights). Gradients of the saved outputs (gates, cells,
 # hn) are ignored: they are not differentiable results.
+def _check_trained(ctx, op: str) -> None:
+    if not ctx.train:
+        raise RuntimeError(f"fusedrnn: backward through {op} called with train=False, which keeps no saved "
+                           "state for the backward; call it with train=True when a gradient is needed")
+
+
 def _lstm_setup(ctx, inputs, output):
-    gx, h0, c0, w_hh, w_hr, lengths, reverse = inputs
+    gx, h0, c0, w_hh, w_hr, lengths, reverse, *train = inputs
     y, _, _, gates, cells = output
     ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, y, gates, cells)
-    ctx.reverse = reverse
+    ctx.reverse, ctx.train = reverse, (train or [True])[0]
 
 
 def _lstm_backward(ctx, bwd_op, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    _check_trained(ctx, "lstm_forward")
     h0, c0, w_hh, w_hr, lengths, y, gates, cells = ctx.saved_tensors
     g_gx, g_h0, g_c0, g_whh, g_whr = bwd_op(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
                                            ctx.reverse, y, gates, cells)
-    return g_gx, g_h0, g_c0, g_whh, (g_whr if w_hr is not None else None), None, None
+    return g_gx, g_h0, g_c0, g_whh, (g_whr if w_hr is not None else None), None, None, None
 
 
 def _gru_setup(ctx, inputs, output):
-    gx, h0, w_hh, b_hh, lengths, reverse = inputs
+    gx, h0, w_hh, b_hh, lengths, reverse, *train = inputs
     y, _, gates, hn = output
     ctx.save_for_backward(h0, w_hh, b_hh, lengths, y, gates, hn)
-    ctx.reverse = reverse
+    ctx.reverse, ctx.train = reverse, (train or [True])[0]
 
 
 def _gru_backward(ctx, bwd_op, grad_y, grad_h_n, _grad_gates, _grad_hn):
+    _check_trained(ctx, "gru_forward")
     h0, w_hh, b_hh, lengths, y, gates, hn = ctx.saved_tensors
     g_gx, g_h0, g_whh, g_bhh = bwd_op(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, ctx.reverse, y, gates, hn)
-    return g_gx, g_h0, g_whh, (g_bhh if b_hh is not None else None), None, None
+    return g_gx, g_h0, g_whh, (g_bhh if b_hh is not None else None), None, None, None
 
 
 def _rnn_setup(ctx, inputs, output):

@@ -4,10 +4,10 @@ Plain PyTorch, one function per (cell, direction of autograd). Each function
 implements exactly the op contract of DESIGN.md ("The recurrence ops"):
 
     lstm_forward(gx[T,B,4H], h0[B,P], c0[B,H], w_hh[4H,P], w_hr?[P,H],
-                 lengths?[B], reverse) -> y[T,B,P], h_n[B,P], c_n[B,H], gates[T,B,4H], cells[T,B,H]
+                 lengths?[B], reverse, train=True) -> y[T,B,P], h_n[B,P], c_n[B,H], gates[T,B,4H], cells[T,B,H]
     lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr?, lengths?, reverse,
                   y, gates, cells) -> grad_gx, grad_h0, grad_c0, grad_w_hh, grad_w_hr
-    gru_forward(gx[T,B,3H], h0[B,H], w_hh[3H,H], b_hh?[3H], lengths?, reverse)
+    gru_forward(gx[T,B,3H], h0[B,H], w_hh[3H,H], b_hh?[3H], lengths?, reverse, train=True)
                  -> y[T,B,H], h_n[B,H], gates[T,B,3H], hn[T,B,H]
     gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh?, lengths?, reverse, y, gates, hn)
                  -> grad_gx, grad_h0, grad_w_hh, grad_b_hh
@@ -31,6 +31,10 @@ Semantics shared by all cells:
     (sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)); cells are c_t; GRU gates are
     (r, z, n) post-activation and hn is W_hn h_{t-1} + b_hn. At padded steps they
     are 0. A backend may save something else, as long as its own backward reads it.
+  * train=False (inference: nothing will be differentiated) returns the saved
+    tensors as empty tensors (shape [0]), so that a backend need not write or even
+    allocate them; y, h_n, c_n are the same as with train=True. The backward op
+    rejects such empty saved tensors.
   * Half precision (fp16/bf16) inputs are computed in fp32 (fp32 cell state and
     accumulation); y, h_n, c_n come back in the input dtype, saved tensors stay fp32.
   * grad_w_hr / grad_b_hh are empty tensors (shape [0]) when w_hr / b_hh is None.
@@ -95,7 +99,12 @@ def _matmul_t(a: Tensor, b: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- LSTM
-def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse):
+def _inference(train: bool, *saved: Tensor) -> tuple[Tensor, ...]:
+    """The saved tensors as the contract returns them: themselves, or empty when not train."""
+    return saved if train else tuple(s.new_empty(0) for s in saved)
+
+
+def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
     check_forward("lstm", gx, h0, w_hh, lengths, c0=c0, w_hr=w_hr)
     out_dtype = gx.dtype
     gx, h0, c0, w_hh, w_hr = map(_up, (gx, h0, c0, w_hh, w_hr))
@@ -121,7 +130,7 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse):
         gates[t] = torch.where(m, torch.cat([i, f, g, o], 1), 0)
         cells[t] = torch.where(m, c_new, 0)
     y, gates, cells = _orient(reverse, lengths, ys, gates, cells)
-    return y.to(out_dtype), h.to(out_dtype), c.to(out_dtype), gates, cells
+    return (y.to(out_dtype), h.to(out_dtype), c.to(out_dtype)) + _inference(train, gates, cells)
 
 
 def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
@@ -168,7 +177,7 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, rever
 
 
 # ----------------------------------------------------------------------------- GRU
-def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse):
+def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, train=True):
     check_forward("gru", gx, h0, w_hh, lengths, b_hh=b_hh)
     out_dtype = gx.dtype
     gx, h0, w_hh, b_hh = map(_up, (gx, h0, w_hh, b_hh))
@@ -194,7 +203,7 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse):
         gates[t] = torch.where(m, torch.cat([r, z, n], 1), 0)
         hns[t] = torch.where(m, hn, 0)
     y, gates, hns = _orient(reverse, lengths, ys, gates, hns)
-    return y.to(out_dtype), h.to(out_dtype), gates, hns
+    return (y.to(out_dtype), h.to(out_dtype)) + _inference(train, gates, hns)
 
 
 def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn):

@@ -15,12 +15,13 @@ from __future__ import annotations
 CELLS = ("lstm", "gru", "rnn")
 
 SCHEMAS = {
-    "lstm_forward": "(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse)"
+    "lstm_forward": "(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse,"
+                    " bool train=True)"
                     " -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)",
     "lstm_backward": "(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor h0, Tensor c0, Tensor w_hh,"
                      " Tensor? w_hr, Tensor? lengths, bool reverse, Tensor y, Tensor gates, Tensor cells)"
                      " -> (Tensor grad_gx, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_w_hr)",
-    "gru_forward": "(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse)"
+    "gru_forward": "(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, bool train=True)"
                    " -> (Tensor y, Tensor h_n, Tensor gates, Tensor hn)",
     "gru_backward": "(Tensor grad_y, Tensor grad_h_n, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths,"
                     " bool reverse, Tensor y, Tensor gates, Tensor hn)"

@@ -19,6 +19,7 @@ struct Seq {
 };
 
 // Forward ops: write every element of y/h_n/c_n/gates/cells (and hn for GRU).
+// gates/cells (GRU: gates/hn) may be nullptr (inference, train=False): not written.
 template <typename T>
 void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T* w_hr,
                   int64_t H, int64_t P, const Seq& sq,

@@ -23,6 +23,12 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   const GateWeights<T> w(w_hh, 4, H, P, sl, tiled ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   std::vector<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
+  // Inference (gates == nullptr): every row's gates/cells go to one scratch row, which
+  // stays in cache (slices write disjoint units of it), instead of [T, B, *] memory.
+  const bool keep = gates != nullptr;
+  std::vector<T> scratch(keep ? 0 : G + H);
+  auto gates_at = [&](int64_t t, int64_t b) { return keep ? gates + (t * B + b) * G : scratch.data(); };
+  auto cells_at = [&](int64_t t, int64_t b) { return keep ? cells + (t * B + b) * H : scratch.data() + G; };
   std::copy(h0, h0 + B * P, ha.data());
   std::copy(c0, c0 + B * H, c.data());
   T* hcur = ha.data();
@@ -33,8 +39,8 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* x = gx + (t * B + b) * G + j0;
-          T* gt = gates + (t * B + b) * G + j0;
-          T* ct = cells + (t * B + b) * H + j0;
+          T* gt = gates_at(t, b) + j0;
+          T* ct = cells_at(t, b) + j0;
           T* cb = c.data() + b * H + j0;
           T* out = proj ? hr.data() + b * H + j0 : hnext + b * P + j0;
           T* yt = y + (t * B + b) * P + j0;
@@ -52,9 +58,11 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
           }
           if (!proj) std::copy(out, out + nu, yt);
         } else {
-          T* gt = gates + (s * B + b) * G + j0;
-          for (int q = 0; q < 4; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
-          std::fill(cells + (s * B + b) * H + j0, cells + (s * B + b) * H + j0 + nu, T(0));
+          if (keep) {
+            T* gt = gates + (s * B + b) * G + j0;
+            for (int q = 0; q < 4; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
+            std::fill(cells + (s * B + b) * H + j0, cells + (s * B + b) * H + j0 + nu, T(0));
+          }
           if (!proj) {
             std::fill(y + (s * B + b) * P + j0, y + (s * B + b) * P + j0 + nu, T(0));
             std::copy(hcur + b * P + j0, hcur + b * P + j0 + nu, hnext + b * P + j0);
@@ -110,6 +118,8 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
   const int64_t ldg = tiled ? tw->ldc() : G;
   std::vector<T> bz(b_hh ? 0 : G, T(0)), gh(B * ldg), ha(B * H), hb(B * H);
   const T* bias = b_hh ? b_hh : bz.data();
+  const bool keep = gates != nullptr;  // inference: one scratch row, as in lstm_forward
+  std::vector<T> scratch(keep ? 0 : G + H);
   std::copy(h0, h0 + B * H, ha.data());
   T* hcur = ha.data();
   T* hnext = hb.data();
@@ -120,8 +130,8 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* x = gx + (t * B + b) * G + j0;
           const T* hp = hcur + b * H + j0;
-          T* gt = gates + (t * B + b) * G + j0;
-          T* hs = hn + (t * B + b) * H + j0;
+          T* gt = (keep ? gates + (t * B + b) * G : scratch.data()) + j0;
+          T* hs = (keep ? hn + (t * B + b) * H : scratch.data() + G) + j0;
           T* out = hnext + b * H + j0;
 #pragma omp simd
           for (int64_t u = 0; u < nu; ++u) {
@@ -134,9 +144,11 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
           }
           std::copy(out, out + nu, y + (t * B + b) * H + j0);
         } else {
-          T* gt = gates + (s * B + b) * G + j0;
-          for (int q = 0; q < 3; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
-          std::fill(hn + (s * B + b) * H + j0, hn + (s * B + b) * H + j0 + nu, T(0));
+          if (keep) {
+            T* gt = gates + (s * B + b) * G + j0;
+            for (int q = 0; q < 3; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
+            std::fill(hn + (s * B + b) * H + j0, hn + (s * B + b) * H + j0 + nu, T(0));
+          }
           std::fill(y + (s * B + b) * H + j0, y + (s * B + b) * H + j0 + nu, T(0));
           std::copy(hcur + b * H + j0, hcur + b * H + j0 + nu, hnext + b * H + j0);
         }

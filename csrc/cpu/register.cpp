@@ -40,6 +40,12 @@ Tensor new_output(at::IntArrayRef shape, const Tensor& like) {
   return t;
 }
 
+// A saved tensor of a forward op: with train=False (inference) an empty tensor, and
+// the kernel gets nullptr for it and skips those writes (see kernels.h).
+Tensor saved_output(at::IntArrayRef shape, const Tensor& like, bool train) {
+  return train ? new_output(shape, like) : like.new_empty({0});
+}
+
 void check_tensor(const Tensor& t, const char* op, const char* name, const Tensor& ref, int64_t dim) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (got ", t.device(), ")");
@@ -94,7 +100,7 @@ Tensor weight_grad(const Tensor& dpre, const Tensor& dfirst, const Tensor& h0, c
 // ----------------------------------------------------------------------------- LSTM
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
     const Tensor& gx_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_hh_, const optional<Tensor>& w_hr_,
-    const optional<Tensor>& lengths, bool reverse) {
+    const optional<Tensor>& lengths, bool reverse, bool train) {
   const char* op = "fusedrnn::lstm_forward (cpu)";
   check_dtype(gx_, op);
   check_tensor(gx_, op, "gx", gx_, 3);
@@ -118,13 +124,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
   Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), w_hh = w_hh_.contiguous();
   if (w_hr.defined()) w_hr = w_hr.contiguous();
   Tensor y = new_output({T, B, P}, gx), h_n = new_output({B, P}, gx), c_n = new_output({B, H}, gx);
-  Tensor gates = new_output({T, B, G}, gx), cells = new_output({T, B, H}, gx);
+  // Inference (train=False) neither allocates nor writes the saved tensors.
+  Tensor gates = saved_output({T, B, G}, gx, train), cells = saved_output({T, B, H}, gx, train);
   const Seq sq = make_seq(T, B, L, reverse);
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fusedrnn_lstm_forward_cpu", [&] {
     cpu::lstm_forward<scalar_t>(gx.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
                                 w_hh.data_ptr<scalar_t>(), w_hr.defined() ? w_hr.data_ptr<scalar_t>() : nullptr,
                                 H, P, sq, y.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
-                                c_n.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>());
+                                c_n.data_ptr<scalar_t>(), train ? gates.data_ptr<scalar_t>() : nullptr,
+                                train ? cells.data_ptr<scalar_t>() : nullptr);
   });
   return {y, h_n, c_n, gates, cells};
 }
@@ -187,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
 // ----------------------------------------------------------------------------- GRU
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_op(
     const Tensor& gx_, const Tensor& h0_, const Tensor& w_hh_, const optional<Tensor>& b_hh_,
-    const optional<Tensor>& lengths, bool reverse) {
+    const optional<Tensor>& lengths, bool reverse, bool train) {
   const char* op = "fusedrnn::gru_forward (cpu)";
   check_dtype(gx_, op);
   check_tensor(gx_, op, "gx", gx_, 3);
@@ -207,13 +215,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_op(
   Tensor L = check_lengths(lengths, op, T, B);
   Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
   Tensor y = new_output({T, B, H}, gx), h_n = new_output({B, H}, gx);
-  Tensor gates = new_output({T, B, G}, gx), hn = new_output({T, B, H}, gx);
+  Tensor gates = saved_output({T, B, G}, gx, train), hn = saved_output({T, B, H}, gx, train);
   const Seq sq = make_seq(T, B, L, reverse);
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fusedrnn_gru_forward_cpu", [&] {
     cpu::gru_forward<scalar_t>(gx.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
                                b_hh.defined() ? b_hh.data_ptr<scalar_t>() : nullptr, H, sq,
-                               y.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                               hn.data_ptr<scalar_t>());
+                               y.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
+                               train ? gates.data_ptr<scalar_t>() : nullptr, train ? hn.data_ptr<scalar_t>() : nullptr);
   });
   return {y, h_n, gates, hn};
 }

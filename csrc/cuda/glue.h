@@ -159,7 +159,7 @@ inline std::tuple<Tensor, Tensor, Tensor> rnn_backward(const Tensor& grad_y_, co
 inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& gx_, const Tensor& h0_,
                                                                        const Tensor& c0_, const Tensor& w_hh_,
                                                                        const OptT& w_hr_, const OptT& lengths,
-                                                                       bool reverse) {
+                                                                       bool reverse, bool train) {
   check_input(gx_, "gx", gx_, 3);
   check_input(h0_, "h0", gx_, 2);
   check_input(c0_, "c0", gx_, 2);
@@ -187,6 +187,8 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Ten
   a.y = y.data_ptr(); a.h_n = h_n.data_ptr(); a.c_n = c_n.data_ptr();
   a.gates = gates.data_ptr<float>(); a.cells = cells.data_ptr<float>(); a.ws = ws.data_ptr<float>();
   cuda::lstm_forward(a, FRNN_STREAM());
+  // train=False: the kernels still write gates/cells (as scratch); they are not returned.
+  if (!train) return {y, h_n, c_n, at::empty({0}, f32), at::empty({0}, f32)};
   return {y, h_n, c_n, gates, cells};
 }
 
@@ -240,7 +242,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
 // ----------------------------------------------------------------------------- GRU
 inline std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gx_, const Tensor& h0_,
                                                               const Tensor& w_hh_, const OptT& b_hh_,
-                                                              const OptT& lengths, bool reverse) {
+                                                              const OptT& lengths, bool reverse, bool train) {
   check_input(gx_, "gx", gx_, 3);
   check_input(h0_, "h0", gx_, 2);
   check_input(w_hh_, "w_hh", gx_, 2);
@@ -266,6 +268,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gx_,
   a.y = y.data_ptr(); a.h_n = h_n.data_ptr(); a.gates = gates.data_ptr<float>(); a.hn = hn.data_ptr<float>();
   a.ws = ws.data_ptr<float>();
   cuda::gru_forward(a, FRNN_STREAM());
+  if (!train) return {y, h_n, at::empty({0}, f32), at::empty({0}, f32)};
   return {y, h_n, gates, hn};
 }
 

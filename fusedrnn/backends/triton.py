@@ -18,6 +18,7 @@ import torch
 
 from .. import ops
 from ..contract import check_forward
+from ..reference import _inference
 from ..schema import SCHEMAS
 from . import Backend, Call, register
 
@@ -34,9 +35,11 @@ def _define_ops() -> None:
         return triton_op(f"fusedrnn::{name}_triton", mutates_args=(), schema=SCHEMAS[name])
 
     @op("lstm_forward")
-    def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse):
+    def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
         check_forward("lstm", gx, h0, w_hh, lengths, c0=c0, w_hr=w_hr)
-        return L.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, wrap=wrap_triton)
+        y, h_n, c_n, gates, cells = L.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, wrap=wrap_triton)
+        # train=False: the kernels still write gates/cells (as scratch); they are not returned.
+        return (y, h_n, c_n) + _inference(train, gates, cells)
 
     @op("lstm_backward")
     def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
@@ -44,9 +47,10 @@ def _define_ops() -> None:
                                wrap=wrap_triton)
 
     @op("gru_forward")
-    def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse):
+    def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, train=True):
         check_forward("gru", gx, h0, w_hh, lengths, b_hh=b_hh)
-        return L.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, wrap=wrap_triton)
+        y, h_n, gates, hn = L.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, wrap=wrap_triton)
+        return (y, h_n) + _inference(train, gates, hn)
 
     @op("gru_backward")
     def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn):

@@ -1,0 +1,69 @@
+"""train=False on the LSTM and GRU forward ops (inference: no saved tensors for a backward),
+on every backend that runs on CPU tensors: y, h_n (and c_n) are exactly those of
+train=True, the saved tensors come back empty, and a backward through such a call
+raises instead of reading state that was never kept."""
+import pytest
+import torch
+
+from op_harness import make_inputs
+
+from fusedrnn.backends import Call, registry
+
+BACKENDS = ["reference", "cpu", "emulated", "triton"]
+N_OUT = {"lstm": 3, "gru": 2}  # differentiable outputs; the rest are saved tensors
+
+
+def _backend_or_skip(name):
+    be = registry().get(name)
+    why = be.refuses(Call("lstm", torch.device("cpu"), torch.float32, 5)) if be else "not built"
+    if why:
+        pytest.skip(f"{name}: {why}")
+    return be
+
+
+def _cases():
+    # (cell, P, lengths, reverse, T): T >= 8 takes the cpu backend's packed-weight path.
+    for cell, P in [("lstm", 0), ("lstm", 3), ("gru", 0)]:
+        for lengths, reverse, T in [(False, False, 5), (True, True, 9), (True, False, 9)]:
+            yield cell, P, lengths, reverse, T
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell,P,lengths,reverse,T", list(_cases()))
+def test_inference_outputs_equal_training_outputs(backend, cell, P, lengths, reverse, T):
+    be = _backend_or_skip(backend)
+    if backend == "triton" and P:
+        pytest.skip("projection covered without it: the triton op drops the same saved tensors")
+    args = make_inputs(cell, T, 3, 16, P=P, lengths=lengths, reverse=reverse)
+    fwd = be.op(cell, "forward")
+    with torch.no_grad():
+        trained = fwd(*args, True)
+        inferred = fwd(*args, False)
+    n = N_OUT[cell]
+    for name, a, b in zip(["y", "h_n", "c_n"], trained[:n], inferred[:n]):
+        assert torch.isfinite(b).all(), f"{backend} {cell} {name}: unwritten values"
+        assert torch.equal(a, b), f"{backend} {cell} {name}: train=False differs from train=True"
+    for saved in trained[n:]:
+        assert saved.shape[0] == T, "train=True keeps the [T, ...] saved tensors"
+    for saved in inferred[n:]:
+        assert saved.shape == (0,), f"{backend} {cell}: train=False returned a saved tensor of {tuple(saved.shape)}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_backward_through_inference_call_raises(backend, cell):
+    be = _backend_or_skip(backend)
+    args = [a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in make_inputs(cell, 4, 2, 8)]
+    y = be.op(cell, "forward")(*args, False)[0]
+    with pytest.raises(RuntimeError, match="train=False"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "emulated"])  # opcheck fails under the Triton interpreter
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_opcheck_inference(backend, cell):
+    be = _backend_or_skip(backend)
+    # Inputs that do not require grad: a backward through train=False raises (tested above).
+    args = make_inputs(cell, 4, 3, 5, lengths=True, reverse=True) + (False,)
+    torch.library.opcheck(be.op(cell, "forward"), args)
