@@ -438,9 +438,15 @@ inline __m256 exp8(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
+// 1/d for d >= 1 (finite): the 12-bit estimate plus one Newton step (relative error
+// ~1e-7, float32 rounding level) instead of vdivps, whose throughput bounded the cell.
+// d beyond 2^126 gives 0 (the estimate flushes; the exact value is < 1.2e-38).
+inline __m256 recip8(__m256 d) {
+  const __m256 r = _mm256_rcp_ps(d);
+  return _mm256_fmadd_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(1.f)), r);
+}
 inline __m256 sigmoid8(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+  return recip8(_mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 inline __m256 tanh8(__m256 x) {
   const __m256 sign = _mm256_set1_ps(-0.f);
@@ -454,13 +460,14 @@ inline __m256 tanh8(__m256 x) {
   const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
   const __m256 one = _mm256_set1_ps(1.f);
   const __m256 e = exp8(_mm256_add_ps(ax, ax));
-  const __m256 big = _mm256_or_ps(_mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one))),
+  const __m256 big = _mm256_or_ps(_mm256_fnmadd_ps(_mm256_set1_ps(2.f), recip8(_mm256_add_ps(e, one)), one),
                                   _mm256_and_ps(sign, x));
   return _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
 }
 // x: gx row at the panel's first unit (gate stride H); a: the panel's 4x8 recurrent
 // pre-activations; cb: cell state (updated); gt: gates row (stride H); ct, out: 8 values.
-inline void lstm_cell8(const float* x, int64_t H, const float* a, float* cb, float* gt, float* ct, float* out) {
+__attribute__((always_inline)) inline void lstm_cell8(const float* x, int64_t H, const float* a, float* cb,
+                                                      float* gt, float* ct, float* out) {
   const __m256 i = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(a)));
   const __m256 f = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x + H), _mm256_loadu_ps(a + 8)));
   const __m256 g = tanh8(_mm256_add_ps(_mm256_loadu_ps(x + 2 * H), _mm256_loadu_ps(a + 16)));
@@ -475,13 +482,21 @@ inline void lstm_cell8(const float* x, int64_t H, const float* a, float* cb, flo
   _mm256_storeu_ps(cb, c);
   _mm256_storeu_ps(out, h);
 }
+// The cell math of one batch row over the full panels [p, pe) of the tiled path (8
+// units each, pre-activations at a + 32 p), in one call so that the polynomial
+// constants stay in registers; y (if not null) gets a copy of h. Returns the first
+// panel not done: pe for float32, p (nothing done) for other types.
 template <typename T>
-inline bool lstm_cell8_fast(const T* x, int64_t H, const T* a, T* cb, T* gt, T* ct, T* out) {
+inline int64_t lstm_cells8(const T* x, int64_t H, const T* a, T* cb, T* gt, T* ct, T* out, T* y, int64_t p,
+                           int64_t pe) {
   if constexpr (std::is_same_v<T, float>) {
-    lstm_cell8(x, H, a, cb, gt, ct, out);
-    return true;
+    for (; p < pe; ++p) {
+      const int64_t u = 8 * p;
+      lstm_cell8(x + u, H, a + 4 * u, cb + u, gt + u, ct + u, out + u);
+      if (y) _mm256_storeu_ps(y + u, _mm256_loadu_ps(out + u));
+    }
   }
-  return false;
+  return p;
 }
 
 }  // namespace
@@ -498,7 +513,7 @@ namespace base {
 template <typename T>
 using Tiled = TiledStub<T>;
 template <typename T>
-inline bool lstm_cell8_fast(const T*, int64_t, const T*, T*, T*, T*, T*) { return false; }
+inline int64_t lstm_cells8(const T*, int64_t, const T*, T*, T*, T*, T*, T*, int64_t p, int64_t) { return p; }
 using Seq = SeqV;
 #include "cpu/kernels_impl.h"
 }  // namespace base

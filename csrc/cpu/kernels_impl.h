@@ -44,10 +44,6 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
           T* cb = c.data() + b * H + j0;
           T* out = proj ? hr.data() + b * H + j0 : hnext + b * P + j0;
           T* yt = y + (t * B + b) * P + j0;
-          if (tiled && nu == 8 && lstm_cell8_fast(x, H, a, cb, gt, ct, out)) {  // float32 panel
-            if (!proj) std::copy(out, out + nu, yt);
-            return;
-          }
 #pragma omp simd
           for (int64_t u = 0; u < nu; ++u) {
             T i, f, g, o, cc, hh;
@@ -77,9 +73,17 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
         for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, B, hcur, P, gh.data(), ldg, false, false, nullptr);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t p = p0; p < p1; ++p)
-            cell(s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8);
+        for (int64_t b = 0; b < B; ++b) {
+          int64_t p = p0;
+          const int64_t L = sq.len(b);
+          if (s < L) {  // float32: the row's full panels at once (lstm_cells8)
+            const int64_t t = sq.reverse ? L - 1 - s : s;
+            p = lstm_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, c.data() + b * H, gates_at(t, b),
+                            cells_at(t, b), proj ? hr.data() + b * H : hnext + b * P,
+                            proj ? nullptr : y + (t * B + b) * P, p, std::min(p1, H / 8));
+          }
+          for (; p < p1; ++p) cell(s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8);
+        }
       } else {
         w.gemm(k, B, hcur, gh.data());
         for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * G + 4 * j0, j1 - j0);
