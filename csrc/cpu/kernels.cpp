@@ -95,14 +95,16 @@ struct Slices {
 };
 
 // Below this many multiply-adds per step per thread, a parallel region (one per step,
-// a barrier at its end) costs more than it saves. It is set high on purpose: on a
-// loaded machine every barrier can wait a whole scheduler time slice for a
-// preempted thread, so only steps with plenty of work per thread are split.
+// a barrier at its end) costs more than it saves. Measured on the 2-core VM, idle, 25
+// interleaved calls, T=32: 2^14 against the former 2^18 made the LSTM module 1.4-1.7x
+// faster at batch 1 (H 256-1024: one thread streamed the whole W_hh from L3 every
+// step) and GRU/RNN equal or faster at B 1-64; 2^12 gained nothing more. On a loaded
+// machine a barrier can wait a whole time slice for a preempted thread: raise it there.
 // FUSEDRNN_CPU_MIN_WORK sets the initial value; set_options() changes it (tests).
 std::atomic<int64_t> g_min_work{[] {
   const char* e = std::getenv("FUSEDRNN_CPU_MIN_WORK");
   const long long x = e ? std::atoll(e) : 0;
-  return x > 0 ? (int64_t)x : (int64_t)(1 << 18);
+  return x > 0 ? (int64_t)x : (int64_t)(1 << 14);
 }()};
 // Whether float32 on AVX2 uses the packed-panel micro-kernel (Tiled below) for the
 // recurrent GEMMs (else BLAS). FUSEDRNN_CPU_TILED=0 turns it off.
