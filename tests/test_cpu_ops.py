@@ -171,3 +171,12 @@ def test_forced_paths(variant, tiled, H, lengths, reverse, cpu_options):
         args = make_inputs(cell, 9, B, H, P=P, dtype=torch.float32, lengths=lengths, reverse=reverse,
                            **_kw(cell, flag))
         check_against_reference("cpu", cell, args)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_large_weight_prefetch_path(cell):
+    """float32, packed weight >= 8 MB and B >= 12: the micro-kernel prefetches the next
+    weight block while it computes (kernels.cpp, TiledF::gemm_panel), forward and backward.
+    B = 13 also ends on a short row block (13 = 3 x 3 + 2 + 2)."""
+    args = make_inputs(cell, 8, 13, 1024, dtype=torch.float32, lengths=True, reverse=True)
+    check_against_reference("cpu", cell, args)
