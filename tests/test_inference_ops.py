@@ -28,17 +28,33 @@ def _cases():
             yield cell, P, lengths, reverse, T
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# triton: by default the one-launch time loop (SEQ) under the interpreter, "triton-step" the
+# per-step kernels; emulated: by default the per-step kernels, "emulated-persistent" the
+# persistent (cooperative) ones.
+@pytest.mark.parametrize("backend", BACKENDS + ["triton-step", "emulated-persistent"])
 @pytest.mark.parametrize("cell,P,lengths,reverse,T", list(_cases()))
-def test_inference_outputs_equal_training_outputs(backend, cell, P, lengths, reverse, T):
-    be = _backend_or_skip(backend)
+def test_inference_outputs_equal_training_outputs(backend, cell, P, lengths, reverse, T, monkeypatch, request):
+    be = _backend_or_skip(backend.split("-")[0])
+    if backend == "triton-step":
+        from fusedrnn.triton_kernels import launch
+        monkeypatch.setattr(launch, "choose_mode", lambda *args: launch.STEP)
+    if backend == "emulated-persistent":
+        if P:
+            pytest.skip("no persistent LSTM kernel with projection")
+        from fusedrnn import _emulated
+        old = _emulated.get_algo()
+        _emulated.set_algo("persistent")
+        request.addfinalizer(lambda: _emulated.set_algo(old))
     if backend == "triton" and P:
-        pytest.skip("projection covered without it: the triton op drops the same saved tensors")
+        pytest.skip("the projection runs per step: covered by triton-step")
     args = make_inputs(cell, T, 3, 16, P=P, lengths=lengths, reverse=reverse)
     fwd = be.op(cell, "forward")
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     with torch.no_grad():
         trained = fwd(*args, True)
         inferred = fwd(*args, False)
+    for a, b in zip(args, before):  # e.g. the triton kernels get gx as the unwritten placeholder
+        assert not isinstance(a, torch.Tensor) or torch.equal(a, b), f"{backend} {cell}: an input was modified"
     n = N_OUT[cell]
     for name, a, b in zip(["y", "h_n", "c_n"], trained[:n], inferred[:n]):
         assert torch.isfinite(b).all(), f"{backend} {cell} {name}: unwritten values"

@@ -194,56 +194,64 @@ def _hbuf(h0):
 
 
 # ============================================================================ forward
-def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, *, blocks=None, precision=None, time_loop=None,
-                 wrap=_identity):
+def _saved_outputs(train, gx, *shapes):
+    """The saved tensors of a forward launch (fp32), and the pointers its kernels get for
+    them: without train (inference) empty tensors, and gx as a placeholder that SAVE=False
+    kernels never write."""
+    if train:
+        out = [new_output(*s, dtype=torch.float32, device=gx.device) for s in shapes]
+        return out, out
+    return [gx.new_empty(0, dtype=torch.float32) for _ in shapes], [gx for _ in shapes]
+
+
+def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True, *, blocks=None, precision=None,
+                 time_loop=None, wrap=_identity):
     gx, h0, c0, w_hh, w_hr = _c(gx), _c(h0), _c(c0), _c(w_hh), _c(w_hr)
     P = w_hr.shape[0] if w_hr is not None else None
     T, B, H, grid, meta, mode, sync = _setup(gx, h0, w_hh, lengths, 4, blocks, precision, time_loop, P)
     Pd = P or H
     dev, dt = gx.device, gx.dtype
     y = new_output(T, B, Pd, dtype=dt, device=dev)
-    gates = new_output(T, B, 4 * H, dtype=torch.float32, device=dev)
-    cells = new_output(T, B, H, dtype=torch.float32, device=dev)
+    (gates, cells), (gates_p, cells_p) = _saved_outputs(train, gx, (T, B, 4 * H), (T, B, H))
     c = _f32_state(c0)
     L = _len_arg(lengths, gx)
     if mode != STEP:
         hbuf = _hbuf(h0)
-        wrap(K.lstm_forward_seq)[grid](gx, hbuf, c, w_hh, y, gates, cells, L, sync, T, B, H, REVERSE=reverse,
-                                       GRID_SYNC=mode == PERSISTENT, **meta)
+        wrap(K.lstm_forward_seq)[grid](gx, hbuf, c, w_hh, y, gates_p, cells_p, L, sync, T, B, H, REVERSE=reverse,
+                                       GRID_SYNC=mode == PERSISTENT, SAVE=train, **meta)
         return y, hbuf[T % 2].to(dt, copy=True), c.to(dt), gates, cells
     h_a, h_b = _f32_state(h0), torch.empty(B, Pd, dtype=torch.float32, device=dev)
     hr = torch.empty(B, H, dtype=torch.float32, device=dev) if P else gx  # unprojected h (scratch)
     kernel = wrap(K.lstm_forward_step)
     project = wrap(K.lstm_project_step)
     for s in range(T):
-        kernel[grid](gx, h_a, h_b, c, w_hh, y, gates, cells, hr, L, s, T, B, H, Pd, HAS_PROJ=P is not None,
-                     REVERSE=reverse, **meta)
+        kernel[grid](gx, h_a, h_b, c, w_hh, y, gates_p, cells_p, hr, L, s, T, B, H, Pd, HAS_PROJ=P is not None,
+                     REVERSE=reverse, SAVE=train, **meta)
         if P:
             project[_proj_grid(P, grid, meta)](hr, w_hr, h_a, h_b, y, L, s, T, B, H, P, REVERSE=reverse, **meta)
         h_a, h_b = h_b, h_a
     return y, h_a.to(dt), c.to(dt), gates, cells
 
 
-def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, *, blocks=None, precision=None, time_loop=None,
-                 wrap=_identity):
+def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, train=True, *, blocks=None, precision=None, time_loop=None,
+                wrap=_identity):
     gx, h0, w_hh, b_hh = _c(gx), _c(h0), _c(w_hh), _c(b_hh)
     T, B, H, grid, meta, mode, sync = _setup(gx, h0, w_hh, lengths, 3, blocks, precision, time_loop)
     dev, dt = gx.device, gx.dtype
     y = new_output(T, B, H, dtype=dt, device=dev)
-    gates = new_output(T, B, 3 * H, dtype=torch.float32, device=dev)
-    hn = new_output(T, B, H, dtype=torch.float32, device=dev)
+    (gates, hn), (gates_p, hn_p) = _saved_outputs(train, gx, (T, B, 3 * H), (T, B, H))
     L = _len_arg(lengths, gx)
     if mode != STEP:
         hbuf = _hbuf(h0)
-        wrap(K.gru_forward_seq)[grid](gx, hbuf, w_hh, b_hh if b_hh is not None else gx, y, gates, hn, L, sync,
+        wrap(K.gru_forward_seq)[grid](gx, hbuf, w_hh, b_hh if b_hh is not None else gx, y, gates_p, hn_p, L, sync,
                                       T, B, H, HAS_BIAS=b_hh is not None, REVERSE=reverse,
-                                      GRID_SYNC=mode == PERSISTENT, **meta)
+                                      GRID_SYNC=mode == PERSISTENT, SAVE=train, **meta)
         return y, hbuf[T % 2].to(dt, copy=True), gates, hn
     h_a, h_b = _f32_state(h0), torch.empty(B, H, dtype=torch.float32, device=dev)
     kernel = wrap(K.gru_forward_step)
     for s in range(T):
-        kernel[grid](gx, h_a, h_b, w_hh, b_hh if b_hh is not None else gx, y, gates, hn, L, s, T, B, H,
-                     HAS_BIAS=b_hh is not None, REVERSE=reverse, **meta)
+        kernel[grid](gx, h_a, h_b, w_hh, b_hh if b_hh is not None else gx, y, gates_p, hn_p, L, s, T, B, H,
+                     HAS_BIAS=b_hh is not None, REVERSE=reverse, SAVE=train, **meta)
         h_a, h_b = h_b, h_a
     return y, h_a.to(dt), gates, hn
 

@@ -125,7 +125,7 @@ def _w_rows(w, row0, rh, mh, rk, mk, K):
 def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, lengths, s, T, B, H, P,
                       HAS_PROJ: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+                      PREC: tl.constexpr, RTNE_BF16: tl.constexpr, SAVE: tl.constexpr):
     rb, mb, rh, mh = _tile(B, H, BLOCK_B, BLOCK_H)
     active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
 
@@ -163,18 +163,19 @@ def lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, hr_buf, length
         tl.store(h_out + st, tl.where(act, h_new, h_prev), mask=m2)
         tl.store(y + row_h, _cast_out(tl.where(act, h_new, 0.0), y.dtype.element_ty, RTNE_BF16), mask=m2)
     tl.store(c + st, tl.where(act, c_new, c_prev), mask=m2)
-    tl.store(gates + row_g, tl.where(act, i, 0.0), mask=m2)
-    tl.store(gates + row_g + H, tl.where(act, f, 0.0), mask=m2)
-    tl.store(gates + row_g + 2 * H, tl.where(act, g, 0.0), mask=m2)
-    tl.store(gates + row_g + 3 * H, tl.where(act, o, 0.0), mask=m2)
-    tl.store(cells_out + row_h, tl.where(act, c_new, 0.0), mask=m2)
+    if SAVE:  # the backward's saved tensors; not in inference (train=False)
+        tl.store(gates + row_g, tl.where(act, i, 0.0), mask=m2)
+        tl.store(gates + row_g + H, tl.where(act, f, 0.0), mask=m2)
+        tl.store(gates + row_g + 2 * H, tl.where(act, g, 0.0), mask=m2)
+        tl.store(gates + row_g + 3 * H, tl.where(act, o, 0.0), mask=m2)
+        tl.store(cells_out + row_h, tl.where(act, c_new, 0.0), mask=m2)
 
 
 @triton.jit
 def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H,
                      HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr, SAVE: tl.constexpr):
     rb, mb, rh, mh = _tile(B, H, BLOCK_B, BLOCK_H)
     active, t = _rows(s, lengths, rb, mb, T, HAS_LEN, REVERSE)
 
@@ -208,10 +209,11 @@ def gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, 
 
     tl.store(h_out + st, tl.where(act, h_new, h_prev), mask=m2)
     tl.store(y + row_h, _cast_out(tl.where(act, h_new, 0.0), y.dtype.element_ty, RTNE_BF16), mask=m2)
-    tl.store(gates + row_g, tl.where(act, r, 0.0), mask=m2)
-    tl.store(gates + row_g + H, tl.where(act, z, 0.0), mask=m2)
-    tl.store(gates + row_g + 2 * H, tl.where(act, n, 0.0), mask=m2)
-    tl.store(hn_out + row_h, tl.where(act, acc_n, 0.0), mask=m2)
+    if SAVE:  # not in inference (train=False)
+        tl.store(gates + row_g, tl.where(act, r, 0.0), mask=m2)
+        tl.store(gates + row_g + H, tl.where(act, z, 0.0), mask=m2)
+        tl.store(gates + row_g + 2 * H, tl.where(act, n, 0.0), mask=m2)
+        tl.store(hn_out + row_h, tl.where(act, acc_n, 0.0), mask=m2)
 
 
 @triton.jit
@@ -390,12 +392,12 @@ def rnn_backward_step(grad_y, dh, dpre, w, y, lengths, s, T, B, H,
 def lstm_forward_seq(gx, hbuf, c, w, y, gates, cells_out, lengths, sync, T, B, H,
                      HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, GRID_SYNC: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+                     PREC: tl.constexpr, RTNE_BF16: tl.constexpr, SAVE: tl.constexpr):
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
         lstm_forward_step(gx, h_in, h_out, c, w, y, gates, cells_out, gx, lengths, s, T, B, H, H, False,
-                          HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+                          HAS_LEN, REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16, SAVE)
         _sync(sync, s, GRID_SYNC)
 
 
@@ -403,12 +405,12 @@ def lstm_forward_seq(gx, hbuf, c, w, y, gates, cells_out, lengths, sync, T, B, H
 def gru_forward_seq(gx, hbuf, w, b_hh, y, gates, hn_out, lengths, sync, T, B, H,
                     HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, GRID_SYNC: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PREC: tl.constexpr, RTNE_BF16: tl.constexpr):
+                    PREC: tl.constexpr, RTNE_BF16: tl.constexpr, SAVE: tl.constexpr):
     for s in range(0, T):
         h_in = hbuf + (s % 2) * (B * H)
         h_out = hbuf + ((s + 1) % 2) * (B * H)
         gru_forward_step(gx, h_in, h_out, w, b_hh, y, gates, hn_out, lengths, s, T, B, H, HAS_BIAS, HAS_LEN,
-                         REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16)
+                         REVERSE, BLOCK_B, BLOCK_H, BLOCK_K, PREC, RTNE_BF16, SAVE)
         _sync(sync, s, GRID_SYNC)
 
 

@@ -39,7 +39,7 @@ struct LstmForwardArgs {
   DType dt; int T, B, H, P; bool reverse;  // P == H without projection (w_hr == null)
   const void *gx, *h0, *c0, *w_hh, *w_hr; const int64_t* lengths;
   void *y, *h_n, *c_n;
-  float *gates, *cells;  // saved: [T, B, 4H], [T, B, H]
+  float *gates, *cells;  // saved: [T, B, 4H], [T, B, H]; both null in inference (train=False)
   float* ws;             // lstm_forward_ws floats
 };
 struct LstmBackwardArgs {
@@ -55,7 +55,7 @@ struct GruForwardArgs {
   DType dt; int T, B, H; bool reverse;
   const void *gx, *h0, *w_hh, *b_hh; const int64_t* lengths;  // b_hh may be null
   void *y, *h_n;
-  float *gates, *hn;  // saved: [T, B, 3H] (r, z, n), [T, B, H] (W_hn h + b_hn)
+  float *gates, *hn;  // saved: [T, B, 3H] (r, z, n), [T, B, H] (W_hn h + b_hn); null: train=False
   float* ws;
 };
 struct GruBackwardArgs {

@@ -182,13 +182,14 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Ten
   a.lengths = lengths_ptr(lengths, keep, gx, T, B);
   const auto f32 = gx.options().dtype(at::kFloat);
   Tensor y = new_out({T, B, P}, gx.options()), h_n = new_out({B, P}, gx.options()), c_n = new_out({B, H}, gx.options());
-  Tensor gates = new_out({T, B, 4 * H}, f32), cells = new_out({T, B, H}, f32);
+  // Inference (train=False): no saved tensors are allocated; the kernels get null pointers.
+  Tensor gates = train ? new_out({T, B, 4 * H}, f32) : at::empty({0}, f32);
+  Tensor cells = train ? new_out({T, B, H}, f32) : at::empty({0}, f32);
   Tensor ws = new_out({(int64_t)cuda::lstm_forward_ws(B, H, P)}, f32);
   a.y = y.data_ptr(); a.h_n = h_n.data_ptr(); a.c_n = c_n.data_ptr();
-  a.gates = gates.data_ptr<float>(); a.cells = cells.data_ptr<float>(); a.ws = ws.data_ptr<float>();
+  a.gates = train ? gates.data_ptr<float>() : nullptr; a.cells = train ? cells.data_ptr<float>() : nullptr;
+  a.ws = ws.data_ptr<float>();
   cuda::lstm_forward(a, FRNN_STREAM());
-  // train=False: the kernels still write gates/cells (as scratch); they are not returned.
-  if (!train) return {y, h_n, c_n, at::empty({0}, f32), at::empty({0}, f32)};
   return {y, h_n, c_n, gates, cells};
 }
 
@@ -263,12 +264,12 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gx_,
   a.lengths = lengths_ptr(lengths, keep, gx, T, B);
   const auto f32 = gx.options().dtype(at::kFloat);
   Tensor y = new_out({T, B, H}, gx.options()), h_n = new_out({B, H}, gx.options());
-  Tensor gates = new_out({T, B, 3 * H}, f32), hn = new_out({T, B, H}, f32);
+  Tensor gates = train ? new_out({T, B, 3 * H}, f32) : at::empty({0}, f32);  // train=False: as lstm_forward
+  Tensor hn = train ? new_out({T, B, H}, f32) : at::empty({0}, f32);
   Tensor ws = new_out({(int64_t)cuda::gru_forward_ws(B, H)}, f32);
-  a.y = y.data_ptr(); a.h_n = h_n.data_ptr(); a.gates = gates.data_ptr<float>(); a.hn = hn.data_ptr<float>();
-  a.ws = ws.data_ptr<float>();
+  a.y = y.data_ptr(); a.h_n = h_n.data_ptr(); a.ws = ws.data_ptr<float>();
+  a.gates = train ? gates.data_ptr<float>() : nullptr; a.hn = train ? hn.data_ptr<float>() : nullptr;
   cuda::gru_forward(a, FRNN_STREAM());
-  if (!train) return {y, h_n, at::empty({0}, f32), at::empty({0}, f32)};
   return {y, h_n, gates, hn};
 }
 

@@ -18,7 +18,6 @@ import torch
 
 from .. import ops
 from ..contract import check_forward
-from ..reference import _inference
 from ..schema import SCHEMAS
 from . import Backend, Call, register
 
@@ -37,9 +36,7 @@ def _define_ops() -> None:
     @op("lstm_forward")
     def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
         check_forward("lstm", gx, h0, w_hh, lengths, c0=c0, w_hr=w_hr)
-        y, h_n, c_n, gates, cells = L.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, wrap=wrap_triton)
-        # train=False: the kernels still write gates/cells (as scratch); they are not returned.
-        return (y, h_n, c_n) + _inference(train, gates, cells)
+        return L.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train, wrap=wrap_triton)
 
     @op("lstm_backward")
     def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
@@ -49,8 +46,7 @@ def _define_ops() -> None:
     @op("gru_forward")
     def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, train=True):
         check_forward("gru", gx, h0, w_hh, lengths, b_hh=b_hh)
-        y, h_n, gates, hn = L.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, wrap=wrap_triton)
-        return (y, h_n) + _inference(train, gates, hn)
+        return L.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, train, wrap=wrap_triton)
 
     @op("gru_backward")
     def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn):

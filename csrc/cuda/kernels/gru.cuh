@@ -40,13 +40,17 @@ __global__ void __launch_bounds__(kThreads, 1) gru_fwd_step(GruFwdP<T> p, int s)
     }
     float r, z, n, h;
     gru_forward_unit(to_f(p.gx[o3]), to_f(p.gx[o3 + H]), to_f(p.gx[o3 + 2 * H]), hr, hz, hn, p.h_in[bj], r, z, n, h);
-    p.gates[o3] = r; p.gates[o3 + H] = z; p.gates[o3 + 2 * H] = n;
-    p.hn[o1] = hn;
+    if (p.gates) {  // null in inference (train=False): nothing saved
+      p.gates[o3] = r; p.gates[o3 + H] = z; p.gates[o3 + 2 * H] = n;
+      p.hn[o1] = hn;
+    }
     p.h_out[bj] = h;
     p.y[o1] = from_f<T>(h);
   } else {
-    p.gates[o3] = 0.f; p.gates[o3 + H] = 0.f; p.gates[o3 + 2 * H] = 0.f;
-    p.hn[o1] = 0.f;
+    if (p.gates) {
+      p.gates[o3] = 0.f; p.gates[o3 + H] = 0.f; p.gates[o3 + 2 * H] = 0.f;
+      p.hn[o1] = 0.f;
+    }
     p.h_out[bj] = p.h_in[bj];
     p.y[o1] = from_f<T>(0.f);
   }
@@ -143,13 +147,17 @@ struct GruFwdPers {
 #pragma unroll
       for (int g = 0; g < 3; ++g) x[g] = use_pre ? pre[g] : to_f(gx[o3 + g * H]);
       gru_forward_unit(x[0], x[1], x[2], ahr, ahz, ahn, h_prev, r, z, n, hv);
-      gates[o3] = r; gates[o3 + H] = z; gates[o3 + 2 * H] = n;
-      hn[o1] = ahn;
+      if (gates) {  // null in inference (train=False): nothing saved
+        gates[o3] = r; gates[o3 + H] = z; gates[o3 + 2 * H] = n;
+        hn[o1] = ahn;
+      }
       h_out[bj] = hv;
       y[o1] = from_f<T>(hv);
     } else {
-      gates[o3] = 0.f; gates[o3 + H] = 0.f; gates[o3 + 2 * H] = 0.f;
-      hn[o1] = 0.f;
+      if (gates) {
+        gates[o3] = 0.f; gates[o3 + H] = 0.f; gates[o3 + 2 * H] = 0.f;
+        hn[o1] = 0.f;
+      }
       h_out[bj] = h_prev;
       y[o1] = from_f<T>(0.f);
     }

@@ -38,8 +38,10 @@ __global__ void __launch_bounds__(kThreads) lstm_fwd_step(LstmFwdP<T> p, int s) 
     float i, f, g, o, c, h;
     lstm_forward_unit(to_f(p.gx[o4]) + acc[0], to_f(p.gx[o4 + H]) + acc[1], to_f(p.gx[o4 + 2 * H]) + acc[2],
                       to_f(p.gx[o4 + 3 * H]) + acc[3], p.c[bj], i, f, g, o, c, h);
-    p.gates[o4] = i; p.gates[o4 + H] = f; p.gates[o4 + 2 * H] = g; p.gates[o4 + 3 * H] = o;
-    p.cells[o1] = c;
+    if (p.gates) {  // null in inference (train=False): nothing saved
+      p.gates[o4] = i; p.gates[o4 + H] = f; p.gates[o4 + 2 * H] = g; p.gates[o4 + 3 * H] = o;
+      p.cells[o1] = c;
+    }
     p.c[bj] = c;
     if (p.w_hr) {
       p.hr[bj] = h;
@@ -48,8 +50,10 @@ __global__ void __launch_bounds__(kThreads) lstm_fwd_step(LstmFwdP<T> p, int s) 
       p.y[o1] = from_f<T>(h);
     }
   } else {
-    p.gates[o4] = 0.f; p.gates[o4 + H] = 0.f; p.gates[o4 + 2 * H] = 0.f; p.gates[o4 + 3 * H] = 0.f;
-    p.cells[o1] = 0.f;
+    if (p.gates) {
+      p.gates[o4] = 0.f; p.gates[o4 + H] = 0.f; p.gates[o4 + 2 * H] = 0.f; p.gates[o4 + 3 * H] = 0.f;
+      p.cells[o1] = 0.f;
+    }
     if (!p.w_hr) {
       p.h_out[bj] = p.h_in[bj];
       p.y[o1] = from_f<T>(0.f);
@@ -206,14 +210,18 @@ struct LstmFwdPers {
 #pragma unroll
       for (int g = 0; g < 4; ++g) x[g] = use_pre ? pre[g] : to_f(gx[o4 + g * H]);
       lstm_forward_unit(x[0] + acc[0], x[1] + acc[1], x[2] + acc[2], x[3] + acc[3], c[bj], i, f, gg, o, cc, hh);
-      gates[o4] = i; gates[o4 + H] = f; gates[o4 + 2 * H] = gg; gates[o4 + 3 * H] = o;
-      cells[o1] = cc;
+      if (gates) {  // null in inference (train=False): nothing saved
+        gates[o4] = i; gates[o4 + H] = f; gates[o4 + 2 * H] = gg; gates[o4 + 3 * H] = o;
+        cells[o1] = cc;
+      }
       c[bj] = cc;
       h_out[bj] = hh;
       y[o1] = from_f<T>(hh);
     } else {
-      gates[o4] = 0.f; gates[o4 + H] = 0.f; gates[o4 + 2 * H] = 0.f; gates[o4 + 3 * H] = 0.f;
-      cells[o1] = 0.f;
+      if (gates) {
+        gates[o4] = 0.f; gates[o4 + H] = 0.f; gates[o4 + 2 * H] = 0.f; gates[o4 + 3 * H] = 0.f;
+        cells[o1] = 0.f;
+      }
       h_out[bj] = __ldcg(h + (s & 1) * BH + bj);
       y[o1] = from_f<T>(0.f);
     }
