@@ -233,6 +233,36 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
 // rows that were padded at s+1 have dpre = 0, so their dh passes through unchanged,
 // and rows that were active hold only the cell's direct term (0 for LSTM and RNN,
 // z * dh for GRU), written by the pointwise part of step s+1.
+// The pre-activation gradients of the step just done: the A operand of the next (earlier)
+// step's GEMM dh += dpre @ W_hh. The pointwise writes them to a [T, B, N] output anyway
+// (grad_gx; GRU: dgh). When all rows of a step share one time index (not reverse, or no
+// lengths) that output's rows are used in place; otherwise (reverse with lengths) the
+// pointwise also writes a gathered copy per row (row(b)) into a ping-pong buffer.
+template <typename T>
+struct StepGrads {
+  const Seq& sq;
+  T* out;
+  int64_t N;
+  bool direct;
+  std::vector<T> a, b;
+  T* cur = nullptr;   // this step's rows (written by the pointwise)
+  T* next = nullptr;  // the step just done (read by the GEMM)
+  StepGrads(const Seq& s, T* out_, int64_t N_)
+      : sq(s), out(out_), N(N_), direct(!s.reverse || s.lengths == nullptr),
+        a(direct ? 0 : s.B * N_), b(direct ? 0 : s.B * N_) {
+    cur = direct ? nullptr : a.data();
+    next = direct ? nullptr : b.data();
+  }
+  void begin(int64_t s) {
+    if (direct) cur = out + (sq.reverse ? sq.T - 1 - s : s) * sq.B * N;
+  }
+  T* row(int64_t bi, int64_t j0) const { return direct ? nullptr : cur + bi * N + j0; }  // null: in place
+  void end() {
+    if (direct) next = cur;
+    else std::swap(cur, next);
+  }
+};
+
 template <typename T>
 void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const T* c0,
                    const T* w_hh, const T* w_hr, int64_t H, int64_t P, const Seq& sq,
@@ -244,9 +274,9 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
   const Slices sl = make_slices(H, B * G * (proj ? 1 : 2), tiled ? Tiled<T>::panel_units(1) : 8);
   const Slices slp = make_slices(P, B * G);
   std::vector<T> dh(grad_h_n, grad_h_n + B * P), dc(grad_c_n, grad_c_n + B * H);
-  std::vector<T> da(B * G, T(0)), db(B * G, T(0)), dht(proj ? B * P : 0), dhr(proj ? B * H : 0);
-  T* dcur = da.data();
-  T* dnext = db.data();
+  std::vector<T> dht(proj ? B * P : 0), dhr(proj ? B * H : 0);
+  StepGrads<T> sg(sq, grad_gx, G);
+  T* const& dnext = sg.next;  // follows sg (a reference to the member)
   const int64_t KG = G;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
   std::vector<T> tmp(tiled ? sl.n * B * 32 : 0);
@@ -256,6 +286,7 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
       tb->gemm_panel(p, B, dnext, KG, dh.data(), H, true, true, tmp.data() + k * B * 32);
   };
   for (int64_t s = TT - 1; s >= 0; --s) {
+    sg.begin(s);
     if (proj) {
       run_slices(slp, [&](int k) {
         const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
@@ -290,7 +321,7 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
       }
       for (int64_t b = 0; b < B; ++b) {
         const int64_t L = sq.len(b);
-        T* dcr = dcur + b * G + j0;
+        T* dcr = sg.row(b, j0);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const int64_t tp = sq.reverse ? t + 1 : t - 1;
@@ -308,7 +339,7 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
               lstm_backward_unit(gt[u], gt[H + u], gt[2 * H + u], gt[3 * H + u], ct[u], cp[u], dr[u], dcb[u],
                                  dai, daf, dag, dao, dcp);
               gg[u] = dai; gg[H + u] = daf; gg[2 * H + u] = dag; gg[3 * H + u] = dao;
-              dcr[u] = dai; dcr[H + u] = daf; dcr[2 * H + u] = dag; dcr[3 * H + u] = dao;
+              if (dcr) { dcr[u] = dai; dcr[H + u] = daf; dcr[2 * H + u] = dag; dcr[3 * H + u] = dao; }
               dcb[u] = dcp;
               hrt[u] = gt[3 * H + u] * tanh_(ct[u]);
             }
@@ -321,7 +352,7 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
               lstm_backward_unit(gt[u], gt[H + u], gt[2 * H + u], gt[3 * H + u], ct[u], cp[u], d[u] + gy[u],
                                  dcb[u], dai, daf, dag, dao, dcp);
               gg[u] = dai; gg[H + u] = daf; gg[2 * H + u] = dag; gg[3 * H + u] = dao;
-              dcr[u] = dai; dcr[H + u] = daf; dcr[2 * H + u] = dag; dcr[3 * H + u] = dao;
+              if (dcr) { dcr[u] = dai; dcr[H + u] = daf; dcr[2 * H + u] = dag; dcr[3 * H + u] = dao; }
               dcb[u] = dcp;
               d[u] = T(0);
             }
@@ -330,13 +361,13 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
           T* gg = grad_gx + (s * B + b) * G + j0;
           for (int q = 0; q < 4; ++q) {
             std::fill(gg + q * H, gg + q * H + nu, T(0));
-            std::fill(dcr + q * H, dcr + q * H + nu, T(0));
+            if (dcr) std::fill(dcr + q * H, dcr + q * H + nu, T(0));
           }
           if (proj) std::fill(hr + (s * B + b) * H + j0, hr + (s * B + b) * H + j0 + nu, T(0));
         }
       }
     });
-    std::swap(dcur, dnext);
+    sg.end();
   }
   if (TT > 0 && tiled) {
     run_slices(sl, [&](int k) { dh_gemm(k); });
@@ -348,7 +379,8 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
   }
   std::copy(dh.begin(), dh.end(), grad_h0);
   std::copy(dc.begin(), dc.end(), grad_c0);
-  std::copy(dnext, dnext + B * G, dfirst);
+  if (TT > 0) std::copy(dnext, dnext + B * G, dfirst);
+  else std::fill(dfirst, dfirst + B * G, T(0));
 }
 
 template <typename T>
@@ -358,9 +390,9 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
   const int64_t B = sq.B, TT = sq.T, G = 3 * H;
   const bool tiled = Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * G * 2, tiled ? Tiled<T>::panel_units(1) : 8);
-  std::vector<T> dh(grad_h_n, grad_h_n + B * H), da(B * G, T(0)), db(B * G, T(0));
-  T* dcur = da.data();
-  T* dnext = db.data();
+  std::vector<T> dh(grad_h_n, grad_h_n + B * H);
+  StepGrads<T> sg(sq, dgh, G);  // dgh: (dxr, dxz, dhn), what the GEMM takes
+  T* const& dnext = sg.next;
   const int64_t KG = G;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
   std::vector<T> tmp(tiled ? sl.n * B * 32 : 0);
@@ -370,6 +402,7 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
       tb->gemm_panel(p, B, dnext, KG, dh.data(), H, true, true, tmp.data() + k * B * 32);
   };
   for (int64_t s = TT - 1; s >= 0; --s) {
+    sg.begin(s);
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
       if (s < TT - 1) {
@@ -378,7 +411,7 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
       }
       for (int64_t b = 0; b < B; ++b) {
         const int64_t L = sq.len(b);
-        T* dcr = dcur + b * G + j0;
+        T* dcr = sg.row(b, j0);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const int64_t tp = sq.reverse ? t + 1 : t - 1;
@@ -396,7 +429,7 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
                               dxr, dxz, dxn, dhn, direct);
             gg[u] = dxr; gg[H + u] = dxz; gg[2 * H + u] = dxn;
             dg[u] = dxr; dg[H + u] = dxz; dg[2 * H + u] = dhn;
-            dcr[u] = dxr; dcr[H + u] = dxz; dcr[2 * H + u] = dhn;
+            if (dcr) { dcr[u] = dxr; dcr[H + u] = dxz; dcr[2 * H + u] = dhn; }
             d[u] = direct;
           }
         } else {
@@ -405,12 +438,12 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
           for (int q = 0; q < 3; ++q) {
             std::fill(gg + q * H, gg + q * H + nu, T(0));
             std::fill(dg + q * H, dg + q * H + nu, T(0));
-            std::fill(dcr + q * H, dcr + q * H + nu, T(0));
+            if (dcr) std::fill(dcr + q * H, dcr + q * H + nu, T(0));
           }
         }
       }
     });
-    std::swap(dcur, dnext);
+    sg.end();
   }
   if (TT > 0) {
     run_slices(sl, [&](int k) {
@@ -420,7 +453,8 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
     });
   }
   std::copy(dh.begin(), dh.end(), grad_h0);
-  std::copy(dnext, dnext + B * G, dfirst);
+  if (TT > 0) std::copy(dnext, dnext + B * G, dfirst);
+  else std::fill(dfirst, dfirst + B * G, T(0));
 }
 
 template <typename T>
@@ -429,9 +463,9 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
   const int64_t B = sq.B, TT = sq.T;
   const bool tiled = Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * H * 2, tiled ? Tiled<T>::panel_units(1) : 8);
-  std::vector<T> dh(grad_h_n, grad_h_n + B * H), da(B * H, T(0)), db(B * H, T(0));
-  T* dcur = da.data();
-  T* dnext = db.data();
+  std::vector<T> dh(grad_h_n, grad_h_n + B * H);
+  StepGrads<T> sg(sq, grad_gx, H);
+  T* const& dnext = sg.next;
   const int64_t KG = H;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
   std::vector<T> tmp(tiled ? sl.n * B * 32 : 0);
@@ -441,6 +475,7 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
       tb->gemm_panel(p, B, dnext, KG, dh.data(), H, true, true, tmp.data() + k * B * 32);
   };
   for (int64_t s = TT - 1; s >= 0; --s) {
+    sg.begin(s);
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
       if (s < TT - 1) {
@@ -449,7 +484,7 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
       }
       for (int64_t b = 0; b < B; ++b) {
         const int64_t L = sq.len(b);
-        T* dcr = dcur + b * H + j0;
+        T* dcr = sg.row(b, j0);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* yt = y + (t * B + b) * H + j0;
@@ -460,22 +495,24 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
 #pragma omp simd
             for (int64_t u = 0; u < nu; ++u) {
               const T v = rnn_backward_unit(yt[u], d[u] + gy[u], true);
-              gg[u] = v; dcr[u] = v; d[u] = T(0);
+              gg[u] = v; d[u] = T(0);
+              if (dcr) dcr[u] = v;
             }
           } else {
 #pragma omp simd
             for (int64_t u = 0; u < nu; ++u) {
               const T v = rnn_backward_unit(yt[u], d[u] + gy[u], false);
-              gg[u] = v; dcr[u] = v; d[u] = T(0);
+              gg[u] = v; d[u] = T(0);
+              if (dcr) dcr[u] = v;
             }
           }
         } else {
           std::fill(grad_gx + (s * B + b) * H + j0, grad_gx + (s * B + b) * H + j0 + nu, T(0));
-          std::fill(dcr, dcr + nu, T(0));
+          if (dcr) std::fill(dcr, dcr + nu, T(0));
         }
       }
     });
-    std::swap(dcur, dnext);
+    sg.end();
   }
   if (TT > 0) {
     run_slices(sl, [&](int k) {
@@ -485,5 +522,6 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
     });
   }
   std::copy(dh.begin(), dh.end(), grad_h0);
-  std::copy(dnext, dnext + B * H, dfirst);
+  if (TT > 0) std::copy(dnext, dnext + B * H, dfirst);
+  else std::fill(dfirst, dfirst + B * H, T(0));
 }
