@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -57,3 +59,22 @@ def test_quick_preset_end_to_end(tmp_path):
     png = (out / "speedup.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (out / "results.md").read_text().strip() in proc.stdout
+
+
+def test_cpu_ops_script_runs(tmp_path):
+    """bench/cpu_ops.py (the CPU kernels against torch.nn, issue grid) at tiny sizes: it runs,
+    checks that both implementations agree (it asserts that itself), prints every case with
+    its pair-quartile band and the summary lines."""
+    proc = subprocess.run([sys.executable, "bench/cpu_ops.py", "--batch", "1,3", "--hidden", "16", "--seq", "9",
+                           "--reps", "4", "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if "cpu backend unavailable" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["lstm"], ["gru"], ["rnn"])]
+    assert len(rows) == 3 * 2 * 2  # cells x modes x batches
+    for r in rows:
+        t_ref, t_mine, speedup = float(r[4]), float(r[5]), float(r[6].rstrip("x"))
+        q1, q3 = map(float, r[7].split("-"))
+        assert t_ref > 0 and t_mine > 0 and math.isclose(speedup, t_ref / t_mine, rel_tol=0.02, abs_tol=0.01)
+        assert 0 < q1 <= q3
+    assert "cases slower than torch.nn (median): " in proc.stdout and "geomean speedup all" in proc.stdout
