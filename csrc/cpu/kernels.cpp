@@ -175,6 +175,8 @@ struct GateWeights {
     const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
     if (!packed.empty()) {
       gemm_nt<T>(B, ng * nu, K, h, K, packed.data() + ng * j0 * K, K, gh + ng * j0, ng * H, T(0));
+    } else if (nu == H) {  // one slice: the unpacked weight is already in its layout, one GEMM
+      gemm_nt<T>(B, ng * H, K, h, K, w, K, gh, ng * H, T(0));
     } else {
       for (int g = 0; g < ng; ++g)
         gemm_nt<T>(B, nu, K, h, K, w + (g * H + j0) * K, K, gh + ng * j0 + g * nu, ng * H, T(0));
