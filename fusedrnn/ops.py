@@ -124,10 +124,10 @@ def _check_trained(ctx, op: str) -> None:
 
 
 def _lstm_setup(ctx, inputs, output):
-    gx, h0, c0, w_hh, w_hr, lengths, reverse, *train = inputs
+    gx, h0, c0, w_hh, w_hr, lengths, reverse, train = inputs  # (torch.library fills in defaults)
     y, _, _, gates, cells = output
     ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, y, gates, cells)
-    ctx.reverse, ctx.train = reverse, (train or [True])[0]
+    ctx.reverse, ctx.train = reverse, train
 
 
 def _lstm_backward(ctx, bwd_op, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
@@ -139,10 +139,10 @@ def _lstm_backward(ctx, bwd_op, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_c
 
 
 def _gru_setup(ctx, inputs, output):
-    gx, h0, w_hh, b_hh, lengths, reverse, *train = inputs
+    gx, h0, w_hh, b_hh, lengths, reverse, train = inputs
     y, _, gates, hn = output
     ctx.save_for_backward(h0, w_hh, b_hh, lengths, y, gates, hn)
-    ctx.reverse, ctx.train = reverse, (train or [True])[0]
+    ctx.reverse, ctx.train = reverse, train
 
 
 def _gru_backward(ctx, bwd_op, grad_y, grad_h_n, _grad_gates, _grad_hn):
