@@ -73,15 +73,16 @@ def _empty(ref: torch.Tensor) -> torch.Tensor:
     return ref.new_empty(0)
 
 
-def _saved(x: torch.Tensor, *shape: int) -> torch.Tensor:
-    return x.new_empty(shape, dtype=compute_dtype(x.dtype))
+def _saved(x: torch.Tensor, train: bool, *shape: int) -> torch.Tensor:
+    """A forward op's saved tensor: `shape`, or empty with train=False (inference)."""
+    return x.new_empty(shape if train else (0,), dtype=compute_dtype(x.dtype))
 
 
 # ----------------------------------------------------------------------------- fake kernels
 def _lstm_forward_fake(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
     T, B, G = gx.shape
     return (gx.new_empty(T, B, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
-            _saved(gx, T, B, G) if train else _saved(gx, 0), _saved(gx, T, B, G // 4) if train else _saved(gx, 0))
+            _saved(gx, train, T, B, G), _saved(gx, train, T, B, G // 4))
 
 
 def _lstm_backward_fake(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
@@ -92,7 +93,7 @@ def _lstm_backward_fake(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
 def _gru_forward_fake(gx, h0, w_hh, b_hh, lengths, reverse, train=True):
     T, B, G = gx.shape
     return (gx.new_empty(T, B, G // 3), torch.empty_like(h0),
-            _saved(gx, T, B, G) if train else _saved(gx, 0), _saved(gx, T, B, G // 3) if train else _saved(gx, 0))
+            _saved(gx, train, T, B, G), _saved(gx, train, T, B, G // 3))
 
 
 def _gru_backward_fake(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn):

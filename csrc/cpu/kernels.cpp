@@ -185,6 +185,18 @@ struct GateWeights {
 };
 
 
+// A forward's saved tensor [T, B, width] (gates, cells, hn). In inference it is null
+// (train=False) and every (t, b) row goes to one scratch row instead, which stays in
+// cache: the slices of a step write disjoint units of it and nothing reads it.
+template <typename T>
+struct SavedRows {
+  T* base;
+  int64_t B, width;
+  std::vector<T> scratch;
+  SavedRows(T* p, int64_t B_, int64_t w) : base(p), B(B_), width(w), scratch(p ? 0 : w) {}
+  T* at(int64_t t, int64_t b) { return base ? base + (t * B + b) * width : scratch.data(); }
+};
+
 // Packed-panel recurrent GEMM (AVX2/FMA float32 only; see the avx2 specialization
 // below). This generic version is never used: use() is false.
 template <typename T>

@@ -23,12 +23,7 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   const GateWeights<T> w(w_hh, 4, H, P, sl, tiled ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   std::vector<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
-  // Inference (gates == nullptr): every row's gates/cells go to one scratch row, which
-  // stays in cache (slices write disjoint units of it), instead of [T, B, *] memory.
-  const bool keep = gates != nullptr;
-  std::vector<T> scratch(keep ? 0 : G + H);
-  auto gates_at = [&](int64_t t, int64_t b) { return keep ? gates + (t * B + b) * G : scratch.data(); };
-  auto cells_at = [&](int64_t t, int64_t b) { return keep ? cells + (t * B + b) * H : scratch.data() + G; };
+  SavedRows<T> gates_s(gates, B, G), cells_s(cells, B, H);  // null in inference: scratch rows
   std::copy(h0, h0 + B * P, ha.data());
   std::copy(c0, c0 + B * H, c.data());
   T* hcur = ha.data();
@@ -39,8 +34,8 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* x = gx + (t * B + b) * G + j0;
-          T* gt = gates_at(t, b) + j0;
-          T* ct = cells_at(t, b) + j0;
+          T* gt = gates_s.at(t, b) + j0;
+          T* ct = cells_s.at(t, b) + j0;
           T* cb = c.data() + b * H + j0;
           T* out = proj ? hr.data() + b * H + j0 : hnext + b * P + j0;
           T* yt = y + (t * B + b) * P + j0;
@@ -54,11 +49,9 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
           }
           if (!proj) std::copy(out, out + nu, yt);
         } else {
-          if (keep) {
-            T* gt = gates + (s * B + b) * G + j0;
-            for (int q = 0; q < 4; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
-            std::fill(cells + (s * B + b) * H + j0, cells + (s * B + b) * H + j0 + nu, T(0));
-          }
+          T* gt = gates_s.at(s, b) + j0;
+          for (int q = 0; q < 4; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
+          std::fill(cells_s.at(s, b) + j0, cells_s.at(s, b) + j0 + nu, T(0));
           if (!proj) {
             std::fill(y + (s * B + b) * P + j0, y + (s * B + b) * P + j0 + nu, T(0));
             std::copy(hcur + b * P + j0, hcur + b * P + j0 + nu, hnext + b * P + j0);
@@ -78,8 +71,8 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
           const int64_t L = sq.len(b);
           if (s < L) {  // float32: the row's full panels at once (lstm_cells8)
             const int64_t t = sq.reverse ? L - 1 - s : s;
-            p = lstm_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, c.data() + b * H, gates_at(t, b),
-                            cells_at(t, b), proj ? hr.data() + b * H : hnext + b * P,
+            p = lstm_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, c.data() + b * H, gates_s.at(t, b),
+                            cells_s.at(t, b), proj ? hr.data() + b * H : hnext + b * P,
                             proj ? nullptr : y + (t * B + b) * P, p, std::min(p1, H / 8));
           }
           for (; p < p1; ++p) cell(s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8);
@@ -122,8 +115,7 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
   const int64_t ldg = tiled ? tw->ldc() : G;
   std::vector<T> bz(b_hh ? 0 : G, T(0)), gh(B * ldg), ha(B * H), hb(B * H);
   const T* bias = b_hh ? b_hh : bz.data();
-  const bool keep = gates != nullptr;  // inference: one scratch row, as in lstm_forward
-  std::vector<T> scratch(keep ? 0 : G + H);
+  SavedRows<T> gates_s(gates, B, G), hn_s(hn, B, H);  // null in inference: scratch rows
   std::copy(h0, h0 + B * H, ha.data());
   T* hcur = ha.data();
   T* hnext = hb.data();
@@ -134,8 +126,8 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* x = gx + (t * B + b) * G + j0;
           const T* hp = hcur + b * H + j0;
-          T* gt = (keep ? gates + (t * B + b) * G : scratch.data()) + j0;
-          T* hs = (keep ? hn + (t * B + b) * H : scratch.data() + G) + j0;
+          T* gt = gates_s.at(t, b) + j0;
+          T* hs = hn_s.at(t, b) + j0;
           T* out = hnext + b * H + j0;
 #pragma omp simd
           for (int64_t u = 0; u < nu; ++u) {
@@ -148,11 +140,9 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
           }
           std::copy(out, out + nu, y + (t * B + b) * H + j0);
         } else {
-          if (keep) {
-            T* gt = gates + (s * B + b) * G + j0;
-            for (int q = 0; q < 3; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
-            std::fill(hn + (s * B + b) * H + j0, hn + (s * B + b) * H + j0 + nu, T(0));
-          }
+          T* gt = gates_s.at(s, b) + j0;
+          for (int q = 0; q < 3; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
+          std::fill(hn_s.at(s, b) + j0, hn_s.at(s, b) + j0 + nu, T(0));
           std::fill(y + (s * B + b) * H + j0, y + (s * B + b) * H + j0 + nu, T(0));
           std::copy(hcur + b * H + j0, hcur + b * H + j0 + nu, hnext + b * H + j0);
         }
