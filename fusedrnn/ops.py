@@ -56,8 +56,21 @@ def register_fake_and_autograd(backend: str) -> None:
 
 def _bind_backward(backward, bwd_op):
     def fn(ctx, *grads):
-        return backward(ctx, bwd_op, *[g.contiguous() for g in grads])
+        return backward(ctx, bwd_op, *[g if g is None else g.contiguous() for g in grads])
     return fn
+
+
+def _grad_or_zeros(grad, like: torch.Tensor) -> torch.Tensor:
+    """The incoming gradient of a forward result, or zeros when nothing used that result:
+    the setups turn off autograd's materialization of unused gradients, which would
+    otherwise allocate and zero-fill one for every output, the large saved tensors included."""
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _setup_outputs(ctx, *saved_outputs) -> None:
+    # Saved tensors returned as outputs (gates, cells, hn) are not differentiable results.
+    ctx.mark_non_differentiable(*saved_outputs)
+    ctx.set_materialize_grads(False)
 
 
 def _no_setup(ctx, inputs, output):
@@ -129,11 +142,14 @@ def _lstm_setup(ctx, inputs, output):
     y, _, _, gates, cells = output
     ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, y, gates, cells)
     ctx.reverse, ctx.train = reverse, train
+    _setup_outputs(ctx, gates, cells)
 
 
 def _lstm_backward(ctx, bwd_op, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     _check_trained(ctx, "lstm_forward")
     h0, c0, w_hh, w_hr, lengths, y, gates, cells = ctx.saved_tensors
+    grad_y, grad_h_n, grad_c_n = (_grad_or_zeros(g, like) for g, like in
+                                  ((grad_y, y), (grad_h_n, h0), (grad_c_n, c0)))
     g_gx, g_h0, g_c0, g_whh, g_whr = bwd_op(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
                                            ctx.reverse, y, gates, cells)
     return g_gx, g_h0, g_c0, g_whh, (g_whr if w_hr is not None else None), None, None, None
@@ -144,11 +160,13 @@ def _gru_setup(ctx, inputs, output):
     y, _, gates, hn = output
     ctx.save_for_backward(h0, w_hh, b_hh, lengths, y, gates, hn)
     ctx.reverse, ctx.train = reverse, train
+    _setup_outputs(ctx, gates, hn)
 
 
 def _gru_backward(ctx, bwd_op, grad_y, grad_h_n, _grad_gates, _grad_hn):
     _check_trained(ctx, "gru_forward")
     h0, w_hh, b_hh, lengths, y, gates, hn = ctx.saved_tensors
+    grad_y, grad_h_n = _grad_or_zeros(grad_y, y), _grad_or_zeros(grad_h_n, h0)
     g_gx, g_h0, g_whh, g_bhh = bwd_op(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, ctx.reverse, y, gates, hn)
     return g_gx, g_h0, g_whh, (g_bhh if b_hh is not None else None), None, None, None
 
@@ -158,10 +176,12 @@ def _rnn_setup(ctx, inputs, output):
     y, _ = output
     ctx.save_for_backward(h0, w_hh, lengths, y)
     ctx.reverse, ctx.relu = reverse, relu
+    _setup_outputs(ctx)
 
 
 def _rnn_backward(ctx, bwd_op, grad_y, grad_h_n):
     h0, w_hh, lengths, y = ctx.saved_tensors
+    grad_y, grad_h_n = _grad_or_zeros(grad_y, y), _grad_or_zeros(grad_h_n, h0)
     g_gx, g_h0, g_whh = bwd_op(grad_y, grad_h_n, h0, w_hh, lengths, ctx.reverse, ctx.relu, y)
     return g_gx, g_h0, g_whh, None, None, None
 
