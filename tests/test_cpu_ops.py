@@ -174,9 +174,11 @@ def test_forced_paths(variant, tiled, H, lengths, reverse, cpu_options):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_large_weight_prefetch_path(cell):
-    """float32, packed weight >= 8 MB and B >= 12: the micro-kernel prefetches the next
-    weight block while it computes (kernels.cpp, TiledF::gemm_panel), forward and backward.
-    B = 13 also ends on a short row block (13 = 3 x 3 + 2 + 2)."""
-    args = make_inputs(cell, 8, 13, 1024, dtype=torch.float32, lengths=True, reverse=True)
+@pytest.mark.parametrize("B", [13, 5])
+def test_large_weight_prefetch_path(cell, B):
+    """float32, packed weight >= 8 MB: the micro-kernel prefetches the next weight block
+    while it computes (kernels.cpp, TiledF::rows), forward and backward: B >= 12 in a burst
+    per row block (13 = 3 x 3 + 2 + 2 also ends on short blocks), B < 12 inside the k loops
+    (LSTM 5 = 3 + 2, GRU 5 = 3 + 2: its 4-row blocks end on two short ones)."""
+    args = make_inputs(cell, 8, B, 1024, dtype=torch.float32, lengths=True, reverse=True)
     check_against_reference("cpu", cell, args)

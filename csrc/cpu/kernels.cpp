@@ -244,7 +244,7 @@ struct TiledF {
   static constexpr int64_t kMinSteps = 8;  // shorter sequences: BLAS on the unpacked weight
   static constexpr int64_t KC = 128;       // k-block: a 4-vector panel block is 16 KB (L1)
   static constexpr int64_t kPrefetchMinBytes = 8 << 20;  // packed weight size (see gemm_panel)
-  static constexpr int64_t kPrefetchMinRows = 12;  // 4+ row blocks (B=8: the bursts cost 10%)
+  static constexpr int64_t kPrefetchMinRows = 12;  // 4+ row blocks: bursts; fewer rows: in the k loop
   static bool use(int64_t steps) { return steps >= kMinSteps && g_tiled.load(std::memory_order_relaxed); }
   static int64_t panel_units(int ng) { return ng == 1 ? 32 : 8; }
 
@@ -313,9 +313,10 @@ struct TiledF {
   // rows are not a multiple of 4 KB apart (L1 set conflicts, 4K aliasing).
   int64_t ldc() const { return npanel * 8 * V + 16; }
 
+  // `pf`: npf (<= K) cache lines to prefetch, one per k step (the in-loop prefetch, see rows()).
   template <int VV, int R>
   static inline void kernel(int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
-                            bool acc) {
+                            bool acc, const char* pf = nullptr, int64_t npf = 0) {
     __m256 c[R][VV];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
@@ -347,6 +348,7 @@ struct TiledF {
     // ~25% of the kernel's throughput (60 -> 80 GFLOP/s per core for 3x4).
     if constexpr (R * VV + R + 1 <= 16) {
       for (; k < K; ++k) {
+        if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
         const float* w = Pn + k * (8 * VV);
         __m256 a[R];
 #pragma GCC unroll 16
@@ -360,6 +362,7 @@ struct TiledF {
       }
     } else {
       for (; k < K; ++k) {
+        if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
         const float* w = Pn + k * (8 * VV);
         __m256 wv[VV];
 #pragma GCC unroll 8
@@ -386,23 +389,37 @@ struct TiledF {
     // not the FMAs): end on two shorter blocks instead, e.g. 64 = 20 x 3 + 2 + 2.
     if (rem == 1 && full > 0) --full, rem += RM;
     int64_t b = 0;
-    // `next` (if not null): the weight block the caller runs next. Each row block
-    // prefetches its share of it, so that it arrives from L3 while this block's FMAs
-    // run rather than in a burst of misses at the start of the next block's first pass.
+    // `next` (if not null): the weight block the caller runs next, prefetched while this
+    // one computes so that it arrives from L3/memory during FMAs rather than as a burst
+    // of misses at the start of the next block's first pass. With 4+ row blocks each
+    // block first prefetches its share; with fewer (B < kPrefetchMinRows) those bursts
+    // stall the few blocks there are (B=8: 10% slower), so each block instead
+    // prefetches one line per k step inside its loop until the next block is covered.
+    // In-process A/B of prefetching on/off, op T=32, 2 threads, 16 MB packed weight:
+    // LSTM H=1024 1.05-1.46x at B 2-11, RNN H=2048 1.4-1.5x at B 4-8.
+    const char* nx = reinterpret_cast<const char*>(next);
     const int64_t lines = next ? next_bytes / 64 : 0;
-    for (int64_t i = 0; i < full; ++i, b += RM) {
-      for (int64_t l = i * lines / full; l < (i + 1) * lines / full; ++l)
-        _mm_prefetch(reinterpret_cast<const char*>(next) + 64 * l, _MM_HINT_T0);
-      kernel<VV, RM>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc);
+    const bool in_loop = B < kPrefetchMinRows;
+    int64_t done = 0;  // lines prefetched so far (in-loop)
+    auto run = [&](auto r_const) {
+      constexpr int R = decltype(r_const)::value;
+      const int64_t n = in_loop ? std::min(K, lines - done) : 0;
+      kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n);
+      done += n;
+      b += R;
+    };
+    for (int64_t i = 0; i < full; ++i) {
+      if (!in_loop)
+        for (int64_t l = i * lines / full; l < (i + 1) * lines / full; ++l) _mm_prefetch(nx + 64 * l, _MM_HINT_T0);
+      run(std::integral_constant<int, RM>());
     }
     auto tail = [&](int64_t r) {
       switch (r) {
-        case 1: kernel<VV, 1>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc); break;
-        case 2: kernel<VV, 2>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc); break;
-        case 3: if constexpr (RM > 3) kernel<VV, 3>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc); break;
+        case 1: run(std::integral_constant<int, 1>()); break;
+        case 2: run(std::integral_constant<int, 2>()); break;
+        case 3: if constexpr (RM > 3) run(std::integral_constant<int, 3>()); break;
         default: break;
       }
-      b += r;
     };
     if (rem == RM + 1) {
       tail(RM - 1);
@@ -430,11 +447,11 @@ struct TiledF {
     if (K == 0 && !acc)
       for (int64_t b = 0; b < B; ++b) std::fill(Ct + b * ldt, Ct + b * ldt + w, 0.f);
     // Software prefetch of the next weight block (the panels are contiguous in P, so
-    // at a panel's last k-block that is the next panel's first) for large weights with
-    // enough row blocks to spread it over. In-process A/B (LSTM op, T=32, 2 threads):
-    // H=1024 (16 MB packed) 7-10% faster at B 16-64; H 256/512 (<= 4 MB, which the
-    // hardware prefetcher keeps up with from L3) 2-3% slower, hence the size threshold.
-    const bool pf = B >= kPrefetchMinRows && npanel * K * w * 4 >= kPrefetchMinBytes;
+    // at a panel's last k-block that is the next panel's first) for large weights (see
+    // rows() for how). In-process A/B (LSTM op, T=32, 2 threads): H=1024 (16 MB packed)
+    // 7-10% faster at B 16-64 and 1.3x at B=8; H 256/512 (<= 4 MB, which the hardware
+    // prefetcher keeps up with from L3) 2-3% slower, hence the size threshold.
+    const bool pf = B >= 2 && npanel * K * w * 4 >= kPrefetchMinBytes;
     const float* end = P.get() + npanel * K * w;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
