@@ -469,52 +469,38 @@ struct TiledF {
 };
 
 // Float32 LSTM forward cell for 8 units in registers (the tiled path's panels), with
-// exp/tanh evaluated inline instead of through libmvec calls: exp by range reduction
-// to [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes' expf scheme, max relative
-// error ~1e-7 here), sigmoid = 1/(1+exp(-x)) with a true division, tanh from an odd
-// polynomial below |x| = 0.625 and 1 - 2/(exp(2|x|)+1) above (max relative error
-// ~1.4e-7 over [-90, 90]); float32 rounding level, like libmvec's.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.37626f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-// 1/d for d >= 1 (finite): the 12-bit estimate plus one Newton step (relative error
-// ~1e-7, float32 rounding level) instead of vdivps, whose throughput bounded the cell.
-// d beyond 2^126 gives 0 (the estimate flushes; the exact value is < 1.2e-38).
+// tanh and sigmoid evaluated inline instead of through libmvec calls.
+// 1/d: the 12-bit estimate plus one Newton step (relative error ~1e-7, float32 rounding
+// level) instead of vdivps, whose throughput bounded the cell.
 inline __m256 recip8(__m256 d) {
   const __m256 r = _mm256_rcp_ps(d);
   return _mm256_fmadd_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(1.f)), r);
 }
-inline __m256 sigmoid8(__m256 x) {
-  return recip8(_mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-}
+// tanh(x) as x P(x^2) / Q(x^2) on [-9, 9] and +-1 beyond (where float32 tanh rounds to
+// +-1): a rational fit of degrees 5/3 in x^2 (iteratively reweighted least squares on
+// the relative error); max error of this float32 evaluation 3.1e-7 over [-12, 12]
+// (numpy against float64 tanh). It replaced 1 - 2 / (exp(2|x|) + 1) plus a small-|x|
+// polynomial, at about half the operations: the cell got 35% faster in isolation and the
+// LSTM op 2.5-6% (in-process A/B, T=32, B 8-64, H 256/512). The clamp's operand order
+// keeps NaN (maxps/minps return their second operand when one is NaN).
 inline __m256 tanh8(__m256 x) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  const __m256 ax = _mm256_andnot_ps(sign, x);
+  x = _mm256_min_ps(_mm256_set1_ps(9.f), _mm256_max_ps(_mm256_set1_ps(-9.f), x));
   const __m256 z = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
-  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
-  const __m256 one = _mm256_set1_ps(1.f);
-  const __m256 e = exp8(_mm256_add_ps(ax, ax));
-  const __m256 big = _mm256_or_ps(_mm256_fnmadd_ps(_mm256_set1_ps(2.f), recip8(_mm256_add_ps(e, one)), one),
-                                  _mm256_and_ps(sign, x));
-  return _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+  __m256 p = _mm256_fmadd_ps(z, _mm256_set1_ps(1.8257196e-11f), _mm256_set1_ps(-1.2781256e-08f));
+  __m256 q = _mm256_fmadd_ps(z, _mm256_set1_ps(0.00022810468f), _mm256_set1_ps(0.023763305f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(9.267709e-06f));
+  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(0.46252543f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(0.0029207948f));
+  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(0.12919259f));
+  p = _mm256_mul_ps(_mm256_fmadd_ps(p, z, _mm256_set1_ps(0.99999994f)), x);
+  return _mm256_mul_ps(p, recip8(q));
+}
+// sigmoid(x) = (1 + tanh(x / 2)) / 2: absolute error <= 1.8e-7 (so not relative-accurate
+// for x < -15, where sigmoid < 3e-7; the gates only enter products and sums).
+inline __m256 sigmoid8(__m256 x) {
+  return _mm256_fmadd_ps(tanh8(_mm256_mul_ps(x, _mm256_set1_ps(0.5f))), _mm256_set1_ps(0.5f),
+                         _mm256_set1_ps(0.5f));
 }
 // x: gx row at the panel's first unit (gate stride H); a: the panel's 4x8 recurrent
 // pre-activations; cb: cell state (updated); gt: gates row (stride H); ct, out: 8 values.
