@@ -182,3 +182,32 @@ def test_large_weight_prefetch_path(cell, B):
     (LSTM 5 = 3 + 2, GRU 5 = 3 + 2: its 4-row blocks end on two short ones)."""
     args = make_inputs(cell, 8, B, 1024, dtype=torch.float32, lengths=True, reverse=True)
     check_against_reference("cpu", cell, args)
+
+
+def test_output_pool_reuses_memory_and_keeps_results_independent():
+    """Large outputs (>= 1 MB) come from the cpu output pool (csrc/cpu/output_pool.h): a
+    freed output's memory is reused by the next call, results stay those of the reference
+    whether the memory is fresh or reused (outputs are NaN-poisoned before the kernel writes
+    them: FUSEDRNN_POISON=1 in conftest), outputs alive at the same time never share it, and
+    they remain ordinary resizable tensors."""
+    from fusedrnn import _C
+    op = registry()["cpu"].op("lstm", "forward")
+    ref = registry()["reference"].op("lstm", "forward")
+    torch.manual_seed(0)
+    args = [make_inputs("lstm", 9, 120, 256, dtype=torch.float32) for _ in range(3)]  # y: 1.1 MB
+    want = [ref(*(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arg))[0]
+            for arg in args]
+    first = op(*args[0], False)[0]
+    second = op(*args[1], False)[0]  # while `first` is alive: other memory
+    assert second.data_ptr() != first.data_ptr()
+    torch.testing.assert_close(first.double(), want[0], atol=2e-5, rtol=1e-5)
+    del first
+    pooled = _C._pool_bytes()
+    assert pooled >= 9 * 120 * 256 * 4
+    third = op(*args[2], False)[0]  # takes a pooled block (the oldest that fits)
+    assert _C._pool_bytes() < pooled
+    assert third.data_ptr() != second.data_ptr()
+    torch.testing.assert_close(second.double(), want[1], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(third.double(), want[2], atol=2e-5, rtol=1e-5)
+    third.resize_(2 * third.numel())
+    assert third.numel() == 2 * 9 * 120 * 256

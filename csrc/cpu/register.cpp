@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/output_pool.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -33,9 +34,10 @@ bool poison() {
   return on;
 }
 
-// An output the kernel must fully write: NaN-filled first under FUSEDRNN_POISON=1.
+// An output the kernel must fully write (memory from the output pool, see output_pool.h):
+// NaN-filled first under FUSEDRNN_POISON=1.
 Tensor new_output(at::IntArrayRef shape, const Tensor& like) {
-  Tensor t = at::empty(shape, like.options());
+  Tensor t = OutputPool::get().empty(shape, like.options());
   if (poison()) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
@@ -340,6 +342,9 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
 // The Python module fusedrnn._C: importing it registers the kernels above.
 namespace {
 PyObject* simd_path(PyObject*, PyObject*) { return PyUnicode_FromString(fusedrnn::cpu::simd_path()); }
+PyObject* pool_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(fusedrnn::cpu::OutputPool::get().pooled_bytes());
+}
 // _set_options(tiled: int, min_work: int) -> (old_tiled, old_min_work); -1 / 0 keep a value.
 PyObject* set_options(PyObject*, PyObject* args) {
   int tiled = -1;
@@ -352,6 +357,8 @@ PyObject* set_options(PyObject*, PyObject* args) {
 }
 PyMethodDef methods[] = {
     {"simd_path", simd_path, METH_NOARGS, "elementwise code path in use: avx2 or baseline"},
+    {"_pool_bytes", pool_bytes, METH_NOARGS,
+     "bytes of freed op outputs the cpu output pool holds for reuse (FUSEDRNN_CPU_POOL_MB caps it)"},
     {"_set_options", set_options, METH_VARARGS,
      "_set_options(tiled, min_work) -> previous (tiled, min_work): float32 packed-panel micro-kernel "
      "on (1) / off (0) / unchanged (-1); multiply-adds per thread per step before a step is split "
