@@ -78,3 +78,16 @@ def test_cpu_ops_script_runs(tmp_path):
         assert t_ref > 0 and t_mine > 0 and math.isclose(speedup, t_ref / t_mine, rel_tol=0.02, abs_tol=0.01)
         assert 0 < q1 <= q3
     assert "cases slower than torch.nn (median): " in proc.stdout and "geomean speedup all" in proc.stdout
+
+
+def test_train_loop_script_reports_both_implementations():
+    """bench/train_loop.py (one model per process, allocator costs included) end to end at a
+    tiny size: both implementations ran and reported positive, finite numbers."""
+    proc = subprocess.run([sys.executable, "bench/train_loop.py", "--batch", "2", "--hidden", "16", "--seq", "3",
+                           "--iters", "2", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for impl in ("torch.nn", "fusedrnn:cpu"):
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(impl))
+        ms = float(line.split()[1])
+        assert math.isfinite(ms) and ms > 0, line
+    assert "speedup (torch.nn / fusedrnn):" in proc.stdout
