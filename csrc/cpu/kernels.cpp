@@ -86,6 +86,33 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
   blas('N', 'N', (int)N, (int)M, (int)K, T(1), Bm, (int)ldb, A, (int)lda, beta, C, (int)ldc);
 }
 
+Scratch g_scratch;  // set once when the extension loads (register.cpp)
+
+// A float buffer of the kernels' own, from the scratch provider when there is one.
+class ScratchBuffer {
+ public:
+  ScratchBuffer() = default;
+  explicit ScratchBuffer(size_t n) {
+    if (g_scratch.alloc) {
+      p_ = static_cast<float*>(g_scratch.alloc(n * sizeof(float), &handle_));
+    } else {
+      own_.reset(new float[n]);
+      p_ = own_.get();
+    }
+  }
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+  ~ScratchBuffer() {
+    if (handle_) g_scratch.release(handle_);
+  }
+  float* get() const { return p_; }
+
+ private:
+  float* p_ = nullptr;
+  void* handle_ = nullptr;
+  std::unique_ptr<float[]> own_;
+};
+
 // A partition of `units` (hidden units or projection columns) over threads.
 struct Slices {
   int n = 1;
@@ -250,7 +277,7 @@ struct TiledF {
 
   int V, ng;
   int64_t units, K, npanel;
-  std::unique_ptr<float[]> P;
+  std::unique_ptr<ScratchBuffer> P;  // the packed panels
 
   // value(col, k) = W[col * sc + k * sk]; col = gate * units + unit.
   TiledF(const float* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t /*unused*/,
@@ -258,14 +285,14 @@ struct TiledF {
       : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_) {
     const int64_t up = panel_units(ng);
     npanel = (units + up - 1) / up;
-    P.reset(new float[npanel * K * 8 * V]);
+    P.reset(new ScratchBuffer(npanel * K * 8 * V));
     run_slices(sl, [&](int k) {
       for (int64_t p = sl.lo(k) / up; p < (sl.hi(k) + up - 1) / up; ++p) pack(W, sc, sk, p);
     });
   }
   void pack(const float* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng);
-    float* out = P.get() + p * K * 8 * V;
+    float* out = P->get() + p * K * 8 * V;
     for (int v = 0; v < V; ++v) {
       const int gate = ng == 1 ? 0 : v;
       const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
@@ -443,7 +470,7 @@ struct TiledF {
     if (exact && acc)
       for (int64_t b = 0; b < B; ++b)
         for (int64_t j = 0; j < w; ++j) tmp[b * w + j] = j < valid ? C[b * ldc + col + j] : 0.f;
-    const float* Pn = P.get() + p * K * w;
+    const float* Pn = P->get() + p * K * w;
     if (K == 0 && !acc)
       for (int64_t b = 0; b < B; ++b) std::fill(Ct + b * ldt, Ct + b * ldt + w, 0.f);
     // Software prefetch of the next weight block (the panels are contiguous in P, so
@@ -452,7 +479,7 @@ struct TiledF {
     // 7-10% faster at B 16-64 and 1.3x at B=8; H 256/512 (<= 4 MB, which the hardware
     // prefetcher keeps up with from L3) 2-3% slower, hence the size threshold.
     const bool pf = B >= 2 && npanel * K * w * 4 >= kPrefetchMinBytes;
-    const float* end = P.get() + npanel * K * w;
+    const float* end = P->get() + npanel * K * w;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
       const bool a = acc || k0 > 0;
@@ -569,6 +596,8 @@ bool use_avx2() { return false; }
 #define FRNN_DISPATCH(fn, ...) base::fn<T>(__VA_ARGS__)
 #endif
 }  // namespace
+
+void set_scratch(const Scratch& s) { g_scratch = s; }
 
 const char* simd_path() { return use_avx2() ? "avx2" : "baseline"; }
 

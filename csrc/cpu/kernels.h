@@ -6,6 +6,7 @@
 // weights as PyTorch stores them (w_hh [G,P], w_hr [P,H]). `lengths` may be null
 // (every sequence has length T); values are in [0, T].
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace fusedrnn {
@@ -49,6 +50,16 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
 template <typename T>
 void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, bool relu,
                   const Seq& sq, const T* y, T* grad_gx, T* grad_h0, T* dfirst);
+
+// Memory for the kernels' large temporaries (the packed weights: 16 MB for an LSTM layer
+// of hidden size 1024), supplied by the op layer (register.cpp: the output pool), which
+// keeps this file and kernels.cpp free of ATen headers. alloc returns the memory and sets
+// *handle; release(handle) gives it back. Unset: new[] / delete[].
+struct Scratch {
+  void* (*alloc)(size_t bytes, void** handle) = nullptr;
+  void (*release)(void* handle) = nullptr;
+};
+void set_scratch(const Scratch& s);
 
 // Which elementwise code path runs ("avx2" or "baseline"), for the benchmark/report.
 const char* simd_path();

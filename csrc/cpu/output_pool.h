@@ -14,7 +14,9 @@
 // block returns to the pool unless that would put the pool over its cap (then the oldest
 // blocks go back to the system); an allocation takes the oldest pooled block of at least
 // its size and at most twice it, else a new one. Blocks below kMinBytes are not pooled.
-// FUSEDRNN_CPU_POOL_MB sets the cap (default 256; 0 turns pooling off).
+// The kernels' packed weights (16 MB for an LSTM layer of hidden size 1024, packed on
+// every call) take their memory from it as well. FUSEDRNN_CPU_POOL_MB sets the cap
+// (default 256; 0 turns pooling off).
 #pragma once
 
 #include <ATen/EmptyTensor.h>
@@ -54,8 +56,9 @@ class OutputPool final : public c10::Allocator {
     return pooled_;
   }
 
+  // Also used directly for the kernels' packed weights (register.cpp, Scratch).
   c10::DataPtr allocate(size_t n) override {
-    Block* b = take(n);
+    Block* b = cap_ > 0 && n >= kMinBytes ? take(n) : nullptr;
     if (!b) {
       const size_t size = std::max<size_t>(kAlign, (n + kAlign - 1) / kAlign * kAlign);
       void* p = std::aligned_alloc(kAlign, size);
@@ -97,6 +100,11 @@ class OutputPool final : public c10::Allocator {
   }
 
   void give(Block* b) {
+    if (cap_ == 0 || b->size < kMinBytes) {  // not worth pooling
+      std::free(b->ptr);
+      delete b;
+      return;
+    }
     std::list<Block*> evicted;
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -90,7 +90,8 @@ Tensor opt(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 // steps have dpre = 0 and y = 0, so one shifted GEMM over all steps covers lengths too.
 Tensor weight_grad(const Tensor& dpre, const Tensor& dfirst, const Tensor& h0, const Tensor& y, bool reverse) {
   const int64_t T = dpre.size(0), B = dpre.size(1), G = dpre.size(2), P = y.size(2);
-  Tensor gw = at::mm(dfirst.t(), h0);
+  Tensor gw = OutputPool::get().empty({G, P}, dpre.options());  // pooled (at::mm's would page-fault)
+  at::mm_out(gw, dfirst.t(), h0);
   if (T > 1) {
     Tensor d = reverse ? dpre.narrow(0, 0, T - 1) : dpre.narrow(0, 1, T - 1);
     Tensor h = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
@@ -189,8 +190,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
         dhs.defined() ? dhs.data_ptr<scalar_t>() : nullptr, hr.defined() ? hr.data_ptr<scalar_t>() : nullptr);
   });
   Tensor grad_w_hh = weight_grad(grad_gx, dfirst, h0, y, reverse);
-  Tensor grad_w_hr = w_hr.defined() ? at::mm(dhs.reshape({T * B, P}).t(), hr.reshape({T * B, H}))
-                                    : at::empty({0}, grad_y.options());
+  Tensor grad_w_hr = at::empty({0}, grad_y.options());
+  if (w_hr.defined()) {
+    grad_w_hr = OutputPool::get().empty({P, H}, grad_y.options());
+    at::mm_out(grad_w_hr, dhs.reshape({T * B, P}).t(), hr.reshape({T * B, H}));
+  }
   return {grad_gx, grad_h0, grad_c0, grad_w_hh, grad_w_hr};
 }
 
@@ -341,6 +345,17 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
 
 // The Python module fusedrnn._C: importing it registers the kernels above.
 namespace {
+// The kernels' packed weights come from the output pool too (kernels.h, Scratch).
+void* scratch_alloc(size_t bytes, void** handle) {
+  auto* dp = new c10::DataPtr(fusedrnn::cpu::OutputPool::get().allocate(bytes));
+  *handle = dp;
+  return dp->get();
+}
+void scratch_release(void* handle) { delete static_cast<c10::DataPtr*>(handle); }
+const bool scratch_set = [] {
+  fusedrnn::cpu::set_scratch({&scratch_alloc, &scratch_release});
+  return true;
+}();
 PyObject* simd_path(PyObject*, PyObject*) { return PyUnicode_FromString(fusedrnn::cpu::simd_path()); }
 PyObject* pool_bytes(PyObject*, PyObject*) {
   return PyLong_FromSize_t(fusedrnn::cpu::OutputPool::get().pooled_bytes());
