@@ -91,7 +91,6 @@ Scratch g_scratch;  // set once when the extension loads (register.cpp)
 // A float buffer of the kernels' own, from the scratch provider when there is one.
 class ScratchBuffer {
  public:
-  ScratchBuffer() = default;
   explicit ScratchBuffer(size_t n) {
     if (g_scratch.alloc) {
       p_ = static_cast<float*>(g_scratch.alloc(n * sizeof(float), &handle_));
@@ -476,7 +475,7 @@ struct TiledF {
     // Software prefetch of the next weight block (the panels are contiguous in P, so
     // at a panel's last k-block that is the next panel's first) for large weights (see
     // rows() for how). In-process A/B (LSTM op, T=32, 2 threads): H=1024 (16 MB packed)
-    // 7-10% faster at B 16-64 and 1.3x at B=8; H 256/512 (<= 4 MB, which the hardware
+    // 7-10% faster at B 16-64 and 1.05-1.46x at B 2-11; H 256/512 (<= 4 MB, which the hardware
     // prefetcher keeps up with from L3) 2-3% slower, hence the size threshold.
     const bool pf = B >= 2 && npanel * K * w * 4 >= kPrefetchMinBytes;
     const float* end = P->get() + npanel * K * w;

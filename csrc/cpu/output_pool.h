@@ -24,6 +24,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <list>
 #include <mutex>
@@ -80,7 +81,8 @@ class OutputPool final : public c10::Allocator {
 
   OutputPool() {
     const char* e = std::getenv("FUSEDRNN_CPU_POOL_MB");
-    cap_ = (size_t)(e ? std::atoll(e) : 256) << 20;
+    const long long mb = e ? std::atoll(e) : 256;
+    cap_ = mb > 0 ? (size_t)mb << 20 : 0;
   }
 
   static void release(void* ctx) { get().give(static_cast<Block*>(ctx)); }
