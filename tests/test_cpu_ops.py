@@ -211,3 +211,29 @@ def test_output_pool_reuses_memory_and_keeps_results_independent():
     torch.testing.assert_close(third.double(), want[2], atol=2e-5, rtol=1e-5)
     third.resize_(2 * third.numel())
     assert third.numel() == 2 * 9 * 120 * 256
+
+
+def test_output_pool_under_concurrent_calls():
+    """Calls from several Python threads at once (the ops run without the GIL), each output
+    from the pool, freed in any thread: every result equals the one computed alone, so no
+    block was handed to two live tensors."""
+    import threading
+    op = registry()["cpu"].op("lstm", "forward")
+    torch.manual_seed(1)
+    cases = [make_inputs("lstm", 9, 120, 256, dtype=torch.float32) for _ in range(4)]  # y: 1.1 MB, pooled
+    want = [op(*args, True)[0].clone() for args in cases]
+    errors = []
+
+    def worker(i):
+        for _ in range(6):
+            y, _, _, gates, cells = op(*cases[i], True)
+            if not torch.equal(y, want[i]):
+                errors.append(i)
+            del gates, cells
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"threads {sorted(set(errors))} got results that differ from the serial ones"
