@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fusedrnn import ops
-from fusedrnn.backends import registry
+from fusedrnn.backends import Call, registry
 
 # (atol, rtol) per dtype of the backend under test, against a float64 reference.
 TOL = {
@@ -20,6 +20,16 @@ TOL = {
     torch.bfloat16: (3e-2, 2e-2),
 }
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def backend_or_skip(name: str, cell: str = "lstm"):
+    """The backend `name`, or a pytest skip saying why it cannot run `cell` on CPU float32."""
+    import pytest
+    be = registry().get(name)
+    why = be.refuses(Call(cell, torch.device("cpu"), torch.float32, 5)) if be else "not built"
+    if why:
+        pytest.skip(f"{name}: {why}")
+    return be
 
 
 def make_inputs(cell, T, B, H, *, P=0, dtype=torch.float32, device="cpu", lengths=False,

@@ -5,20 +5,12 @@ raises instead of reading state that was never kept."""
 import pytest
 import torch
 
-from op_harness import make_inputs
+from op_harness import backend_or_skip, make_inputs
 
-from fusedrnn.backends import Call, registry
 
 BACKENDS = ["reference", "cpu", "emulated", "triton"]
 N_OUT = {"lstm": 3, "gru": 2}  # differentiable outputs; the rest are saved tensors
 
-
-def _backend_or_skip(name):
-    be = registry().get(name)
-    why = be.refuses(Call("lstm", torch.device("cpu"), torch.float32, 5)) if be else "not built"
-    if why:
-        pytest.skip(f"{name}: {why}")
-    return be
 
 
 def _cases():
@@ -34,7 +26,7 @@ def _cases():
 @pytest.mark.parametrize("backend", BACKENDS + ["triton-step", "emulated-persistent"])
 @pytest.mark.parametrize("cell,P,lengths,reverse,T", list(_cases()))
 def test_inference_outputs_equal_training_outputs(backend, cell, P, lengths, reverse, T, monkeypatch, request):
-    be = _backend_or_skip(backend.split("-")[0])
+    be = backend_or_skip(backend.split("-")[0])
     if backend == "triton-step":
         from fusedrnn.triton_kernels import launch
         monkeypatch.setattr(launch, "choose_mode", lambda *args: launch.STEP)
@@ -68,7 +60,7 @@ def test_inference_outputs_equal_training_outputs(backend, cell, P, lengths, rev
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_backward_through_inference_call_raises(backend, cell):
-    be = _backend_or_skip(backend)
+    be = backend_or_skip(backend)
     args = [a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
             for a in make_inputs(cell, 4, 2, 8)]
     y = be.op(cell, "forward")(*args, False)[0]
@@ -79,7 +71,7 @@ def test_backward_through_inference_call_raises(backend, cell):
 @pytest.mark.parametrize("backend", ["reference", "cpu", "emulated"])  # opcheck fails under the Triton interpreter
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_opcheck_inference(backend, cell):
-    be = _backend_or_skip(backend)
+    be = backend_or_skip(backend)
     # Inputs that do not require grad: a backward through train=False raises (tested above).
     args = make_inputs(cell, 4, 3, 5, lengths=True, reverse=True) + (False,)
     torch.library.opcheck(be.op(cell, "forward"), args)

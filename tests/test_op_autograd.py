@@ -10,21 +10,13 @@ tensors returned as results (gates, cells, hn) are not differentiable."""
 import pytest
 import torch
 
-from op_harness import TOL, _arg_names, _f64, assert_close, make_inputs
+from op_harness import TOL, _arg_names, _f64, assert_close, backend_or_skip, make_inputs
 
 from fusedrnn import reference
-from fusedrnn.backends import Call, registry
 
 BACKENDS = ["reference", "cpu", "emulated", "triton"]
 RESULTS = {"lstm": ["y", "h_n", "c_n"], "gru": ["y", "h_n"], "rnn": ["y", "h_n"]}
 
-
-def _backend_or_skip(name, cell):
-    be = registry().get(name)
-    why = be.refuses(Call(cell, torch.device("cpu"), torch.float32, 5)) if be else "not built"
-    if why:
-        pytest.skip(f"{name}: {why}")
-    return be
 
 
 def _cases():
@@ -36,7 +28,7 @@ def _cases():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell,used", list(_cases()))
 def test_backward_through_one_result(backend, cell, used):
-    be = _backend_or_skip(backend, cell)
+    be = backend_or_skip(backend, cell)
     torch.manual_seed(hash((backend, cell, used)) % 2**31)
     # lengths + reverse: padded steps, whose gradients the zero-filled inputs must reach too
     args = make_inputs(cell, 9, 3, 16, lengths=True, reverse=True)

@@ -90,7 +90,7 @@ Tensor opt(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 // steps have dpre = 0 and y = 0, so one shifted GEMM over all steps covers lengths too.
 Tensor weight_grad(const Tensor& dpre, const Tensor& dfirst, const Tensor& h0, const Tensor& y, bool reverse) {
   const int64_t T = dpre.size(0), B = dpre.size(1), G = dpre.size(2), P = y.size(2);
-  Tensor gw = OutputPool::get().empty({G, P}, dpre.options());  // pooled (at::mm's would page-fault)
+  Tensor gw = new_output({G, P}, dpre);  // pooled, unlike at::mm's result
   at::mm_out(gw, dfirst.t(), h0);
   if (T > 1) {
     Tensor d = reverse ? dpre.narrow(0, 0, T - 1) : dpre.narrow(0, 1, T - 1);
@@ -192,7 +192,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
   Tensor grad_w_hh = weight_grad(grad_gx, dfirst, h0, y, reverse);
   Tensor grad_w_hr = at::empty({0}, grad_y.options());
   if (w_hr.defined()) {
-    grad_w_hr = OutputPool::get().empty({P, H}, grad_y.options());
+    grad_w_hr = new_output({P, H}, grad_y);
     at::mm_out(grad_w_hr, dhs.reshape({T * B, P}).t(), hr.reshape({T * B, H}));
   }
   return {grad_gx, grad_h0, grad_c0, grad_w_hh, grad_w_hr};
