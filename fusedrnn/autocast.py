@@ -18,6 +18,8 @@ _CPU_STAYS_FP32 = {"GRU", "LSTMCell", "GRUCell"}
 def run_dtype(torch_name: str, x: torch.Tensor) -> torch.dtype | None:
     """The dtype `torch_name` ("LSTM", "GRUCell", ...) computes in for input x under autocast,
     or None when autocast is off for x's device (then nothing is cast)."""
+    if not torch._C._is_any_autocast_enabled():  # one cheap call in the common case
+        return None
     device = x.device.type
     if not torch.is_autocast_enabled(device):
         return None

@@ -1,7 +1,8 @@
 """Drop-in fusedrnn.LSTMCell / GRUCell / RNNCell (one step, for step-by-step decoding).
 
 Subclasses of the torch.nn cells (constructor, parameters, state_dict are
-torch.nn's); one step is the recurrence op of the chosen backend with T = 1.
+torch.nn's). One step is the backend's cell op (fusedrnn/cell_ops.py: one op call,
+cpu backend) or else the input projection plus the backend's sequence op with T = 1.
 """
 from __future__ import annotations
 
@@ -16,45 +17,68 @@ from .backends import Call, select
 from .modules import BackendChoice, below_autograd_if_no_grad, records_grad
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable
+_WEIGHT_NAMES = {True: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), False: ("weight_ih", "weight_hh")}
+
+
 class _FusedCellBase(BackendChoice):
     _cell: str
     _torch_name: str
 
     def _step(self, input, hx):
+        # Written for a small per-step cost: at small sizes this glue is a good part of a step.
         lstm = self._cell == "lstm"
         hs = list(V.lstm_hidden_pair(hx, self._torch_name)) if (lstm and hx is not None) else [hx]
-        V.check_cell_input(self._torch_name, input, hs, self.input_size, self.hidden_size, self.weight_ih)
+        w_ih, w_hh, b_ih, b_hh = self._weights()
+        V.check_cell_input(self._torch_name, input, hs, self.input_size, self.hidden_size, w_ih)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         if hx is None:
             hs = [x.new_zeros(x.shape[0], self.hidden_size) for _ in range(2 if lstm else 1)]
         elif not batched:
             hs = [h.unsqueeze(0) for h in hs]
-        V.check_device(self.weight_ih, x)
-        w_ih, w_hh = self.weight_ih, self.weight_hh
-        b_ih, b_hh = (self.bias_ih, self.bias_hh) if self.bias else (None, None)
+        V.check_device(w_ih, x)
         cast = AC.run_dtype(self._torch_name, x)
         if cast is not None:  # autocast: everything in the dtype torch.nn's cell computes in
             x, hs = x.to(cast), [h.to(cast) for h in hs]
             w_ih, w_hh, b_ih, b_hh = (w if w is None else w.to(cast) for w in (w_ih, w_hh, b_ih, b_hh))
-        backend, why = select(self.backend, Call(cell=self._cell, device=x.device, dtype=x.dtype,
-                                                 hidden_size=self.hidden_size, batch=x.shape[0]))
+        backend, why = select(self.backend, Call(self._cell, x.device, x.dtype, self.hidden_size, 0, x.shape[0]))
         self._record_choice(backend.name, why)
-        fwd = backend.op(self._cell, "forward")
-        with below_autograd_if_no_grad(), (AC.autocast_off(x.device.type) if cast else contextlib.nullcontext()):
-            if self._cell == "gru":
-                gx = F.linear(x, w_ih, b_ih).unsqueeze(0)
-                out = [fwd(gx, hs[0], w_hh, b_hh, None, False, records_grad(gx, hs[0], w_hh, b_hh))[1]]
+        with below_autograd_if_no_grad(), (_NO_CONTEXT if cast is None else AC.autocast_off(x.device.type)):
+            if backend.cell_op is not None:
+                out = self._cell_op_step(backend.cell_op(self._cell), x, hs, w_ih, w_hh, b_ih, b_hh)
             else:
-                gx = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh).unsqueeze(0)
-                if lstm:
-                    train = records_grad(gx, hs[0], hs[1], w_hh)
-                    out = list(fwd(gx, hs[0], hs[1], w_hh, None, None, False, train)[1:3])
-                else:
-                    out = [fwd(gx, hs[0], w_hh, None, False, self.nonlinearity == "relu")[1]]
+                out = self._sequence_op_step(backend.op(self._cell, "forward"), x, hs, w_ih, w_hh, b_ih, b_hh)
         if not batched:
             out = [o.squeeze(0) for o in out]
         return tuple(out) if lstm else out[0]
+
+    def _weights(self):
+        """(w_ih, w_hh, b_ih, b_hh), the biases None without bias."""
+        p = self._parameters
+        # Not a plain parameter (e.g. torch.nn.utils.parametrize): the module attribute.
+        w = [p[n] if p.get(n) is not None else getattr(self, n) for n in _WEIGHT_NAMES[self.bias]]
+        return w[0], w[1], (w[2] if self.bias else None), (w[3] if self.bias else None)
+
+    def _cell_op_step(self, op, x, hs, w_ih, w_hh, b_ih, b_hh):
+        """One call of the backend's cell op (fusedrnn/cell_ops.py)."""
+        if self._cell == "lstm":
+            train = records_grad(x, hs[0], hs[1], w_ih, w_hh, b_ih, b_hh)
+            return list(op(x, hs[0], hs[1], w_ih, w_hh, b_ih, b_hh, train)[:2])
+        if self._cell == "gru":
+            return [op(x, hs[0], w_ih, w_hh, b_ih, b_hh, records_grad(x, hs[0], w_ih, w_hh, b_ih, b_hh))[0]]
+        return [op(x, hs[0], w_ih, w_hh, b_ih, b_hh, self.nonlinearity == "relu")]
+
+    def _sequence_op_step(self, fwd, x, hs, w_ih, w_hh, b_ih, b_hh):
+        """The input projection, then the backend's sequence op with T = 1."""
+        if self._cell == "gru":
+            gx = F.linear(x, w_ih, b_ih).unsqueeze(0)
+            return [fwd(gx, hs[0], w_hh, b_hh, None, False, records_grad(gx, hs[0], w_hh, b_hh))[1]]
+        gx = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh).unsqueeze(0)
+        if self._cell == "lstm":
+            train = records_grad(gx, hs[0], hs[1], w_hh)
+            return list(fwd(gx, hs[0], hs[1], w_hh, None, None, False, train)[1:3])
+        return [fwd(gx, hs[0], w_hh, None, False, self.nonlinearity == "relu")[1]]
 
     def forward(self, input, hx=None):
         return self._step(input, hx)

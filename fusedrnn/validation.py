@@ -95,21 +95,25 @@ def check_device(w: Tensor, input: Tensor) -> None:
 def check_cell_input(name: str, input: Tensor, hs: list[Tensor | None], input_size: int,
                      hidden_size: int, weight: Tensor) -> None:
     """torch.nn.XCell's checks (its forward's and _VF.x_cell's), same order and words."""
-    require_tensor(input, f"{name}: input")
+    if not isinstance(input, Tensor):
+        require_tensor(input, f"{name}: input")
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     for i, h in enumerate(hs):
         if h is None:
             continue
-        require_tensor(h, f"{name}: hx" + (f"[{i}]" if len(hs) > 1 else ""))
+        if not isinstance(h, Tensor):
+            require_tensor(h, f"{name}: hx" + (f"[{i}]" if len(hs) > 1 else ""))
         if h.dim() not in (1, 2):
             which = f"hx[{i}]" if len(hs) > 1 else "hidden"
             raise ValueError(f"{name}: Expected {which} to be 1D or 2D, got {h.dim()}D instead")
     if input.size(-1) != input_size:
         raise RuntimeError(f"input has inconsistent input_size: got {input.size(-1)} expected {input_size}")
-    autocast = torch.is_autocast_enabled(input.device.type)  # casts input, hx and weights alike
-    if input.dtype != weight.dtype and not autocast:
-        raise RuntimeError(f"{name}: input dtype ({input.dtype}) does not match weight dtype ({weight.dtype})")
+    def autocast():  # casts input, hx and weights alike; asked only on a mismatch (it costs a call)
+        return torch.is_autocast_enabled(input.device.type)
+    dtype = input.dtype
+    if dtype != weight.dtype and not autocast():
+        raise RuntimeError(f"{name}: input dtype ({dtype}) does not match weight dtype ({weight.dtype})")
     batched = input.dim() == 2
     for i, h in enumerate(hs):
         if h is None:
@@ -121,7 +125,7 @@ def check_cell_input(name: str, input: Tensor, hs: list[Tensor | None], input_si
                                f"{'batched 2-D' if batched else 'unbatched 1-D'} input, got {h.dim()}-D")
         if batched and h.size(0) != input.size(0):
             raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {h.size(0)}")
-        if h.dtype != input.dtype and not autocast:
-            raise RuntimeError(f"{name}: hx dtype ({h.dtype}) does not match input dtype ({input.dtype})")
+        if h.dtype != dtype and not autocast():
+            raise RuntimeError(f"{name}: hx dtype ({h.dtype}) does not match input dtype ({dtype})")
         if h.device != input.device:
             raise RuntimeError(f"{name}: hx is on {h.device} but the input is on {input.device}")

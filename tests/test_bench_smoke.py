@@ -91,3 +91,18 @@ def test_train_loop_script_reports_both_implementations():
         ms = float(line.split()[1])
         assert math.isfinite(ms) and ms > 0, line
     assert "speedup (torch.nn / fusedrnn):" in proc.stdout
+
+
+def test_cells_script_reports_every_case():
+    """bench/cells.py (the cells, one step per call) at tiny sizes: one row per cell, mode and
+    shape, each with positive finite times and a speedup."""
+    proc = subprocess.run([sys.executable, "bench/cells.py", "--shapes", "8x2,16x3", "--rounds", "1",
+                           "--block-ms", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.split()[:1] and ln.split()[0].endswith("Cell")]
+    assert len(rows) == 3 * 2 * 2, proc.stdout
+    for r in rows:
+        t_ref, t_mine = float(r[4]), float(r[5])
+        assert math.isfinite(t_ref) and math.isfinite(t_mine) and t_ref > 0 and t_mine > 0, r
+        assert r[6].endswith("x"), r

@@ -35,6 +35,7 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
 // Backward ops: the sequential part only. They write grad_gx (all of it), grad_h0,
 // grad_c0 and `dfirst` [B,G]: each sequence's pre-activation gradient at its first
 // (oriented) step, 0 for empty sequences, for the weight gradient's h0 term.
+// grad_h0 may be nullptr (nothing needs it): then its GEMM is skipped.
 // LSTM with projection also writes dhs [T,B,P] (dL/dh_t, 0 at padded steps) and
 // hr [T,B,H] (unprojected h_t, 0 at padded steps) for grad_w_hr.
 // GRU also writes dgh [T,B,3H]: gradient w.r.t. W_hh h + b_hh.

@@ -359,15 +359,15 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
     });
     sg.end();
   }
-  if (TT > 0 && tiled) {
+  if (TT > 0 && grad_h0 && tiled) {
     run_slices(sl, [&](int k) { dh_gemm(k); });
-  } else if (TT > 0) {
+  } else if (TT > 0 && grad_h0) {
     run_slices(slp, [&](int k) {
       const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
       gemm_nn<T>(B, np, G, dnext, G, w_hh + p0, P, dh.data() + p0, P, T(1));
     });
   }
-  std::copy(dh.begin(), dh.end(), grad_h0);
+  if (grad_h0) std::copy(dh.begin(), dh.end(), grad_h0);
   std::copy(dc.begin(), dc.end(), grad_c0);
   if (TT > 0) std::copy(dnext, dnext + B * G, dfirst);
   else std::fill(dfirst, dfirst + B * G, T(0));
@@ -435,14 +435,14 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
     });
     sg.end();
   }
-  if (TT > 0) {
+  if (TT > 0 && grad_h0) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
       if (tiled) dh_gemm(k);
       else gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
     });
   }
-  std::copy(dh.begin(), dh.end(), grad_h0);
+  if (grad_h0) std::copy(dh.begin(), dh.end(), grad_h0);
   if (TT > 0) std::copy(dnext, dnext + B * G, dfirst);
   else std::fill(dfirst, dfirst + B * G, T(0));
 }
@@ -504,14 +504,14 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
     });
     sg.end();
   }
-  if (TT > 0) {
+  if (TT > 0 && grad_h0) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
       if (tiled) dh_gemm(k);
       else gemm_nn<T>(B, nu, H, dnext, H, w_hh + j0, H, dh.data() + j0, H, T(1));
     });
   }
-  std::copy(dh.begin(), dh.end(), grad_h0);
+  if (grad_h0) std::copy(dh.begin(), dh.end(), grad_h0);
   if (TT > 0) std::copy(dnext, dnext + B * H, dfirst);
   else std::fill(dfirst, dfirst + B * H, T(0));
 }

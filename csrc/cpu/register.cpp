@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/op_utils.h"
 #include "cpu/output_pool.h"
 
 namespace fusedrnn {
@@ -25,45 +26,6 @@ namespace {
 
 using at::Tensor;
 using c10::optional;
-
-bool poison() {
-  static const bool on = [] {
-    const char* v = std::getenv("FUSEDRNN_POISON");
-    return v && std::string(v) == "1";
-  }();
-  return on;
-}
-
-// An output the kernel must fully write (memory from the output pool, see output_pool.h):
-// NaN-filled first under FUSEDRNN_POISON=1.
-Tensor new_output(at::IntArrayRef shape, const Tensor& like) {
-  Tensor t = OutputPool::get().empty(shape, like.options());
-  if (poison()) t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
-
-// A saved tensor of a forward op: with train=False (inference) an empty tensor, and
-// the kernel gets nullptr for it and skips those writes (see kernels.h).
-Tensor saved_output(at::IntArrayRef shape, const Tensor& like, bool train) {
-  return train ? new_output(shape, like) : like.new_empty({0});
-}
-
-void check_tensor(const Tensor& t, const char* op, const char* name, const Tensor& ref, int64_t dim) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (got ", t.device(), ")");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              " but gx/grad_y has dtype ", ref.scalar_type(), "; all floating-point arguments must match");
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-}
-
-void check_shape(const Tensor& t, const char* op, const char* name, at::IntArrayRef want) {
-  TORCH_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", want, ", got ", t.sizes());
-}
-
-void check_dtype(const Tensor& ref, const char* op) {
-  TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, op,
-              ": the cpu backend supports float32 and float64, got ", ref.scalar_type());
-}
 
 // Validated lengths as a contiguous int64 CPU tensor (undefined if absent).
 Tensor check_lengths(const optional<Tensor>& lengths, const char* op, int64_t T, int64_t B) {
@@ -82,8 +44,6 @@ Tensor check_lengths(const optional<Tensor>& lengths, const char* op, int64_t T,
 Seq make_seq(int64_t T, int64_t B, const Tensor& L, bool reverse) {
   return Seq{T, B, L.defined() ? L.data_ptr<int64_t>() : nullptr, reverse};
 }
-
-Tensor opt(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 // grad_w = dfirst^T @ h0 + sum_t dpre[t]^T @ y[t -/+ 1]: the state each step started
 // from is h0 at the sequence's first step and the previous output otherwise. Padded

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from .. import ops
 
 
-@dataclass(frozen=True)
-class Call:
-    """What a backend needs to know to accept or refuse one recurrence call."""
+class Call(NamedTuple):
+    """What a backend needs to know to accept or refuse one recurrence call.
+    (A NamedTuple: cheap to build on every step of a cell, and a key of select's cache.)"""
     cell: str                 # "lstm" | "gru" | "rnn"
     device: torch.device
     dtype: torch.dtype
@@ -38,6 +38,9 @@ class Backend:
     # What the backend's kernels chose in its latest call, and why (e.g. the CUDA
     # backend's persistent vs per-step kernels); None if it has no such choice.
     kernel_choice: Optional[Callable[[], str]] = None
+    # The backend's one-step op for a cell (fusedrnn/cell_ops.py), given "lstm"/"gru"/"rnn";
+    # None: fusedrnn's cells run a step as the input projection plus the sequence op with T = 1.
+    cell_op: Optional[Callable[[str], object]] = None
     _state: Optional[str] = field(default="unloaded", repr=False)
 
     def unavailable(self) -> Optional[str]:
@@ -105,8 +108,23 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
             and device.type in registry()[n].device_types]
 
 
+# select's results: (name, call) -> (backend, why). A backend that accepted a call keeps
+# accepting it (availability is decided once per process), so a hit is the same answer,
+# without the checks: the cells call select on every step.
+_CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
+
+
 def select(name: str, call: Call) -> tuple[Backend, str]:
     """Resolve `name` ("auto" or a backend name) for `call`: (backend, why it was chosen)."""
+    hit = _CHOICES.get((name, call))
+    if hit is None:
+        if len(_CHOICES) >= 4096:  # (e.g. a server seeing every batch size): start over
+            _CHOICES.clear()
+        hit = _CHOICES[(name, call)] = _select(name, call)
+    return hit
+
+
+def _select(name: str, call: Call) -> tuple[Backend, str]:
     reg = registry()
     if name != "auto":
         if name not in reg:

@@ -10,12 +10,13 @@ import importlib
 
 import torch
 
-from .. import ops
+from .. import cell_ops, ops
 from . import Backend, register
 
 
 def _load_extension(module: str):
     ops.define("cpu")  # the schemas the C++ kernels implement (TORCH_LIBRARY_IMPL only)
+    cell_ops.define()
     return importlib.import_module(module)
 
 
@@ -39,7 +40,8 @@ def _load_for(dispatch_key: str, module: str):
 
 
 register(Backend(name="cpu", ops_backend="cpu", device_types=("cpu",),
-                 dtypes=(torch.float64, torch.float32), load=_load_for("CPU", "fusedrnn._C")))
+                 dtypes=(torch.float64, torch.float32), load=_load_for("CPU", "fusedrnn._C"),
+                 cell_op=cell_ops.get))
 register(Backend(name="cuda", ops_backend="cuda", device_types=("cuda",),
                  dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load_for("CUDA", "fusedrnn._C_cuda"),
                  kernel_choice=lambda: last_cuda_algo()))

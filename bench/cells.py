@@ -1,0 +1,100 @@
+"""CPU benchmark of the cells: fusedrnn.LSTMCell / GRUCell / RNNCell (backend="cpu", one cell
+op per step) against torch.nn's cells, one step at a time as in step-by-step decoding.
+
+    python bench/cells.py [--cells lstm,gru,rnn] [--shapes 64x4,256x8,512x8,1024x32] [--rounds 7]
+
+A shape is HIDDENxBATCH (input_size = hidden). Same weights and inputs for both. Each round
+times a block of calls of one implementation, then of the other (interleaved rounds, so
+machine noise hits both alike); reported: the median over rounds of the time per step.
+"inference" is one step under torch.no_grad(); "training" is one step plus the backward of
+h.sum() (gradients of the input, the state and all weights). Speedup = torch.nn / fusedrnn.
+At these sizes a step takes tens of microseconds, so per-call overhead (Python, the
+dispatcher, autograd) counts as much as the kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fusedrnn  # noqa: E402
+from bench.env import cpu_name  # noqa: E402
+
+CLASSES = {"lstm": "LSTMCell", "gru": "GRUCell", "rnn": "RNNCell"}
+
+
+def make_case(cell: str, H: int, B: int, train: bool):
+    name = CLASSES[cell]
+    ref = getattr(torch.nn, name)(H, H)
+    mine = getattr(fusedrnn, name)(H, H, backend="cpu")
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(B, H, requires_grad=train)
+    h = torch.randn(B, H, requires_grad=train)
+    hx = (h, torch.randn(B, H, requires_grad=train)) if cell == "lstm" else h
+    out_ref, out_mine = ref(x, hx), mine(x, hx)  # the benchmark must compare equal computations
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (out_ref, out_mine))):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"{name} H={H} B={B}: outputs differ"
+
+    def step_fn(model):
+        def step():
+            out = model(x, hx)
+            if train:
+                (out[0] if isinstance(out, tuple) else out).sum().backward()
+        return step
+    return step_fn(ref), step_fn(mine), [x, h] + ([hx[1]] if cell == "lstm" else []) + \
+        list(ref.parameters()) + list(mine.parameters())
+
+
+def time_block(step, n: int, leaves) -> float:
+    for t in leaves:
+        t.grad = None
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def bench(cell: str, H: int, B: int, train: bool, rounds: int, block_s: float) -> tuple[float, float]:
+    torch.manual_seed(0)
+    ref, mine, leaves = make_case(cell, H, B, train)
+    ctx = torch.enable_grad() if train else torch.no_grad()
+    with ctx:
+        for f in (ref, mine):
+            time_block(f, 3, leaves)  # warm-up
+        n = max(3, int(block_s / time_block(ref, 3, leaves)))  # calls per block: about block_s seconds
+        times = {"ref": [], "mine": []}
+        for r in range(rounds):
+            order = [("ref", ref), ("mine", mine)][:: 1 if r % 2 == 0 else -1]
+            for k, f in order:
+                times[k].append(time_block(f, n, leaves))
+    return statistics.median(times["ref"]), statistics.median(times["mine"])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", default="lstm,gru,rnn")
+    p.add_argument("--shapes", default="64x4,256x8,512x8,1024x32", help="HIDDENxBATCH,...")
+    p.add_argument("--modes", default="inference,training")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--block-ms", type=float, default=50.0, help="time per block of calls of one implementation")
+    a = p.parse_args()
+    print(f"device: {cpu_name()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
+          f"torch {torch.__version__}; one step per call, float32, median of {a.rounds} interleaved rounds")
+    print(f"{'cell':10s} {'mode':10s} {'hidden':>6s} {'batch':>5s} {'torch.nn us':>12s} {'fusedrnn us':>12s} "
+          f"{'speedup':>8s}")
+    for mode in a.modes.split(","):
+        for cell in a.cells.split(","):
+            for shape in a.shapes.split(","):
+                H, B = (int(v) for v in shape.lower().split("x"))
+                t_ref, t_mine = bench(cell, H, B, mode == "training", a.rounds, a.block_ms / 1e3)
+                print(f"{CLASSES[cell]:10s} {mode:10s} {H:6d} {B:5d} {t_ref * 1e6:12.1f} {t_mine * 1e6:12.1f} "
+                      f"{t_ref / t_mine:7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

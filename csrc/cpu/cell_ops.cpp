@@ -1,0 +1,244 @@
+// CPU implementations of the one-step cell ops (schemas and autograd: fusedrnn/cell_ops.py),
+// which fusedrnn.LSTMCell / GRUCell / RNNCell call on the cpu backend.
+//
+// Why a separate op for one step: a cell step is small, and per-op overhead (Python, the
+// dispatcher, one autograd node per op) was most of its time. The generic path (F.linear,
+// a bias add, then the sequence op with T = 1) made 3-4 op calls and autograd nodes per
+// step, and RNNCell ran at 0.55x of torch.nn at H=64. Here a step is one op forward and
+// one op backward. The math is the sequence kernels' with T = 1 (kernels.h: the same cell
+// headers, so no second copy of it); the input projection and weight gradients are BLAS.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/op_utils.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+
+using c10::optional;
+
+Seq one_step(int64_t B) { return Seq{1, B, nullptr, false}; }
+
+template <typename T>
+T* ptr(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr; }
+
+// The arguments every cell op takes, checked and contiguous: x [B, I], h [B, H],
+// w_ih [G, I], w_hh [G, H], b_ih and b_hh [G] or both absent, with G = ng * H.
+struct CellArgs {
+  int64_t B, I, H, G;
+  Tensor x, h, w_ih, w_hh, b_ih, b_hh;
+};
+
+CellArgs check_cell(const char* op, int ng, const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                    const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh) {
+  check_dtype(x, op);
+  check_tensor(x, op, "x", x, 2);
+  check_tensor(w_ih, op, "w_ih", x, 2);
+  const int64_t B = x.size(0), I = x.size(1), G = w_ih.size(0);
+  TORCH_CHECK(G > 0 && G % ng == 0, op, ": w_ih must have ", ng, " * hidden_size rows, got ", G);
+  const int64_t H = G / ng;
+  check_shape(w_ih, op, "w_ih", {G, I});
+  check_tensor(h, op, "h", x, 2);
+  check_shape(h, op, "h", {B, H});
+  check_tensor(w_hh, op, "w_hh", x, 2);
+  check_shape(w_hh, op, "w_hh", {G, H});
+  Tensor bi = opt(b_ih), bh = opt(b_hh);
+  TORCH_CHECK(bi.defined() == bh.defined(), op, ": b_ih and b_hh must both be given or both be None");
+  for (auto [b, name] : {std::make_pair(&bi, "b_ih"), std::make_pair(&bh, "b_hh")}) {
+    if (!b->defined()) continue;
+    check_tensor(*b, op, name, x, 1);
+    check_shape(*b, op, name, {G});
+    *b = b->contiguous();
+  }
+  return {B, I, H, G, x.contiguous(), h.contiguous(), w_ih.contiguous(), w_hh.contiguous(), bi, bh};
+}
+
+// A backward op's incoming gradient or saved tensor: same dtype as grad_h1, shape `want`.
+Tensor checked(const Tensor& t, const char* op, const char* name, const Tensor& ref, at::IntArrayRef want) {
+  check_tensor(t, op, name, ref, (int64_t)want.size());
+  check_shape(t, op, name, want);
+  return t.contiguous();
+}
+
+// The step's input pre-activations [B, G]: x @ w_ih^T + b_ih (+ b_add, the LSTM's and
+// RNN's b_hh; the GRU applies b_hh inside the cell).
+Tensor project(const CellArgs& a, const Tensor& b_add) {
+  Tensor gx = new_output({a.B, a.G}, a.x);
+  if (a.b_ih.defined()) at::addmm_out(gx, a.b_ih, a.x, a.w_ih.t());
+  else at::mm_out(gx, a.x, a.w_ih.t());
+  if (b_add.defined()) gx.add_(b_add);
+  return gx;
+}
+
+Tensor none(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// grad_out [K, N] = d^T @ m: a weight gradient from the pre-activation gradients d [B, K].
+Tensor weight_grad(const Tensor& d, const Tensor& m) {
+  Tensor g = new_output({d.size(1), m.size(1)}, d);
+  at::mm_out(g, d.t(), m);
+  return g;
+}
+
+// The backward ops skip what is not needed: need_h (the state's gradient: its GEMM with
+// w_hh; the LSTM's grad_c is always computed, it costs no GEMM), need_x, need_w.
+// The input side of a step's backward from the gradient of gx (dgx [B, G]): grad_x
+// (need_x), grad_w_ih and grad_b_ih (need_w; the bias only if there is one). Results
+// not needed are empty tensors.
+std::tuple<Tensor, Tensor, Tensor> input_grads(const CellArgs& a, const Tensor& dgx, bool has_bias, bool need_x,
+                                               bool need_w) {
+  Tensor gx = none(dgx);
+  if (need_x) {
+    gx = new_output({a.B, a.I}, dgx);
+    at::mm_out(gx, dgx, a.w_ih);
+  }
+  Tensor gw = need_w ? weight_grad(dgx, a.x) : none(dgx);
+  Tensor gb = need_w && has_bias ? dgx.sum(0) : none(dgx);
+  return {gx, gw, gb};
+}
+
+// ----------------------------------------------------------------------------- LSTM
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_op(const Tensor& x, const Tensor& h, const Tensor& c_,
+                                                const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+                                                const optional<Tensor>& b_hh, bool train) {
+  const char* op = "fusedrnn::lstm_cell (cpu)";
+  const CellArgs a = check_cell(op, 4, x, h, w_ih, w_hh, b_ih, b_hh);
+  const Tensor c = checked(c_, op, "c", a.x, {a.B, a.H});
+  const Tensor gx = project(a, a.b_hh);
+  Tensor h1 = new_output({a.B, a.H}, a.x), c1 = new_output({a.B, a.H}, a.x);
+  Tensor gates = saved_output({a.B, a.G}, a.x, train);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fusedrnn_lstm_cell_cpu", [&] {
+    // One step: y[0] is h1; c_n is c1, which is also the backward's saved cell state
+    // (cells = nullptr: the kernel keeps its per-step copy in a scratch row).
+    std::vector<scalar_t> h_n(a.B * a.H);
+    cpu::lstm_forward<scalar_t>(gx.data_ptr<scalar_t>(), a.h.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+                                a.w_hh.data_ptr<scalar_t>(), nullptr, a.H, a.H, one_step(a.B),
+                                h1.data_ptr<scalar_t>(), h_n.data(), c1.data_ptr<scalar_t>(),
+                                ptr<scalar_t>(gates), nullptr);
+  });
+  return {h1, c1, gates};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_op(
+    const Tensor& grad_h1_, const Tensor& grad_c1_, const Tensor& x, const Tensor& h, const Tensor& c_,
+    const Tensor& w_ih, const Tensor& w_hh, bool has_bias, const Tensor& gates_, const Tensor& c1_, bool need_h,
+    bool need_x, bool need_w) {
+  const char* op = "fusedrnn::lstm_cell_backward (cpu)";
+  const CellArgs a = check_cell(op, 4, x, h, w_ih, w_hh, c10::nullopt, c10::nullopt);
+  const Tensor grad_h1 = checked(grad_h1_, op, "grad_h1", a.x, {a.B, a.H});
+  const Tensor grad_c1 = checked(grad_c1_, op, "grad_c1", a.x, {a.B, a.H});
+  const Tensor c = checked(c_, op, "c", a.x, {a.B, a.H}), c1 = checked(c1_, op, "c1", a.x, {a.B, a.H});
+  const Tensor gates = checked(gates_, op, "gates", a.x, {a.B, a.G});
+  Tensor dgx = new_output({a.B, a.G}, a.x), grad_h = need_h ? new_output({a.B, a.H}, a.x) : none(a.x);
+  Tensor grad_c = new_output({a.B, a.H}, a.x);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fusedrnn_lstm_cell_backward_cpu", [&] {
+    // One step: the output's gradient comes in as grad_y, grad_h_n is zero.
+    std::vector<scalar_t> zero(a.B * a.H, scalar_t(0)), dfirst(a.B * a.G);
+    cpu::lstm_backward<scalar_t>(grad_h1.data_ptr<scalar_t>(), zero.data(), grad_c1.data_ptr<scalar_t>(),
+                                 c.data_ptr<scalar_t>(), a.w_hh.data_ptr<scalar_t>(), nullptr, a.H, a.H,
+                                 one_step(a.B), gates.data_ptr<scalar_t>(), c1.data_ptr<scalar_t>(),
+                                 dgx.data_ptr<scalar_t>(), ptr<scalar_t>(grad_h),
+                                 grad_c.data_ptr<scalar_t>(), dfirst.data(), nullptr, nullptr);
+  });
+  auto [grad_x, grad_w_ih, grad_b] = input_grads(a, dgx, has_bias, need_x, need_w);
+  Tensor grad_w_hh = need_w ? weight_grad(dgx, a.h) : none(dgx);
+  return {grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b};
+}
+
+// ----------------------------------------------------------------------------- GRU
+std::tuple<Tensor, Tensor, Tensor> gru_cell_op(const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                                               const Tensor& w_hh, const optional<Tensor>& b_ih,
+                                               const optional<Tensor>& b_hh, bool train) {
+  const char* op = "fusedrnn::gru_cell (cpu)";
+  const CellArgs a = check_cell(op, 3, x, h, w_ih, w_hh, b_ih, b_hh);
+  const Tensor gx = project(a, Tensor());
+  Tensor h1 = new_output({a.B, a.H}, a.x);
+  Tensor gates = saved_output({a.B, a.G}, a.x, train), hn = saved_output({a.B, a.H}, a.x, train);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fusedrnn_gru_cell_cpu", [&] {
+    std::vector<scalar_t> h_n(a.B * a.H);  // one step: y[0] is h1
+    cpu::gru_forward<scalar_t>(gx.data_ptr<scalar_t>(), a.h.data_ptr<scalar_t>(), a.w_hh.data_ptr<scalar_t>(),
+                               ptr<scalar_t>(a.b_hh), a.H, one_step(a.B), h1.data_ptr<scalar_t>(), h_n.data(),
+                               ptr<scalar_t>(gates), ptr<scalar_t>(hn));
+  });
+  return {h1, gates, hn};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_op(
+    const Tensor& grad_h1_, const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+    bool has_bias, const Tensor& h1_, const Tensor& gates_, const Tensor& hn_, bool need_h, bool need_x, bool need_w) {
+  const char* op = "fusedrnn::gru_cell_backward (cpu)";
+  const CellArgs a = check_cell(op, 3, x, h, w_ih, w_hh, c10::nullopt, c10::nullopt);
+  const Tensor grad_h1 = checked(grad_h1_, op, "grad_h1", a.x, {a.B, a.H});
+  const Tensor h1 = checked(h1_, op, "h1", a.x, {a.B, a.H}), hn = checked(hn_, op, "hn", a.x, {a.B, a.H});
+  const Tensor gates = checked(gates_, op, "gates", a.x, {a.B, a.G});
+  Tensor dgx = new_output({a.B, a.G}, a.x), dgh = new_output({a.B, a.G}, a.x);
+  Tensor grad_h = need_h ? new_output({a.B, a.H}, a.x) : none(a.x);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fusedrnn_gru_cell_backward_cpu", [&] {
+    std::vector<scalar_t> zero(a.B * a.H, scalar_t(0)), dfirst(a.B * a.G);
+    cpu::gru_backward<scalar_t>(grad_h1.data_ptr<scalar_t>(), zero.data(), a.h.data_ptr<scalar_t>(),
+                                a.w_hh.data_ptr<scalar_t>(), a.H, one_step(a.B), h1.data_ptr<scalar_t>(),
+                                gates.data_ptr<scalar_t>(), hn.data_ptr<scalar_t>(), dgx.data_ptr<scalar_t>(),
+                                ptr<scalar_t>(grad_h), dfirst.data(), dgh.data_ptr<scalar_t>());
+  });
+  auto [grad_x, grad_w_ih, grad_b_ih] = input_grads(a, dgx, has_bias, need_x, need_w);
+  Tensor grad_w_hh = need_w ? weight_grad(dgh, a.h) : none(dgx);
+  Tensor grad_b_hh = need_w && has_bias ? dgh.sum(0) : none(dgx);
+  return {grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+// ----------------------------------------------------------------------------- RNN
+Tensor rnn_cell_op(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                   const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, bool relu) {
+  const char* op = "fusedrnn::rnn_cell (cpu)";
+  const CellArgs a = check_cell(op, 1, x, h, w_ih, w_hh, b_ih, b_hh);
+  const Tensor gx = project(a, a.b_hh);
+  Tensor h1 = new_output({a.B, a.H}, a.x);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fusedrnn_rnn_cell_cpu", [&] {
+    std::vector<scalar_t> h_n(a.B * a.H);  // one step: y[0] is h1
+    cpu::rnn_forward<scalar_t>(gx.data_ptr<scalar_t>(), a.h.data_ptr<scalar_t>(), a.w_hh.data_ptr<scalar_t>(), a.H,
+                               relu, one_step(a.B), h1.data_ptr<scalar_t>(), h_n.data());
+  });
+  return h1;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_op(
+    const Tensor& grad_h1_, const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+    bool has_bias, bool relu, const Tensor& h1_, bool need_h, bool need_x, bool need_w) {
+  const char* op = "fusedrnn::rnn_cell_backward (cpu)";
+  const CellArgs a = check_cell(op, 1, x, h, w_ih, w_hh, c10::nullopt, c10::nullopt);
+  const Tensor grad_h1 = checked(grad_h1_, op, "grad_h1", a.x, {a.B, a.H});
+  const Tensor h1 = checked(h1_, op, "h1", a.x, {a.B, a.H});
+  Tensor dgx = new_output({a.B, a.G}, a.x), grad_h = need_h ? new_output({a.B, a.H}, a.x) : none(a.x);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fusedrnn_rnn_cell_backward_cpu", [&] {
+    std::vector<scalar_t> zero(a.B * a.H, scalar_t(0)), dfirst(a.B * a.G);
+    cpu::rnn_backward<scalar_t>(grad_h1.data_ptr<scalar_t>(), zero.data(), a.w_hh.data_ptr<scalar_t>(), a.H, relu,
+                                one_step(a.B), h1.data_ptr<scalar_t>(), dgx.data_ptr<scalar_t>(),
+                                ptr<scalar_t>(grad_h), dfirst.data());
+  });
+  auto [grad_x, grad_w_ih, grad_b] = input_grads(a, dgx, has_bias, need_x, need_w);
+  Tensor grad_w_hh = need_w ? weight_grad(dgx, a.h) : none(dgx);
+  return {grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
+  m.impl("lstm_cell", &lstm_cell_op);
+  m.impl("lstm_cell_backward", &lstm_cell_backward_op);
+  m.impl("gru_cell", &gru_cell_op);
+  m.impl("gru_cell_backward", &gru_cell_backward_op);
+  m.impl("rnn_cell", &rnn_cell_op);
+  m.impl("rnn_cell_backward", &rnn_cell_backward_op);
+}
+
+}  // namespace cpu
+}  // namespace fusedrnn
