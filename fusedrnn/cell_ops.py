@@ -66,7 +66,13 @@ def define() -> None:
 
 def get(cell: str):
     """The forward OpOverload of `cell`'s cell op (define() must have run)."""
-    return getattr(torch.ops.fusedrnn, f"{cell}_cell").default
+    op = _FORWARD.get(cell)
+    if op is None:
+        op = _FORWARD[cell] = getattr(torch.ops.fusedrnn, f"{cell}_cell").default
+    return op
+
+
+_FORWARD: dict = {}  # cell -> OpOverload (looked up once: the cells ask on every step)
 
 
 def _backward_op(cell: str):

@@ -18,7 +18,6 @@ from .modules import BackendChoice, below_autograd_if_no_grad, records_grad
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable
-_WEIGHT_NAMES = {True: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), False: ("weight_ih", "weight_hh")}
 
 
 class _FusedCellBase(BackendChoice):
@@ -37,14 +36,16 @@ class _FusedCellBase(BackendChoice):
             hs = [x.new_zeros(x.shape[0], self.hidden_size) for _ in range(2 if lstm else 1)]
         elif not batched:
             hs = [h.unsqueeze(0) for h in hs]
-        V.check_device(w_ih, x)
+        device = x.device
+        if w_ih.device != device:
+            V.check_device(w_ih, x)
         cast = AC.run_dtype(self._torch_name, x)
         if cast is not None:  # autocast: everything in the dtype torch.nn's cell computes in
             x, hs = x.to(cast), [h.to(cast) for h in hs]
             w_ih, w_hh, b_ih, b_hh = (w if w is None else w.to(cast) for w in (w_ih, w_hh, b_ih, b_hh))
-        backend, why = select(self.backend, Call(self._cell, x.device, x.dtype, self.hidden_size, 0, x.shape[0]))
+        backend, why = select(self.backend, Call(self._cell, device, x.dtype, self.hidden_size, 0, x.shape[0]))
         self._record_choice(backend.name, why)
-        with below_autograd_if_no_grad(), (_NO_CONTEXT if cast is None else AC.autocast_off(x.device.type)):
+        with below_autograd_if_no_grad(), (_NO_CONTEXT if cast is None else AC.autocast_off(device.type)):
             if backend.cell_op is not None:
                 out = self._cell_op_step(backend.cell_op(self._cell), x, hs, w_ih, w_hh, b_ih, b_hh)
             else:
@@ -56,9 +57,13 @@ class _FusedCellBase(BackendChoice):
     def _weights(self):
         """(w_ih, w_hh, b_ih, b_hh), the biases None without bias."""
         p = self._parameters
-        # Not a plain parameter (e.g. torch.nn.utils.parametrize): the module attribute.
-        w = [p[n] if p.get(n) is not None else getattr(self, n) for n in _WEIGHT_NAMES[self.bias]]
-        return w[0], w[1], (w[2] if self.bias else None), (w[3] if self.bias else None)
+        try:
+            if self.bias:
+                return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
+            return p["weight_ih"], p["weight_hh"], None, None
+        except KeyError:  # not plain parameters (e.g. torch.nn.utils.parametrize): the module attributes
+            names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
+            return (*(getattr(self, n) for n in names), None, None)[:4]
 
     def _cell_op_step(self, op, x, hs, w_ih, w_hh, b_ih, b_hh):
         """One call of the backend's cell op (fusedrnn/cell_ops.py)."""

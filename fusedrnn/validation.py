@@ -109,10 +109,9 @@ def check_cell_input(name: str, input: Tensor, hs: list[Tensor | None], input_si
             raise ValueError(f"{name}: Expected {which} to be 1D or 2D, got {h.dim()}D instead")
     if input.size(-1) != input_size:
         raise RuntimeError(f"input has inconsistent input_size: got {input.size(-1)} expected {input_size}")
-    def autocast():  # casts input, hx and weights alike; asked only on a mismatch (it costs a call)
-        return torch.is_autocast_enabled(input.device.type)
+    # Autocast casts input, hx and weights alike: asked only on a dtype mismatch (it costs a call).
     dtype = input.dtype
-    if dtype != weight.dtype and not autocast():
+    if dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
         raise RuntimeError(f"{name}: input dtype ({dtype}) does not match weight dtype ({weight.dtype})")
     batched = input.dim() == 2
     for i, h in enumerate(hs):
@@ -125,7 +124,7 @@ def check_cell_input(name: str, input: Tensor, hs: list[Tensor | None], input_si
                                f"{'batched 2-D' if batched else 'unbatched 1-D'} input, got {h.dim()}-D")
         if batched and h.size(0) != input.size(0):
             raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {h.size(0)}")
-        if h.dtype != dtype and not autocast():
+        if h.dtype != dtype and not torch.is_autocast_enabled(input.device.type):
             raise RuntimeError(f"{name}: hx dtype ({h.dtype}) does not match input dtype ({dtype})")
         if h.device != input.device:
             raise RuntimeError(f"{name}: hx is on {h.device} but the input is on {input.device}")

@@ -40,3 +40,28 @@ def test_cell_matches_torch_nn(torch_cls, fused_cls, kw, bias, batched, hx_given
     g_ours = torch.autograd.grad(outs_ours, leaves + list(ours.parameters()), seeds)
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("torch_cls,fused_cls", [(nn.LSTMCell, fusedrnn.LSTMCell), (nn.GRUCell, fusedrnn.GRUCell),
+                                                 (nn.RNNCell, fusedrnn.RNNCell)], ids=["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_parametrized_and_functional_weights_are_used(torch_cls, fused_cls, bias):
+    """Weights that are not plain parameters reach the kernels: torch.func.functional_call with
+    replacement tensors, and weight_norm (a parametrization) on weight_hh."""
+    ref = torch_cls(3, 4, bias=bias).double()
+    ours = fused_cls(3, 4, bias=bias).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    replaced = {n: torch.randn_like(p) for n, p in ref.named_parameters()}
+    want = first(torch.func.functional_call(ref, replaced, (x,)))
+    got = first(torch.func.functional_call(ours, replaced, (x,)))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got, first(ours(x))), "functional_call's tensors were ignored"
+    for m in (ref, ours):
+        nn.utils.parametrizations.weight_norm(m, "weight_hh")
+        with torch.no_grad():
+            m.parametrizations.weight_hh.original0.mul_(2.0)  # the norm: the weight doubles
+    h = torch.randn(5, 4, dtype=torch.float64)
+    hx = (h, h) if torch_cls is nn.LSTMCell else h
+    torch.testing.assert_close(first(ours(x, hx)), first(ref(x, hx)), rtol=1e-10, atol=1e-10)
