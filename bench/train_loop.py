@@ -1,12 +1,13 @@
-"""CPU training loop of ONE model per process: fusedrnn (backend="cpu") or torch.nn.
+"""CPU training (or inference) loop of ONE model per process: fusedrnn (backend="cpu") or torch.nn.
 
     python bench/train_loop.py [--cell lstm] [--batch 64] [--hidden 256] [--seq 32] [--iters 20] [--rounds 3]
+                               [--mode training|inference]
 
 bench/cpu_ops.py interleaves torch.nn and fusedrnn calls in one process, which is fair for
 the kernels but hides what a real training loop of one model pays to the memory allocator:
 there the other model's allocations keep glibc from returning freed memory to the kernel.
 Here each implementation runs alone in its own process (alternating, `--rounds` times), and
-the report gives wall time, kernel (sys) time and minor page faults per forward+backward.
+the report gives wall time, kernel (sys) time and minor page faults per iteration.
 """
 from __future__ import annotations
 
@@ -19,16 +20,21 @@ import sys
 import time
 
 
-def run_one(impl, cell, B, H, T, iters):
+def run_one(impl, cell, B, H, T, iters, mode):
     import torch
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import fusedrnn
     cls = {"lstm": (torch.nn.LSTM, fusedrnn.LSTM), "gru": (torch.nn.GRU, fusedrnn.GRU),
            "rnn": (torch.nn.RNN, fusedrnn.RNN)}[cell]
     m = cls[0](H, H) if impl == "torch.nn" else cls[1](H, H, backend="cpu")
-    x = torch.randn(T, B, H, requires_grad=True)
+    train = mode == "training"
+    x = torch.randn(T, B, H, requires_grad=train)
 
     def step():
+        if not train:
+            with torch.no_grad():
+                m(x)
+            return
         x.grad = None
         m.zero_grad(set_to_none=True)
         m(x)[0].sum().backward()
@@ -51,12 +57,14 @@ def main():
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--mode", default="training", choices=["training", "inference"])
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        return run_one(a.child, a.cell, a.batch, a.hidden, a.seq, a.iters)
+        return run_one(a.child, a.cell, a.batch, a.hidden, a.seq, a.iters, a.mode)
     from bench.env import cpu_name
-    print(f"device: {cpu_name()}; {a.cell} B={a.batch} H={a.hidden} T={a.seq}, forward+backward, "
+    what = "forward+backward" if a.mode == "training" else "forward under no_grad"
+    print(f"device: {cpu_name()}; {a.cell} B={a.batch} H={a.hidden} T={a.seq}, {what}, "
           f"one model per process, {a.rounds} alternating rounds of {a.iters} iterations")
     res = {"torch.nn": [], "fusedrnn:cpu": []}
     for _ in range(a.rounds):

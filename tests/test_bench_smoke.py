@@ -80,11 +80,13 @@ def test_cpu_ops_script_runs(tmp_path):
     assert "cases slower than torch.nn (median): " in proc.stdout and "geomean speedup all" in proc.stdout
 
 
-def test_train_loop_script_reports_both_implementations():
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_train_loop_script_reports_both_implementations(mode):
     """bench/train_loop.py (one model per process, allocator costs included) end to end at a
     tiny size: both implementations ran and reported positive, finite numbers."""
     proc = subprocess.run([sys.executable, "bench/train_loop.py", "--batch", "2", "--hidden", "16", "--seq", "3",
-                           "--iters", "2", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--iters", "2", "--rounds", "1", "--mode", mode],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for impl in ("torch.nn", "fusedrnn:cpu"):
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(impl))
