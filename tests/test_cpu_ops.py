@@ -1,6 +1,10 @@
 """The `cpu` backend (csrc/cpu, fusedrnn._C) at op level: every cell against the
 reference backend (forward and all gradients, float64 tight and float32 ~1e-5),
 gradcheck in float64 and torch.library.opcheck."""
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -237,3 +241,35 @@ def test_output_pool_under_concurrent_calls():
     for t in threads:
         t.join()
     assert not errors, f"threads {sorted(set(errors))} got results that differ from the serial ones"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_output_pool_survives_fork_while_another_thread_holds_it():
+    """A process forked while another thread is inside the pool (here: a thread holding its
+    lock for 0.3 s) must get a usable pool: the child's pooled allocations would otherwise wait
+    forever on a lock whose owner does not exist in the child. The child runs an op with a
+    pooled (>= 1 MB) output and checks it against the parent's; it must exit within 60 s."""
+    from fusedrnn import _C
+    op = registry()["cpu"].op("rnn", "forward")
+    args = make_inputs("rnn", 9, 120, 256, dtype=torch.float32)  # y: 1.1 MB, pooled
+    want = op(*args)[0]
+    _C._pool_hold_lock_for_test(300)
+    pid = os.fork()
+    if pid == 0:  # child: no test framework calls, just the result as the exit status
+        ok = False
+        try:
+            torch.set_num_threads(1)  # (OpenMP's worker threads do not exist in a forked child)
+            ok = torch.equal(op(*args)[0], want)
+        finally:
+            os._exit(0 if ok else 3)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in its first pooled allocation")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"

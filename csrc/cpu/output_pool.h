@@ -23,11 +23,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <list>
+#include <chrono>
 #include <mutex>
+#include <thread>
 #include <utility>
 
 namespace fusedrnn {
@@ -83,7 +86,23 @@ class OutputPool final : public c10::Allocator {
     const char* e = std::getenv("FUSEDRNN_CPU_POOL_MB");
     const long long mb = e ? std::atoll(e) : 256;
     cap_ = mb > 0 ? (size_t)mb << 20 : 0;
+    // A fork() while another thread holds mu_ would leave the child's copy of it locked for
+    // good (its first pooled allocation would hang): hold mu_ across fork(), as glibc does
+    // for malloc's locks. The critical sections are short and never wait for the GIL.
+    pthread_atfork([] { get().mu_.lock(); }, [] { get().mu_.unlock(); }, [] { get().mu_.unlock(); });
   }
+
+ public:
+  // Test hook: a background thread holds the pool's lock for `ms` milliseconds.
+  void hold_lock_for_test(int ms) {
+    std::thread([this, ms] {
+      std::lock_guard<std::mutex> lock(mu_);
+      std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    }).detach();
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // (so that it holds it on return)
+  }
+
+ private:
 
   static void release(void* ctx) { get().give(static_cast<Block*>(ctx)); }
 

@@ -320,6 +320,12 @@ PyObject* simd_path(PyObject*, PyObject*) { return PyUnicode_FromString(fusedrnn
 PyObject* pool_bytes(PyObject*, PyObject*) {
   return PyLong_FromSize_t(fusedrnn::cpu::OutputPool::get().pooled_bytes());
 }
+PyObject* pool_hold_lock(PyObject*, PyObject* args) {
+  int ms = 0;
+  if (!PyArg_ParseTuple(args, "i", &ms)) return nullptr;
+  fusedrnn::cpu::OutputPool::get().hold_lock_for_test(ms);
+  Py_RETURN_NONE;
+}
 // _set_options(tiled: int, min_work: int) -> (old_tiled, old_min_work); -1 / 0 keep a value.
 PyObject* set_options(PyObject*, PyObject* args) {
   int tiled = -1;
@@ -334,6 +340,8 @@ PyMethodDef methods[] = {
     {"simd_path", simd_path, METH_NOARGS, "elementwise code path in use: avx2 or baseline"},
     {"_pool_bytes", pool_bytes, METH_NOARGS,
      "bytes of freed op outputs the cpu output pool holds for reuse (FUSEDRNN_CPU_POOL_MB caps it)"},
+    {"_pool_hold_lock_for_test", pool_hold_lock, METH_VARARGS,
+     "_pool_hold_lock_for_test(ms): a background thread holds the output pool's lock for ms milliseconds"},
     {"_set_options", set_options, METH_VARARGS,
      "_set_options(tiled, min_work) -> previous (tiled, min_work): float32 packed-panel micro-kernel "
      "on (1) / off (0) / unchanged (-1); multiply-adds per thread per step before a step is split "
