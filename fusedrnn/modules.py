@@ -73,7 +73,7 @@ class _FusedRNNBase(BackendChoice):
         P = self.proj_size if lstm and self.proj_size > 0 else self.hidden_size
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_idx, unsorted_idx = input
-            V.require_tensor(data, f"{self._torch_name}: input")
+            V.require_tensor(data, self._torch_name, "input")
             V.check_input_dtype(self, data)
             self.check_input(data, batch_sizes)
             # Padded in the caller's batch order (pad_packed_sequence undoes the sort),
@@ -94,7 +94,7 @@ class _FusedRNNBase(BackendChoice):
             op_lengths = None if bool((lengths == x.shape[0]).all()) else lengths.to(x.device)
             return x, op_lengths, hs, finish
 
-        V.require_tensor(input, f"{self._torch_name}: input")
+        V.require_tensor(input, self._torch_name, "input")
         V.check_input_dim(self._torch_name, input)
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
@@ -104,7 +104,7 @@ class _FusedRNNBase(BackendChoice):
         if hx is not None:
             given = list(V.lstm_hidden_pair(hx)) if lstm else [hx]
             if not lstm:
-                V.require_tensor(hx, f"{self._torch_name}: hx")
+                V.require_tensor(hx, self._torch_name, "hx")
             V.check_hidden_dims(batched, given, lstm)
             if not batched:
                 given = [h.unsqueeze(1) for h in given]
@@ -135,7 +135,7 @@ class _FusedRNNBase(BackendChoice):
                 zeros.append(x.new_zeros(*shape, self.hidden_size))
             return zeros
         if not lstm:
-            V.require_tensor(hx, f"{self._torch_name}: hx")
+            V.require_tensor(hx, self._torch_name, "hx")
         return list(V.lstm_hidden_pair(hx)) if lstm else [hx]
 
     def _hidden_names(self):

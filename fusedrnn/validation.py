@@ -34,9 +34,10 @@ def check_input_dtype(module: torch.nn.Module, input: Tensor) -> None:
             f"Convert input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
 
 
-def require_tensor(x, what: str) -> None:
+def require_tensor(x, name: str, arg: str) -> None:
+    """x must be a tensor: `{name}: {arg} must be a torch.Tensor` (the message is built only on failure)."""
     if not isinstance(x, Tensor):
-        raise NotATensorError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        raise NotATensorError(f"{name}: {arg} must be a torch.Tensor, got {type(x).__name__}")
 
 
 def lstm_hidden_pair(hx, name: str = "LSTM"):
@@ -47,7 +48,7 @@ def lstm_hidden_pair(hx, name: str = "LSTM"):
     if len(hx) != 2:
         raise RuntimeError(f"lstm expects two hidden states, got {len(hx)}")
     for i, t in enumerate(hx):
-        require_tensor(t, f"{name}: hx[{i}]")
+        require_tensor(t, name, f"hx[{i}]")
     return hx[0], hx[1]
 
 
@@ -95,15 +96,14 @@ def check_device(w: Tensor, input: Tensor) -> None:
 def check_cell_input(name: str, input: Tensor, hs: list[Tensor | None], input_size: int,
                      hidden_size: int, weight: Tensor) -> None:
     """torch.nn.XCell's checks (its forward's and _VF.x_cell's), same order and words."""
-    if not isinstance(input, Tensor):
-        require_tensor(input, f"{name}: input")
+    require_tensor(input, name, "input")
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     for i, h in enumerate(hs):
         if h is None:
             continue
         if not isinstance(h, Tensor):
-            require_tensor(h, f"{name}: hx" + (f"[{i}]" if len(hs) > 1 else ""))
+            require_tensor(h, name, "hx" + (f"[{i}]" if len(hs) > 1 else ""))
         if h.dim() not in (1, 2):
             which = f"hx[{i}]" if len(hs) > 1 else "hidden"
             raise ValueError(f"{name}: Expected {which} to be 1D or 2D, got {h.dim()}D instead")

@@ -42,6 +42,7 @@ class Backend:
     # None: fusedrnn's cells run a step as the input projection plus the sequence op with T = 1.
     cell_op: Optional[Callable[[str], object]] = None
     _state: Optional[str] = field(default="unloaded", repr=False)
+    _ops: dict = field(default_factory=dict, repr=False)
 
     def unavailable(self) -> Optional[str]:
         """None if the backend can be used in this process, else the reason."""
@@ -65,10 +66,14 @@ class Backend:
         return self.limits(call)
 
     def op(self, cell: str, direction: str):
+        hit = self._ops.get((cell, direction))  # (looked up once: modules ask on every forward)
+        if hit is not None:
+            return hit
         why = self.unavailable()  # loading registers the kernels
         if why:
             raise RuntimeError(f"fusedrnn: backend {self.name!r} is unavailable: {why}")
-        return ops.get_op(cell, direction, self.ops_backend)
+        hit = self._ops[(cell, direction)] = ops.get_op(cell, direction, self.ops_backend)
+        return hit
 
 
 _REGISTRY: dict[str, Backend] = {}
