@@ -213,3 +213,23 @@ def test_cells_use_the_cell_op(cls):
     names = {e.name for e in p.events()}
     cell = {"LSTMCell": "lstm", "GRUCell": "gru", "RNNCell": "rnn"}[cls.__name__]
     assert f"fusedrnn::{cell}_cell" in names and f"fusedrnn::{cell}_forward" not in names
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", ["empty batch", "non-contiguous", "hidden 1"])
+def test_edge_cases_match_torch(variant, case):
+    B, I, H = {"empty batch": (0, 3, 4), "non-contiguous": (4, 6, 5), "hidden 1": (2, 3, 1)}[case]
+    x, state, w_ih, w_hh, b_ih, b_hh = make(variant, B, I, H)
+    if case == "non-contiguous":  # transposed views of the same values
+        x = x.t().contiguous().t()
+        state = [s.t().contiguous().t() for s in state]
+        w_hh = w_hh.t().contiguous().t()
+        assert not x.is_contiguous() and not w_hh.is_contiguous()
+    args = (x, state, w_ih, w_hh, b_ih, b_hh)
+    for t in leaves(*args):
+        t.requires_grad_(True)
+    ours, theirs = op_call(variant, *args), torch_call(variant, *args)
+    seeds = [torch.randn_like(o) for o in ours]
+    for a, b in zip(ours + list(torch.autograd.grad(ours, leaves(*args), seeds)),
+                    theirs + list(torch.autograd.grad(theirs, leaves(*args), seeds))):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
