@@ -48,7 +48,8 @@ _DEFINED = False
 
 
 def define() -> None:
-    """Declare the cell ops with their fake and autograd registrations (idempotent)."""
+    """Declare the cell ops and their fake kernels; the backward ops refuse double backward
+    (idempotent). The forward ops' autograd is registered by csrc/cpu/cell_autograd.cpp."""
     global _DEFINED
     if _DEFINED:
         return
