@@ -90,10 +90,11 @@ Tensor weight_grad(const Tensor& d, const Tensor& m) {
 }
 
 // The backward ops skip what is not needed: need_h (the state's gradient: its GEMM with
-// w_hh; the LSTM's grad_c is always computed, it costs no GEMM), need_x, need_w.
-// The input side of a step's backward from the gradient of gx (dgx [B, G]): grad_x
-// (need_x), grad_w_ih and grad_b_ih (need_w; the bias only if there is one). Results
+// w_hh; the LSTM's grad_c is always computed, it costs no GEMM), need_x, need_w. Results
 // not needed are empty tensors.
+//
+// The input side of a step's backward from the gradient of gx (dgx [B, G]): grad_x
+// (need_x), grad_w_ih and grad_b_ih (need_w; the bias only if there is one).
 std::tuple<Tensor, Tensor, Tensor> input_grads(const CellArgs& a, const Tensor& dgx, bool has_bias, bool need_x,
                                                bool need_w) {
   Tensor gx = none(dgx);
