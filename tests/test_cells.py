@@ -4,26 +4,43 @@ import torch
 from torch import nn
 
 import fusedrnn
+from fusedrnn.backends import Call, registry
 
 PAIRS = [(nn.LSTMCell, fusedrnn.LSTMCell, {}), (nn.GRUCell, fusedrnn.GRUCell, {}),
          (nn.RNNCell, fusedrnn.RNNCell, {"nonlinearity": "tanh"}), (nn.RNNCell, fusedrnn.RNNCell, {"nonlinearity": "relu"})]
 
 
+def cell_dtype(name: str, cell: str) -> torch.dtype:
+    """float64 if backend `name` runs it for a CPU step of `cell`, else float32 (the emulated
+    CUDA kernels); a pytest skip if it runs neither."""
+    be = registry().get(name)
+    for dtype in (torch.float64, torch.float32):
+        why = be.refuses(Call(cell, torch.device("cpu"), dtype, 6)) if be else "not built"
+        if not why:
+            return dtype
+    pytest.skip(f"{name}: {why}")
+
+
+# cpu: the cell ops (fusedrnn/cell_ops.py); the others: input projection + the sequence op, T = 1.
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("emulated", marks=pytest.mark.emulated)])
 @pytest.mark.parametrize("torch_cls,fused_cls,kw", PAIRS, ids=["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("hx_given", [True, False])
-def test_cell_matches_torch_nn(torch_cls, fused_cls, kw, bias, batched, hx_given):
-    ref = torch_cls(5, 6, bias=bias, **kw).double()
-    ours = fused_cls(5, 6, bias=bias, **kw).double()
+def test_cell_matches_torch_nn(backend, torch_cls, fused_cls, kw, bias, batched, hx_given):
+    cell = {nn.LSTMCell: "lstm", nn.GRUCell: "gru", nn.RNNCell: "rnn"}[torch_cls]
+    dtype = cell_dtype(backend, cell)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6  # (one step, small sizes: float32 rounding)
+    ref = torch_cls(5, 6, bias=bias, **kw).to(dtype)
+    ours = fused_cls(5, 6, bias=bias, backend=backend, **kw).to(dtype)
     ours.load_state_dict(ref.state_dict())
     lead = (3,) if batched else ()
-    x = torch.randn(*lead, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*lead, 5, dtype=dtype, requires_grad=True)
     hx = None
     if hx_given:
-        hx = torch.randn(*lead, 6, dtype=torch.float64, requires_grad=True)
+        hx = torch.randn(*lead, 6, dtype=dtype, requires_grad=True)
         if torch_cls is nn.LSTMCell:
-            hx = (hx, torch.randn(*lead, 6, dtype=torch.float64, requires_grad=True))
+            hx = (hx, torch.randn(*lead, 6, dtype=dtype, requires_grad=True))
     # several steps, feeding the state back, as in decoding
     outs_ref, outs_ours = [], []
     h_ref, h_ours = hx, hx
@@ -33,13 +50,14 @@ def test_cell_matches_torch_nn(torch_cls, fused_cls, kw, bias, batched, hx_given
         outs_ours += list(h_ours) if isinstance(h_ours, tuple) else [h_ours]
     for a, b in zip(outs_ours, outs_ref):
         assert a.shape == b.shape
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert ours.last_backend == backend
     leaves = [x] + ([] if hx is None else list(hx) if isinstance(hx, tuple) else [hx])
     seeds = [torch.randn_like(o) for o in outs_ref]
     g_ref = torch.autograd.grad(outs_ref, leaves + list(ref.parameters()), seeds)
     g_ours = torch.autograd.grad(outs_ours, leaves + list(ours.parameters()), seeds)
     for a, b in zip(g_ours, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+        torch.testing.assert_close(a, b, atol=10 * tol, rtol=10 * tol)
 
 
 @pytest.mark.parametrize("torch_cls,fused_cls", [(nn.LSTMCell, fusedrnn.LSTMCell), (nn.GRUCell, fusedrnn.GRUCell),
