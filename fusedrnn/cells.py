@@ -24,7 +24,7 @@ class _FusedCellBase(BackendChoice):
     _cell: str
     _torch_name: str
 
-    def _step(self, input, hx):
+    def forward(self, input, hx=None):
         # Written for a small per-step cost: at small sizes this glue is a good part of a step.
         lstm = self._cell == "lstm"
         hs = list(V.lstm_hidden_pair(hx, self._torch_name)) if (lstm and hx is not None) else [hx]
@@ -84,9 +84,6 @@ class _FusedCellBase(BackendChoice):
             train = records_grad(gx, hs[0], hs[1], w_hh)
             return list(fwd(gx, hs[0], hs[1], w_hh, None, None, False, train)[1:3])
         return [fwd(gx, hs[0], w_hh, None, False, self.nonlinearity == "relu")[1]]
-
-    def forward(self, input, hx=None):
-        return self._step(input, hx)
 
 
 class LSTMCell(_FusedCellBase, nn.LSTMCell):
