@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .ops import _no_double_backward, _no_setup
 
 SCHEMAS = {
@@ -57,7 +58,8 @@ def define() -> None:
     for name, schema in SCHEMAS.items():
         _LIB.define(name + schema)
     for cell, (fake, fake_bwd) in _FAKES.items():
-        fwd, bwd = f"fusedrnn::{cell}_cell", f"fusedrnn::{cell}_cell_backward"
+        fwd = ops.qualname(cell, "cell", "cpu")
+        bwd = fwd + "_backward"
         torch.library.register_fake(fwd, fake, lib=_LIB)
         torch.library.register_fake(bwd, fake_bwd, lib=_LIB)
         # The forward ops' autograd is C++ (csrc/cpu/cell_autograd.cpp: the Python wrapper
@@ -66,18 +68,9 @@ def define() -> None:
 
 
 def get(cell: str):
-    """The forward OpOverload of `cell`'s cell op (define() must have run)."""
-    op = _FORWARD.get(cell)
-    if op is None:
-        op = _FORWARD[cell] = getattr(torch.ops.fusedrnn, f"{cell}_cell").default
-    return op
-
-
-_FORWARD: dict = {}  # cell -> OpOverload (looked up once: the cells ask on every step)
-
-
-def _backward_op(cell: str):
-    return getattr(torch.ops.fusedrnn, f"{cell}_cell_backward").default
+    """The forward OpOverload of `cell`'s cell op (define() must have run). The cells get it
+    through Backend.cell_op, which caches it."""
+    return ops.get_op(cell, "cell", "cpu")
 
 
 # ----------------------------------------------------------------------------- fake kernels

@@ -46,8 +46,9 @@ class _FusedCellBase(BackendChoice):
         backend, why = select(self.backend, Call(self._cell, device, x.dtype, self.hidden_size, 0, x.shape[0]))
         self._record_choice(backend.name, why)
         with below_autograd_if_no_grad(), (_NO_CONTEXT if cast is None else AC.autocast_off(device.type)):
-            if backend.cell_op is not None:
-                out = self._cell_op_step(backend.cell_op(self._cell), x, hs, w_ih, w_hh, b_ih, b_hh)
+            op = backend.cell_op(self._cell)
+            if op is not None:
+                out = self._cell_op_step(op, x, hs, w_ih, w_hh, b_ih, b_hh)
             else:
                 out = self._sequence_op_step(backend.op(self._cell, "forward"), x, hs, w_ih, w_hh, b_ih, b_hh)
         if not batched:
@@ -56,14 +57,8 @@ class _FusedCellBase(BackendChoice):
 
     def _weights(self):
         """(w_ih, w_hh, b_ih, b_hh), the biases None without bias."""
-        p = self._parameters
-        try:
-            if self.bias:
-                return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
-            return p["weight_ih"], p["weight_hh"], None, None
-        except KeyError:  # not plain parameters (e.g. torch.nn.utils.parametrize): the module attributes
-            names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
-            return (*(getattr(self, n) for n in names), None, None)[:4]
+        p, bias = self._param, self.bias
+        return p("weight_ih"), p("weight_hh"), p("bias_ih") if bias else None, p("bias_hh") if bias else None
 
     def _cell_op_step(self, op, x, hs, w_ih, w_hh, b_ih, b_hh):
         """One call of the backend's cell op (fusedrnn/cell_ops.py)."""

@@ -34,6 +34,14 @@ class BackendChoice:
         # Plain attributes, set on every forward: skip nn.Module.__setattr__'s parameter checks.
         self.__dict__["last_backend"], self.__dict__["last_backend_reason"] = name, why
 
+    def _param(self, name):
+        """The weight `name` (None for None): the parameter, or, when it is not a plain
+        parameter (e.g. torch.nn.utils.parametrize), the module attribute."""
+        if name is None:
+            return None
+        p = self._parameters.get(name)
+        return p if p is not None else getattr(self, name)
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
@@ -160,13 +168,6 @@ class _FusedRNNBase(BackendChoice):
                                   "weight_hr" + sfx if proj else None))
             self.__dict__["_fused_weight_names"] = names
         return names
-
-    def _param(self, name):
-        if name is None:
-            return None
-        p = self._parameters.get(name)
-        # Not a plain parameter (e.g. torch.nn.utils.parametrize): the module attribute.
-        return p if p is not None else getattr(self, name)
 
     def forward(self, input, hx=None):
         # torch.nn's forward first re-syncs _flat_weights (its cuDNN buffer); this forward

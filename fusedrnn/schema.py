@@ -37,5 +37,6 @@ SUFFIX = {"cpu": "", "cuda": "", "reference": "_reference", "triton": "_triton",
 
 
 def op_name(cell: str, direction: str, backend: str) -> str:
-    """Unqualified op name, e.g. op_name('lstm', 'forward', 'triton') == 'lstm_forward_triton'."""
+    """Unqualified op name, e.g. op_name('lstm', 'forward', 'triton') == 'lstm_forward_triton'.
+    direction "cell": the one-step cell op of fusedrnn/cell_ops.py (cpu only: 'lstm_cell')."""
     return f"{cell}_{direction}{SUFFIX[backend]}"

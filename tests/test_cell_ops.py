@@ -9,9 +9,8 @@ import torch
 import fusedrnn  # noqa: F401  (loads the backends)
 from fusedrnn import cell_ops
 from fusedrnn.backends import registry
-from op_harness import TOL, backend_or_skip
+from op_harness import GATES, TOL, backend_or_skip
 
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 TORCH_CELL = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell, "rnn_relu": torch.rnn_relu_cell}
 VARIANTS = ["lstm", "gru", "rnn", "rnn_relu"]
 

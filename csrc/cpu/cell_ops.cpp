@@ -82,8 +82,9 @@ Tensor project(const CellArgs& a, const Tensor& b_add) {
 
 Tensor none(const Tensor& like) { return at::empty({0}, like.options()); }
 
-// grad_out [K, N] = d^T @ m: a weight gradient from the pre-activation gradients d [B, K].
-Tensor weight_grad(const Tensor& d, const Tensor& m) {
+// [K, N] = d^T @ m: one step's weight gradient from its pre-activation gradients d [B, K]
+// (register.cpp's weight_grad is the sequence version, over all steps with the h0 term).
+Tensor step_weight_grad(const Tensor& d, const Tensor& m) {
   Tensor g = new_output({d.size(1), m.size(1)}, d);
   at::mm_out(g, d.t(), m);
   return g;
@@ -102,7 +103,7 @@ std::tuple<Tensor, Tensor, Tensor> input_grads(const CellArgs& a, const Tensor& 
     gx = new_output({a.B, a.I}, dgx);
     at::mm_out(gx, dgx, a.w_ih);
   }
-  Tensor gw = need_w ? weight_grad(dgx, a.x) : none(dgx);
+  Tensor gw = need_w ? step_weight_grad(dgx, a.x) : none(dgx);
   Tensor gb = need_w && has_bias ? dgx.sum(0) : none(dgx);
   return {gx, gw, gb};
 }
@@ -151,7 +152,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_op
                                  grad_c.data_ptr<scalar_t>(), dfirst.data(), nullptr, nullptr);
   });
   auto [grad_x, grad_w_ih, grad_b] = input_grads(a, dgx, has_bias, need_x, need_w);
-  Tensor grad_w_hh = need_w ? weight_grad(dgx, a.h) : none(dgx);
+  Tensor grad_w_hh = need_w ? step_weight_grad(dgx, a.h) : none(dgx);
   return {grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b};
 }
 
@@ -191,7 +192,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_op(
                                 ptr<scalar_t>(grad_h), dfirst.data(), dgh.data_ptr<scalar_t>());
   });
   auto [grad_x, grad_w_ih, grad_b_ih] = input_grads(a, dgx, has_bias, need_x, need_w);
-  Tensor grad_w_hh = need_w ? weight_grad(dgh, a.h) : none(dgx);
+  Tensor grad_w_hh = need_w ? step_weight_grad(dgh, a.h) : none(dgx);
   Tensor grad_b_hh = need_w && has_bias ? dgh.sum(0) : none(dgx);
   return {grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
@@ -226,7 +227,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_op(
                                 ptr<scalar_t>(grad_h), dfirst.data());
   });
   auto [grad_x, grad_w_ih, grad_b] = input_grads(a, dgx, has_bias, need_x, need_w);
-  Tensor grad_w_hh = need_w ? weight_grad(dgx, a.h) : none(dgx);
+  Tensor grad_w_hh = need_w ? step_weight_grad(dgx, a.h) : none(dgx);
   return {grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b};
 }
 

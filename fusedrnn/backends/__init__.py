@@ -38,9 +38,9 @@ class Backend:
     # What the backend's kernels chose in its latest call, and why (e.g. the CUDA
     # backend's persistent vs per-step kernels); None if it has no such choice.
     kernel_choice: Optional[Callable[[], str]] = None
-    # The backend's one-step op for a cell (fusedrnn/cell_ops.py), given "lstm"/"gru"/"rnn";
-    # None: fusedrnn's cells run a step as the input projection plus the sequence op with T = 1.
-    cell_op: Optional[Callable[[str], object]] = None
+    # Whether the backend implements the one-step cell ops (fusedrnn/cell_ops.py); if not,
+    # fusedrnn's cells run a step as the input projection plus the sequence op with T = 1.
+    cell_ops: bool = False
     _state: Optional[str] = field(default="unloaded", repr=False)
     _ops: dict = field(default_factory=dict, repr=False)
 
@@ -74,6 +74,10 @@ class Backend:
             raise RuntimeError(f"fusedrnn: backend {self.name!r} is unavailable: {why}")
         hit = self._ops[(cell, direction)] = ops.get_op(cell, direction, self.ops_backend)
         return hit
+
+    def cell_op(self, cell: str):
+        """The backend's one-step op for `cell` (fusedrnn/cell_ops.py), or None if it has none."""
+        return self.op(cell, "cell") if self.cell_ops else None
 
 
 _REGISTRY: dict[str, Backend] = {}
