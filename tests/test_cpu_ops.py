@@ -162,7 +162,7 @@ def cpu_options():
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 @pytest.mark.parametrize("tiled", [1, 0], ids=["tiled", "blas"])
-@pytest.mark.parametrize("H", [40, 64])  # 40: partial last 8- and 32-unit panels
+@pytest.mark.parametrize("H", [44, 64])  # 44: partial last 8- and 32-unit panels
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True)], ids=["full", "lengths-rev"])
 def test_forced_paths(variant, tiled, H, lengths, reverse, cpu_options):
     """float32 with the packed-panel micro-kernel (AVX2) on and off, every step split over

@@ -563,6 +563,44 @@ inline int64_t lstm_cells8(const T* x, int64_t H, const T* a, T* cb, T* gt, T* c
   return p;
 }
 
+// The LSTM backward pointwise (no projection) of one batch row, units [0, n) 8 at a time
+// (cells/lstm.h's lstm_backward_unit with tanh8 inline instead of a libmvec call); the
+// arguments as in the kernel's loop (dcr may be null). Returns how many units it did:
+// a multiple of 8 for float32, 0 for other types (the caller's loop does the rest).
+template <typename T>
+inline int64_t lstm_backward_cells8(const T* gt, const T* ct, const T* cp, T* d, const T* gy, T* dcb, T* gg,
+                                    T* dcr, int64_t H, int64_t n) {
+  int64_t u = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; u + 8 <= n; u += 8) {
+      const __m256 i = _mm256_loadu_ps(gt + u), f = _mm256_loadu_ps(gt + H + u);
+      const __m256 g = _mm256_loadu_ps(gt + 2 * H + u), o = _mm256_loadu_ps(gt + 3 * H + u);
+      const __m256 tc = tanh8(_mm256_loadu_ps(ct + u));
+      const __m256 dh = _mm256_add_ps(_mm256_loadu_ps(d + u), _mm256_loadu_ps(gy + u));
+      const __m256 dct = _mm256_fmadd_ps(_mm256_mul_ps(dh, o), _mm256_fnmadd_ps(tc, tc, one), _mm256_loadu_ps(dcb + u));
+      const __m256 dai = _mm256_mul_ps(_mm256_mul_ps(dct, g), _mm256_mul_ps(i, _mm256_sub_ps(one, i)));
+      const __m256 daf =
+          _mm256_mul_ps(_mm256_mul_ps(dct, _mm256_loadu_ps(cp + u)), _mm256_mul_ps(f, _mm256_sub_ps(one, f)));
+      const __m256 dag = _mm256_mul_ps(_mm256_mul_ps(dct, i), _mm256_fnmadd_ps(g, g, one));
+      const __m256 dao = _mm256_mul_ps(_mm256_mul_ps(dh, tc), _mm256_mul_ps(o, _mm256_sub_ps(one, o)));
+      _mm256_storeu_ps(gg + u, dai);
+      _mm256_storeu_ps(gg + H + u, daf);
+      _mm256_storeu_ps(gg + 2 * H + u, dag);
+      _mm256_storeu_ps(gg + 3 * H + u, dao);
+      if (dcr) {
+        _mm256_storeu_ps(dcr + u, dai);
+        _mm256_storeu_ps(dcr + H + u, daf);
+        _mm256_storeu_ps(dcr + 2 * H + u, dag);
+        _mm256_storeu_ps(dcr + 3 * H + u, dao);
+      }
+      _mm256_storeu_ps(dcb + u, _mm256_mul_ps(dct, f));
+      _mm256_storeu_ps(d + u, _mm256_setzero_ps());
+    }
+  }
+  return u;
+}
+
 }  // namespace
 namespace avx2 {
 template <typename T>
@@ -578,6 +616,10 @@ template <typename T>
 using Tiled = TiledStub<T>;
 template <typename T>
 inline int64_t lstm_cells8(const T*, int64_t, const T*, T*, T*, T*, T*, T*, int64_t p, int64_t) { return p; }
+template <typename T>
+inline int64_t lstm_backward_cells8(const T*, const T*, const T*, T*, const T*, T*, T*, T*, int64_t, int64_t) {
+  return 0;
+}
 using Seq = SeqV;
 #include "cpu/kernels_impl.h"
 }  // namespace base
