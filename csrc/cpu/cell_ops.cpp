@@ -9,9 +9,7 @@
 // headers, so no second copy of it); the input projection and weight gradients are BLAS.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -74,20 +72,25 @@ Tensor checked(const Tensor& t, const char* op, const char* name, const Tensor& 
 // RNN's b_hh; the GRU applies b_hh inside the cell).
 Tensor project(const CellArgs& a, const Tensor& b_add) {
   Tensor gx = new_output({a.B, a.G}, a.x);
-  if (a.b_ih.defined()) at::addmm_out(gx, a.b_ih, a.x, a.w_ih.t());
-  else at::mm_out(gx, a.x, a.w_ih.t());
-  if (b_add.defined()) gx.add_(b_add);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fusedrnn_cell_projection_cpu", [&] {
+    cpu::step_linear<scalar_t>(a.B, a.G, a.I, a.x.data_ptr<scalar_t>(), a.w_ih.data_ptr<scalar_t>(),
+                               ptr<scalar_t>(a.b_ih), ptr<scalar_t>(b_add), gx.data_ptr<scalar_t>());
+  });
   return gx;
 }
 
 Tensor none(const Tensor& like) { return at::empty({0}, like.options()); }
 
-// [K, N] = d^T @ m: one step's weight gradient from its pre-activation gradients d [B, K]
-// (register.cpp's weight_grad is the sequence version, over all steps with the h0 term).
-Tensor step_weight_grad(const Tensor& d, const Tensor& m) {
-  Tensor g = new_output({d.size(1), m.size(1)}, d);
-  at::mm_out(g, d.t(), m);
-  return g;
+// A weight's gradient [G, N] = d^T @ m over the step's rows, and (with_bias) its bias's [G].
+// (register.cpp's weight_grad is the sequence version, over all steps with the h0 term.)
+std::pair<Tensor, Tensor> step_weight_grads(const Tensor& d, const Tensor& m, bool with_bias) {
+  const int64_t B = d.size(0), G = d.size(1), N = m.size(1);
+  Tensor gw = new_output({G, N}, d), gb = with_bias ? new_output({G}, d) : none(d);
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "fusedrnn_cell_weight_grad_cpu", [&] {
+    cpu::step_weight_grad<scalar_t>(B, G, N, d.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
+                                    gw.data_ptr<scalar_t>(), ptr<scalar_t>(gb));
+  });
+  return {gw, gb};
 }
 
 // The backward ops skip what is not needed: need_h (the state's gradient: its GEMM with
@@ -101,10 +104,13 @@ std::tuple<Tensor, Tensor, Tensor> input_grads(const CellArgs& a, const Tensor& 
   Tensor gx = none(dgx);
   if (need_x) {
     gx = new_output({a.B, a.I}, dgx);
-    at::mm_out(gx, dgx, a.w_ih);
+    AT_DISPATCH_FLOATING_TYPES(dgx.scalar_type(), "fusedrnn_cell_input_grad_cpu", [&] {
+      cpu::step_matmul<scalar_t>(a.B, a.I, a.G, dgx.data_ptr<scalar_t>(), a.w_ih.data_ptr<scalar_t>(),
+                                 gx.data_ptr<scalar_t>());
+    });
   }
-  Tensor gw = need_w ? step_weight_grad(dgx, a.x) : none(dgx);
-  Tensor gb = need_w && has_bias ? dgx.sum(0) : none(dgx);
+  if (!need_w) return {gx, none(dgx), none(dgx)};
+  auto [gw, gb] = step_weight_grads(dgx, a.x, has_bias);
   return {gx, gw, gb};
 }
 
@@ -152,7 +158,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_op
                                  grad_c.data_ptr<scalar_t>(), dfirst.data(), nullptr, nullptr);
   });
   auto [grad_x, grad_w_ih, grad_b] = input_grads(a, dgx, has_bias, need_x, need_w);
-  Tensor grad_w_hh = need_w ? step_weight_grad(dgx, a.h) : none(dgx);
+  Tensor grad_w_hh = need_w ? step_weight_grads(dgx, a.h, false).first : none(dgx);
   return {grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b};
 }
 
@@ -192,8 +198,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_op(
                                 ptr<scalar_t>(grad_h), dfirst.data(), dgh.data_ptr<scalar_t>());
   });
   auto [grad_x, grad_w_ih, grad_b_ih] = input_grads(a, dgx, has_bias, need_x, need_w);
-  Tensor grad_w_hh = need_w ? step_weight_grad(dgh, a.h) : none(dgx);
-  Tensor grad_b_hh = need_w && has_bias ? dgh.sum(0) : none(dgx);
+  auto [grad_w_hh, grad_b_hh] = need_w ? step_weight_grads(dgh, a.h, has_bias) : std::pair(none(dgx), none(dgx));
   return {grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
@@ -227,7 +232,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_op(
                                 ptr<scalar_t>(grad_h), dfirst.data());
   });
   auto [grad_x, grad_w_ih, grad_b] = input_grads(a, dgx, has_bias, need_x, need_w);
-  Tensor grad_w_hh = need_w ? step_weight_grad(dgx, a.h) : none(dgx);
+  Tensor grad_w_hh = need_w ? step_weight_grads(dgx, a.h, false).first : none(dgx);
   return {grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b};
 }
 

@@ -86,6 +86,19 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
   blas('N', 'N', (int)N, (int)M, (int)K, T(1), Bm, (int)ldb, A, (int)lda, beta, C, (int)ldc);
 }
 
+// Row-major C[M,N] = A[K,M]^T @ Bm[K,N] + beta * C.
+template <typename T>
+void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb,
+             T* C, int64_t ldc, T beta) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
+    return;
+  }
+  blas('N', 'T', (int)N, (int)M, (int)K, T(1), Bm, (int)ldb, A, (int)lda, beta, C, (int)ldc);
+}
+
 Scratch g_scratch;  // set once when the extension loads (register.cpp)
 
 // A float buffer of the kernels' own, from the scratch provider when there is one.
@@ -690,6 +703,26 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
   FRNN_DISPATCH(rnn_backward, grad_y, grad_h_n, w_hh, H, relu, s, y, grad_gx, grad_h0, dfirst);
 }
 
+template <typename T>
+void step_linear(int64_t M, int64_t N, int64_t K, const T* x, const T* w, const T* b1, const T* b2, T* out) {
+  if (!b1 && !b2) return gemm_nt<T>(M, N, K, x, K, w, K, out, N, T(0));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) out[m * N + n] = (b1 ? b1[n] : T(0)) + (b2 ? b2[n] : T(0));
+  gemm_nt<T>(M, N, K, x, K, w, K, out, N, T(1));
+}
+template <typename T>
+void step_matmul(int64_t M, int64_t N, int64_t K, const T* a, const T* b, T* out) {
+  gemm_nn<T>(M, N, K, a, K, b, N, out, N, T(0));
+}
+template <typename T>
+void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T* gw, T* gb) {
+  gemm_tn<T>(G, N, B, d, G, m, N, gw, N, T(0));
+  if (!gb) return;
+  std::fill(gb, gb + G, T(0));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < G; ++g) gb[g] += d[b * G + g];
+}
+
 #define FRNN_INSTANTIATE(T)                                                                              \
   template void lstm_forward<T>(const T*, const T*, const T*, const T*, const T*, int64_t, int64_t,     \
                                 const Seq&, T*, T*, T*, T*, T*);                                         \
@@ -701,7 +734,10 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
   template void gru_backward<T>(const T*, const T*, const T*, const T*, int64_t, const Seq&, const T*,  \
                                 const T*, const T*, T*, T*, T*, T*);                                     \
   template void rnn_backward<T>(const T*, const T*, const T*, int64_t, bool, const Seq&, const T*, T*,  \
-                                T*, T*);
+                                T*, T*);                                                                 \
+  template void step_linear<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, T*);    \
+  template void step_matmul<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                        \
+  template void step_weight_grad<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, T*);
 FRNN_INSTANTIATE(float)
 FRNN_INSTANTIATE(double)
 

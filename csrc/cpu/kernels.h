@@ -52,6 +52,18 @@ template <typename T>
 void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, bool relu,
                   const Seq& sq, const T* y, T* grad_gx, T* grad_h0, T* dfirst);
 
+// One cell step's dense parts (cell_ops.cpp), straight on BLAS: at the sizes of a decoding
+// step (e.g. B=4, H=64) an ATen op's dispatch costs more than its GEMM.
+// out[M,N] = x[M,K] @ w[N,K]^T (+ b1[N]) (+ b2[N]); b1 and b2 may be null.
+template <typename T>
+void step_linear(int64_t M, int64_t N, int64_t K, const T* x, const T* w, const T* b1, const T* b2, T* out);
+// out[M,N] = a[M,K] @ b[K,N] (an input's or a state's gradient: dgates @ w).
+template <typename T>
+void step_matmul(int64_t M, int64_t N, int64_t K, const T* a, const T* b, T* out);
+// A weight's gradient gw[G,N] = d[B,G]^T @ m[B,N]; gb[G] (if not null) = the column sums of d.
+template <typename T>
+void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T* gw, T* gb);
+
 // Memory for the kernels' large temporaries (the packed weights: 16 MB for an LSTM layer
 // of hidden size 1024), supplied by the op layer (register.cpp: the output pool), which
 // keeps this file and kernels.cpp free of ATen headers. alloc returns the memory and sets
