@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import autocast as AC
 from . import validation as V
-from .backends import Call, select
+from .backends import TORCH_NN, Call, select, torch_nn_faster
 
 
 class BackendChoice:
@@ -178,9 +178,14 @@ class _FusedRNNBase(BackendChoice):
         cast = AC.run_dtype(self._torch_name, x)
         if cast is not None:
             x, hs = x.to(cast), [h.to(cast) for h in hs]
-        backend, why = select(self.backend, Call(
-            cell=self._cell, device=x.device, dtype=x.dtype, hidden_size=self.hidden_size,
-            proj_size=getattr(self, "proj_size", 0), batch=x.shape[1]))
+        call = Call(cell=self._cell, device=x.device, dtype=x.dtype, hidden_size=self.hidden_size,
+                    proj_size=getattr(self, "proj_size", 0), batch=x.shape[1])
+        backend, why = select(self.backend, call)
+        if self.backend == "auto" and cast is None:
+            faster = torch_nn_faster(call, isinstance(input, PackedSequence))
+            if faster:  # torch.nn's own forward (this module is an nn.LSTM): its kernel wins here
+                self._record_choice(TORCH_NN, faster)
+                return super().forward(input, hx)
         self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
         with below_autograd_if_no_grad(), (AC.autocast_off(x.device.type) if cast else contextlib.nullcontext()):

@@ -185,3 +185,64 @@ def test_nonfinite_inputs_propagate_like_torch_nn(torch_cls, fused_cls, dtype, T
         want, got = ref(x)[0], ours(x)[0]
     assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{ours.last_backend}: NaN elements differ"
     torch.testing.assert_close(torch.nan_to_num(got), torch.nan_to_num(want), atol=2e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def onednn_avx512(monkeypatch):
+    """Pretend (or deny) that torch.nn's LSTM runs oneDNN's AVX-512 kernels on this CPU."""
+    from fusedrnn import backends
+
+    def set_(yes: bool):
+        monkeypatch.setattr(backends, "_AVX512", yes)
+    return set_
+
+
+def _lstm_pair(**kw):
+    ref = nn.LSTM(6, 10, **kw)
+    ours = fusedrnn.LSTM(6, 10, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
+    """auto hands LSTM float32 at batch >= TORCH_NN_MIN_BATCH to torch.nn's own forward on
+    AVX-512 CPUs (backends.TORCH_NN): same results as torch.nn, forward and backward."""
+    from fusedrnn.backends import TORCH_NN, TORCH_NN_MIN_BATCH
+    onednn_avx512(True)
+    B = TORCH_NN_MIN_BATCH
+    ref, ours = _lstm_pair(num_layers=2, batch_first=True)
+    x = torch.randn(B, 7, 6)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (y1, (h1, c1)), (y2, (h2, c2)) = ref(x1), ours(x2)
+    assert ours.last_backend == TORCH_NN, ours.last_backend_reason
+    assert "batch >= " in ours.last_backend_reason
+    for a, b in ((y1, y2), (h1, h2), (c1, c2)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    (y1.square().sum() + c1.sum()).backward()
+    (y2.square().sum() + c2.sum()).backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
+    for (n, p), q in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
+    # Everything else stays with fusedrnn's backends.
+    first = available_backends("cpu")[0]
+    not_delegated = [
+        (ours, torch.randn(B - 1, 7, 6)),                                   # smaller batch
+        (fusedrnn.LSTM(6, 10, batch_first=True).double(), torch.randn(B, 7, 6, dtype=torch.float64)),
+        (fusedrnn.GRU(6, 10, batch_first=True), torch.randn(B, 7, 6)),      # GRU
+        (fusedrnn.LSTM(6, 10, proj_size=4, batch_first=True), torch.randn(B, 7, 6)),  # projection
+        (fusedrnn.LSTM(6, 10, batch_first=True, backend=first), torch.randn(B, 7, 6)),  # forced
+    ]
+    for m, inp in not_delegated:
+        m(inp)
+        assert m.last_backend == first, (m, m.last_backend_reason)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(B, 7, 6), [7] * B, batch_first=True)
+    m = fusedrnn.LSTM(6, 10, batch_first=True)
+    m(packed)
+    assert m.last_backend == first
+    with torch.backends.mkldnn.flags(enabled=False):
+        m(torch.randn(B, 7, 6))
+        assert m.last_backend == first
+    onednn_avx512(False)
+    m(torch.randn(B, 7, 6))
+    assert m.last_backend == first

@@ -123,6 +123,39 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 
 
+# Where torch.nn's own kernel is faster than every fusedrnn backend, "auto" runs torch.nn's
+# forward instead (the module reports last_backend == TORCH_NN). The one such case measured:
+# LSTM, float32, batch >= 32, on a CPU where torch.nn's LSTM runs oneDNN's AVX-512 kernels.
+# bench/cpu_ops.py, T = 32, 2026-11-29, 2-core AMD EPYC (Zen 4, AVX-512): backend="cpu" was
+# 0.83-0.95x of torch.nn there (inference and training, hidden 256-512; 0.95-1.06x at 1024),
+# and 0.95-1.6x at batch 1-8. The GEMMs decide it: oneDNN's AVX-512 input projection ran at
+# 215-220 GFLOP/s where MKL's (F.linear, our projection and weight gradients) ran at 180-200,
+# of a 232 GFLOP/s FMA peak. On an AVX2-only CPU (Zen 3, earlier sessions) the two were at
+# parity there (0.96-1.12x), so "auto" keeps backend "cpu" on such CPUs.
+TORCH_NN = "torch.nn"
+TORCH_NN_MIN_BATCH = 32
+
+
+def _onednn_avx512() -> bool:
+    global _AVX512
+    if _AVX512 is None:
+        _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return _AVX512 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+_AVX512: Optional[bool] = None
+
+
+def torch_nn_faster(call: Call, packed: bool) -> Optional[str]:
+    """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call, or None
+    (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then skips oneDNN)."""
+    if (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
+            and call.proj_size == 0 and not packed and call.batch >= TORCH_NN_MIN_BATCH and _onednn_avx512()):
+        return (f"auto: torch.nn's LSTM (oneDNN, AVX-512) was faster than backend 'cpu' for float32 at "
+                f"batch >= {TORCH_NN_MIN_BATCH} on AVX-512 CPUs (backend='cpu' forces ours)")
+    return None
+
+
 def select(name: str, call: Call) -> tuple[Backend, str]:
     """Resolve `name` ("auto" or a backend name) for `call`: (backend, why it was chosen)."""
     hit = _CHOICES.get((name, call))
