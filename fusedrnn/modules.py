@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import autocast as AC
 from . import validation as V
 from .backends import TORCH_NN, Call, select, torch_nn_faster
+from .projection import input_projection
 
 
 class BackendChoice:
@@ -207,19 +208,20 @@ class _FusedRNNBase(BackendChoice):
                     w_ih, w_hh, b_ih, b_hh, w_hr = (w if w is None else w.to(cast)
                                                     for w in (w_ih, w_hh, b_ih, b_hh, w_hr))
                 state = [h[idx] for h in hs]
+                recorded = records_grad(layer_in, w_ih, b_ih, b_hh)  # (for the input projection)
                 if self._cell == "gru":
                     # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).
-                    gx = F.linear(layer_in, w_ih, b_ih)
+                    gx = input_projection(layer_in, w_ih, b_ih, recorded)
                     train = records_grad(gx, state[0], w_hh, b_hh)
                     y, h_n, *_ = fwd(gx, state[0], w_hh, b_hh, lengths, bool(d), train)
                     new = [h_n]
                 elif self._cell == "lstm":
-                    gx = F.linear(layer_in, w_ih, None if b_ih is None else b_ih + b_hh)
+                    gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, recorded)
                     train = records_grad(gx, state[0], state[1], w_hh, w_hr)
                     y, h_n, c_n, *_ = fwd(gx, state[0], state[1], w_hh, w_hr, lengths, bool(d), train)
                     new = [h_n, c_n]
                 else:
-                    gx = F.linear(layer_in, w_ih, None if b_ih is None else b_ih + b_hh)
+                    gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, recorded)
                     y, h_n = fwd(gx, state[0], w_hh, lengths, bool(d), self.nonlinearity == "relu")
                     new = [h_n]
                 outs.append(y)

@@ -136,7 +136,8 @@ TORCH_NN = "torch.nn"
 TORCH_NN_MIN_BATCH = 32
 
 
-def _onednn_avx512() -> bool:
+def onednn_avx512() -> bool:
+    """Whether torch's oneDNN kernels run AVX-512 code here (and oneDNN is on)."""
     global _AVX512
     if _AVX512 is None:
         _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
@@ -150,7 +151,7 @@ def torch_nn_faster(call: Call, packed: bool) -> Optional[str]:
     """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call, or None
     (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then skips oneDNN)."""
     if (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
-            and call.proj_size == 0 and not packed and call.batch >= TORCH_NN_MIN_BATCH and _onednn_avx512()):
+            and call.proj_size == 0 and not packed and call.batch >= TORCH_NN_MIN_BATCH and onednn_avx512()):
         return (f"auto: torch.nn's LSTM (oneDNN, AVX-512) was faster than backend 'cpu' for float32 at "
                 f"batch >= {TORCH_NN_MIN_BATCH} on AVX-512 CPUs (backend='cpu' forces ours)")
     return None
