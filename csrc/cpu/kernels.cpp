@@ -60,43 +60,31 @@ inline void blas(char ta, char tb, int m, int n, int k, double alpha, const doub
   dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
-// Row-major C[M,N] = A[M,K] @ W[N,K]^T + beta * C.
+// Row-major C[M,N] = op(A) @ op(B) + beta * C on column-major BLAS (which computes
+// C^T = op(B)^T op(A)^T): op(A) is A[M,K] (ta 'N') or A[K,M]^T ('T'), op(B) is B[K,N]
+// (tb 'N') or B[N,K]^T ('T'). K = 0 writes beta * C (BLAS implementations differ there).
 template <typename T>
-void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
-             T* C, int64_t ldc, T beta) {
+void gemm_rm(char ta, char tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm,
+             int64_t ldb, T* C, int64_t ldc, T beta) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
     return;
   }
-  blas('T', 'N', (int)N, (int)M, (int)K, T(1), W, (int)ldw, A, (int)lda, beta, C, (int)ldc);
+  blas(tb, ta, (int)N, (int)M, (int)K, T(1), Bm, (int)ldb, A, (int)lda, beta, C, (int)ldc);
 }
-
-// Row-major C[M,N] = A[M,K] @ Bm[K,N] + beta * C.
+// C[M,N] = A[M,K] @ W[N,K]^T + beta * C
 template <typename T>
-void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb,
-             T* C, int64_t ldc, T beta) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
-    return;
-  }
-  blas('N', 'N', (int)N, (int)M, (int)K, T(1), Bm, (int)ldb, A, (int)lda, beta, C, (int)ldc);
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw, T* C,
+             int64_t ldc, T beta) {
+  gemm_rm<T>('N', 'T', M, N, K, A, lda, W, ldw, C, ldc, beta);
 }
-
-// Row-major C[M,N] = A[K,M]^T @ Bm[K,N] + beta * C.
+// C[M,N] = A[M,K] @ Bm[K,N] + beta * C
 template <typename T>
-void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb,
-             T* C, int64_t ldc, T beta) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
-    return;
-  }
-  blas('N', 'T', (int)N, (int)M, (int)K, T(1), Bm, (int)ldb, A, (int)lda, beta, C, (int)ldc);
+void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb, T* C,
+             int64_t ldc, T beta) {
+  gemm_rm<T>('N', 'N', M, N, K, A, lda, Bm, ldb, C, ldc, beta);
 }
 
 Scratch g_scratch;  // set once when the extension loads (register.cpp)
@@ -716,7 +704,7 @@ void step_matmul(int64_t M, int64_t N, int64_t K, const T* a, const T* b, T* out
 }
 template <typename T>
 void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T* gw, T* gb) {
-  gemm_tn<T>(G, N, B, d, G, m, N, gw, N, T(0));
+  gemm_rm<T>('T', 'N', G, N, B, d, G, m, N, gw, N, T(0));  // d^T @ m
   if (!gb) return;
   std::fill(gb, gb + G, T(0));
   for (int64_t b = 0; b < B; ++b)
