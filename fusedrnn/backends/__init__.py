@@ -126,9 +126,10 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 # Where torch.nn's own kernel is faster than every fusedrnn backend, "auto" runs torch.nn's
 # forward instead (the module reports last_backend == TORCH_NN). The one such case measured:
 # LSTM, float32, batch >= 32, on a CPU where torch.nn's LSTM runs oneDNN's AVX-512 kernels.
-# bench/cpu_ops.py, T = 32, 2026-11-29, 2-core AMD EPYC (Zen 4, AVX-512): backend="cpu" was
-# 0.83-0.95x of torch.nn there (inference and training, hidden 256-512; 0.95-1.06x at 1024),
-# and 0.95-1.6x at batch 1-8. The GEMMs decide it: oneDNN's AVX-512 input projection ran at
+# bench/cpu_ops.py, T = 32, 2026-11-29, 2-core AMD EPYC (Zen 4, AVX-512), two runs:
+# backend="cpu" was 0.79-0.96x of torch.nn at batch 32-64, hidden 256-512 (inference and
+# training), 0.92-0.97x (inference) and 0.99-1.07x (training) at hidden 1024, against
+# 0.91-1.35x at batch 8 and 1.2-2.6x at batch 1. The GEMMs decide it: oneDNN's AVX-512 input projection ran at
 # 215-220 GFLOP/s where MKL's (F.linear, our projection and weight gradients) ran at 180-200,
 # of a 232 GFLOP/s FMA peak. On an AVX2-only CPU (Zen 3, earlier sessions) the two were at
 # parity there (0.96-1.12x), so "auto" keeps backend "cpu" on such CPUs.
