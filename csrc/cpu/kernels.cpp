@@ -564,6 +564,36 @@ inline int64_t lstm_cells8(const T* x, int64_t H, const T* a, T* cb, T* gt, T* c
   return p;
 }
 
+// The GRU forward cell (cells/gru.h's gru_forward_unit with tanh8/sigmoid8 inline) of
+// one batch row over the full panels [p, pe) of the tiled path: panel p's pre-activations
+// h_r, h_z, h_n at a + 24 p (8 units each), b: b_hh, hp: h_{t-1}; writes the gates
+// (r, z, n; stride H), hs (W_hn h + b_hn), out (h_t) and y. Returns as lstm_cells8.
+template <typename T>
+inline int64_t gru_cells8(const T* x, int64_t H, const T* a, const T* b, const T* hp, T* gt, T* hs, T* out, T* y,
+                          int64_t p, int64_t pe) {
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; p < pe; ++p) {
+      const int64_t u = 8 * p;
+      const float* ap = a + 24 * p;
+      const __m256 r = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x + u),
+                                              _mm256_add_ps(_mm256_loadu_ps(ap), _mm256_loadu_ps(b + u))));
+      const __m256 z = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x + H + u),
+                                              _mm256_add_ps(_mm256_loadu_ps(ap + 8), _mm256_loadu_ps(b + H + u))));
+      const __m256 an = _mm256_add_ps(_mm256_loadu_ps(ap + 16), _mm256_loadu_ps(b + 2 * H + u));
+      const __m256 n = tanh8(_mm256_fmadd_ps(r, an, _mm256_loadu_ps(x + 2 * H + u)));
+      const __m256 h = _mm256_fmadd_ps(z, _mm256_loadu_ps(hp + u), _mm256_mul_ps(_mm256_sub_ps(one, z), n));
+      _mm256_storeu_ps(gt + u, r);
+      _mm256_storeu_ps(gt + H + u, z);
+      _mm256_storeu_ps(gt + 2 * H + u, n);
+      _mm256_storeu_ps(hs + u, an);
+      _mm256_storeu_ps(out + u, h);
+      _mm256_storeu_ps(y + u, h);
+    }
+  }
+  return p;
+}
+
 // The LSTM backward pointwise (no projection) of one batch row, units [0, n) 8 at a time
 // (cells/lstm.h's lstm_backward_unit with tanh8 inline instead of a libmvec call); the
 // arguments as in the kernel's loop (dcr may be null). Returns how many units it did:
@@ -620,6 +650,10 @@ inline int64_t lstm_cells8(const T*, int64_t, const T*, T*, T*, T*, T*, T*, int6
 template <typename T>
 inline int64_t lstm_backward_cells8(const T*, const T*, const T*, T*, const T*, T*, T*, T*, int64_t, int64_t) {
   return 0;
+}
+template <typename T>
+inline int64_t gru_cells8(const T*, int64_t, const T*, const T*, const T*, T*, T*, T*, T*, int64_t p, int64_t) {
+  return p;
 }
 using Seq = SeqV;
 #include "cpu/kernels_impl.h"

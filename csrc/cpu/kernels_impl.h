@@ -155,9 +155,16 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
         for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, B, hcur, H, gh.data(), ldg, false, false, nullptr);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t p = p0; p < p1; ++p)
-            cell(s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 24, 8);
+        for (int64_t b = 0; b < B; ++b) {
+          int64_t p = p0;
+          const int64_t L = sq.len(b);
+          if (s < L) {  // float32: the row's full panels at once (gru_cells8)
+            const int64_t t = sq.reverse ? L - 1 - s : s;
+            p = gru_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, bias, hcur + b * H, gates_s.at(t, b),
+                           hn_s.at(t, b), hnext + b * H, y + (t * B + b) * H, p, std::min(p1, H / 8));
+          }
+          for (; p < p1; ++p) cell(s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 24, 8);
+        }
       } else {
         w.gemm(k, B, hcur, gh.data());
         for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * G + 3 * j0, j1 - j0);
