@@ -594,6 +594,18 @@ inline int64_t gru_cells8(const T* x, int64_t H, const T* a, const T* b, const T
   return p;
 }
 
+// The tanh RNN's cell, out[u] = tanh(x[u] + a[u]) for u in [0, n), 8 at a time with the
+// inline tanh8 instead of libmvec's tanhf. Returns how many units it did: a multiple of 8
+// for float32, 0 for other types (the caller's loop does the rest).
+template <typename T>
+inline int64_t rnn_tanh_cells8(const T* x, const T* a, T* out, int64_t n) {
+  int64_t u = 0;
+  if constexpr (std::is_same_v<T, float>)
+    for (; u + 8 <= n; u += 8)
+      _mm256_storeu_ps(out + u, tanh8(_mm256_add_ps(_mm256_loadu_ps(x + u), _mm256_loadu_ps(a + u))));
+  return u;
+}
+
 // The LSTM backward pointwise (no projection) of one batch row, units [0, n) 8 at a time
 // (cells/lstm.h's lstm_backward_unit with tanh8 inline instead of a libmvec call); the
 // arguments as in the kernel's loop (dcr may be null). Returns how many units it did:
@@ -654,6 +666,10 @@ inline int64_t lstm_backward_cells8(const T*, const T*, const T*, T*, const T*, 
 template <typename T>
 inline int64_t gru_cells8(const T*, int64_t, const T*, const T*, const T*, T*, T*, T*, T*, int64_t p, int64_t) {
   return p;
+}
+template <typename T>
+inline int64_t rnn_tanh_cells8(const T*, const T*, T*, int64_t) {
+  return 0;
 }
 using Seq = SeqV;
 #include "cpu/kernels_impl.h"

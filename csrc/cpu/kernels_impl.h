@@ -197,8 +197,9 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
 #pragma omp simd
             for (int64_t u = 0; u < nu; ++u) out[u] = rnn_forward_unit(x[u] + a[u], true);
           } else {
+            const int64_t u0 = rnn_tanh_cells8(x, a, out, nu);  // float32: 8 at a time (tanh8)
 #pragma omp simd
-            for (int64_t u = 0; u < nu; ++u) out[u] = rnn_forward_unit(x[u] + a[u], false);
+            for (int64_t u = u0; u < nu; ++u) out[u] = rnn_forward_unit(x[u] + a[u], false);
           }
           std::copy(out, out + nu, y + (t * B + b) * H + j0);
         } else {
