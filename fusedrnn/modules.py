@@ -183,7 +183,8 @@ class _FusedRNNBase(BackendChoice):
                     proj_size=getattr(self, "proj_size", 0), batch=x.shape[1])
         backend, why = select(self.backend, call)
         if self.backend == "auto" and cast is None:
-            faster = torch_nn_faster(call, isinstance(input, PackedSequence))
+            training = records_grad(x, *hs, *self.parameters())
+            faster = torch_nn_faster(call, isinstance(input, PackedSequence), training)
             if faster:  # torch.nn's own forward (this module is an nn.LSTM): its kernel wins here
                 self._record_choice(TORCH_NN, faster)
                 return super().forward(input, hx)

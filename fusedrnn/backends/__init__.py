@@ -124,17 +124,21 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 
 
 # Where torch.nn's own kernel is faster than every fusedrnn backend, "auto" runs torch.nn's
-# forward instead (the module reports last_backend == TORCH_NN). The one such case measured:
-# LSTM, float32, batch >= 32, on a CPU where torch.nn's LSTM runs oneDNN's AVX-512 kernels.
-# bench/cpu_ops.py, T = 32, 2026-11-29, 2-core AMD EPYC (Zen 4, AVX-512), two runs:
-# backend="cpu" was 0.79-0.96x of torch.nn at batch 32-64, hidden 256-512 (inference and
-# training), 0.92-0.97x (inference) and 0.99-1.07x (training) at hidden 1024, against
-# 0.91-1.35x at batch 8 and 1.2-2.6x at batch 1. The GEMMs decide it: oneDNN's AVX-512 input projection ran at
-# 215-220 GFLOP/s where MKL's (F.linear, our projection and weight gradients) ran at 180-200,
-# of a 232 GFLOP/s FMA peak. On an AVX2-only CPU (Zen 3, earlier sessions) the two were at
-# parity there (0.96-1.12x), so "auto" keeps backend "cpu" on such CPUs.
+# forward instead (the module reports last_backend == TORCH_NN). The cases measured: LSTM
+# in float32 on a CPU where torch.nn's LSTM runs oneDNN's AVX-512 kernels, in inference at
+# batch >= 32, in training (autograd records the call) at batch >= 8 with hidden <= 512.
+# bench/cpu_ops.py, T = 32, 2026-11-29, 2-core AMD EPYC (Zen 4, AVX-512), three runs,
+# backend="cpu" against torch.nn: inference batch 32-64 0.79-1.04x at hidden 256-512 and
+# 0.92-1.10x at 1024, batch 8 0.94-1.35x; training batch 8-64 at hidden 256-512 0.80-0.98x,
+# at hidden 1024 0.99-1.07x (batch 32-64) and 1.20-1.33x (batch 8); batch 1 1.2-2.6x.
+# The GEMMs decide it: oneDNN's AVX-512 input projection ran at 215-220 GFLOP/s where
+# MKL's (F.linear and torch.mm: our projection in training and the weight gradients) ran
+# at 180-200, of a 232 GFLOP/s FMA peak. On an AVX2-only CPU (Zen 3, earlier sessions) the
+# two were at parity there (0.96-1.12x), so "auto" keeps backend "cpu" on such CPUs.
 TORCH_NN = "torch.nn"
-TORCH_NN_MIN_BATCH = 32
+TORCH_NN_MIN_BATCH = 32           # inference
+TORCH_NN_MIN_BATCH_TRAINING = 8   # training, at hidden <= TORCH_NN_MAX_HIDDEN_TRAINING
+TORCH_NN_MAX_HIDDEN_TRAINING = 512
 
 
 def onednn_avx512() -> bool:
@@ -148,14 +152,24 @@ def onednn_avx512() -> bool:
 _AVX512: Optional[bool] = None
 
 
-def torch_nn_faster(call: Call, packed: bool) -> Optional[str]:
+def torch_nn_faster(call: Call, packed: bool, training: bool) -> Optional[str]:
     """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call, or None
-    (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then skips oneDNN)."""
-    if (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
-            and call.proj_size == 0 and not packed and call.batch >= TORCH_NN_MIN_BATCH and onednn_avx512()):
-        return (f"auto: torch.nn's LSTM (oneDNN, AVX-512) was faster than backend 'cpu' for float32 at "
-                f"batch >= {TORCH_NN_MIN_BATCH} on AVX-512 CPUs (backend='cpu' forces ours)")
-    return None
+    (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then skips oneDNN);
+    `training`: autograd records the call."""
+    if not (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
+            and call.proj_size == 0 and not packed):
+        return None
+    if training and call.batch >= TORCH_NN_MIN_BATCH_TRAINING and call.hidden_size <= TORCH_NN_MAX_HIDDEN_TRAINING:
+        why = (f"in training at batch >= {TORCH_NN_MIN_BATCH_TRAINING} and hidden_size <= "
+               f"{TORCH_NN_MAX_HIDDEN_TRAINING}")
+    elif not training and call.batch >= TORCH_NN_MIN_BATCH:
+        why = f"in inference at batch >= {TORCH_NN_MIN_BATCH}"
+    else:
+        return None
+    if not onednn_avx512():
+        return None
+    return (f"auto: torch.nn's LSTM (oneDNN, AVX-512) measured faster than backend 'cpu' for float32 "
+            f"{why} on AVX-512 CPUs (backend='cpu' forces ours)")
 
 
 def select(name: str, call: Call) -> tuple[Backend, str]:
