@@ -13,7 +13,7 @@ from torch import nn
 
 from . import autocast as AC
 from . import validation as V
-from .backends import Call, select
+from .backends import Call, select, torch_nn_instead_of_reference
 from .modules import BackendChoice, below_autograd_if_no_grad, records_grad
 
 
@@ -43,7 +43,13 @@ class _FusedCellBase(BackendChoice):
         if cast is not None:  # autocast: everything in the dtype torch.nn's cell computes in
             x, hs = x.to(cast), [h.to(cast) for h in hs]
             w_ih, w_hh, b_ih, b_hh = (w if w is None else w.to(cast) for w in (w_ih, w_hh, b_ih, b_hh))
-        backend, why = select(self.backend, Call(self._cell, device, x.dtype, self.hidden_size, 0, x.shape[0]))
+        call = Call(self._cell, device, x.dtype, self.hidden_size, 0, x.shape[0])
+        backend, why = select(self.backend, call)
+        if self.backend == "auto" and cast is None and backend.name == "reference":
+            nn_why = torch_nn_instead_of_reference(call, backend.name, why)
+            out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
+            if out is not None:
+                return out
         self._record_choice(backend.name, why)
         with below_autograd_if_no_grad(), (_NO_CONTEXT if cast is None else AC.autocast_off(device.type)):
             op = backend.cell_op(self._cell)

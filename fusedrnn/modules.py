@@ -17,7 +17,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import autocast as AC
 from . import validation as V
-from .backends import TORCH_NN, Call, select, torch_nn_faster
+from .backends import (TORCH_NN, Call, select, torch_nn_cannot, torch_nn_faster,
+                       torch_nn_instead_of_reference)
 from .projection import input_projection
 
 
@@ -34,6 +35,20 @@ class BackendChoice:
     def _record_choice(self, name: str, why: str) -> None:
         # Plain attributes, set on every forward: skip nn.Module.__setattr__'s parameter checks.
         self.__dict__["last_backend"], self.__dict__["last_backend_reason"] = name, why
+
+    def _torch_nn_forward(self, why: str, chosen, call, input, hx):
+        """torch.nn's own forward (these modules are torch.nn modules), recorded as backend
+        TORCH_NN with reason `why`; None if torch.nn cannot run it where auto had chosen the
+        reference (then the reference runs, and later calls skip torch.nn)."""
+        try:
+            out = super(BackendChoice, self).forward(input, hx)
+        except RuntimeError:
+            if chosen.name != "reference":
+                raise
+            torch_nn_cannot(call)
+            return None
+        self._record_choice(TORCH_NN, why)
+        return out
 
     def _param(self, name):
         """The weight `name` (None for None): the parameter, or, when it is not a plain
@@ -183,11 +198,11 @@ class _FusedRNNBase(BackendChoice):
                     proj_size=getattr(self, "proj_size", 0), batch=x.shape[1])
         backend, why = select(self.backend, call)
         if self.backend == "auto" and cast is None:
-            training = records_grad(x, *hs, *self.parameters())
-            faster = torch_nn_faster(call, isinstance(input, PackedSequence), training)
-            if faster:  # torch.nn's own forward (this module is an nn.LSTM): its kernel wins here
-                self._record_choice(TORCH_NN, faster)
-                return super().forward(input, hx)
+            nn_why = (torch_nn_faster(call, isinstance(input, PackedSequence), records_grad(x, *hs, *self.parameters()))
+                      or torch_nn_instead_of_reference(call, backend.name, why))
+            out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
+            if out is not None:
+                return out
         self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
         with below_autograd_if_no_grad(), (AC.autocast_off(x.device.type) if cast else contextlib.nullcontext()):

@@ -253,3 +253,51 @@ def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
     onednn_avx512(False)
     m(torch.randn(B, 7, 6))
     assert m.last_backend == first
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_auto_prefers_torch_nn_to_the_reference(kind):
+    """Where no fused backend runs a call (bfloat16 on the CPU), auto runs torch.nn's own
+    forward rather than the reference: torch.nn's results exactly, forward and backward; a
+    forced backend="reference" still runs the reference."""
+    ref = getattr(nn, kind)(6, 8).bfloat16()
+    ours = getattr(fusedrnn, kind)(6, 8).bfloat16()
+    ours.load_state_dict(ref.state_dict())
+    shape = (3, 6) if kind.endswith("Cell") else (5, 3, 6)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = ref(x1), ours(x2)
+    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+    assert ours.last_backend == "torch.nn" and "instead of the reference" in ours.last_backend_reason
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    a.float().square().sum().backward()
+    b.float().square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
+    forced = getattr(fusedrnn, kind)(6, 8, backend="reference").bfloat16()
+    forced.load_state_dict(ref.state_dict())
+    got = forced(x)
+    assert forced.last_backend == "reference"
+    torch.testing.assert_close((got[0] if isinstance(got, tuple) else got).float(), a.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_auto_falls_back_to_the_reference_where_torch_nn_fails(monkeypatch):
+    """If torch.nn's forward raises where auto would have run the reference (e.g. a CPU
+    without low-precision kernels), the reference runs, and later calls go straight to it."""
+    from fusedrnn import backends
+    monkeypatch.setattr(backends, "_TORCH_NN_CANNOT", set())
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no bfloat16 kernel here")
+    monkeypatch.setattr(nn.GRU, "forward", failing)
+    ref = nn.GRU(6, 8).bfloat16()
+    ours = fusedrnn.GRU(6, 8).bfloat16()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 6, dtype=torch.bfloat16)
+    for _ in range(2):
+        y, h = ours(x)
+        assert ours.last_backend == "reference", ours.last_backend_reason
+    assert len(calls) == 1
+    monkeypatch.undo()
+    torch.testing.assert_close(y.float(), ref(x)[0].float(), rtol=3e-2, atol=3e-2)

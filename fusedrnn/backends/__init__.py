@@ -172,6 +172,28 @@ def torch_nn_faster(call: Call, packed: bool, training: bool) -> Optional[str]:
             f"{why} on AVX-512 CPUs (backend='cpu' forces ours)")
 
 
+# "auto" does not run the reference where torch.nn can run the call: the reference is the
+# spec (a per-step loop of PyTorch ops), torch.nn's own forward computes the same thing
+# faster (bfloat16 LSTM, T=32, B=8, H=256 on the CPU: 1.1 ms against the reference's 5.8).
+# It is what "auto" falls to when no fused backend runs a call: a dtype the kernels lack
+# (bfloat16, float16 on the CPU), or a pure-Python install. Where torch.nn fails (some
+# CPUs lack low-precision kernels for some cells), the module falls back to the reference
+# and remembers that (torch_nn_cannot).
+_TORCH_NN_CANNOT: set = set()
+
+
+def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional[str]:
+    """Why auto's choice `chosen` (with select's reason `why`) gives way to torch.nn's own
+    forward, or None."""
+    if chosen != "reference" or (call.cell, call.device.type, call.dtype) in _TORCH_NN_CANNOT:
+        return None
+    return f"{why}; torch.nn's own forward instead of the reference (the spec, a per-step loop)"
+
+
+def torch_nn_cannot(call: Call) -> None:
+    _TORCH_NN_CANNOT.add((call.cell, call.device.type, call.dtype))
+
+
 def select(name: str, call: Call) -> tuple[Backend, str]:
     """Resolve `name` ("auto" or a backend name) for `call`: (backend, why it was chosen)."""
     hit = _CHOICES.get((name, call))
