@@ -45,7 +45,7 @@ class _FusedCellBase(BackendChoice):
             w_ih, w_hh, b_ih, b_hh = (w if w is None else w.to(cast) for w in (w_ih, w_hh, b_ih, b_hh))
         call = Call(self._cell, device, x.dtype, self.hidden_size, 0, x.shape[0])
         backend, why = select(self.backend, call)
-        if self.backend == "auto" and cast is None and backend.name == "reference":
+        if self.backend == "auto" and cast is None:
             nn_why = torch_nn_instead_of_reference(call, backend.name, why)
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:
