@@ -152,13 +152,14 @@ def onednn_avx512() -> bool:
 _AVX512: Optional[bool] = None
 
 
-def torch_nn_faster(call: Call, packed: bool, training: bool) -> Optional[str]:
+def torch_nn_faster(call: Call, packed: bool, recorded: Callable[[], bool]) -> Optional[str]:
     """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call, or None
     (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then skips oneDNN);
-    `training`: autograd records the call."""
+    `recorded()`: whether autograd records the call (asked only for the cases above)."""
     if not (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
             and call.proj_size == 0 and not packed):
         return None
+    training = recorded()
     if training and call.batch >= TORCH_NN_MIN_BATCH_TRAINING and call.hidden_size <= TORCH_NN_MAX_HIDDEN_TRAINING:
         why = (f"in training at batch >= {TORCH_NN_MIN_BATCH_TRAINING} and hidden_size <= "
                f"{TORCH_NN_MAX_HIDDEN_TRAINING}")
