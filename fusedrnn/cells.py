@@ -66,15 +66,6 @@ class _FusedCellBase(BackendChoice):
         p, bias = self._param, self.bias
         return p("weight_ih"), p("weight_hh"), p("bias_ih") if bias else None, p("bias_hh") if bias else None
 
-    def _cell_op_step(self, op, x, hs, w_ih, w_hh, b_ih, b_hh):
-        """One call of the backend's cell op (fusedrnn/cell_ops.py)."""
-        if self._cell == "lstm":
-            train = records_grad(x, hs[0], hs[1], w_ih, w_hh, b_ih, b_hh)
-            return list(op(x, hs[0], hs[1], w_ih, w_hh, b_ih, b_hh, train)[:2])
-        if self._cell == "gru":
-            return [op(x, hs[0], w_ih, w_hh, b_ih, b_hh, records_grad(x, hs[0], w_ih, w_hh, b_ih, b_hh))[0]]
-        return [op(x, hs[0], w_ih, w_hh, b_ih, b_hh, self.nonlinearity == "relu")]
-
     def _sequence_op_step(self, fwd, x, hs, w_ih, w_hh, b_ih, b_hh):
         """The input projection, then the backend's sequence op with T = 1."""
         if self._cell == "gru":

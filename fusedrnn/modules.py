@@ -50,6 +50,16 @@ class BackendChoice:
         self._record_choice(TORCH_NN, why)
         return out
 
+    def _cell_op_step(self, op, x, hs, w_ih, w_hh, b_ih, b_hh):
+        """One step as one call of the backend's cell op (fusedrnn/cell_ops.py): x [B, I],
+        hs the states [B, H]; returns the new states ([h1, c1] or [h1])."""
+        if self._cell == "lstm":
+            train = records_grad(x, hs[0], hs[1], w_ih, w_hh, b_ih, b_hh)
+            return list(op(x, hs[0], hs[1], w_ih, w_hh, b_ih, b_hh, train)[:2])
+        if self._cell == "gru":
+            return [op(x, hs[0], w_ih, w_hh, b_ih, b_hh, records_grad(x, hs[0], w_ih, w_hh, b_ih, b_hh))[0]]
+        return [op(x, hs[0], w_ih, w_hh, b_ih, b_hh, self.nonlinearity == "relu")]
+
     def _param(self, name):
         """The weight `name` (None for None): the parameter, or, when it is not a plain
         parameter (e.g. torch.nn.utils.parametrize), the module attribute."""
@@ -206,13 +216,16 @@ class _FusedRNNBase(BackendChoice):
                 return out
         self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
+        # One step (e.g. step-by-step decoding): the backend's cell op, if it has one, does the
+        # projection and the step in one call (the per-call overhead is most of a small step).
+        step = backend.cell_op(self._cell) if x.shape[0] == 1 and lengths is None else None
         with below_autograd_if_no_grad(), (AC.autocast_off(x.device.type) if cast else contextlib.nullcontext()):
-            out = self._layers(fwd, x, lengths, hs, finish, names, cast)
+            out = self._layers(fwd, step, x, lengths, hs, finish, names, cast)
         if backend.kernel_choice is not None:
             self._record_choice(backend.name, f"{why}; kernels: {backend.kernel_choice()}")
         return out
 
-    def _layers(self, fwd, x, lengths, hs, finish, names, cast):
+    def _layers(self, fwd, step, x, lengths, hs, finish, names, cast):
         D = 2 if self.bidirectional else 1
         finals: list[list[Tensor]] = [[] for _ in hs]
         layer_in = x
@@ -225,6 +238,12 @@ class _FusedRNNBase(BackendChoice):
                     w_ih, w_hh, b_ih, b_hh, w_hr = (w if w is None else w.to(cast)
                                                     for w in (w_ih, w_hh, b_ih, b_hh, w_hr))
                 state = [h[idx] for h in hs]
+                if step is not None and w_hr is None:  # T = 1 through the cell op
+                    new = self._cell_op_step(step, layer_in[0], state, w_ih, w_hh, b_ih, b_hh)
+                    outs.append(new[0].unsqueeze(0))
+                    for f, s in zip(finals, new):
+                        f.append(s)
+                    continue
                 recorded = records_grad(layer_in, w_ih, b_ih, b_hh)  # (for the input projection)
                 if self._cell == "gru":
                     # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).

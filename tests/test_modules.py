@@ -46,3 +46,29 @@ def test_float32_longer_sequence(backend, cell):
     cfg = dict(input_size=7, hidden_size=33, num_layers=2, bidirectional=True)
     compare_modules(cell, backend, cfg, "packed_unsorted", True, dtype=torch.float32, atol=2e-5, rtol=1e-4,
                     T=17, B=5, init_range=None)
+
+
+@pytest.mark.parametrize("hx_given", [False, True], ids=["hx0", "hx"])
+@pytest.mark.parametrize("input_kind", INPUT_KINDS)
+@pytest.mark.parametrize("cell,cfg", [pytest.param(c, p.values[0], id=f"{c}-{p.id}")
+                                       for c in ("lstm", "gru", "rnn") for p in _grid(c)
+                                       if p.values[0]["num_layers"] <= 2])
+def test_single_step_runs_the_cell_op(cell, cfg, input_kind, hx_given, monkeypatch):
+    """T = 1 (step-by-step decoding through the sequence modules): on the cpu backend each
+    layer and direction is one call of the cell op (projection and step together), and the
+    result is torch.nn's, forward and backward. (LSTM with projection keeps the sequence op.)"""
+    _require("cpu")
+    backend = registry()["cpu"]
+    real, calls = backend.cell_op, []
+
+    def counting(c):
+        op = real(c)
+
+        def call(*args):
+            calls.append(c)
+            return op(*args)
+        return call
+    monkeypatch.setattr(backend, "cell_op", counting)
+    compare_modules(cell, "cpu", cfg, input_kind, hx_given, T=1)
+    D = 2 if cfg["bidirectional"] else 1
+    assert len(calls) == (0 if cfg.get("proj_size") else cfg["num_layers"] * D)
