@@ -206,13 +206,14 @@ def _lstm_pair(**kw):
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
-    """auto hands LSTM float32 to torch.nn's own forward on AVX-512 CPUs (backends.TORCH_NN)
-    in training from batch 8 (hidden <= 512) and in inference from batch 32: same results
-    as torch.nn, forward and backward."""
-    from fusedrnn.backends import TORCH_NN, TORCH_NN_MIN_BATCH, TORCH_NN_MIN_BATCH_TRAINING as B_TRAIN
+    """auto hands LSTM float32 at batch >= 32 and seq_len >= 32 (in training: hidden <= 512)
+    to torch.nn's own forward on AVX-512 CPUs (backends.TORCH_NN): same results as torch.nn,
+    forward and backward; everything else stays with fusedrnn's backends."""
+    from fusedrnn.backends import TORCH_NN, TORCH_NN_MAX_HIDDEN_TRAINING, TORCH_NN_MIN_BATCH as B, \
+        TORCH_NN_MIN_STEPS as T
     onednn_avx512(True)
     ref, ours = _lstm_pair(num_layers=2, batch_first=True)
-    x = torch.randn(B_TRAIN, 7, 6)
+    x = torch.randn(B, T, 6)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     (y1, (h1, c1)), (y2, (h2, c2)) = ref(x1), ours(x2)
     assert ours.last_backend == TORCH_NN and "in training" in ours.last_backend_reason, ours.last_backend_reason
@@ -223,35 +224,33 @@ def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
     torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
     for (n, p), q in zip(ref.named_parameters(), ours.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
+    big = fusedrnn.LSTM(6, TORCH_NN_MAX_HIDDEN_TRAINING + 8, batch_first=True)
     with torch.no_grad():
-        x = torch.randn(TORCH_NN_MIN_BATCH, 7, 6)
         torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=0)
-        assert ours.last_backend == TORCH_NN and "in inference" in ours.last_backend_reason
-        ours(torch.randn(TORCH_NN_MIN_BATCH - 1, 7, 6))  # inference below the batch threshold
+        assert ours.last_backend == TORCH_NN and "in training" not in ours.last_backend_reason
+        big(x)  # inference: any hidden size
+        assert big.last_backend == TORCH_NN
     first = available_backends("cpu")[0]
-    assert ours.last_backend == first, ours.last_backend_reason
-    # Everything else stays with fusedrnn's backends (training mode: parameters require grad).
-    B = TORCH_NN_MIN_BATCH
     not_delegated = [
-        (ours, torch.randn(B_TRAIN - 1, 7, 6)),                             # smaller batch
-        (fusedrnn.LSTM(6, 520, batch_first=True), torch.randn(B_TRAIN, 7, 6)),  # training, hidden > 512
-        (fusedrnn.LSTM(6, 10, batch_first=True).double(), torch.randn(B, 7, 6, dtype=torch.float64)),
-        (fusedrnn.GRU(6, 10, batch_first=True), torch.randn(B, 7, 6)),      # GRU
-        (fusedrnn.LSTM(6, 10, proj_size=4, batch_first=True), torch.randn(B, 7, 6)),  # projection
-        (fusedrnn.LSTM(6, 10, batch_first=True, backend=first), torch.randn(B, 7, 6)),  # forced
+        (ours, torch.randn(B - 1, T, 6)),                                    # smaller batch
+        (ours, torch.randn(B, T - 1, 6)),                                    # shorter sequence
+        (big, x),                                                            # training, hidden > 512
+        (fusedrnn.LSTM(6, 10, batch_first=True).double(), x.double()),      # float64
+        (fusedrnn.GRU(6, 10, batch_first=True), x),                          # GRU
+        (fusedrnn.LSTM(6, 10, proj_size=4, batch_first=True), x),            # projection
+        (fusedrnn.LSTM(6, 10, batch_first=True, backend=first), x),          # forced
     ]
     for m, inp in not_delegated:
         m(inp)
         assert m.last_backend == first, (m, m.last_backend_reason)
-    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(B, 7, 6), [7] * B, batch_first=True)
     m = fusedrnn.LSTM(6, 10, batch_first=True)
-    m(packed)
+    m(nn.utils.rnn.pack_padded_sequence(x, [T] * B, batch_first=True))
     assert m.last_backend == first
     with torch.backends.mkldnn.flags(enabled=False):
-        m(torch.randn(B, 7, 6))
+        m(x)
         assert m.last_backend == first
     onednn_avx512(False)
-    m(torch.randn(B, 7, 6))
+    m(x)
     assert m.last_backend == first
 
 

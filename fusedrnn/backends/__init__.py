@@ -125,19 +125,22 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 
 # Where torch.nn's own kernel is faster than every fusedrnn backend, "auto" runs torch.nn's
 # forward instead (the module reports last_backend == TORCH_NN). The cases measured: LSTM
-# in float32 on a CPU where torch.nn's LSTM runs oneDNN's AVX-512 kernels, in inference at
-# batch >= 32, in training (autograd records the call) at batch >= 8 with hidden <= 512.
+# in float32 on a CPU where torch.nn's LSTM runs oneDNN's AVX-512 kernels, at batch >= 32
+# and seq_len >= 32, in training only at hidden <= 512.
 # bench/cpu_ops.py, T = 32, 2026-11-29, 2-core AMD EPYC (Zen 4, AVX-512), three runs,
-# backend="cpu" against torch.nn: inference batch 32-64 0.79-1.04x at hidden 256-512 and
-# 0.92-1.10x at 1024, batch 8 0.94-1.35x; training batch 8-64 at hidden 256-512 0.80-0.98x,
-# at hidden 1024 0.99-1.07x (batch 32-64) and 1.20-1.33x (batch 8); batch 1 1.2-2.6x.
+# backend="cpu" against torch.nn: batch 32-64, hidden 256-512: 0.79-1.04x (inference),
+# 0.82-0.95x (training); hidden 1024: 0.92-1.10x (inference), 0.99-1.07x (training);
+# batch 8: 0.94-1.35x (inference), 0.89-0.98x (training; 1.12-1.21x in a separate A/B at
+# T=32, 0.99-1.09x at T=64: noise, so batch 8 stays ours); batch 1: 1.2-2.6x. Short
+# sequences stay ours too: oneDNN's per-call cost dominates them (B=32 H=256: T=1 1.47x
+# inference, 1.68x training; T=16 0.95x inference, 1.06x training; B=8 training T=8 2.16x).
 # The GEMMs decide it: oneDNN's AVX-512 input projection ran at 215-220 GFLOP/s where
 # MKL's (F.linear and torch.mm: our projection in training and the weight gradients) ran
 # at 180-200, of a 232 GFLOP/s FMA peak. On an AVX2-only CPU (Zen 3, earlier sessions) the
 # two were at parity there (0.96-1.12x), so "auto" keeps backend "cpu" on such CPUs.
 TORCH_NN = "torch.nn"
-TORCH_NN_MIN_BATCH = 32           # inference
-TORCH_NN_MIN_BATCH_TRAINING = 8   # training, at hidden <= TORCH_NN_MAX_HIDDEN_TRAINING
+TORCH_NN_MIN_BATCH = 32
+TORCH_NN_MIN_STEPS = 32
 TORCH_NN_MAX_HIDDEN_TRAINING = 512
 
 
@@ -152,25 +155,23 @@ def onednn_avx512() -> bool:
 _AVX512: Optional[bool] = None
 
 
-def torch_nn_faster(call: Call, packed: bool, recorded: Callable[[], bool]) -> Optional[str]:
-    """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call, or None
-    (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then skips oneDNN);
-    `recorded()`: whether autograd records the call (asked only for the cases above)."""
+def torch_nn_faster(call: Call, steps: int, packed: bool, recorded: Callable[[], bool]) -> Optional[str]:
+    """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call of `steps`
+    timesteps, or None (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then
+    skips oneDNN); `recorded()`: whether autograd records the call (asked only if needed)."""
     if not (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
-            and call.proj_size == 0 and not packed):
+            and call.proj_size == 0 and not packed and call.batch >= TORCH_NN_MIN_BATCH
+            and steps >= TORCH_NN_MIN_STEPS):
         return None
     training = recorded()
-    if training and call.batch >= TORCH_NN_MIN_BATCH_TRAINING and call.hidden_size <= TORCH_NN_MAX_HIDDEN_TRAINING:
-        why = (f"in training at batch >= {TORCH_NN_MIN_BATCH_TRAINING} and hidden_size <= "
-               f"{TORCH_NN_MAX_HIDDEN_TRAINING}")
-    elif not training and call.batch >= TORCH_NN_MIN_BATCH:
-        why = f"in inference at batch >= {TORCH_NN_MIN_BATCH}"
-    else:
+    if training and call.hidden_size > TORCH_NN_MAX_HIDDEN_TRAINING:
         return None
     if not onednn_avx512():
         return None
     return (f"auto: torch.nn's LSTM (oneDNN, AVX-512) measured faster than backend 'cpu' for float32 "
-            f"{why} on AVX-512 CPUs (backend='cpu' forces ours)")
+            f"at batch >= {TORCH_NN_MIN_BATCH} and seq_len >= {TORCH_NN_MIN_STEPS}"
+            + (f", hidden_size <= {TORCH_NN_MAX_HIDDEN_TRAINING} in training" if training else "")
+            + " on AVX-512 CPUs (backend='cpu' forces ours)")
 
 
 # "auto" does not run the reference where torch.nn can run the call: the reference is the
