@@ -225,6 +225,28 @@ class _FusedRNNBase(BackendChoice):
             self._record_choice(backend.name, f"{why}; kernels: {backend.kernel_choice()}")
         return out
 
+    def _sequence_layer(self, fwd, layer_in, state, weights, lengths, d):
+        """One layer and direction through the input projection and the sequence op `fwd`:
+        (y, [h_n] or [h_n, c_n])."""
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights
+        recorded = records_grad(layer_in, w_ih, b_ih, b_hh)  # (for the input projection)
+        if self._cell == "gru":
+            # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).
+            gx = input_projection(layer_in, w_ih, b_ih, recorded)
+            train = records_grad(gx, state[0], w_hh, b_hh)
+            y, h_n, *_ = fwd(gx, state[0], w_hh, b_hh, lengths, bool(d), train)
+            new = [h_n]
+        elif self._cell == "lstm":
+            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, recorded)
+            train = records_grad(gx, state[0], state[1], w_hh, w_hr)
+            y, h_n, c_n, *_ = fwd(gx, state[0], state[1], w_hh, w_hr, lengths, bool(d), train)
+            new = [h_n, c_n]
+        else:
+            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, recorded)
+            y, h_n = fwd(gx, state[0], w_hh, lengths, bool(d), self.nonlinearity == "relu")
+            new = [h_n]
+        return y, new
+
     def _layers(self, fwd, step, x, lengths, hs, finish, names, cast):
         D = 2 if self.bidirectional else 1
         finals: list[list[Tensor]] = [[] for _ in hs]
@@ -238,28 +260,11 @@ class _FusedRNNBase(BackendChoice):
                     w_ih, w_hh, b_ih, b_hh, w_hr = (w if w is None else w.to(cast)
                                                     for w in (w_ih, w_hh, b_ih, b_hh, w_hr))
                 state = [h[idx] for h in hs]
-                if step is not None and w_hr is None:  # T = 1 through the cell op
+                if step is not None and w_hr is None:  # T = 1: projection and step in one cell op call
                     new = self._cell_op_step(step, layer_in[0], state, w_ih, w_hh, b_ih, b_hh)
-                    outs.append(new[0].unsqueeze(0))
-                    for f, s in zip(finals, new):
-                        f.append(s)
-                    continue
-                recorded = records_grad(layer_in, w_ih, b_ih, b_hh)  # (for the input projection)
-                if self._cell == "gru":
-                    # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).
-                    gx = input_projection(layer_in, w_ih, b_ih, recorded)
-                    train = records_grad(gx, state[0], w_hh, b_hh)
-                    y, h_n, *_ = fwd(gx, state[0], w_hh, b_hh, lengths, bool(d), train)
-                    new = [h_n]
-                elif self._cell == "lstm":
-                    gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, recorded)
-                    train = records_grad(gx, state[0], state[1], w_hh, w_hr)
-                    y, h_n, c_n, *_ = fwd(gx, state[0], state[1], w_hh, w_hr, lengths, bool(d), train)
-                    new = [h_n, c_n]
+                    y = new[0].unsqueeze(0)
                 else:
-                    gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, recorded)
-                    y, h_n = fwd(gx, state[0], w_hh, lengths, bool(d), self.nonlinearity == "relu")
-                    new = [h_n]
+                    y, new = self._sequence_layer(fwd, layer_in, state, (w_ih, w_hh, b_ih, b_hh, w_hr), lengths, d)
                 outs.append(y)
                 for f, s in zip(finals, new):
                     f.append(s)
