@@ -130,8 +130,8 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 # bench/cpu_ops.py, T = 32, 2026-11-29, 2-core AMD EPYC (Zen 4, AVX-512), three runs,
 # backend="cpu" against torch.nn: batch 32-64, hidden 256-512: 0.79-1.04x (inference),
 # 0.82-0.95x (training); hidden 1024: 0.92-1.10x (inference), 0.99-1.07x (training);
-# batch 8: 0.94-1.35x (inference), 0.89-0.98x (training; 1.12-1.21x in a separate A/B at
-# T=32, 0.99-1.09x at T=64: noise, so batch 8 stays ours); batch 1: 1.2-2.6x. Short
+# batch 8: 0.94-1.35x (inference), 0.89-0.98x (training; 0.98-1.28x in interleaved blocks
+# of 3 calls at T=32, 0.99-1.09x at T=64: noise, so batch 8 stays ours); batch 1: 1.2-2.6x. Short
 # sequences stay ours too: oneDNN's per-call cost dominates them (B=32 H=256: T=1 1.47x
 # inference, 1.68x training; T=16 0.95x inference, 1.06x training; B=8 training T=8 2.16x).
 # The GEMMs decide it: oneDNN's AVX-512 input projection ran at 215-220 GFLOP/s where
