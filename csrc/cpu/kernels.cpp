@@ -606,13 +606,15 @@ inline int64_t rnn_tanh_cells8(const T* x, const T* a, T* out, int64_t n) {
   return u;
 }
 
-// The LSTM backward pointwise (no projection) of one batch row, units [0, n) 8 at a time
-// (cells/lstm.h's lstm_backward_unit with tanh8 inline instead of a libmvec call); the
-// arguments as in the kernel's loop (dcr may be null). Returns how many units it did:
-// a multiple of 8 for float32, 0 for other types (the caller's loop does the rest).
+// The LSTM backward pointwise of one batch row, units [0, n) 8 at a time (cells/lstm.h's
+// lstm_backward_unit with tanh8 inline instead of a libmvec call); the arguments as in the
+// kernel's loop (dcr may be null). dL/dh_t is d + gy (gy may be null: with projection);
+// dzero (if not null) is zeroed for the next step's GEMM; hr (if not null: projection)
+// gets o * tanh(c), the unprojected h_t. Returns how many units it did: a multiple of 8 for float32, 0 for
+// other types (the caller's loop does the rest).
 template <typename T>
-inline int64_t lstm_backward_cells8(const T* gt, const T* ct, const T* cp, T* d, const T* gy, T* dcb, T* gg,
-                                    T* dcr, int64_t H, int64_t n) {
+inline int64_t lstm_backward_cells8(const T* gt, const T* ct, const T* cp, const T* d, const T* gy, T* dzero,
+                                    T* dcb, T* gg, T* dcr, T* hr, int64_t H, int64_t n) {
   int64_t u = 0;
   if constexpr (std::is_same_v<T, float>) {
     const __m256 one = _mm256_set1_ps(1.f);
@@ -620,7 +622,7 @@ inline int64_t lstm_backward_cells8(const T* gt, const T* ct, const T* cp, T* d,
       const __m256 i = _mm256_loadu_ps(gt + u), f = _mm256_loadu_ps(gt + H + u);
       const __m256 g = _mm256_loadu_ps(gt + 2 * H + u), o = _mm256_loadu_ps(gt + 3 * H + u);
       const __m256 tc = tanh8(_mm256_loadu_ps(ct + u));
-      const __m256 dh = _mm256_add_ps(_mm256_loadu_ps(d + u), _mm256_loadu_ps(gy + u));
+      const __m256 dh = gy ? _mm256_add_ps(_mm256_loadu_ps(d + u), _mm256_loadu_ps(gy + u)) : _mm256_loadu_ps(d + u);
       const __m256 dct = _mm256_fmadd_ps(_mm256_mul_ps(dh, o), _mm256_fnmadd_ps(tc, tc, one), _mm256_loadu_ps(dcb + u));
       const __m256 dai = _mm256_mul_ps(_mm256_mul_ps(dct, g), _mm256_mul_ps(i, _mm256_sub_ps(one, i)));
       const __m256 daf =
@@ -638,7 +640,8 @@ inline int64_t lstm_backward_cells8(const T* gt, const T* ct, const T* cp, T* d,
         _mm256_storeu_ps(dcr + 3 * H + u, dao);
       }
       _mm256_storeu_ps(dcb + u, _mm256_mul_ps(dct, f));
-      _mm256_storeu_ps(d + u, _mm256_setzero_ps());
+      if (hr) _mm256_storeu_ps(hr + u, _mm256_mul_ps(o, tc));
+      if (dzero) _mm256_storeu_ps(dzero + u, _mm256_setzero_ps());
     }
   }
   return u;
@@ -660,7 +663,8 @@ using Tiled = TiledStub<T>;
 template <typename T>
 inline int64_t lstm_cells8(const T*, int64_t, const T*, T*, T*, T*, T*, T*, int64_t p, int64_t) { return p; }
 template <typename T>
-inline int64_t lstm_backward_cells8(const T*, const T*, const T*, T*, const T*, T*, T*, T*, int64_t, int64_t) {
+inline int64_t lstm_backward_cells8(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, T*, T*, int64_t,
+                                    int64_t) {
   return 0;
 }
 template <typename T>
