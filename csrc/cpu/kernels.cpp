@@ -610,8 +610,8 @@ inline int64_t rnn_tanh_cells8(const T* x, const T* a, T* out, int64_t n) {
 // lstm_backward_unit with tanh8 inline instead of a libmvec call); the arguments as in the
 // kernel's loop (dcr may be null). dL/dh_t is d + gy (gy may be null: with projection);
 // dzero (if not null) is zeroed for the next step's GEMM; hr (if not null: projection)
-// gets o * tanh(c), the unprojected h_t. Returns how many units it did: a multiple of 8 for float32, 0 for
-// other types (the caller's loop does the rest).
+// gets o * tanh(c), the unprojected h_t. Returns how many units it did: a multiple of 8
+// for float32, 0 for other types (the caller's loop does the rest).
 template <typename T>
 inline int64_t lstm_backward_cells8(const T* gt, const T* ct, const T* cp, const T* d, const T* gy, T* dzero,
                                     T* dcb, T* gg, T* dcr, T* hr, int64_t H, int64_t n) {
