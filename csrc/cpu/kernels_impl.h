@@ -348,7 +348,8 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
             T* d = dh.data() + b * H + j0;
             const T* gy = grad_y + (t * B + b) * H + j0;
             // float32 (AVX2): 8 units at a time with an inline tanh; the loop does the rest.
-            const int64_t u8 = lstm_backward_cells8(gt, ct, cp, d, gy, d, dcb, gg, dcr, static_cast<T*>(nullptr), H, nu);
+            const int64_t u8 =
+                lstm_backward_cells8(gt, ct, cp, d, gy, d, dcb, gg, dcr, static_cast<T*>(nullptr), H, nu);
 #pragma omp simd
             for (int64_t u = u8; u < nu; ++u) {
               T dai, daf, dag, dao, dcp;
