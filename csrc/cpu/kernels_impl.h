@@ -22,20 +22,20 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, P, 1, 4, H, P, 0, sl) : nullptr);
   const GateWeights<T> w(w_hh, 4, H, P, sl, tiled ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
-  std::vector<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
-  SavedRows<T> gates_s(gates, B, G), cells_s(cells, B, H);  // null in inference: scratch rows
+  Buf<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
+  SavedRows<T> gates_s(gates, B, G, sl.n), cells_s(cells, B, H, sl.n);  // null in inference: scratch rows
   std::copy(h0, h0 + B * P, ha.data());
   std::copy(c0, c0 + B * H, c.data());
   T* hcur = ha.data();
   T* hnext = hb.data();
-  // Cell math of row b, units [j0, j0+nu), at step s; gate q's pre-activation at a[q*as + u].
-  auto cell = [&](int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as) {
+  // Cell math of slice k, row b, units [j0, j0+nu), at step s; gate q's pre-activation at a[q*as + u].
+  auto cell = [&](int k, int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as) {
         const int64_t L = sq.len(b);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* x = gx + (t * B + b) * G + j0;
-          T* gt = gates_s.at(t, b) + j0;
-          T* ct = cells_s.at(t, b) + j0;
+          T* gt = gates_s.at(t, b, k) + j0;
+          T* ct = cells_s.at(t, b, k) + j0;
           T* cb = c.data() + b * H + j0;
           T* out = proj ? hr.data() + b * H + j0 : hnext + b * P + j0;
           T* yt = y + (t * B + b) * P + j0;
@@ -49,9 +49,9 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
           }
           if (!proj) std::copy(out, out + nu, yt);
         } else {
-          T* gt = gates_s.at(s, b) + j0;
+          T* gt = gates_s.at(s, b, k) + j0;
           for (int q = 0; q < 4; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
-          std::fill(cells_s.at(s, b) + j0, cells_s.at(s, b) + j0 + nu, T(0));
+          std::fill(cells_s.at(s, b, k) + j0, cells_s.at(s, b, k) + j0 + nu, T(0));
           if (!proj) {
             std::fill(y + (s * B + b) * P + j0, y + (s * B + b) * P + j0 + nu, T(0));
             std::copy(hcur + b * P + j0, hcur + b * P + j0 + nu, hnext + b * P + j0);
@@ -71,15 +71,15 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
           const int64_t L = sq.len(b);
           if (s < L) {  // float32: the row's full panels at once (lstm_cells8)
             const int64_t t = sq.reverse ? L - 1 - s : s;
-            p = lstm_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, c.data() + b * H, gates_s.at(t, b),
-                            cells_s.at(t, b), proj ? hr.data() + b * H : hnext + b * P,
+            p = lstm_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, c.data() + b * H, gates_s.at(t, b, k),
+                            cells_s.at(t, b, k), proj ? hr.data() + b * H : hnext + b * P,
                             proj ? nullptr : y + (t * B + b) * P, p, std::min(p1, H / 8));
           }
-          for (; p < p1; ++p) cell(s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8);
+          for (; p < p1; ++p) cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8);
         }
       } else {
         w.gemm(k, B, hcur, gh.data());
-        for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * G + 4 * j0, j1 - j0);
+        for (int64_t b = 0; b < B; ++b) cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 4 * j0, j1 - j0);
       }
     });
     if (proj) {
@@ -113,21 +113,21 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 3, H, H, 0, sl) : nullptr);
   const GateWeights<T> w(w_hh, 3, H, H, sl, tiled ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
-  std::vector<T> bz(b_hh ? 0 : G, T(0)), gh(B * ldg), ha(B * H), hb(B * H);
+  Buf<T> bz(b_hh ? 0 : G, T(0)), gh(B * ldg), ha(B * H), hb(B * H);
   const T* bias = b_hh ? b_hh : bz.data();
-  SavedRows<T> gates_s(gates, B, G), hn_s(hn, B, H);  // null in inference: scratch rows
+  SavedRows<T> gates_s(gates, B, G, sl.n), hn_s(hn, B, H, sl.n);  // null in inference: scratch rows
   std::copy(h0, h0 + B * H, ha.data());
   T* hcur = ha.data();
   T* hnext = hb.data();
-  auto cell = [&](int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as) {
+  auto cell = [&](int k, int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as) {
         const T* bb = bias + j0;
         const int64_t L = sq.len(b);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* x = gx + (t * B + b) * G + j0;
           const T* hp = hcur + b * H + j0;
-          T* gt = gates_s.at(t, b) + j0;
-          T* hs = hn_s.at(t, b) + j0;
+          T* gt = gates_s.at(t, b, k) + j0;
+          T* hs = hn_s.at(t, b, k) + j0;
           T* out = hnext + b * H + j0;
 #pragma omp simd
           for (int64_t u = 0; u < nu; ++u) {
@@ -140,9 +140,9 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
           }
           std::copy(out, out + nu, y + (t * B + b) * H + j0);
         } else {
-          T* gt = gates_s.at(s, b) + j0;
+          T* gt = gates_s.at(s, b, k) + j0;
           for (int q = 0; q < 3; ++q) std::fill(gt + q * H, gt + q * H + nu, T(0));
-          std::fill(hn_s.at(s, b) + j0, hn_s.at(s, b) + j0 + nu, T(0));
+          std::fill(hn_s.at(s, b, k) + j0, hn_s.at(s, b, k) + j0 + nu, T(0));
           std::fill(y + (s * B + b) * H + j0, y + (s * B + b) * H + j0 + nu, T(0));
           std::copy(hcur + b * H + j0, hcur + b * H + j0 + nu, hnext + b * H + j0);
         }
@@ -160,14 +160,14 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
           const int64_t L = sq.len(b);
           if (s < L) {  // float32: the row's full panels at once (gru_cells8)
             const int64_t t = sq.reverse ? L - 1 - s : s;
-            p = gru_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, bias, hcur + b * H, gates_s.at(t, b),
-                           hn_s.at(t, b), hnext + b * H, y + (t * B + b) * H, p, std::min(p1, H / 8));
+            p = gru_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, bias, hcur + b * H, gates_s.at(t, b, k),
+                           hn_s.at(t, b, k), hnext + b * H, y + (t * B + b) * H, p, std::min(p1, H / 8));
           }
-          for (; p < p1; ++p) cell(s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 24, 8);
+          for (; p < p1; ++p) cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 24, 8);
         }
       } else {
         w.gemm(k, B, hcur, gh.data());
-        for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * G + 3 * j0, j1 - j0);
+        for (int64_t b = 0; b < B; ++b) cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 3 * j0, j1 - j0);
       }
     });
     std::swap(hcur, hnext);
@@ -183,7 +183,7 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
   const Slices sl = make_slices(H, B * H, Tiled<T>::panel_units(1));
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 1, H, H, 0, sl) : nullptr);
   const int64_t ldg = tiled ? tw->ldc() : H;
-  std::vector<T> gh(B * ldg), ha(B * H), hb(B * H);
+  Buf<T> gh(B * ldg), ha(B * H), hb(B * H);
   std::copy(h0, h0 + B * H, ha.data());
   T* hcur = ha.data();
   T* hnext = hb.data();
@@ -242,7 +242,7 @@ struct StepGrads {
   T* out;
   int64_t N;
   bool direct;
-  std::vector<T> a, b;
+  Buf<T> a, b;
   T* cur = nullptr;   // this step's rows (written by the pointwise)
   T* next = nullptr;  // the step just done (read by the GEMM)
   StepGrads(const Seq& s, T* out_, int64_t N_)
@@ -271,13 +271,13 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
   const bool tiled = !proj && Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * G * (proj ? 1 : 2), tiled ? Tiled<T>::panel_units(1) : 8);
   const Slices slp = make_slices(P, B * G);
-  std::vector<T> dh(grad_h_n, grad_h_n + B * P), dc(grad_c_n, grad_c_n + B * H);
-  std::vector<T> dht(proj ? B * P : 0), dhr(proj ? B * H : 0);
+  Buf<T> dh(grad_h_n, grad_h_n + B * P), dc(grad_c_n, grad_c_n + B * H);
+  Buf<T> dht(proj ? B * P : 0), dhr(proj ? B * H : 0);
   StepGrads<T> sg(sq, grad_gx, G);
   T* const& dnext = sg.next;  // follows sg (a reference to the member)
   const int64_t KG = G;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
-  std::vector<T> tmp(tiled ? sl.n * B * 32 : 0);
+  Buf<T> tmp(tiled ? sl.n * B * 32 : 0);
   // dh[:, j0:j1] += dnext @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
   auto dh_gemm = [&](int k) {
     for (int64_t p = tb->first_panel(sl.lo(k)); p < tb->end_panel(sl.hi(k)); ++p)
@@ -394,12 +394,12 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
   const int64_t B = sq.B, TT = sq.T, G = 3 * H;
   const bool tiled = Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * G * 2, tiled ? Tiled<T>::panel_units(1) : 8);
-  std::vector<T> dh(grad_h_n, grad_h_n + B * H);
+  Buf<T> dh(grad_h_n, grad_h_n + B * H);
   StepGrads<T> sg(sq, dgh, G);  // dgh: (dxr, dxz, dhn), what the GEMM takes
   T* const& dnext = sg.next;
   const int64_t KG = G;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
-  std::vector<T> tmp(tiled ? sl.n * B * 32 : 0);
+  Buf<T> tmp(tiled ? sl.n * B * 32 : 0);
   // dh[:, j0:j1] += dnext @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
   auto dh_gemm = [&](int k) {
     for (int64_t p = tb->first_panel(sl.lo(k)); p < tb->end_panel(sl.hi(k)); ++p)
@@ -467,12 +467,12 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
   const int64_t B = sq.B, TT = sq.T;
   const bool tiled = Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * H * 2, tiled ? Tiled<T>::panel_units(1) : 8);
-  std::vector<T> dh(grad_h_n, grad_h_n + B * H);
+  Buf<T> dh(grad_h_n, grad_h_n + B * H);
   StepGrads<T> sg(sq, grad_gx, H);
   T* const& dnext = sg.next;
   const int64_t KG = H;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
-  std::vector<T> tmp(tiled ? sl.n * B * 32 : 0);
+  Buf<T> tmp(tiled ? sl.n * B * 32 : 0);
   // dh[:, j0:j1] += dnext @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
   auto dh_gemm = [&](int k) {
     for (int64_t p = tb->first_panel(sl.lo(k)); p < tb->end_panel(sl.hi(k)); ++p)

@@ -7,9 +7,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -45,17 +45,27 @@ Seq make_seq(int64_t T, int64_t B, const Tensor& L, bool reverse) {
   return Seq{T, B, L.defined() ? L.data_ptr<int64_t>() : nullptr, reverse};
 }
 
+// out [M, N] (+)= a^T @ b for contiguous a [K, M] and b [K, N] (the first dims flattened):
+// a weight's gradient summed over K rows of time steps (cpu::gemm reads a^T in place).
+void grad_gemm(const Tensor& a, const Tensor& b, Tensor& out, bool acc) {
+  const int64_t M = a.size(-1), N = b.size(-1), K = a.numel() / std::max<int64_t>(M, 1);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fusedrnn_grad_gemm_cpu", [&] {
+    cpu::gemm<scalar_t>(M, N, K, a.data_ptr<scalar_t>(), 1, M, b.data_ptr<scalar_t>(), N, 1,
+                        out.data_ptr<scalar_t>(), N, acc);
+  });
+}
+
 // grad_w = dfirst^T @ h0 + sum_t dpre[t]^T @ y[t -/+ 1]: the state each step started
 // from is h0 at the sequence's first step and the previous output otherwise. Padded
 // steps have dpre = 0 and y = 0, so one shifted GEMM over all steps covers lengths too.
 Tensor weight_grad(const Tensor& dpre, const Tensor& dfirst, const Tensor& h0, const Tensor& y, bool reverse) {
-  const int64_t T = dpre.size(0), B = dpre.size(1), G = dpre.size(2), P = y.size(2);
-  Tensor gw = new_output({G, P}, dpre);  // pooled, unlike at::mm's result
-  at::mm_out(gw, dfirst.t(), h0);
+  const int64_t T = dpre.size(0), G = dpre.size(2), P = y.size(2);
+  Tensor gw = new_output({G, P}, dpre);
+  grad_gemm(dfirst, h0, gw, false);
   if (T > 1) {
-    Tensor d = reverse ? dpre.narrow(0, 0, T - 1) : dpre.narrow(0, 1, T - 1);
-    Tensor h = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-    gw.addmm_(d.reshape({(T - 1) * B, G}).t(), h.reshape({(T - 1) * B, P}));
+    const Tensor d = reverse ? dpre.narrow(0, 0, T - 1) : dpre.narrow(0, 1, T - 1);
+    const Tensor h = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+    grad_gemm(d, h, gw, true);
   }
   return gw;
 }
@@ -153,7 +163,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
   Tensor grad_w_hr = at::empty({0}, grad_y.options());
   if (w_hr.defined()) {
     grad_w_hr = new_output({P, H}, grad_y);
-    at::mm_out(grad_w_hr, dhs.reshape({T * B, P}).t(), hr.reshape({T * B, H}));
+    grad_gemm(dhs, hr, grad_w_hr, false);
   }
   return {grad_gx, grad_h0, grad_c0, grad_w_hh, grad_w_hr};
 }
