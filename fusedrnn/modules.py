@@ -220,34 +220,33 @@ class _FusedRNNBase(BackendChoice):
         # projection and the step in one call (the per-call overhead is most of a small step).
         step = backend.cell_op(self._cell) if x.shape[0] == 1 and lengths is None else None
         with below_autograd_if_no_grad(), (AC.autocast_off(x.device.type) if cast else contextlib.nullcontext()):
-            out = self._layers(fwd, step, x, lengths, hs, finish, names, cast)
+            out = self._layers(fwd, step, x, lengths, hs, finish, names, cast, backend.name == "cpu")
         if backend.kernel_choice is not None:
             self._record_choice(backend.name, f"{why}; kernels: {backend.kernel_choice()}")
         return out
 
-    def _sequence_layer(self, fwd, layer_in, state, weights, lengths, d):
+    def _sequence_layer(self, fwd, layer_in, state, weights, lengths, d, native):
         """One layer and direction through the input projection and the sequence op `fwd`:
-        (y, [h_n] or [h_n, c_n])."""
+        (y, [h_n] or [h_n, c_n]). `native`: the cpu backend runs it (projection.py)."""
         w_ih, w_hh, b_ih, b_hh, w_hr = weights
-        recorded = records_grad(layer_in, w_ih, b_ih, b_hh)  # (for the input projection)
         if self._cell == "gru":
             # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).
-            gx = input_projection(layer_in, w_ih, b_ih, recorded)
+            gx = input_projection(layer_in, w_ih, b_ih, native)
             train = records_grad(gx, state[0], w_hh, b_hh)
             y, h_n, *_ = fwd(gx, state[0], w_hh, b_hh, lengths, bool(d), train)
             new = [h_n]
         elif self._cell == "lstm":
-            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, recorded)
+            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, native)
             train = records_grad(gx, state[0], state[1], w_hh, w_hr)
             y, h_n, c_n, *_ = fwd(gx, state[0], state[1], w_hh, w_hr, lengths, bool(d), train)
             new = [h_n, c_n]
         else:
-            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, recorded)
+            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, native)
             y, h_n = fwd(gx, state[0], w_hh, lengths, bool(d), self.nonlinearity == "relu")
             new = [h_n]
         return y, new
 
-    def _layers(self, fwd, step, x, lengths, hs, finish, names, cast):
+    def _layers(self, fwd, step, x, lengths, hs, finish, names, cast, native):
         D = 2 if self.bidirectional else 1
         finals: list[list[Tensor]] = [[] for _ in hs]
         layer_in = x
@@ -264,7 +263,8 @@ class _FusedRNNBase(BackendChoice):
                     new = self._cell_op_step(step, layer_in[0], state, w_ih, w_hh, b_ih, b_hh)
                     y = new[0].unsqueeze(0)
                 else:
-                    y, new = self._sequence_layer(fwd, layer_in, state, (w_ih, w_hh, b_ih, b_hh, w_hr), lengths, d)
+                    y, new = self._sequence_layer(fwd, layer_in, state, (w_ih, w_hh, b_ih, b_hh, w_hr), lengths, d,
+                                                  native)
                 outs.append(y)
                 for f, s in zip(finals, new):
                     f.append(s)

@@ -2,16 +2,17 @@
 timesteps before the recurrence (as large as the recurrent GEMMs of the whole sequence).
 
 Every backend's op takes gx (fusedrnn/schema.py); this picks the GEMM that computes it.
-F.linear runs MKL on CPUs. On AVX-512 CPUs oneDNN's linear (the kernel torch.nn's own
-LSTM uses there) is faster: measured on a 2-core AMD EPYC (Zen 4) VM, 2026-11-29,
-[2048 x 256] @ [256 x 1024] 220 against 203 GFLOP/s, [2048 x 512] @ [512 x 2048] 216
-against 180 (FMA peak 232); module inference (T = 32, backend "cpu", in-process
-interleaved A/B) 1.10x at hidden 512-1024 (LSTM B=8, GRU B=8) and 0.97-1.07x at hidden
-256 (LSTM B=8, GRU B=32/64, RNN B=64; median 1.03x). Only where autograd records
-nothing: in training the forward's projection is one GEMM of six, and an
-autograd.Function around oneDNN's linear (backward on torch.mm; oneDNN was no faster for
-the gradients' shapes, 0.7-1.0x) measured 0.98-1.02x. Elsewhere (training, AVX2-only
-CPUs, other dtypes, GPUs, tracing) it is F.linear.
+Layers the cpu backend runs (float32, large enough) use the op fusedrnn::projection: its
+kernel (csrc/cpu/register.cpp, cpu::gemm) runs the recurrent micro-kernel blocked for
+cache, forward and backward (dx = grad @ w, dw = grad^T @ x). Measured on a 2-core AMD
+EPYC (Zen 4) VM, 2026-11-29, at T*B x H shapes (T=32, B 8-64, H 256-512): 212-219
+GFLOP/s of the 232 peak for x @ w^T + b, as fast as oneDNN's linear (which torch.nn's LSTM
+runs there, and which this module used in inference before) and faster than MKL's sgemm,
+which F.linear runs (193-205); the weight gradient 1.0-1.15x and dx 0.98-1.08x MKL's.
+Modules (in-process A/B against oneDNN in inference and F.linear in training, T=32):
+LSTM and GRU 1.03-1.09x at B 8-64, H 256-512; 0.98-1.19x at B 1-4.
+Elsewhere (other backends, dtypes and devices, fewer than MIN_MACS multiply-adds):
+F.linear.
 """
 from __future__ import annotations
 
@@ -21,32 +22,67 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import onednn_avx512
+from . import ops
 
-# Below this many multiply-adds (T=32, B=1, H=256 is 2^23) the GEMM is a small part of a
-# forward and the two were within noise.
+# Below this many multiply-adds (T=32, B=2, H=256 is 2^24) the custom op's Python
+# autograd wrapper is a visible part of the GEMM; F.linear's is C++.
 MIN_MACS = 1 << 24
 
-_LINEAR = None  # torch.ops.mkldnn._linear_pointwise, or False when this torch lacks it
 
-
-def _onednn_linear():
-    global _LINEAR
-    if _LINEAR is None:
-        try:
-            _LINEAR = torch.ops.mkldnn._linear_pointwise.default
-        except (AttributeError, RuntimeError):
-            _LINEAR = False
-    return _LINEAR
-
-
-def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], recorded: bool) -> Tensor:
-    """x [T, B, I] @ w [G, I]^T + b [G] -> [T, B, G], like F.linear. `recorded`: whether
-    autograd records the call (modules.records_grad of x, w and the biases)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and (b is None or b.dtype == torch.float32) and x.dim() == 3 and w.is_contiguous()
-            and x.numel() * w.shape[0] >= MIN_MACS and not recorded and onednn_avx512()
-            and _onednn_linear() and not torch.compiler.is_compiling()):
-        T, B, I = x.shape
-        return _LINEAR(x.reshape(T * B, I), w, b, "none", [], "").view(T, B, w.shape[0])
+def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = False) -> Tensor:
+    """x [T, B, I] @ w [G, I]^T + b [G] -> [T, B, G], like F.linear. `native`: the layer runs
+    on the cpu backend (so fusedrnn::projection exists)."""
+    if (native and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and (b is None or b.dtype == torch.float32) and x.numel() * w.shape[0] >= MIN_MACS):
+        return torch.ops.fusedrnn.projection(x, w, b)
     return F.linear(x, w, b)
+
+
+# ----------------------------------------------------------------------------- the op
+SCHEMAS = {
+    "projection": "(Tensor x, Tensor w, Tensor? b) -> Tensor",
+    "projection_backward": "(Tensor grad, Tensor x, Tensor w, bool need_x, bool need_w, bool need_b)"
+                           " -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)",
+}
+_LIB = torch.library.Library("fusedrnn", "FRAGMENT")  # noqa: TOR901 (kept alive for the process)
+_DEFINED = False
+
+
+def define() -> None:
+    """Declare fusedrnn::projection and its backward (the cpu backend's C++ implements them),
+    with fake kernels and autograd (idempotent)."""
+    global _DEFINED
+    if _DEFINED:
+        return
+    _DEFINED = True
+    for name, schema in SCHEMAS.items():
+        _LIB.define(name + schema)
+    torch.library.register_fake("fusedrnn::projection", _projection_fake, lib=_LIB)
+    torch.library.register_fake("fusedrnn::projection_backward", _projection_backward_fake, lib=_LIB)
+    torch.library.register_autograd("fusedrnn::projection", _backward, setup_context=_setup, lib=_LIB)
+    torch.library.register_autograd("fusedrnn::projection_backward", ops._no_double_backward,
+                                    setup_context=ops._no_setup, lib=_LIB)
+
+
+def _projection_fake(x, w, b):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _projection_backward_fake(grad, x, w, need_x, need_w, need_b):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(w) if need_w else x.new_empty(0),
+            x.new_empty(w.shape[0]) if need_b else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, w, b = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_b = b is not None
+
+
+def _backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    need_b = need_b and ctx.has_b
+    gx, gw, gb = torch.ops.fusedrnn.projection_backward(grad.contiguous(), x, w, need_x, need_w, need_b)
+    return gx if need_x else None, gw if need_w else None, gb if need_b else None

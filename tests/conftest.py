@@ -33,3 +33,14 @@ def pytest_collection_modifyitems(config, items):
 def _seed(request):
     # Fresh random inputs per test, reproducible per test id.
     torch.manual_seed(hash(request.node.nodeid) % (2**31))
+
+
+@pytest.fixture
+def cpu_options():
+    """Set the cpu kernels' tuning knobs (fusedrnn._C._set_options) for one test, restored after."""
+    from fusedrnn import _C
+    old = _C._set_options(-1, 0)
+    threads = torch.get_num_threads()
+    yield _C._set_options
+    _C._set_options(*old)
+    torch.set_num_threads(threads)

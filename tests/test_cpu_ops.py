@@ -149,17 +149,6 @@ def test_errors_are_clear(bad, match):
         op(gx, h0, c0, w_hh, w_hr, L, rev)
 
 
-@pytest.fixture
-def cpu_options():
-    """Set the kernels' tuning knobs (fusedrnn._C._set_options) for one test, restored after."""
-    from fusedrnn import _C
-    old = _C._set_options(-1, 0)
-    threads = torch.get_num_threads()
-    yield _C._set_options
-    _C._set_options(*old)
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 @pytest.mark.parametrize("tiled", [1, 0], ids=["tiled", "blas"])
 @pytest.mark.parametrize("H", [44, 64])  # 44: partial last 8- and 32-unit panels

@@ -1,76 +1,157 @@
-"""fusedrnn/projection.py: the input projection (oneDNN's linear in inference on AVX-512
-CPUs, else F.linear) against F.linear, and which path ran."""
+"""The input projection (fusedrnn/projection.py): the op fusedrnn::projection
+(csrc/cpu/register.cpp on cpu::gemm, the blocked micro-kernel for float32 on AVX2, BLAS
+otherwise) against F.linear, forward and backward, gradcheck in float64, opcheck, its
+errors, and which layers use it. Outputs are NaN-poisoned before the kernels write them
+(FUSEDRNN_POISON=1, tests/conftest.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fusedrnn
-from fusedrnn import backends, projection
-
-pytestmark = pytest.mark.skipif(not projection._onednn_linear() or not torch.backends.mkldnn.is_available(),
-                                reason="this torch has no oneDNN linear")
+from fusedrnn import projection
+from op_harness import backend_or_skip
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Forces the AVX-512 answer to `yes` and counts the oneDNN linear's calls."""
-    calls = []
-    real = projection._onednn_linear()
-
-    def linear(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-
-    def force(yes: bool):
-        monkeypatch.setattr(backends, "_AVX512", yes)
-        monkeypatch.setattr(projection, "_LINEAR", linear)
-        return calls
-    return force
+@pytest.fixture(autouse=True)
+def _cpu_backend():
+    backend_or_skip("cpu")
 
 
-def _args(T, B, I, G, bias=True, batch_first=False):
-    x = torch.randn(B, T, I).transpose(0, 1) if batch_first else torch.randn(T, B, I)
-    return x, torch.randn(G, I) / I ** 0.5, torch.randn(G) if bias else None
+def op(*args):
+    return torch.ops.fusedrnn.projection(*args)
+
+
+def _args(shape, G, bias=True, batch_first=False, dtype=torch.float32):
+    """x [*shape] (with batch_first a view with dims 0 and 1 swapped), w [G, I], b [G] or None; random."""
+    if batch_first:
+        x = torch.randn(shape[1], shape[0], *shape[2:], dtype=dtype).transpose(0, 1)
+    else:
+        x = torch.randn(*shape, dtype=dtype)
+    I = shape[-1]
+    return x, torch.randn(G, I, dtype=dtype) / max(I, 1) ** 0.5, torch.randn(G, dtype=dtype) if bias else None
+
+
+# (7, 40, 150) x 100: 280 rows (two row blocks of 192), k 150 (two k blocks of 128), 100
+# columns (three full 32-column panels and a partial one); (3, 5, 1): I = 1; (9, 33) 2-D.
+SHAPES = [((7, 40, 150), 100), ((3, 5, 1), 7), ((9, 33), 64), ((2, 3, 70), 5)]
+
+
+@pytest.mark.parametrize("tiled", [1, 0], ids=["tiled", "blas"])
+@pytest.mark.parametrize("shape,G", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch_first", [False, True])  # a non-contiguous x
+def test_matches_f_linear(tiled, shape, G, bias, batch_first, cpu_options):
+    """Forward and every gradient against F.linear in float64, float32 inputs, two threads."""
+    cpu_options(tiled, 1)
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    x, w, b = _args(shape, G, bias, batch_first)
+    x64, w64, b64 = (t if t is None else t.double().requires_grad_() for t in (x, w, b))
+    x, w, b = (t if t is None else t.requires_grad_() for t in (x, w, b))
+    out, ref = op(x, w, b), F.linear(x64, w64, b64)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    leaves, leaves64 = [t for t in (x, w, b) if t is not None], [t for t in (x64, w64, b64) if t is not None]
+    for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves64, g.double())):
+        # float32 sums of up to 280 products of O(1) values: 1e-5 of the largest magnitude
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("need", ["x", "w", "b", "xw", "wb"])
+def test_only_the_needed_gradients(need):
+    """The backward op computes what autograd asks for (frozen weights: no weight GEMM)."""
+    x, w, b = _args((4, 6, 40), 72)
+    for name, t in zip("xwb", (x, w, b)):
+        t.requires_grad_(name in need)
+    out = op(x, w, b)
+    gx, gw, gb = torch.ops.fusedrnn.projection_backward(torch.randn_like(out), x, w, "x" in need, "w" in need,
+                                                         "b" in need)
+    assert [t.numel() > 0 for t in (gx, gw, gb)] == [n in need for n in "xwb"]
+    out.backward(torch.ones_like(out))
+    for name, t in zip("xwb", (x, w, b)):
+        assert (t.grad is not None) == (name in need)
+    if "b" in need:
+        torch.testing.assert_close(b.grad, torch.full_like(b, 4 * 6.0))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 8), (2, 3, 0)], ids=["no-rows", "I=0"])
+def test_empty(shape):
+    x, w, b = _args(shape, 16)
+    x.requires_grad_(), w.requires_grad_()
+    out = op(x, w, b)
+    torch.testing.assert_close(out, F.linear(x, w, b))
+    out.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("batch_first", [False, True])  # a non-contiguous x
-def test_onednn_path_matches_f_linear(counted, bias, batch_first):
-    calls = counted(True)
-    x, w, b = _args(32, 24, 96, 384, bias, batch_first)
-    assert x.numel() * w.shape[0] >= projection.MIN_MACS
-    out = projection.input_projection(x, w, b, recorded=False)
-    assert calls == [(32 * 24, 96)]
-    assert out.shape == (32, 24, 384)
-    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+def test_gradcheck_float64(bias):
+    x, w, b = (t if t is None else t.requires_grad_() for t in _args((3, 4, 5), 6, bias, dtype=torch.float64))
+    assert torch.autograd.gradcheck(op, (x, w, b))
 
 
-def test_f_linear_elsewhere(counted):
-    calls = counted(True)
-    x, w, b = _args(32, 24, 96, 384)
-    small = _args(4, 2, 8, 32)
-    for args in ((x, w, b, True),                                  # autograd records it
-                 (*small, False),                                  # too small to gain
-                 (x.double(), w.double(), b.double(), False)):     # not float32
-        assert torch.equal(projection.input_projection(*args), F.linear(*args[:3]))
-    assert calls == []
-    counted(False)  # AVX2-only CPU
-    assert torch.equal(projection.input_projection(x, w, b, False), F.linear(x, w, b))
-    assert calls == []
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    x, w, b = (t.requires_grad_() for t in _args((3, 4, 5), 8, dtype=dtype))
+    torch.library.opcheck(torch.ops.fusedrnn.projection.default, (x, w, b))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("dtype", "supports float32 and float64"), ("mixed", "w has dtype"), ("w-shape", "w must have shape"),
+    ("b-shape", "b must have shape"), ("w-dim", "w must be 2-D"), ("scalar", "at least 1 dimension")])
+def test_errors(bad, match):
+    x, w, b = _args((2, 3, 4), 8)
+    if bad == "dtype":
+        x, w, b = x.half(), w.half(), b.half()
+    elif bad == "mixed":
+        w = w.double()
+    elif bad == "w-shape":
+        w = w[:, :3]
+    elif bad == "b-shape":
+        b = b[:5]
+    elif bad == "w-dim":
+        w = w[0]
+    elif bad == "scalar":
+        x = x[0, 0, 0]
+    with pytest.raises(RuntimeError, match=match):
+        op(x, w, b)
+
+
+def _projection_calls(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "fusedrnn::projection")
 
 
 @pytest.mark.parametrize("cls", ["GRU", "RNN", "LSTM"])
-def test_modules_in_inference_use_it(counted, cls):
-    """Inference through the modules takes the oneDNN path and still matches torch.nn
-    (LSTM at batch < 32: batch >= 32 would go to torch.nn's own LSTM)."""
-    calls = counted(True)
+@pytest.mark.parametrize("train", [False, True])
+def test_modules_use_it(cls, train):
+    """The cpu backend's layers take the op, inference and training, and still match torch.nn."""
     ref = getattr(nn, cls)(96, 96, num_layers=2)
-    ours = getattr(fusedrnn, cls)(96, 96, num_layers=2)
+    ours = getattr(fusedrnn, cls)(96, 96, num_layers=2, backend="cpu")
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(96, 24, 96)  # every projection >= MIN_MACS (RNN: 96*24 * 96*96)
-    with torch.no_grad():
-        a, b = ref(x), ours(x)
-    assert len(calls) == 2, calls  # one per layer
-    assert ours.last_backend != backends.TORCH_NN
-    torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-5)
+    x = torch.randn(96, 24, 96, requires_grad=train)  # every projection >= MIN_MACS (RNN: 96*24 * 96*96)
+    with torch.set_grad_enabled(train):
+        out = {}
+        assert _projection_calls(lambda: out.setdefault("y", ours(x)[0])) == 2  # one per layer
+        want = ref(x)[0]
+    torch.testing.assert_close(out["y"], want, rtol=1e-5, atol=1e-5)
+    if train:
+        g = torch.randn_like(want)
+        got = torch.autograd.grad(out["y"], [x, *ours.parameters()], g)
+        exp = torch.autograd.grad(want, [x, *ref.parameters()], g)
+        for a, e in zip(got, exp):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_f_linear_elsewhere():
+    """Small layers, float64 and the other backends keep F.linear."""
+    x = torch.randn(96, 24, 96)
+    small = torch.randn(4, 2, 8)
+    for module, inp in ((fusedrnn.GRU(8, 8, backend="cpu"), small),
+                        (fusedrnn.GRU(96, 96, backend="cpu").double(), x.double()),
+                        (fusedrnn.GRU(96, 96, backend="reference"), x)):
+        assert _projection_calls(lambda: module(inp)) == 0
+    assert small.numel() * 24 < projection.MIN_MACS

@@ -379,14 +379,16 @@ struct TiledF {
   int64_t ldc() const { return npanel * 8 * V + 16; }
 
   // `pf`: npf (<= K) cache lines to prefetch, one per k step (the in-loop prefetch, see rows()).
+  // `init` (if not null and not acc): the accumulators start from it (8*VV values, a bias).
   template <int VV, int R>
   static inline void kernel(int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
-                            bool acc, const char* pf = nullptr, int64_t npf = 0) {
+                            bool acc, const char* pf, int64_t npf, const float* init) {
     __m256 c[R][VV];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int v = 0; v < VV; ++v) c[r][v] = acc ? _mm256_loadu_ps(C + r * ldc + v * 8) : _mm256_setzero_ps();
+      for (int v = 0; v < VV; ++v)
+        c[r][v] = acc ? _mm256_loadu_ps(C + r * ldc + v * 8) : init ? _mm256_loadu_ps(init + v * 8) : _mm256_setzero_ps();
     int64_t k = 0;
     if constexpr (R == 1) {
       // One row (batch 1, a GEMV): a second set of accumulators for odd k, so that
@@ -447,7 +449,7 @@ struct TiledF {
   }
   template <int VV>
   static void rows(int64_t B, int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
-                   bool acc, const float* next, int64_t next_bytes) {
+                   bool acc, const float* next, int64_t next_bytes, const float* init = nullptr) {
     constexpr int RM = VV == 4 ? 3 : 4;
     int64_t full = B / RM, rem = B % RM;
     // A lone last row would run the 1-row kernel (a GEMV, bound by the weight loads,
@@ -469,7 +471,7 @@ struct TiledF {
     auto run = [&](auto r_const) {
       constexpr int R = decltype(r_const)::value;
       const int64_t n = in_loop ? std::min(K, lines - done) : 0;
-      kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n);
+      kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n, init);
       done += n;
       b += R;
     };
@@ -530,22 +532,25 @@ struct TiledF {
       for (int64_t b = 0; b < B; ++b) std::copy(tmp + b * w, tmp + b * w + valid, C + b * ldc + col);
   }
   // Panel p's columns of C (+)= A[:, :kc] @ (the panel's rows k0 .. k0+kc) for M rows of
-  // C [M, units] (leading dimension ldc); a partial last panel goes through `tmp` (M*8V
-  // floats). The step of gemm_blocked below.
+  // C [M, units] (leading dimension ldc), plus bias[units] if not null and not acc; a
+  // partial last panel goes through `tmp` (M*8V floats). The step of gemm_blocked below.
   void gemm_block(int64_t p, int64_t M, int64_t k0, int64_t kc, const float* A, int64_t lda, float* C,
-                  int64_t ldc, bool acc, float* tmp) const {
+                  int64_t ldc, bool acc, float* tmp, const float* bias) const {
     const int64_t w = 8 * V;
     const int64_t col = p * panel_units(ng);
     const int64_t valid = std::min<int64_t>(w, units - col);
     const bool direct = valid == w;
+    float init[32] = {0.f};  // the panel's bias, zero-padded
+    if (bias && !acc) std::copy(bias + col, bias + col + valid, init);
     float* Ct = direct ? C + col : tmp;
     const int64_t ldt = direct ? ldc : w;
     if (!direct && acc)
       for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < w; ++j) tmp[m * w + j] = j < valid ? C[m * ldc + col + j] : 0.f;
     const float* Pn = P->get() + (p * K + k0) * w;
-    if (V == 4) rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0);
-    else rows<3>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0);
+    const float* in = bias && !acc ? init : nullptr;
+    if (V == 4) rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
+    else rows<3>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
     if (!direct)
       for (int64_t m = 0; m < M; ++m) std::copy(tmp + m * w, tmp + m * w + valid, C + m * ldc + col);
   }
@@ -582,7 +587,8 @@ inline void pack_a(const float* a, int64_t sam, int64_t sak, int64_t mc, int64_t
 // read in place when its rows are contiguous in k; otherwise (a weight gradient's dG^T)
 // each thread first copies its block into that layout.
 inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
-                         const float* Bm, int64_t sbk, int64_t sbn, float* C, int64_t ldc, bool acc) {
+                         const float* Bm, int64_t sbk, int64_t sbn, float* C, int64_t ldc, bool acc,
+                         const float* bias) {
   constexpr int64_t MC = 192, KC = TiledF::KC;
   TiledF tw(1, N, K);
   // Rows [m0, m1) x panels [p0, p1) of C.
@@ -599,8 +605,8 @@ inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_
           a = ap.data();
           lda = kc;
         }
-        for (int64_t p = p0; p < p1; ++p)
-          tw.gemm_block(p, mc, k0, kc, a, lda, C + m0 * ldc, ldc, acc || k0 > 0, tmp.data());
+        for (int64_t p = p0; p < p1; ++p)  // (the bias initializes the first k-block's accumulators)
+          tw.gemm_block(p, mc, k0, kc, a, lda, C + m0 * ldc, ldc, acc || k0 > 0, tmp.data(), bias);
       }
     }
   };
@@ -895,14 +901,23 @@ void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T
 
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* Bm, int64_t sbk,
-          int64_t sbn, T* C, int64_t ldc, bool acc) {
+          int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias) {
 #if FRNN_X86_SIMD
   if constexpr (std::is_same_v<T, float>)
     if (use_avx2() && g_tiled.load(std::memory_order_relaxed) && M > 0 && N > 0 && K > 0)
-      return gemm_blocked(M, N, K, A, sam, sak, Bm, sbk, sbn, C, ldc, acc);
+      return gemm_blocked(M, N, K, A, sam, sak, Bm, sbk, sbn, C, ldc, acc, bias);
 #endif
-  gemm_rm<T>(sak == 1 ? 'N' : 'T', sbn == 1 ? 'N' : 'T', M, N, K, A, sak == 1 ? sam : sak, Bm,
-             sbn == 1 ? sbk : sbn, C, ldc, acc ? T(1) : T(0));
+  if (bias && !acc) {
+    for (int64_t m = 0; m < M; ++m) std::copy(bias, bias + N, C + m * ldc);
+    acc = true;
+  }
+  // BLAS wants a leading dimension >= the stored rows' length even where a size-1
+  // dimension makes it unused.
+  const bool an = sak == 1, bn = sbn == 1;  // row-major A [M, K], B [K, N]
+  const int64_t lda = an ? (M == 1 ? K : sam) : (K == 1 ? M : sak);
+  const int64_t ldb = bn ? (K == 1 ? N : sbk) : (N == 1 ? K : sbn);
+  gemm_rm<T>(an ? 'N' : 'T', bn ? 'N' : 'T', M, N, K, A, std::max<int64_t>(lda, 1), Bm, std::max<int64_t>(ldb, 1), C,
+             ldc, acc ? T(1) : T(0));
 }
 
 #define FRNN_INSTANTIATE(T)                                                                              \
@@ -921,7 +936,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
   template void step_matmul<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                        \
   template void step_weight_grad<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, T*);              \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, int64_t, T*, \
-                        int64_t, bool);
+                        int64_t, bool, const T*);
 FRNN_INSTANTIATE(float)
 FRNN_INSTANTIATE(double)
 

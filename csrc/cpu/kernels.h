@@ -64,14 +64,15 @@ void step_matmul(int64_t M, int64_t N, int64_t K, const T* a, const T* b, T* out
 template <typename T>
 void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T* gw, T* gb);
 
-// C[M,N] = A @ B (acc: C += A @ B) for the GEMMs over all timesteps (the input projection
-// and the weight gradients), A(m,k) = A[m*sam + k*sak] and B(k,n) = B[k*sbk + n*sbn]: either
-// stride of each may be 1, so a transposed operand needs no copy. C is row-major (ldc).
-// float32 on AVX2 runs the recurrent micro-kernel blocked for cache (kernels.cpp,
-// gemm_blocked); otherwise BLAS.
+// C[M,N] = A @ B (+ bias[n] if bias is not null; acc: C += A @ B, bias ignored) for the
+// GEMMs over all timesteps (the input projection and the weight gradients), with
+// A(m,k) = A[m*sam + k*sak] and B(k,n) = B[k*sbk + n*sbn]: one stride of each must be 1,
+// either one, so a transposed operand needs no copy. C is row-major (ldc). float32 on
+// AVX2 runs the recurrent micro-kernel blocked for cache (kernels.cpp, gemm_blocked);
+// otherwise BLAS.
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk,
-          int64_t sbn, T* C, int64_t ldc, bool acc);
+          int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias = nullptr);
 
 // Memory for the kernels' large temporaries (the packed weights: 16 MB for an LSTM layer
 // of hidden size 1024), supplied by the op layer (register.cpp: the output pool), which

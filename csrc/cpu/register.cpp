@@ -70,6 +70,66 @@ Tensor weight_grad(const Tensor& dpre, const Tensor& dfirst, const Tensor& h0, c
   return gw;
 }
 
+// ----------------------------------------------------------------------------- input projection
+// gx = x @ w^T + b over all rows of x (every time step) in one cpu::gemm, and its
+// gradients (fusedrnn/projection.py). x: [..., I], w: [G, I], b: [G] or none.
+int64_t rows_of(const Tensor& x) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return m;
+}
+
+void check_projection(const Tensor& x, const Tensor& w, const char* op) {
+  check_dtype(x, op);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension, got a scalar");
+  check_tensor(x, op, "x", x, x.dim());
+  check_tensor(w, op, "w", x, 2);
+  check_shape(w, op, "w", {w.size(0), x.size(-1)});
+}
+
+Tensor projection_op(const Tensor& x_, const Tensor& w_, const optional<Tensor>& b_) {
+  const char* op = "fusedrnn::projection (cpu)";
+  check_projection(x_, w_, op);
+  const int64_t I = x_.size(-1), G = w_.size(0), M = rows_of(x_);
+  const Tensor b = opt(b_);
+  if (b.defined()) {
+    check_tensor(b, op, "b", x_, 1);
+    check_shape(b, op, "b", {G});
+  }
+  const Tensor x = x_.contiguous(), w = w_.contiguous(), bc = b.defined() ? b.contiguous() : b;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = G;
+  Tensor out = new_output(shape, x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_projection_cpu", [&] {
+    cpu::gemm<scalar_t>(M, G, I, x.data_ptr<scalar_t>(), I, 1, w.data_ptr<scalar_t>(), 1, I, out.data_ptr<scalar_t>(),
+                        G, false, bc.defined() ? bc.data_ptr<scalar_t>() : nullptr);
+  });
+  return out;
+}
+
+// dL/dx = grad @ w, dL/dw = grad^T @ x, dL/db = the column sums of grad; each only if
+// needed (else an empty tensor).
+std::tuple<Tensor, Tensor, Tensor> projection_backward_op(const Tensor& grad_, const Tensor& x_, const Tensor& w_,
+                                                          bool need_x, bool need_w, bool need_b) {
+  const char* op = "fusedrnn::projection_backward (cpu)";
+  check_projection(x_, w_, op);
+  const int64_t I = x_.size(-1), G = w_.size(0), M = rows_of(x_);
+  check_tensor(grad_, op, "grad", x_, x_.dim());
+  std::vector<int64_t> shape(x_.sizes().begin(), x_.sizes().end());
+  shape.back() = G;
+  check_shape(grad_, op, "grad", shape);
+  const Tensor grad = grad_.contiguous(), x = x_.contiguous(), w = w_.contiguous();
+  Tensor gx = need_x ? new_output(x.sizes(), x) : x.new_empty({0});
+  Tensor gw = need_w ? new_output({G, I}, x) : x.new_empty({0});
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_projection_backward_cpu", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    if (need_x) cpu::gemm<scalar_t>(M, I, G, g, G, 1, w.data_ptr<scalar_t>(), I, 1, gx.data_ptr<scalar_t>(), I, false);
+    if (need_w) cpu::gemm<scalar_t>(G, I, M, g, 1, G, x.data_ptr<scalar_t>(), I, 1, gw.data_ptr<scalar_t>(), I, false);
+  });
+  Tensor gb = need_b ? grad.reshape({M, G}).sum(0) : x.new_empty({0});
+  return {gx, gw, gb};
+}
+
 // ----------------------------------------------------------------------------- LSTM
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
     const Tensor& gx_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_hh_, const optional<Tensor>& w_hr_,
@@ -308,6 +368,8 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("gru_backward", &gru_backward_op);
   m.impl("rnn_forward", &rnn_forward_op);
   m.impl("rnn_backward", &rnn_backward_op);
+  m.impl("projection", &projection_op);
+  m.impl("projection_backward", &projection_backward_op);
 }
 
 }  // namespace cpu

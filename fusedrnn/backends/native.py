@@ -10,13 +10,14 @@ import importlib
 
 import torch
 
-from .. import cell_ops, ops
+from .. import cell_ops, ops, projection
 from . import Backend, register
 
 
 def _load_extension(module: str):
     ops.define("cpu")  # the schemas the C++ kernels implement (TORCH_LIBRARY_IMPL only)
     cell_ops.define()
+    projection.define()
     return importlib.import_module(module)
 
 
