@@ -20,4 +20,7 @@ FRNN_HD double tanh_(double x) { return tanh(x); }
 template <typename T>
 FRNN_HD T sigmoid_(T x) { return T(1) / (T(1) + exp_(-x)); }
 
+template <typename T>
+FRNN_HD T relu_(T x) { return x > T(0) ? x : T(0); }
+
 }  // namespace fusedrnn

@@ -629,8 +629,7 @@ inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_
   }
 }
 
-// Float32 LSTM forward cell for 8 units in registers (the tiled path's panels), with
-// tanh and sigmoid evaluated inline instead of through libmvec calls.
+// tanh and sigmoid of 8 floats, inline (not libmvec calls): tanh_ and sigmoid_ of V8 below.
 // 1/d: the 12-bit estimate plus one Newton step (relative error ~1e-7, float32 rounding
 // level) instead of vdivps, whose throughput bounded the cell.
 inline __m256 recip8(__m256 d) {
@@ -663,126 +662,133 @@ inline __m256 sigmoid8(__m256 x) {
   return _mm256_fmadd_ps(tanh8(_mm256_mul_ps(x, _mm256_set1_ps(0.5f))), _mm256_set1_ps(0.5f),
                          _mm256_set1_ps(0.5f));
 }
-// x: gx row at the panel's first unit (gate stride H); a: the panel's 4x8 recurrent
-// pre-activations; cb: cell state (updated); gt: gates row (stride H); ct, out: 8 values.
-__attribute__((always_inline)) inline void lstm_cell8(const float* x, int64_t H, const float* a, float* cb,
-                                                      float* gt, float* ct, float* out) {
-  const __m256 i = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(a)));
-  const __m256 f = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x + H), _mm256_loadu_ps(a + 8)));
-  const __m256 g = tanh8(_mm256_add_ps(_mm256_loadu_ps(x + 2 * H), _mm256_loadu_ps(a + 16)));
-  const __m256 o = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x + 3 * H), _mm256_loadu_ps(a + 24)));
-  const __m256 c = _mm256_fmadd_ps(f, _mm256_loadu_ps(cb), _mm256_mul_ps(i, g));
-  const __m256 h = _mm256_mul_ps(o, tanh8(c));
-  _mm256_storeu_ps(gt, i);
-  _mm256_storeu_ps(gt + H, f);
-  _mm256_storeu_ps(gt + 2 * H, g);
-  _mm256_storeu_ps(gt + 3 * H, o);
-  _mm256_storeu_ps(ct, c);
-  _mm256_storeu_ps(cb, c);
-  _mm256_storeu_ps(out, h);
-}
-// The cell math of one batch row over the full panels [p, pe) of the tiled path (8
-// units each, pre-activations at a + 32 p), in one call so that the polynomial
-// constants stay in registers; y (if not null) gets a copy of h. Returns the first
-// panel not done: pe for float32, p (nothing done) for other types.
+}  // namespace
+
+namespace avx2 {
+// An AVX vector of 8 floats as a number type, so that the cells' pointwise functions
+// (cells/*_unit.inc, included here a second time: inside this region they compile for
+// AVX2, and in this namespace the kernels below find them) run on 8 units at a time:
+// the formulas every kernel uses, with tanh8 and sigmoid8 as tanh_ and sigmoid_.
+struct V8 {
+  __m256 v;
+  V8() = default;
+  V8(__m256 x) : v(x) {}
+  V8(float x) : v(_mm256_set1_ps(x)) {}  // the formulas' constants (T(1))
+  static V8 load(const float* p) { return _mm256_loadu_ps(p); }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+};
+inline V8 operator+(V8 a, V8 b) { return a.v + b.v; }
+inline V8 operator-(V8 a, V8 b) { return a.v - b.v; }
+inline V8 operator*(V8 a, V8 b) { return a.v * b.v; }
+inline V8 tanh_(V8 x) { return tanh8(x.v); }
+inline V8 sigmoid_(V8 x) { return sigmoid8(x.v); }
+inline V8 relu_(V8 x) { return _mm256_max_ps(x.v, _mm256_setzero_ps()); }  // (0 for NaN, as the scalar one)
+using fusedrnn::exp_;  // (the scalar overloads, for the float and double loops)
+using fusedrnn::relu_;
+using fusedrnn::sigmoid_;
+using fusedrnn::tanh_;
+#include "cells/gru_unit.inc"
+#include "cells/lstm_unit.inc"
+#include "cells/rnn_unit.inc"
+
+// The LSTM forward cell of one batch row over the full panels [p, pe) of the tiled path
+// (8 units each; panel p's pre-activations i, f, g, o at a + 32 p), in one call so that
+// the polynomial constants stay in registers. x: the gx row (gate stride H), cb: the cell
+// state (updated), gt: the gates row (stride H), ct: c_t, out: h_t, y (if not null): a
+// copy of h_t. Returns the first panel not done: pe for float32, p (nothing) otherwise.
 template <typename T>
 inline int64_t lstm_cells8(const T* x, int64_t H, const T* a, T* cb, T* gt, T* ct, T* out, T* y, int64_t p,
                            int64_t pe) {
   if constexpr (std::is_same_v<T, float>) {
     for (; p < pe; ++p) {
       const int64_t u = 8 * p;
-      lstm_cell8(x + u, H, a + 4 * u, cb + u, gt + u, ct + u, out + u);
-      if (y) _mm256_storeu_ps(y + u, _mm256_loadu_ps(out + u));
+      const float* ap = a + 32 * p;
+      V8 i, f, g, o, c, h;
+      lstm_forward_unit<V8>(V8::load(x + u) + V8::load(ap), V8::load(x + H + u) + V8::load(ap + 8),
+                            V8::load(x + 2 * H + u) + V8::load(ap + 16), V8::load(x + 3 * H + u) + V8::load(ap + 24),
+                            V8::load(cb + u), i, f, g, o, c, h);
+      i.store(gt + u);
+      f.store(gt + H + u);
+      g.store(gt + 2 * H + u);
+      o.store(gt + 3 * H + u);
+      c.store(ct + u);
+      c.store(cb + u);
+      h.store(out + u);
+      if (y) h.store(y + u);
     }
   }
   return p;
 }
 
-// The GRU forward cell (cells/gru.h's gru_forward_unit with tanh8/sigmoid8 inline) of
-// one batch row over the full panels [p, pe) of the tiled path: panel p's pre-activations
-// h_r, h_z, h_n at a + 24 p (8 units each), b: b_hh, hp: h_{t-1}; writes the gates
-// (r, z, n; stride H), hs (W_hn h + b_hn), out (h_t) and y. Returns as lstm_cells8.
+// The GRU forward cell of one batch row over the full panels [p, pe) of the tiled path:
+// panel p's pre-activations h_r, h_z, h_n at a + 24 p (8 units each), b: b_hh, hp:
+// h_{t-1}; writes the gates (r, z, n; stride H), hs (W_hn h + b_hn), out (h_t) and y.
+// Returns as lstm_cells8.
 template <typename T>
 inline int64_t gru_cells8(const T* x, int64_t H, const T* a, const T* b, const T* hp, T* gt, T* hs, T* out, T* y,
                           int64_t p, int64_t pe) {
   if constexpr (std::is_same_v<T, float>) {
-    const __m256 one = _mm256_set1_ps(1.f);
     for (; p < pe; ++p) {
       const int64_t u = 8 * p;
       const float* ap = a + 24 * p;
-      const __m256 r = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x + u),
-                                              _mm256_add_ps(_mm256_loadu_ps(ap), _mm256_loadu_ps(b + u))));
-      const __m256 z = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(x + H + u),
-                                              _mm256_add_ps(_mm256_loadu_ps(ap + 8), _mm256_loadu_ps(b + H + u))));
-      const __m256 an = _mm256_add_ps(_mm256_loadu_ps(ap + 16), _mm256_loadu_ps(b + 2 * H + u));
-      const __m256 n = tanh8(_mm256_fmadd_ps(r, an, _mm256_loadu_ps(x + 2 * H + u)));
-      const __m256 h = _mm256_fmadd_ps(z, _mm256_loadu_ps(hp + u), _mm256_mul_ps(_mm256_sub_ps(one, z), n));
-      _mm256_storeu_ps(gt + u, r);
-      _mm256_storeu_ps(gt + H + u, z);
-      _mm256_storeu_ps(gt + 2 * H + u, n);
-      _mm256_storeu_ps(hs + u, an);
-      _mm256_storeu_ps(out + u, h);
-      _mm256_storeu_ps(y + u, h);
+      const V8 an = V8::load(ap + 16) + V8::load(b + 2 * H + u);
+      V8 r, z, n, h;
+      gru_forward_unit<V8>(V8::load(x + u), V8::load(x + H + u), V8::load(x + 2 * H + u),
+                           V8::load(ap) + V8::load(b + u), V8::load(ap + 8) + V8::load(b + H + u), an,
+                           V8::load(hp + u), r, z, n, h);
+      r.store(gt + u);
+      z.store(gt + H + u);
+      n.store(gt + 2 * H + u);
+      an.store(hs + u);
+      h.store(out + u);
+      h.store(y + u);
     }
   }
   return p;
 }
 
-// The tanh RNN's cell, out[u] = tanh(x[u] + a[u]) for u in [0, n), 8 at a time with the
-// inline tanh8 instead of libmvec's tanhf. Returns how many units it did: a multiple of 8
-// for float32, 0 for other types (the caller's loop does the rest).
+// The tanh RNN's cell, out[u] = tanh(x[u] + a[u]) for u in [0, n), 8 at a time. Returns
+// how many units it did: a multiple of 8 for float32, 0 for other types (the caller's
+// loop does the rest).
 template <typename T>
 inline int64_t rnn_tanh_cells8(const T* x, const T* a, T* out, int64_t n) {
   int64_t u = 0;
   if constexpr (std::is_same_v<T, float>)
-    for (; u + 8 <= n; u += 8)
-      _mm256_storeu_ps(out + u, tanh8(_mm256_add_ps(_mm256_loadu_ps(x + u), _mm256_loadu_ps(a + u))));
+    for (; u + 8 <= n; u += 8) rnn_forward_unit<V8>(V8::load(x + u) + V8::load(a + u), false).store(out + u);
   return u;
 }
 
-// The LSTM backward pointwise of one batch row, units [0, n) 8 at a time (cells/lstm.h's
-// lstm_backward_unit with tanh8 inline instead of a libmvec call); the arguments as in the
-// kernel's loop (dcr may be null). dL/dh_t is d + gy (gy may be null: with projection);
-// dzero (if not null) is zeroed for the next step's GEMM; hr (if not null: projection)
-// gets o * tanh(c), the unprojected h_t. Returns how many units it did: a multiple of 8
-// for float32, 0 for other types (the caller's loop does the rest).
+// The LSTM backward pointwise of one batch row, units [0, n) 8 at a time; the arguments
+// as in the kernel's loop (dcr may be null). dL/dh_t is d + gy (gy may be null: with
+// projection); dzero (if not null) is zeroed for the next step's GEMM; hr (if not null:
+// projection) gets o * tanh(c), the unprojected h_t. Returns how many units it did: a
+// multiple of 8 for float32, 0 for other types (the caller's loop does the rest).
 template <typename T>
 inline int64_t lstm_backward_cells8(const T* gt, const T* ct, const T* cp, const T* d, const T* gy, T* dzero,
                                     T* dcb, T* gg, T* dcr, T* hr, int64_t H, int64_t n) {
   int64_t u = 0;
   if constexpr (std::is_same_v<T, float>) {
-    const __m256 one = _mm256_set1_ps(1.f);
     for (; u + 8 <= n; u += 8) {
-      const __m256 i = _mm256_loadu_ps(gt + u), f = _mm256_loadu_ps(gt + H + u);
-      const __m256 g = _mm256_loadu_ps(gt + 2 * H + u), o = _mm256_loadu_ps(gt + 3 * H + u);
-      const __m256 tc = tanh8(_mm256_loadu_ps(ct + u));
-      const __m256 dh = gy ? _mm256_add_ps(_mm256_loadu_ps(d + u), _mm256_loadu_ps(gy + u)) : _mm256_loadu_ps(d + u);
-      const __m256 dct = _mm256_fmadd_ps(_mm256_mul_ps(dh, o), _mm256_fnmadd_ps(tc, tc, one), _mm256_loadu_ps(dcb + u));
-      const __m256 dai = _mm256_mul_ps(_mm256_mul_ps(dct, g), _mm256_mul_ps(i, _mm256_sub_ps(one, i)));
-      const __m256 daf =
-          _mm256_mul_ps(_mm256_mul_ps(dct, _mm256_loadu_ps(cp + u)), _mm256_mul_ps(f, _mm256_sub_ps(one, f)));
-      const __m256 dag = _mm256_mul_ps(_mm256_mul_ps(dct, i), _mm256_fnmadd_ps(g, g, one));
-      const __m256 dao = _mm256_mul_ps(_mm256_mul_ps(dh, tc), _mm256_mul_ps(o, _mm256_sub_ps(one, o)));
-      _mm256_storeu_ps(gg + u, dai);
-      _mm256_storeu_ps(gg + H + u, daf);
-      _mm256_storeu_ps(gg + 2 * H + u, dag);
-      _mm256_storeu_ps(gg + 3 * H + u, dao);
-      if (dcr) {
-        _mm256_storeu_ps(dcr + u, dai);
-        _mm256_storeu_ps(dcr + H + u, daf);
-        _mm256_storeu_ps(dcr + 2 * H + u, dag);
-        _mm256_storeu_ps(dcr + 3 * H + u, dao);
+      const V8 i = V8::load(gt + u), f = V8::load(gt + H + u), g = V8::load(gt + 2 * H + u),
+               o = V8::load(gt + 3 * H + u), c = V8::load(ct + u);
+      const V8 dh = gy ? V8::load(d + u) + V8::load(gy + u) : V8::load(d + u);
+      V8 dai, daf, dag, dao, dcp;
+      lstm_backward_unit<V8>(i, f, g, o, c, V8::load(cp + u), dh, V8::load(dcb + u), dai, daf, dag, dao, dcp);
+      for (float* q : {gg, dcr}) {
+        if (!q) continue;
+        dai.store(q + u);
+        daf.store(q + H + u);
+        dag.store(q + 2 * H + u);
+        dao.store(q + 3 * H + u);
       }
-      _mm256_storeu_ps(dcb + u, _mm256_mul_ps(dct, f));
-      if (hr) _mm256_storeu_ps(hr + u, _mm256_mul_ps(o, tc));
-      if (dzero) _mm256_storeu_ps(dzero + u, _mm256_setzero_ps());
+      dcp.store(dcb + u);
+      if (hr) (o * tanh_(c)).store(hr + u);
+      if (dzero) V8(0.f).store(dzero + u);
     }
   }
   return u;
 }
 
-}  // namespace
-namespace avx2 {
 template <typename T>
 using Tiled = std::conditional_t<std::is_same_v<T, float>, TiledF, TiledStub<T>>;
 using Seq = SeqV;
