@@ -44,27 +44,20 @@ SCHEMAS = {
                          " -> (Tensor grad_x, Tensor grad_h, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b)",
 }
 
-_LIB = torch.library.Library("fusedrnn", "FRAGMENT")  # noqa: TOR901 (kept alive for the process)
-_DEFINED = False
-
 
 def define() -> None:
     """Declare the cell ops and their fake kernels; the backward ops refuse double backward
     (idempotent). The forward ops' autograd is registered by csrc/cpu/cell_autograd.cpp."""
-    global _DEFINED
-    if _DEFINED:
+    if not ops.define_schemas("cell ops", SCHEMAS):
         return
-    _DEFINED = True
-    for name, schema in SCHEMAS.items():
-        _LIB.define(name + schema)
     for cell, (fake, fake_bwd) in _FAKES.items():
         fwd = ops.qualname(cell, "cell", "cpu")
         bwd = fwd + "_backward"
-        torch.library.register_fake(fwd, fake, lib=_LIB)
-        torch.library.register_fake(bwd, fake_bwd, lib=_LIB)
+        torch.library.register_fake(fwd, fake, lib=ops._LIB)
+        torch.library.register_fake(bwd, fake_bwd, lib=ops._LIB)
         # The forward ops' autograd is C++ (csrc/cpu/cell_autograd.cpp: the Python wrapper
         # cost ~60 us per step). The backward ops have none: refuse double backward.
-        torch.library.register_autograd(bwd, _no_double_backward, setup_context=_no_setup, lib=_LIB)
+        torch.library.register_autograd(bwd, _no_double_backward, setup_context=_no_setup, lib=ops._LIB)
 
 
 def get(cell: str):

@@ -27,15 +27,22 @@ def get_op(cell: str, direction: str, backend: str):
     return getattr(torch.ops.fusedrnn, op_name(cell, direction, backend)).default
 
 
+def define_schemas(key: str, schemas: dict[str, str], suffix: str = "") -> bool:
+    """Declare the ops `schemas` (name -> schema, each name + `suffix`) in the fusedrnn
+    namespace, once per process and `key`: True when this call declared them."""
+    if key in _DEFINED:
+        return False
+    _DEFINED.add(key)
+    for name, schema in schemas.items():
+        _LIB.define(f"{name}{suffix}{schema}")
+    return True
+
+
 def define(backend: str) -> None:
     """Declare the ops of `backend` with their fake and autograd registrations (idempotent)."""
     suffix = SUFFIX[backend]
-    if suffix in _DEFINED:
-        return
-    _DEFINED.add(suffix)
-    for name, schema in SCHEMAS.items():
-        _LIB.define(f"{name}{suffix}{schema}")
-    register_fake_and_autograd(backend)
+    if define_schemas(suffix, SCHEMAS, suffix):  # (cpu and cuda share their ops: one suffix)
+        register_fake_and_autograd(backend)
 
 
 def register_fake_and_autograd(backend: str) -> None:

@@ -44,24 +44,18 @@ SCHEMAS = {
     "projection_backward": "(Tensor grad, Tensor x, Tensor w, bool need_x, bool need_w, bool need_b)"
                            " -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)",
 }
-_LIB = torch.library.Library("fusedrnn", "FRAGMENT")  # noqa: TOR901 (kept alive for the process)
-_DEFINED = False
 
 
 def define() -> None:
     """Declare fusedrnn::projection and its backward (the cpu backend's C++ implements them),
     with fake kernels and autograd (idempotent)."""
-    global _DEFINED
-    if _DEFINED:
+    if not ops.define_schemas("projection", SCHEMAS):
         return
-    _DEFINED = True
-    for name, schema in SCHEMAS.items():
-        _LIB.define(name + schema)
-    torch.library.register_fake("fusedrnn::projection", _projection_fake, lib=_LIB)
-    torch.library.register_fake("fusedrnn::projection_backward", _projection_backward_fake, lib=_LIB)
-    torch.library.register_autograd("fusedrnn::projection", _backward, setup_context=_setup, lib=_LIB)
+    torch.library.register_fake("fusedrnn::projection", _projection_fake, lib=ops._LIB)
+    torch.library.register_fake("fusedrnn::projection_backward", _projection_backward_fake, lib=ops._LIB)
+    torch.library.register_autograd("fusedrnn::projection", _backward, setup_context=_setup, lib=ops._LIB)
     torch.library.register_autograd("fusedrnn::projection_backward", ops._no_double_backward,
-                                    setup_context=ops._no_setup, lib=_LIB)
+                                    setup_context=ops._no_setup, lib=ops._LIB)
 
 
 def _projection_fake(x, w, b):
