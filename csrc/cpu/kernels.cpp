@@ -315,19 +315,15 @@ struct TiledF {
   // value(col, k) = W[col * sc + k * sk]; col = gate * units + unit.
   TiledF(const float* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t /*unused*/,
          const Slices& sl)
-      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_) {
-    const int64_t up = panel_units(ng);
-    npanel = (units + up - 1) / up;
-    P.reset(new ScratchBuffer(npanel * K * 8 * V));
+      : TiledF(ng_, units_, K_) {
     run_slices(sl, [&](int k) {
-      for (int64_t p = sl.lo(k) / up; p < (sl.hi(k) + up - 1) / up; ++p) pack(W, sc, sk, p);
+      for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, sk, p);
     });
   }
   // Unpacked: the caller packs each panel (pack(), e.g. inside its own parallel region).
-  TiledF(int ng_, int64_t units_, int64_t K_) : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_) {
-    npanel = (units + panel_units(ng) - 1) / panel_units(ng);
-    P.reset(new ScratchBuffer(npanel * K * 8 * V));
-  }
+  TiledF(int ng_, int64_t units_, int64_t K_)
+      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), npanel(end_panel(units_)),
+        P(new ScratchBuffer(npanel * K * 8 * V)) {}
   void pack(const float* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng);
     float* out = P->get() + p * K * 8 * V;
@@ -388,7 +384,9 @@ struct TiledF {
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int v = 0; v < VV; ++v)
-        c[r][v] = acc ? _mm256_loadu_ps(C + r * ldc + v * 8) : init ? _mm256_loadu_ps(init + v * 8) : _mm256_setzero_ps();
+        c[r][v] = acc    ? _mm256_loadu_ps(C + r * ldc + v * 8)
+                  : init ? _mm256_loadu_ps(init + v * 8)
+                         : _mm256_setzero_ps();
     int64_t k = 0;
     if constexpr (R == 1) {
       // One row (batch 1, a GEMV): a second set of accumulators for odd k, so that
