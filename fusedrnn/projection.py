@@ -10,7 +10,7 @@ GFLOP/s of the 232 peak for x @ w^T + b, as fast as oneDNN's linear (which torch
 runs there, and which this module used in inference before) and faster than MKL's sgemm,
 which F.linear runs (193-205); the weight gradient 1.0-1.15x and dx 0.98-1.08x MKL's.
 Modules (in-process A/B against oneDNN in inference and F.linear in training, T=32):
-LSTM and GRU 1.03-1.09x at B 8-64, H 256-512; 0.98-1.19x at B 1-4.
+LSTM, GRU and RNN 1.02-1.09x at B 8-64, H 256-1024; 0.98-1.19x at B 1-4.
 Elsewhere (other backends, dtypes and devices, fewer than MIN_MACS multiply-adds):
 F.linear.
 """
