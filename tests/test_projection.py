@@ -34,8 +34,10 @@ def _args(shape, G, bias=True, batch_first=False, dtype=torch.float32):
 
 # (7, 40, 150) x 100: 280 rows (two row blocks of 192), k 150 (two k blocks of 128), 100
 # columns (three full 32-column panels and a partial one); (5, 8, 40) x 500: the weight
-# gradient's 500 rows split over the threads in blocks of 192; (3, 5, 1): I = 1; (9, 33): 2-D.
-SHAPES = [((7, 40, 150), 100), ((5, 8, 40), 500), ((3, 5, 1), 7), ((9, 33), 64), ((2, 3, 70), 5)]
+# gradient's 500 rows split over the threads in blocks of 192; (3, 700, 8): the weight
+# gradient's 2100-row sum in two packed chunks (2048 + 52); (3, 5, 1): I = 1; (9, 33): 2-D.
+SHAPES = [((7, 40, 150), 100), ((5, 8, 40), 500), ((3, 700, 8), 24), ((3, 5, 1), 7), ((9, 33), 64),
+          ((2, 3, 70), 5)]
 
 
 @pytest.mark.parametrize("tiled", [1, 0], ids=["tiled", "blas"])

@@ -576,54 +576,64 @@ inline void pack_a(const float* a, int64_t sam, int64_t sak, int64_t mc, int64_t
     for (int64_t k = 0; k < kc; ++k) out[m * kc + k] = a[m * sam + k * sak];
 }
 
+// Rows [m0, m1) x panels [p0, p1) of C (+)= A @ B on B's packed panels `tw` (K rows), in
+// blocks of MC rows and KC k: a block of A (MC x KC, 96 KB) stays in L2 while a panel's
+// KC x 32 block (16 KB) is in L1 for MC / 3 micro-kernel calls. A is read in place when
+// its rows are contiguous in k (sak 1), else copied block by block into that layout.
+inline void gemm_rows(const TiledF& tw, int64_t K, const float* A, int64_t sam, int64_t sak, float* C, int64_t ldc,
+                      bool acc, const float* bias, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  constexpr int64_t MC = 192, KC = TiledF::KC;
+  Buf<float> ap(sak == 1 ? 0 : MC * KC), tmp(MC * 32);
+  for (; m0 < m1; m0 += MC) {
+    const int64_t mc = std::min(MC, m1 - m0);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0);
+      const float* a = A + m0 * sam + k0 * sak;
+      int64_t lda = sam;
+      if (sak != 1) {
+        pack_a(a, sam, sak, mc, kc, ap.data());
+        a = ap.data();
+        lda = kc;
+      }
+      for (int64_t p = p0; p < p1; ++p)  // (the bias initializes the first k-block's accumulators)
+        tw.gemm_block(p, mc, k0, kc, a, lda, C + m0 * ldc, ldc, acc || k0 > 0, tmp.data(), bias);
+    }
+  }
+}
+
 // C[M, N] (+)= A @ B for the GEMMs over all timesteps (the input projection, the weight
 // gradients): A(m, k) = A[m * sam + k * sak], B(k, n) = Bm[k * sbk + n * sbn], C row-major
-// (ldc). GotoBLAS-style blocking around the recurrent micro-kernel: each thread packs and
-// owns a slice of B's 32-column panels (so threads write disjoint columns of C); rows go
-// in blocks of MC and k in blocks of KC, so that a block of A (MC x KC, 96 KB) stays in
-// L2 while a panel's KC x 32 block (16 KB) is in L1 for MC / 3 micro-kernel calls. A is
-// read in place when its rows are contiguous in k; otherwise (a weight gradient's dG^T)
-// each thread first copies its block into that layout.
+// (ldc). GotoBLAS-style blocking (gemm_rows) around the recurrent micro-kernel, B packed
+// into 32-column panels.
 inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
                          const float* Bm, int64_t sbk, int64_t sbn, float* C, int64_t ldc, bool acc,
                          const float* bias) {
-  constexpr int64_t MC = 192, KC = TiledF::KC;
-  TiledF tw(1, N, K);
-  // Rows [m0, m1) x panels [p0, p1) of C.
-  auto block = [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    Buf<float> ap(sak == 1 ? 0 : MC * KC), tmp(MC * 32);
-    for (; m0 < m1; m0 += MC) {
-      const int64_t mc = std::min(MC, m1 - m0);
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t kc = std::min(KC, K - k0);
-        const float* a = A + m0 * sam + k0 * sak;
-        int64_t lda = sam;
-        if (sak != 1) {
-          pack_a(a, sam, sak, mc, kc, ap.data());
-          a = ap.data();
-          lda = kc;
-        }
-        for (int64_t p = p0; p < p1; ++p)  // (the bias initializes the first k-block's accumulators)
-          tw.gemm_block(p, mc, k0, kc, a, lda, C + m0 * ldc, ldc, acc || k0 > 0, tmp.data(), bias);
-      }
-    }
-  };
   const Slices sp = make_slices(N, M * K, TiledF::panel_units(1));
-  auto pack_b = [&](int t) {
-    for (int64_t p = tw.first_panel(sp.lo(t)); p < tw.end_panel(sp.hi(t)); ++p) tw.pack(Bm, sbn, sbk, p);
-  };
-  if (sak == 1) {  // threads own panels (columns of C): each packs its own, then computes
+  if (sak == 1) {  // (x @ w^T, grad @ w: B is a weight) threads own panels: each packs its own
+    TiledF tw(1, N, K);
     run_slices(sp, [&](int t) {
-      pack_b(t);
-      block(0, M, tw.first_panel(sp.lo(t)), tw.end_panel(sp.hi(t)));
+      const int64_t p0 = tw.first_panel(sp.lo(t)), p1 = tw.end_panel(sp.hi(t));
+      for (int64_t p = p0; p < p1; ++p) tw.pack(Bm, sbn, sbk, p);
+      gemm_rows(tw, K, A, sam, sak, C, ldc, acc, bias, 0, M, p0, p1);
     });
-  } else {
-    // Threads own rows of C, so that no block of A is copied twice (both share all of
-    // B's panels, packed first). In-process A/B on dW [4H, H] = dG^T @ x over T*B rows
-    // (T=32): 1.03-1.07x faster than splitting the columns (B 8-64, H 256-1024).
-    run_slices(sp, pack_b);
-    const Slices sm = make_slices(M, N * K, 1);
-    run_slices(sm, [&](int t) { block(sm.lo(t), sm.hi(t), 0, tw.npanel); });
+    return;
+  }
+  // A weight's gradient (A = grad^T, K = all time steps' rows). Threads own rows of C, so
+  // that no block of A is copied twice, and share B's panels, packed first. In-process A/B
+  // on dW [4H, H] = dG^T @ x over T*B rows (T=32): 1.03-1.07x faster than splitting the
+  // columns (B 8-64, H 256-1024). B (x or h of every step) is packed KB rows at a time:
+  // the scratch stays bounded (8 MB at N = 1024) instead of a copy of all of B.
+  constexpr int64_t KB = 2048;
+  const Slices sm = make_slices(M, N * K, 1);
+  for (int64_t kb = 0; kb < K; kb += KB) {
+    const int64_t kn = std::min(KB, K - kb);
+    TiledF tw(1, N, kn);
+    run_slices(sp, [&](int t) {
+      for (int64_t p = tw.first_panel(sp.lo(t)); p < tw.end_panel(sp.hi(t)); ++p) tw.pack(Bm + kb * sbk, sbn, sbk, p);
+    });
+    run_slices(sm, [&](int t) {
+      gemm_rows(tw, kn, A + kb * sak, sam, sak, C, ldc, acc || kb > 0, bias, sm.lo(t), sm.hi(t), 0, tw.npanel);
+    });
   }
 }
 
