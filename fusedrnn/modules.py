@@ -220,14 +220,14 @@ class _FusedRNNBase(BackendChoice):
         # projection and the step in one call (the per-call overhead is most of a small step).
         step = backend.cell_op(self._cell) if x.shape[0] == 1 and lengths is None else None
         with below_autograd_if_no_grad(), (AC.autocast_off(x.device.type) if cast else contextlib.nullcontext()):
-            out = self._layers(fwd, step, x, lengths, hs, finish, names, cast, backend.name == "cpu")
+            out = self._layers(fwd, step, x, lengths, hs, finish, names, cast, backend.projection_op)
         if backend.kernel_choice is not None:
             self._record_choice(backend.name, f"{why}; kernels: {backend.kernel_choice()}")
         return out
 
     def _sequence_layer(self, fwd, layer_in, state, weights, lengths, d, native):
         """One layer and direction through the input projection and the sequence op `fwd`:
-        (y, [h_n] or [h_n, c_n]). `native`: the cpu backend runs it (projection.py)."""
+        (y, [h_n] or [h_n, c_n]). `native`: the backend has the projection op (projection.py)."""
         w_ih, w_hh, b_ih, b_hh, w_hr = weights
         if self._cell == "gru":
             # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).

@@ -30,8 +30,8 @@ MIN_MACS = 1 << 24
 
 
 def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = False) -> Tensor:
-    """x [T, B, I] @ w [G, I]^T + b [G] -> [T, B, G], like F.linear. `native`: the layer runs
-    on the cpu backend (so fusedrnn::projection exists)."""
+    """x [T, B, I] @ w [G, I]^T + b [G] -> [T, B, G], like F.linear. `native`: the layer's
+    backend implements fusedrnn::projection (Backend.projection_op: the cpu backend)."""
     if (native and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and (b is None or b.dtype == torch.float32) and x.numel() * w.shape[0] >= MIN_MACS):
         return torch.ops.fusedrnn.projection(x, w, b)

@@ -498,6 +498,15 @@ struct TiledF {
   // `exact`, C is [B, units] (leading dimension ldc, last panel possibly partial) and
   // the micro-kernel works on the contiguous scratch `tmp` (B*8V floats, one per
   // thread) instead: rows of dL/dh are often a multiple of 4 KB apart.
+  // C [M, units]'s columns [col, col + valid) to and from a contiguous M x 8V scratch (zero-padded).
+  void to_tmp(int64_t M, const float* C, int64_t ldc, int64_t col, int64_t valid, float* tmp) const {
+    const int64_t w = 8 * V;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < w; ++j) tmp[m * w + j] = j < valid ? C[m * ldc + col + j] : 0.f;
+  }
+  void from_tmp(int64_t M, const float* tmp, float* C, int64_t ldc, int64_t col, int64_t valid) const {
+    for (int64_t m = 0; m < M; ++m) std::copy(tmp + m * 8 * V, tmp + m * 8 * V + valid, C + m * ldc + col);
+  }
   void gemm_panel(int64_t p, int64_t B, const float* A, int64_t lda, float* C, int64_t ldc, bool acc,
                   bool exact, float* tmp) const {
     const int64_t w = 8 * V;
@@ -505,9 +514,7 @@ struct TiledF {
     const int64_t valid = exact ? std::min<int64_t>(w, units - col) : w;
     float* Ct = exact ? tmp : C + p * w;
     const int64_t ldt = exact ? w : ldc;
-    if (exact && acc)
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < w; ++j) tmp[b * w + j] = j < valid ? C[b * ldc + col + j] : 0.f;
+    if (exact && acc) to_tmp(B, C, ldc, col, valid, tmp);
     const float* Pn = P->get() + p * K * w;
     if (K == 0 && !acc)
       for (int64_t b = 0; b < B; ++b) std::fill(Ct + b * ldt, Ct + b * ldt + w, 0.f);
@@ -526,8 +533,7 @@ struct TiledF {
       if (V == 4) rows<4>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else rows<3>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
     }
-    if (exact)
-      for (int64_t b = 0; b < B; ++b) std::copy(tmp + b * w, tmp + b * w + valid, C + b * ldc + col);
+    if (exact) from_tmp(B, tmp, C, ldc, col, valid);
   }
   // Panel p's columns of C (+)= A[:, :kc] @ (the panel's rows k0 .. k0+kc) for M rows of
   // C [M, units] (leading dimension ldc), plus bias[units] if not null and not acc; a
@@ -542,15 +548,12 @@ struct TiledF {
     if (bias && !acc) std::copy(bias + col, bias + col + valid, init);
     float* Ct = direct ? C + col : tmp;
     const int64_t ldt = direct ? ldc : w;
-    if (!direct && acc)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < w; ++j) tmp[m * w + j] = j < valid ? C[m * ldc + col + j] : 0.f;
+    if (!direct && acc) to_tmp(M, C, ldc, col, valid, tmp);
     const float* Pn = P->get() + (p * K + k0) * w;
     const float* in = bias && !acc ? init : nullptr;
     if (V == 4) rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
     else rows<3>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
-    if (!direct)
-      for (int64_t m = 0; m < M; ++m) std::copy(tmp + m * w, tmp + m * w + valid, C + m * ldc + col);
+    if (!direct) from_tmp(M, tmp, C, ldc, col, valid);
   }
   int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
   int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }

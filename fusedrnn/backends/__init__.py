@@ -41,6 +41,9 @@ class Backend:
     # Whether the backend implements the one-step cell ops (fusedrnn/cell_ops.py); if not,
     # fusedrnn's cells run a step as the input projection plus the sequence op with T = 1.
     cell_ops: bool = False
+    # Whether the backend implements the input projection op fusedrnn::projection
+    # (fusedrnn/projection.py); if not, the sequence modules' input projection is F.linear.
+    projection_op: bool = False
     _state: Optional[str] = field(default="unloaded", repr=False)
     _ops: dict = field(default_factory=dict, repr=False)
 
