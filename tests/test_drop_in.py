@@ -168,23 +168,44 @@ def test_deepcopy_and_save_load_round_trip(tmp_path):
     assert not torch.allclose(clone(x)[0], want) and torch.equal(m(x)[0], want)
 
 
-@pytest.mark.parametrize("torch_cls,fused_cls", [(nn.LSTM, fusedrnn.LSTM), (nn.GRU, fusedrnn.GRU), (nn.RNN, fusedrnn.RNN)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("T", [3, 10])  # cpu float32: T >= 8 takes the packed-panel path and its inline tanh/sigmoid
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_inputs_propagate_like_torch_nn(torch_cls, fused_cls, dtype, T, bad):
-    """A NaN or infinity in the input reaches the outputs as in torch.nn: the same elements
-    are NaN, the rest agree. (Clamping inside tanh/sigmoid must not turn NaN into a number.)"""
+NONFINITE_CELLS = [(nn.LSTM, fusedrnn.LSTM, {}), (nn.GRU, fusedrnn.GRU, {}), (nn.RNN, fusedrnn.RNN, {}),
+                   (nn.RNN, fusedrnn.RNN, {"nonlinearity": "relu"})]
+
+
+def _check_nonfinite_propagation(torch_cls, fused_cls, kw, dtype, T, bad, backend="auto"):
     torch.manual_seed(T)
-    ref = torch_cls(16, 24).to(dtype)
-    ours = fused_cls(16, 24).to(dtype)
+    ref = torch_cls(16, 24, **kw).to(dtype)
+    ours = fused_cls(16, 24, backend=backend, **kw).to(dtype)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(T, 4, 16, dtype=dtype)
     x[2, 1, 3] = bad
     with torch.no_grad():
         want, got = ref(x)[0], ours(x)[0]
+    if bad != bad:  # NaN: torch.nn's output has NaN elements, so the comparison below can fail
+        assert torch.isnan(want).any()
     assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{ours.last_backend}: NaN elements differ"
     torch.testing.assert_close(torch.nan_to_num(got), torch.nan_to_num(want), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("torch_cls,fused_cls,kw", NONFINITE_CELLS, ids=["lstm", "gru", "rnn", "rnn-relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [3, 10])  # cpu float32: T >= 8 takes the packed-panel path and its inline tanh/sigmoid
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_inputs_propagate_like_torch_nn(torch_cls, fused_cls, kw, dtype, T, bad):
+    """A NaN or infinity in the input reaches the outputs as in torch.nn: the same elements
+    are NaN, the rest agree. (Clamping inside tanh/sigmoid must not turn NaN into a number,
+    nor may relu: torch.relu keeps NaN.)"""
+    _check_nonfinite_propagation(torch_cls, fused_cls, kw, dtype, T, bad)
+
+
+@pytest.mark.parametrize("torch_cls,fused_cls,kw", NONFINITE_CELLS, ids=["lstm", "gru", "rnn", "rnn-relu"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter), "emulated"])
+def test_nonfinite_inputs_propagate_like_torch_nn_on_every_backend(torch_cls, fused_cls, kw, backend):
+    """The same for the other backends that run on the CPU (float32, NaN): their pointwise
+    code is their own (Triton's cells.py; the CUDA kernels, emulated, share the C++ units)."""
+    if backend not in available_backends() and backend != "triton":
+        pytest.skip(f"backend {backend} not built")
+    _check_nonfinite_propagation(torch_cls, fused_cls, kw, torch.float32, 10, float("nan"), backend)
 
 
 @pytest.fixture

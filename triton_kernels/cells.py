@@ -77,7 +77,7 @@ def gru_backward_unit(r, z, n, hn, h_prev, dh):
 @triton.jit
 def rnn_forward_unit(a, RELU: tl.constexpr):
     if RELU:
-        return tl.maximum(a, 0.0)
+        return tl.where(a < 0, 0.0, a)  # keeps NaN, as torch.relu (tl.maximum may return 0 for it)
     else:
         return tanh(a)
 

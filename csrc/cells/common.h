@@ -20,7 +20,8 @@ FRNN_HD double tanh_(double x) { return tanh(x); }
 template <typename T>
 FRNN_HD T sigmoid_(T x) { return T(1) / (T(1) + exp_(-x)); }
 
+// max(x, 0) that keeps NaN, as torch.relu does (x > 0 ? x : 0 would map NaN to 0).
 template <typename T>
-FRNN_HD T relu_(T x) { return x > T(0) ? x : T(0); }
+FRNN_HD T relu_(T x) { return x < T(0) ? T(0) : x; }
 
 }  // namespace fusedrnn

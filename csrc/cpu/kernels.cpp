@@ -693,7 +693,7 @@ inline V8 operator-(V8 a, V8 b) { return a.v - b.v; }
 inline V8 operator*(V8 a, V8 b) { return a.v * b.v; }
 inline V8 tanh_(V8 x) { return tanh8(x.v); }
 inline V8 sigmoid_(V8 x) { return sigmoid8(x.v); }
-inline V8 relu_(V8 x) { return _mm256_max_ps(x.v, _mm256_setzero_ps()); }  // (0 for NaN, as the scalar one)
+inline V8 relu_(V8 x) { return _mm256_max_ps(_mm256_setzero_ps(), x.v); }  // (keeps NaN: maxps returns its second operand then)
 using fusedrnn::exp_;  // (the scalar overloads, for the float and double loops)
 using fusedrnn::relu_;
 using fusedrnn::sigmoid_;
