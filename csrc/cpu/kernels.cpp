@@ -161,11 +161,23 @@ std::atomic<int64_t> g_min_work{[] {
   const long long x = e ? std::atoll(e) : 0;
   return x > 0 ? (int64_t)x : (int64_t)(1 << 14);
 }()};
-// Whether float32 on AVX2 uses the packed-panel micro-kernel (Tiled below) for the
-// recurrent GEMMs (else BLAS). FUSEDRNN_CPU_TILED=0 turns it off.
-std::atomic<bool> g_tiled{[] {
+// How float32 on AVX2 runs the recurrent GEMMs and cpu::gemm: 0 = BLAS, 1 = the
+// packed-panel micro-kernels (TiledF below) in the 16 AVX2 registers, 2 = the same, with
+// the recurrent steps' kernels in the 32 registers AVX-512 gives (taller blocks of rows:
+// see TiledF::kernel32); 2 is the default where the CPU has AVX-512 (F and VL) and is
+// lowered to 1 where it has not. FUSEDRNN_CPU_TILED=0/1/2 sets it; set_options() too.
+bool has_avx512() {
+#if FRNN_X86_SIMD
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  return yes;
+#else
+  return false;
+#endif
+}
+int tiled_mode(int requested) { return std::max(0, std::min(requested, has_avx512() ? 2 : 1)); }
+std::atomic<int> g_tiled{[] {
   const char* e = std::getenv("FUSEDRNN_CPU_TILED");
-  return !(e && e[0] == '0');
+  return tiled_mode(e && e[0] >= '0' && e[0] <= '9' ? std::atoi(e) : 2);
 }()};
 int64_t min_work_per_thread() { return g_min_work.load(std::memory_order_relaxed); }
 
@@ -376,9 +388,11 @@ struct TiledF {
 
   // `pf`: npf (<= K) cache lines to prefetch, one per k step (the in-loop prefetch, see rows()).
   // `init` (if not null and not acc): the accumulators start from it (8*VV values, a bias).
-  template <int VV, int R>
-  static inline void kernel(int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
-                            bool acc, const char* pf, int64_t npf, const float* init) {
+  // NREG: the vector registers the loop order may count on (16 for AVX2; kernel32: 32).
+  template <int VV, int R, int NREG = 16>
+  __attribute__((always_inline)) static inline void kernel(int64_t K, const float* A, int64_t lda, const float* Pn,
+                                                           float* C, int64_t ldc, bool acc, const char* pf,
+                                                           int64_t npf, const float* init) {
     __m256 c[R][VV];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
@@ -411,7 +425,7 @@ struct TiledF {
     // weight vectors (then one broadcast at a time), whichever fits. With 17 live
     // values GCC reloads a weight vector from L1 for every row instead, which cost
     // ~25% of the kernel's throughput (60 -> 80 GFLOP/s per core for 3x4).
-    if constexpr (R * VV + R + 1 <= 16) {
+    if constexpr (R * VV + R + 1 <= NREG) {
       for (; k < K; ++k) {
         if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
         const float* w = Pn + k * (8 * VV);
@@ -445,10 +459,30 @@ struct TiledF {
 #pragma GCC unroll 8
       for (int v = 0; v < VV; ++v) _mm256_storeu_ps(C + r * ldc + v * 8, c[r][v]);
   }
-  template <int VV>
+  // The same kernel compiled for AVX-512's 32 vector registers (still 8-float vectors),
+  // where a block of 4 rows of a 4-vector panel (the LSTM and RNN forward, every
+  // backward) keeps its 16 accumulators, 4 broadcasts and a weight vector in registers:
+  // a step's GEMM passes over each weight block B / 4 times instead of B / 3. Same sums
+  // in the same order, so the results are bit-identical. In-process A/B against the
+  // 16-register kernel, T=32, 2 threads, Zen 4: LSTM op forward and backward 1.04-1.09x at
+  // B=8 (H 256, 512), 1.00-1.05x at B 32-64. Not used: GRU's 3-vector panels in 6-row
+  // blocks (its forward module 0.93-0.99x), cpu::gemm's blocks (192 rows of A in L2: no
+  // gain), a build of everything for AVX-512 (the input projection 2-6% slower), 16-float
+  // (zmm) vectors (no faster: Zen 4 splits them in two).
+  template <int VV, int R>
+  __attribute__((target("avx2,fma,avx512f,avx512vl"), noinline)) static void kernel32(
+      int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc, bool acc, const char* pf,
+      int64_t npf, const float* init) {
+    kernel<VV, R, 32>(K, A, lda, Pn, C, ldc, acc, pf, npf, init);
+  }
+  static bool wide() { return g_tiled.load(std::memory_order_relaxed) == 2; }
+  // C[B, 8VV] (+)= A[B, K] @ the panel block Pn (K x 8VV), in blocks of RM rows (WIDE:
+  // kernel32's taller blocks).
+  template <int VV, bool WIDE = false>
   static void rows(int64_t B, int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
                    bool acc, const float* next, int64_t next_bytes, const float* init = nullptr) {
-    constexpr int RM = VV == 4 ? 3 : 4;
+    static_assert(!WIDE || VV == 4, "kernel32's row blocks are for 4-vector panels");
+    constexpr int RM = WIDE ? 4 : VV == 4 ? 3 : 4;
     int64_t full = B / RM, rem = B % RM;
     // A lone last row would run the 1-row kernel (a GEMV, bound by the weight loads,
     // not the FMAs): end on two shorter blocks instead, e.g. 64 = 20 x 3 + 2 + 2.
@@ -469,7 +503,8 @@ struct TiledF {
     auto run = [&](auto r_const) {
       constexpr int R = decltype(r_const)::value;
       const int64_t n = in_loop ? std::min(K, lines - done) : 0;
-      kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n, init);
+      if constexpr (WIDE && R > 1) kernel32<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n, init);
+      else kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n, init);
       done += n;
       b += R;
     };
@@ -483,6 +518,7 @@ struct TiledF {
         case 1: run(std::integral_constant<int, 1>()); break;
         case 2: run(std::integral_constant<int, 2>()); break;
         case 3: if constexpr (RM > 3) run(std::integral_constant<int, 3>()); break;
+        case 4: if constexpr (RM > 4) run(std::integral_constant<int, 4>()); break;
         default: break;
       }
     };
@@ -530,7 +566,8 @@ struct TiledF {
       const bool a = acc || k0 > 0;
       const float* next = pf && Pn + (k0 + kc) * w < end ? Pn + (k0 + kc) * w : nullptr;
       const int64_t nbytes = std::min<int64_t>(KC * w, end - (Pn + (k0 + kc) * w)) * 4;
-      if (V == 4) rows<4>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
+      if (V == 4 && wide()) rows<4, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
+      else if (V == 4) rows<4>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else rows<3>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
     }
     if (exact) from_tmp(B, tmp, C, ldc, col, valid);
@@ -849,9 +886,9 @@ void set_scratch(const Scratch& s) { g_scratch = s; }
 const char* simd_path() { return use_avx2() ? "avx2" : "baseline"; }
 
 void set_options(int tiled, int64_t min_work, int* old_tiled, int64_t* old_min_work) {
-  if (old_tiled) *old_tiled = g_tiled.load() ? 1 : 0;
+  if (old_tiled) *old_tiled = g_tiled.load();
   if (old_min_work) *old_min_work = g_min_work.load();
-  if (tiled >= 0) g_tiled.store(tiled != 0);
+  if (tiled >= 0) g_tiled.store(tiled_mode(tiled));
   if (min_work > 0) g_min_work.store(min_work);
 }
 

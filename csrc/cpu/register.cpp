@@ -415,9 +415,10 @@ PyMethodDef methods[] = {
     {"_pool_hold_lock_for_test", pool_hold_lock, METH_VARARGS,
      "_pool_hold_lock_for_test(ms): a background thread holds the output pool's lock for ms milliseconds"},
     {"_set_options", set_options, METH_VARARGS,
-     "_set_options(tiled, min_work) -> previous (tiled, min_work): float32 packed-panel micro-kernel "
-     "on (1) / off (0) / unchanged (-1); multiply-adds per thread per step before a step is split "
-     "over threads (<= 0: unchanged). For tests and benchmarks."},
+     "_set_options(tiled, min_work) -> previous (tiled, min_work): float32 GEMM kernels: BLAS (0), "
+     "packed-panel AVX2 micro-kernels (1), those with the recurrent steps in AVX-512's 32 registers "
+     "(2: the default where the CPU has AVX-512, else lowered to 1), unchanged (-1); multiply-adds per "
+     "thread per step before a step is split over threads (<= 0: unchanged). For tests and benchmarks."},
     {nullptr, nullptr, 0, nullptr}};
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
                       "fusedrnn CPU kernels (registered for the CPU dispatch key of the fusedrnn::* ops)", -1,
