@@ -32,12 +32,13 @@ def _args(shape, G, bias=True, batch_first=False, dtype=torch.float32):
     return x, torch.randn(G, I, dtype=dtype) / max(I, 1) ** 0.5, torch.randn(G, dtype=dtype) if bias else None
 
 
-# (7, 40, 150) x 100: 280 rows (two row blocks of 192), k 150 (two k blocks of 128), 100
-# columns (three full 32-column panels and a partial one); (5, 8, 40) x 500: the weight
+# (7, 40, 150) x 100: 280 rows (two row blocks of 192), k 150 (the weight gradient's
+# grad^T @ x: k = 280 rows, three k blocks of 128), 100 columns (three full 32-column panels
+# and a partial one); (4, 9, 300) x 70: x @ w^T with k 300 (two k blocks of 256); (5, 8, 40) x 500: the weight
 # gradient's 500 rows split over the threads in blocks of 192; (3, 700, 8): the weight
 # gradient's 2100-row sum in two packed chunks (2048 + 52); (3, 5, 1): I = 1; (9, 33): 2-D.
 SHAPES = [((7, 40, 150), 100), ((5, 8, 40), 500), ((3, 700, 8), 24), ((3, 5, 1), 7), ((9, 33), 64),
-          ((2, 3, 70), 5)]
+          ((2, 3, 70), 5), ((4, 9, 300), 70)]
 
 
 @pytest.mark.parametrize("tiled", [1, 0], ids=["tiled", "blas"])
