@@ -597,23 +597,31 @@ struct TiledF {
 };
 
 // out[m * kc + k] = a[m * sam + k * sak] for an mc x kc block (A's rows made contiguous
-// in k, as the micro-kernel reads them); 8 x 8 at a time when A's columns are (sam 1).
-inline void pack_a(const float* a, int64_t sam, int64_t sak, int64_t mc, int64_t kc, float* out) {
-  int64_t m = 0;
-  if (sam == 1)
-    for (; m + 8 <= mc; m += 8) {
-      int64_t k = 0;
-      for (; k + 8 <= kc; k += 8) {
-        __m256 r[8];
-        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(a + (k + j) * sak + m);
-        TiledF::transpose8(r);
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (m + i) * kc + k, r[i]);
+// in k, as the micro-kernel reads them); colsum (if not null): colsum[m] += the sum of
+// the block's row m (a bias gradient, from the pass that reads A anyway). When A's
+// columns are contiguous (sam 1: a weight gradient's grad^T) 8 x 8 at a time through a
+// register transpose, k-chunk by k-chunk: A's k rows are often a multiple of 4 KB apart,
+// so a chunk's 8 rows share an L1 set, and going along m within them uses each line
+// before it is evicted (in-process A/B against m-chunk by m-chunk: dW 1.02-1.045x).
+inline void pack_a(const float* a, int64_t sam, int64_t sak, int64_t mc, int64_t kc, float* out, float* colsum) {
+  const int64_t m8 = sam == 1 ? mc / 8 * 8 : 0, k8 = kc / 8 * 8;
+  for (int64_t k = 0; k < k8; k += 8)
+    for (int64_t m = 0; m < m8; m += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(a + (k + j) * sak + m);
+      if (colsum) {
+        const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(r[0], r[1]), _mm256_add_ps(r[2], r[3])),
+                                       _mm256_add_ps(_mm256_add_ps(r[4], r[5]), _mm256_add_ps(r[6], r[7])));
+        _mm256_storeu_ps(colsum + m, _mm256_add_ps(_mm256_loadu_ps(colsum + m), s));
       }
-      for (; k < kc; ++k)
-        for (int i = 0; i < 8; ++i) out[(m + i) * kc + k] = a[k * sak + m + i];
+      TiledF::transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (m + i) * kc + k, r[i]);
     }
-  for (; m < mc; ++m)
-    for (int64_t k = 0; k < kc; ++k) out[m * kc + k] = a[m * sam + k * sak];
+  for (int64_t m = 0; m < mc; ++m) {  // what the 8 x 8 tiles left: the k tail, the last rows
+    float sum = 0.f;
+    for (int64_t k = m < m8 ? k8 : 0; k < kc; ++k) sum += out[m * kc + k] = a[m * sam + k * sak];
+    if (colsum) colsum[m] += sum;
+  }
 }
 
 // Rows [m0, m1) x panels [p0, p1) of C (+)= A @ B on B's packed panels `tw` (K rows), in
@@ -625,7 +633,8 @@ inline void pack_a(const float* a, int64_t sam, int64_t sak, int64_t mc, int64_t
 // against 128 at T*B x G x H shapes, H 256-1024, B 8-64: the projection 1.017x geomean,
 // 0.99-1.055x; dx 0.97-1.03x), 128 for the weight gradients (no gain there).
 inline void gemm_rows(const TiledF& tw, int64_t K, const float* A, int64_t sam, int64_t sak, float* C, int64_t ldc,
-                      bool acc, const float* bias, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+                      bool acc, const float* bias, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
+                      float* colsum = nullptr) {
   constexpr int64_t MC = 192;
   const int64_t KC = sak == 1 ? 2 * TiledF::KC : TiledF::KC;
   Buf<float> ap(sak == 1 ? 0 : MC * KC), tmp(MC * 32);
@@ -636,7 +645,7 @@ inline void gemm_rows(const TiledF& tw, int64_t K, const float* A, int64_t sam, 
       const float* a = A + m0 * sam + k0 * sak;
       int64_t lda = sam;
       if (sak != 1) {
-        pack_a(a, sam, sak, mc, kc, ap.data());
+        pack_a(a, sam, sak, mc, kc, ap.data(), colsum ? colsum + m0 : nullptr);
         a = ap.data();
         lda = kc;
       }
@@ -650,9 +659,10 @@ inline void gemm_rows(const TiledF& tw, int64_t K, const float* A, int64_t sam, 
 // gradients): A(m, k) = A[m * sam + k * sak], B(k, n) = Bm[k * sbk + n * sbn], C row-major
 // (ldc). GotoBLAS-style blocking (gemm_rows) around the recurrent micro-kernel, B packed
 // into 32-column panels.
+// colsum (if not null; only where A is copied, sak != 1): += the sums of A's rows.
 inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
                          const float* Bm, int64_t sbk, int64_t sbn, float* C, int64_t ldc, bool acc,
-                         const float* bias) {
+                         const float* bias, float* colsum) {
   const Slices sp = make_slices(N, M * K, TiledF::panel_units(1));
   if (sak == 1) {  // (x @ w^T, grad @ w: B is a weight) threads own panels: each packs its own
     TiledF tw(1, N, K);
@@ -677,7 +687,8 @@ inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_
       for (int64_t p = tw.first_panel(sp.lo(t)); p < tw.end_panel(sp.hi(t)); ++p) tw.pack(Bm + kb * sbk, sbn, sbk, p);
     });
     run_slices(sm, [&](int t) {
-      gemm_rows(tw, kn, A + kb * sak, sam, sak, C, ldc, acc || kb > 0, bias, sm.lo(t), sm.hi(t), 0, tw.npanel);
+      gemm_rows(tw, kn, A + kb * sak, sam, sak, C, ldc, acc || kb > 0, bias, sm.lo(t), sm.hi(t), 0, tw.npanel,
+                colsum);
     });
   }
 }
@@ -960,12 +971,21 @@ void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T
 
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* Bm, int64_t sbk,
-          int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias) {
+          int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias, T* colsum) {
+  if (colsum) std::fill(colsum, colsum + M, T(0));
 #if FRNN_X86_SIMD
   if constexpr (std::is_same_v<T, float>)
-    if (use_avx2() && g_tiled.load(std::memory_order_relaxed) && M > 0 && N > 0 && K > 0)
-      return gemm_blocked(M, N, K, A, sam, sak, Bm, sbk, sbn, C, ldc, acc, bias);
+    if (use_avx2() && g_tiled.load(std::memory_order_relaxed) && M > 0 && N > 0 && K > 0 && (sak != 1 || !colsum))
+      return gemm_blocked(M, N, K, A, sam, sak, Bm, sbk, sbn, C, ldc, acc, bias, colsum);
 #endif
+  if (colsum) {  // (elsewhere: a pass of its own over A)
+    if (sam == 1)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t m = 0; m < M; ++m) colsum[m] += A[k * sak + m];
+    else
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) colsum[m] += A[m * sam + k * sak];
+  }
   if (bias && !acc) {
     for (int64_t m = 0; m < M; ++m) std::copy(bias, bias + N, C + m * ldc);
     acc = true;
@@ -995,7 +1015,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
   template void step_matmul<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                        \
   template void step_weight_grad<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, T*);              \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, int64_t, T*, \
-                        int64_t, bool, const T*);
+                        int64_t, bool, const T*, T*);
 FRNN_INSTANTIATE(float)
 FRNN_INSTANTIATE(double)
 

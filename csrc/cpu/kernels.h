@@ -67,12 +67,13 @@ void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T
 // C[M,N] = A @ B (+ bias[n] if bias is not null; acc: C += A @ B, bias ignored) for the
 // GEMMs over all timesteps (the input projection and the weight gradients), with
 // A(m,k) = A[m*sam + k*sak] and B(k,n) = B[k*sbk + n*sbn]: one stride of each must be 1,
-// either one, so a transposed operand needs no copy. C is row-major (ldc). float32 on
-// AVX2 runs the recurrent micro-kernel blocked for cache (kernels.cpp, gemm_blocked);
-// otherwise BLAS.
+// either one, so a transposed operand needs no copy. C is row-major (ldc). colsum (if not
+// null) [M] = the sums of A's rows (a bias gradient, for A = grad^T; free where a weight
+// gradient copies A anyway). float32 on AVX2 runs the recurrent micro-kernel blocked for
+// cache (kernels.cpp, gemm_blocked); otherwise BLAS.
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk,
-          int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias = nullptr);
+          int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias = nullptr, T* colsum = nullptr);
 
 // Memory for the kernels' large temporaries (the packed weights: 16 MB for an LSTM layer
 // of hidden size 1024), supplied by the op layer (register.cpp: the output pool), which
