@@ -26,6 +26,10 @@ from fusedrnn.backends import registry  # noqa: E402
 from bench.env import cpu_name  # noqa: E402
 
 
+# fusedrnn._C._set_options' tiled mode (FUSEDRNN_CPU_TILED), as the header reports it.
+_TILED_MODES = {0: "BLAS", 1: "packed-panel (16 registers)", 2: "packed-panel (recurrent steps in AVX-512's 32 registers)"}
+
+
 def make_pair(cell: str, H: int, dtype):
     cls_t = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
     cls_f = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "rnn": fusedrnn.RNN}[cell]
@@ -109,7 +113,8 @@ def main(argv=None):
     from fusedrnn import _C
     print(f"device: {cpu_name()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
           f"torch {torch.__version__}, mkldnn {'on' if torch.backends.mkldnn.is_available() else 'off'}, "
-          f"fusedrnn elementwise path {_C.simd_path()}")
+          f"fusedrnn elementwise path {_C.simd_path()}, GEMM kernels "
+          f"{_TILED_MODES.get(_C._set_options(-1, 0)[0], '?')}")
     print("load average at start: %.2f %.2f %.2f (timings are only meaningful on an otherwise idle machine)"
           % os.getloadavg())
     print(f"seq_len {a.seq}, input_size = hidden, {a.dtype}, median of {a.reps} interleaved runs; "
