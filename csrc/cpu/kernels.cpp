@@ -658,8 +658,8 @@ inline void gemm_rows(const TiledF& tw, int64_t K, const float* A, int64_t sam, 
 // C[M, N] (+)= A @ B for the GEMMs over all timesteps (the input projection, the weight
 // gradients): A(m, k) = A[m * sam + k * sak], B(k, n) = Bm[k * sbk + n * sbn], C row-major
 // (ldc). GotoBLAS-style blocking (gemm_rows) around the recurrent micro-kernel, B packed
-// into 32-column panels.
-// colsum (if not null; only where A is copied, sak != 1): += the sums of A's rows.
+// into 32-column panels. colsum (if not null; only where A is copied, sak != 1): += the
+// sums of A's rows.
 inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
                          const float* Bm, int64_t sbk, int64_t sbn, float* C, int64_t ldc, bool acc,
                          const float* bias, float* colsum) {

@@ -91,8 +91,9 @@ const char* simd_path();
 // Tuning knobs, process-wide (tests use them to force every code path):
 // tiled: the float32 GEMMs' kernels (FUSEDRNN_CPU_TILED): 0 = BLAS, 1 = the packed-panel
 // AVX2 micro-kernels, 2 = those with the recurrent steps' kernels in AVX-512's 32
-// registers (the default where the CPU has AVX-512; lowered to 1 elsewhere), -1 = unchanged; min_work: multiply-adds per thread per step
-// below which a step is not split over threads (FUSEDRNN_CPU_MIN_WORK), <= 0 = unchanged.
+// registers (the default where the CPU has AVX-512; lowered to 1 elsewhere), -1 =
+// unchanged; min_work: multiply-adds per thread per step below which a step is not
+// split over threads (FUSEDRNN_CPU_MIN_WORK), <= 0 = unchanged.
 // Returns the previous values through the pointers (may be null).
 void set_options(int tiled, int64_t min_work, int* old_tiled, int64_t* old_min_work);
 
