@@ -208,8 +208,7 @@ class _FusedRNNBase(BackendChoice):
                     proj_size=getattr(self, "proj_size", 0), batch=x.shape[1])
         backend, why = select(self.backend, call)
         if self.backend == "auto" and cast is None:
-            recorded = lambda: records_grad(x, *hs, *self.parameters())  # noqa: E731
-            nn_why = (torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), recorded)
+            nn_why = (torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence))
                       or torch_nn_instead_of_reference(call, backend.name, why))
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:

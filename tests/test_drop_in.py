@@ -227,17 +227,17 @@ def _lstm_pair(**kw):
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
-    """auto hands LSTM float32 at batch >= 32 and seq_len >= 32 (in training: hidden <= 512)
-    to torch.nn's own forward on AVX-512 CPUs (backends.TORCH_NN): same results as torch.nn,
-    forward and backward; everything else stays with fusedrnn's backends."""
-    from fusedrnn.backends import TORCH_NN, TORCH_NN_MAX_HIDDEN_TRAINING, TORCH_NN_MIN_BATCH as B, \
+    """auto hands LSTM float32 at batch >= 32, seq_len >= 32 and hidden <= 512 to torch.nn's
+    own forward on AVX-512 CPUs (backends.TORCH_NN): same results as torch.nn, forward and
+    backward; everything else stays with fusedrnn's backends."""
+    from fusedrnn.backends import TORCH_NN, TORCH_NN_MAX_HIDDEN, TORCH_NN_MIN_BATCH as B, \
         TORCH_NN_MIN_STEPS as T
     onednn_avx512(True)
     ref, ours = _lstm_pair(num_layers=2, batch_first=True)
     x = torch.randn(B, T, 6)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     (y1, (h1, c1)), (y2, (h2, c2)) = ref(x1), ours(x2)
-    assert ours.last_backend == TORCH_NN and "in training" in ours.last_backend_reason, ours.last_backend_reason
+    assert ours.last_backend == TORCH_NN and "hidden_size <= 512" in ours.last_backend_reason, ours.last_backend_reason
     for a, b in ((y1, y2), (h1, h2), (c1, c2)):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     (y1.square().sum() + c1.sum()).backward()
@@ -245,17 +245,17 @@ def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
     torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
     for (n, p), q in zip(ref.named_parameters(), ours.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
-    big = fusedrnn.LSTM(6, TORCH_NN_MAX_HIDDEN_TRAINING + 8, batch_first=True)
+    big = fusedrnn.LSTM(6, TORCH_NN_MAX_HIDDEN + 8, batch_first=True)
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=0)
-        assert ours.last_backend == TORCH_NN and "in training" not in ours.last_backend_reason
-        big(x)  # inference: any hidden size
-        assert big.last_backend == TORCH_NN
+        assert ours.last_backend == TORCH_NN
+        big(x)  # inference, hidden > 512: ours
+        assert big.last_backend != TORCH_NN
     first = available_backends("cpu")[0]
     not_delegated = [
         (ours, torch.randn(B - 1, T, 6)),                                    # smaller batch
         (ours, torch.randn(B, T - 1, 6)),                                    # shorter sequence
-        (big, x),                                                            # training, hidden > 512
+        (big, x),                                                            # hidden > 512 (training)
         (fusedrnn.LSTM(6, 10, batch_first=True).double(), x.double()),      # float64
         (fusedrnn.GRU(6, 10, batch_first=True), x),                          # GRU
         (fusedrnn.LSTM(6, 10, proj_size=4, batch_first=True), x),            # projection

@@ -128,23 +128,29 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 
 # Where torch.nn's own kernel is faster than every fusedrnn backend, "auto" runs torch.nn's
 # forward instead (the module reports last_backend == TORCH_NN). The cases measured: LSTM
-# in float32 on a CPU where torch.nn's LSTM runs oneDNN's AVX-512 kernels, at batch >= 32
-# and seq_len >= 32, in training only at hidden <= 512.
-# bench/cpu_ops.py, T = 32, 2026-11-29, 2-core AMD EPYC (Zen 4, AVX-512), three runs,
+# in float32 on a CPU where torch.nn's LSTM runs oneDNN's AVX-512 kernels, at batch >= 32,
+# seq_len >= 32 and hidden <= 512. Hidden 1024 stays ours since git 20a9b4b (inference was
+# delegated too before): bench/cpu_ops.py (T = 32) at batch 32 / 64, inference 1.10x /
+# 1.06x (git f025953) and 1.14x / 1.02x (20a9b4b), training 1.15x / 1.09x and 1.14x /
+# 1.13x; the main job (T = 64) B=32 1.02x / 1.07x. At hidden 256-512 the same runs put
+# ours at 0.86-1.13x (inference) and 0.95-1.07x (training): parity, both bound by GEMMs
+# at the same rate (README, Measured speed).
+# Before (bench/cpu_ops.py, T = 32, 2026-11-29, same VM, three runs, before git a6ded33),
 # backend="cpu" against torch.nn: batch 32-64, hidden 256-512: 0.79-1.04x (inference),
 # 0.82-0.95x (training); hidden 1024: 0.92-1.10x (inference), 0.99-1.07x (training);
 # batch 8: 0.94-1.35x (inference), 0.89-0.98x (training; 0.98-1.28x in interleaved blocks
 # of 3 calls at T=32, 0.99-1.09x at T=64: noise, so batch 8 stays ours); batch 1: 1.2-2.6x. Short
 # sequences stay ours too: oneDNN's per-call cost dominates them (B=32 H=256: T=1 1.47x
 # inference, 1.68x training; T=16 0.95x inference, 1.06x training; B=8 training T=8 2.16x).
-# The GEMMs decide it: oneDNN's AVX-512 input projection ran at 215-220 GFLOP/s where
+# The GEMMs decided it then: oneDNN's AVX-512 input projection ran at 215-220 GFLOP/s where
 # MKL's (F.linear and torch.mm: our projection in training and the weight gradients) ran
-# at 180-200, of a 232 GFLOP/s FMA peak. On an AVX2-only CPU (Zen 3, earlier sessions) the
-# two were at parity there (0.96-1.12x), so "auto" keeps backend "cpu" on such CPUs.
+# at 180-200, of a 232 GFLOP/s FMA peak; since git a6ded33 those run on cpu::gemm at
+# 200-225. On an AVX2-only CPU (Zen 3, earlier sessions) the two were at parity there
+# (0.96-1.12x), so "auto" keeps backend "cpu" on such CPUs.
 TORCH_NN = "torch.nn"
 TORCH_NN_MIN_BATCH = 32
 TORCH_NN_MIN_STEPS = 32
-TORCH_NN_MAX_HIDDEN_TRAINING = 512
+TORCH_NN_MAX_HIDDEN = 512
 
 
 def onednn_avx512() -> bool:
@@ -158,23 +164,19 @@ def onednn_avx512() -> bool:
 _AVX512: Optional[bool] = None
 
 
-def torch_nn_faster(call: Call, steps: int, packed: bool, recorded: Callable[[], bool]) -> Optional[str]:
+def torch_nn_faster(call: Call, steps: int, packed: bool) -> Optional[str]:
     """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call of `steps`
     timesteps, or None (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then
-    skips oneDNN); `recorded()`: whether autograd records the call (asked only if needed)."""
+    skips oneDNN)."""
     if not (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
             and call.proj_size == 0 and not packed and call.batch >= TORCH_NN_MIN_BATCH
             and steps >= TORCH_NN_MIN_STEPS):
         return None
-    training = recorded()
-    if training and call.hidden_size > TORCH_NN_MAX_HIDDEN_TRAINING:
-        return None
-    if not onednn_avx512():
+    if call.hidden_size > TORCH_NN_MAX_HIDDEN or not onednn_avx512():
         return None
     return (f"auto: torch.nn's LSTM (oneDNN, AVX-512) measured faster than backend 'cpu' for float32 "
-            f"at batch >= {TORCH_NN_MIN_BATCH} and seq_len >= {TORCH_NN_MIN_STEPS}"
-            + (f", hidden_size <= {TORCH_NN_MAX_HIDDEN_TRAINING} in training" if training else "")
-            + " on AVX-512 CPUs (backend='cpu' forces ours)")
+            f"at batch >= {TORCH_NN_MIN_BATCH}, seq_len >= {TORCH_NN_MIN_STEPS} and hidden_size <= "
+            f"{TORCH_NN_MAX_HIDDEN} on AVX-512 CPUs (backend='cpu' forces ours)")
 
 
 # "auto" does not run the reference where torch.nn can run the call: the reference is the
