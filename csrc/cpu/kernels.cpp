@@ -972,13 +972,13 @@ void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* Bm, int64_t sbk,
           int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias, T* colsum) {
-  if (colsum) std::fill(colsum, colsum + M, T(0));
+  bool blocked = false;  // (cpu::gemm's own kernels)
 #if FRNN_X86_SIMD
   if constexpr (std::is_same_v<T, float>)
-    if (use_avx2() && g_tiled.load(std::memory_order_relaxed) && M > 0 && N > 0 && K > 0 && (sak != 1 || !colsum))
-      return gemm_blocked(M, N, K, A, sam, sak, Bm, sbk, sbn, C, ldc, acc, bias, colsum);
+    blocked = use_avx2() && g_tiled.load(std::memory_order_relaxed) && M > 0 && N > 0 && K > 0;
 #endif
-  if (colsum) {  // (elsewhere: a pass of its own over A)
+  if (colsum) std::fill(colsum, colsum + M, T(0));
+  if (colsum && !(blocked && sak != 1)) {  // (where A is not copied: a pass of its own over A)
     if (sam == 1)
       for (int64_t k = 0; k < K; ++k)
         for (int64_t m = 0; m < M; ++m) colsum[m] += A[k * sak + m];
@@ -986,6 +986,10 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
       for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) colsum[m] += A[m * sam + k * sak];
   }
+#if FRNN_X86_SIMD
+  if constexpr (std::is_same_v<T, float>)
+    if (blocked) return gemm_blocked(M, N, K, A, sam, sak, Bm, sbk, sbn, C, ldc, acc, bias, sak != 1 ? colsum : nullptr);
+#endif
   if (bias && !acc) {
     for (int64_t m = 0; m < M; ++m) std::copy(bias, bias + N, C + m * ldc);
     acc = true;
