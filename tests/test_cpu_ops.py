@@ -150,18 +150,21 @@ def test_errors_are_clear(bad, match):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
-@pytest.mark.parametrize("tiled", [2, 1, 0], ids=["tiled32", "tiled", "blas"])
+@pytest.mark.parametrize("tiled,split", [(2, 1), (2, 2), (1, 1), (1, 2), (0, 1)],
+                         ids=["tiled32", "tiled32-rows", "tiled", "tiled-rows", "blas"])
 @pytest.mark.parametrize("H", [44, 64])  # 44: partial last 8- and 32-unit panels
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True)], ids=["full", "lengths-rev"])
-def test_forced_paths(variant, tiled, H, lengths, reverse, cpu_options):
+def test_forced_paths(variant, tiled, split, H, lengths, reverse, cpu_options):
     """float32 with the packed-panel micro-kernels (AVX2: 16 registers; tiled32: the
     recurrent steps' kernels in AVX-512's 32 registers, where the CPU has it, else the same
-    as tiled) and with BLAS, every step split over as many threads as there are panels
-    (min_work = 1), T >= 8 so the weight is packed. Batch 1 (the GEMV kernel), 5 and 13:
-    row blocks of every height (4-vector panels: 13 = 3 + 3 + 3 + 2 + 2, tiled32 4 + 4 + 3
-    + 2; GRU's forward 4 + 4 + 3 + 2; 5 = 3 + 2)."""
+    as tiled) and with BLAS, on at least 2 threads with min_work = 1, T >= 8 so the weight
+    is packed. The time loop split by hidden units (split 1: every step over as many
+    threads as there are panels) or, on the packed-panel path without projection, by batch
+    rows (split 2: each thread its rows, e.g. 13 = 6 + 7, through the whole loop). Batch 1
+    (the GEMV kernel), 5 and 13: row blocks of every height (4-vector panels: 13 = 3 + 3 +
+    3 + 2 + 2, tiled32 4 + 4 + 3 + 2; GRU's forward 4 + 4 + 3 + 2; 5 = 3 + 2)."""
     cell, P, flag = variant
-    cpu_options(tiled, 1)
+    cpu_options(tiled, 1, split)
     torch.set_num_threads(max(2, torch.get_num_threads()))
     P = 24 if P else 0
     for B in (1, 5, 13):

@@ -180,6 +180,14 @@ std::atomic<int> g_tiled{[] {
   return tiled_mode(e && e[0] >= '0' && e[0] <= '9' ? std::atoi(e) : 2);
 }()};
 int64_t min_work_per_thread() { return g_min_work.load(std::memory_order_relaxed); }
+// How a recurrence's time loop is shared between threads (see make_split): 0 = chosen per
+// call, 1 = always by hidden units, 2 = by batch rows wherever the kernel can (tests).
+// FUSEDRNN_CPU_SPLIT sets it; set_options() too.
+std::atomic<int> g_split{[] {
+  const char* e = std::getenv("FUSEDRNN_CPU_SPLIT");
+  const int x = e && e[0] >= '0' && e[0] <= '2' ? e[0] - '0' : 0;
+  return x;
+}()};
 
 // `gran`: slice boundaries on multiples of this many units (the tiled path passes its
 // panel width), rounded up to a multiple of 16: whole 64-byte lines of float rows, so
@@ -208,6 +216,99 @@ void run_slices(const Slices& sl, const F& f) {
     for (int64_t k = b; k < e; ++k) f((int)k);
   });
 }
+
+// How the threads share a recurrence's time loop. By units (the default): at every step,
+// thread k computes hidden units [units.lo(k), units.hi(k)) of every batch row, then all
+// threads meet (the end of a parallel region) before the next step reads the new state.
+// By rows (rows.n > 1): thread k runs the whole time loop for batch rows [rows.lo(k),
+// rows.hi(k)), all units, in one parallel region: rows of a batch never interact, so
+// there is no per-step barrier. Each thread then streams the whole packed weight every
+// step instead of its slice, which costs nothing while the weight comes from L2/L3 fast
+// enough. In-process A/B (2 threads, Zen 4, T=32): the LSTM forward op at B 8-64, H 256
+// and 512, 1.01-1.07x on an idle machine and 1.04-1.33x while another VM's load made it
+// noisy (a thread descheduled for a while stalls the other at every barrier of unit
+// splitting); H=1024 (16 MB packed) 0.92-0.97x, hence kRowsMaxWeightBytes. Rows are
+// chosen where each thread's rows fill the micro-kernel's row blocks as well as unit
+// splitting does (B=12 on 2 threads: 6 = 4 + 2 rows per thread, 0.92-0.95x). Modules
+// (forward, and forward + backward), B 8-64, H 256-1024, rows where chosen against units
+// everywhere: geomean 1.05x; LSTM 1.02-1.19x at H 256-512, GRU 1.04-1.26x, RNN 0.98-1.13x;
+// shapes left on units (LSTM, GRU at H=1024) 0.98-1.03x (noise).
+struct Split {
+  Slices units, rows;
+  bool by_rows() const { return rows.n > 1; }
+  int n() const { return by_rows() ? rows.n : units.n; }  // slice indices k in use
+};
+// `units`: the kernel's unit slices (make_slices); `R`: the micro-kernel's rows per block;
+// `weight_bytes`: the packed recurrent weight; `rows_ok`: the kernel's step can run on a
+// subset of rows (the packed-panel path without projection).
+constexpr int64_t kRowsMaxWeightBytes = 16 << 20;  // summed over the threads
+Split make_split(const Slices& units, int64_t B, int64_t R, int64_t weight_bytes, bool rows_ok) {
+  Split sp;
+  sp.units = units;
+  const int mode = g_split.load(std::memory_order_relaxed);
+  const int64_t n = units.n;
+  bool rows = false;
+  if (rows_ok && n > 1 && mode != 1) {
+    if (mode == 2) {
+      rows = B >= 2;
+    } else {
+      const int64_t per = (B + n - 1) / n;  // the most rows a thread gets
+      rows = B >= R * n && (per + R - 1) / R * n <= (B + R - 1) / R && n * weight_bytes <= kRowsMaxWeightBytes;
+    }
+  }
+  if (rows) {
+    sp.rows.n = (int)std::min<int64_t>(n, B);
+    for (int k = 0; k <= sp.rows.n; ++k) sp.rows.bound[k] = B * k / sp.rows.n;
+  }
+  return sp;
+}
+
+// The time loop: for i = 0 .. steps-1, st.begin(i), then step(k, i, j0, j1, b0, b1, st)
+// for units [j0, j1) of rows [b0, b1) in every slice k, then st.end(). `st` is the
+// loop's state (ping-pong buffers: cheap to copy, same evolution in every thread). By
+// units, one parallel region per step, with pre(i, st) and post(i, st) single-threaded
+// around it (they may run parallel regions of their own); by rows, each thread works on
+// its own copy of st and pre/post must be no-ops (make_split's rows_ok). Ends with `st`
+// as after the last step.
+struct NoHook {
+  template <typename S>
+  void operator()(int64_t, S&) const {}
+};
+template <typename S, typename F, typename Pre = NoHook, typename Post = NoHook>
+void run_steps(const Split& sp, int64_t steps, int64_t units, int64_t B, S& st, const F& step,
+               const Pre& pre = Pre(), const Post& post = Post()) {
+  if (sp.by_rows()) {
+    run_slices(sp.rows, [&](int k) {
+      S my = st;
+      for (int64_t i = 0; i < steps; ++i) {
+        my.begin(i);
+        step(k, i, int64_t(0), units, sp.rows.lo(k), sp.rows.hi(k), my);
+        my.end();
+      }
+    });
+    for (int64_t i = 0; i < steps; ++i) {
+      st.begin(i);
+      st.end();
+    }
+    return;
+  }
+  for (int64_t i = 0; i < steps; ++i) {
+    st.begin(i);
+    pre(i, st);
+    run_slices(sp.units, [&](int k) { step(k, i, sp.units.lo(k), sp.units.hi(k), int64_t(0), B, st); });
+    post(i, st);
+    st.end();
+  }
+}
+
+// A forward's state: h_{t-1} (cur) and h_t (next), swapped after every step.
+template <typename T>
+struct PingPong {
+  T* cur;
+  T* next;
+  void begin(int64_t) {}
+  void end() { std::swap(cur, next); }
+};
 
 // Reorders the rows of a gate-major weight [ng*H, K] so that each slice's rows (all
 // gates of its units, gate-major within the slice) are contiguous: one GEMM per
@@ -275,6 +376,8 @@ template <typename T>
 struct TiledStub {
   static bool use(int64_t) { return false; }
   static int64_t panel_units(int) { return 8; }
+  static int64_t block_rows(int) { return 4; }
+  int64_t bytes() const { return 0; }
   TiledStub(const T*, int64_t, int64_t, int, int64_t, int64_t, int64_t, const Slices&) {}
   int64_t ldc() const { return 0; }
   int64_t first_panel(int64_t) const { return 0; }
@@ -319,6 +422,9 @@ struct TiledF {
   static constexpr int64_t kPrefetchMinRows = 12;  // 4+ row blocks: bursts; fewer rows: in the k loop
   static bool use(int64_t steps) { return steps >= kMinSteps && g_tiled.load(std::memory_order_relaxed); }
   static int64_t panel_units(int ng) { return ng == 1 ? 32 : 8; }
+  // Rows per micro-kernel block in the recurrent steps (rows() below), and the packed size.
+  static int64_t block_rows(int ng) { return ng == 3 || wide() ? 4 : 3; }
+  int64_t bytes() const { return npanel * K * 8 * V * int64_t(sizeof(float)); }
 
   int V, ng;
   int64_t units, K, npanel;
@@ -901,11 +1007,13 @@ void set_scratch(const Scratch& s) { g_scratch = s; }
 
 const char* simd_path() { return use_avx2() ? "avx2" : "baseline"; }
 
-void set_options(int tiled, int64_t min_work, int* old_tiled, int64_t* old_min_work) {
+void set_options(int tiled, int64_t min_work, int split, int* old_tiled, int64_t* old_min_work, int* old_split) {
   if (old_tiled) *old_tiled = g_tiled.load();
   if (old_min_work) *old_min_work = g_min_work.load();
+  if (old_split) *old_split = g_split.load();
   if (tiled >= 0) g_tiled.store(tiled_mode(tiled));
   if (min_work > 0) g_min_work.store(min_work);
+  if (split >= 0 && split <= 2) g_split.store(split);
 }
 
 template <typename T>

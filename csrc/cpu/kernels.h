@@ -93,9 +93,11 @@ const char* simd_path();
 // AVX2 micro-kernels, 2 = those with the recurrent steps' kernels in AVX-512's 32
 // registers (the default where the CPU has AVX-512; lowered to 1 elsewhere), -1 =
 // unchanged; min_work: multiply-adds per thread per step below which a step is not
-// split over threads (FUSEDRNN_CPU_MIN_WORK), <= 0 = unchanged.
+// split over threads (FUSEDRNN_CPU_MIN_WORK), <= 0 = unchanged; split: how the threads
+// share a time loop (FUSEDRNN_CPU_SPLIT, see make_split in kernels.cpp): 0 = chosen per
+// call, 1 = by hidden units, 2 = by batch rows wherever the kernel can, -1 = unchanged.
 // Returns the previous values through the pointers (may be null).
-void set_options(int tiled, int64_t min_work, int* old_tiled, int64_t* old_min_work);
+void set_options(int tiled, int64_t min_work, int split, int* old_tiled, int64_t* old_min_work, int* old_split);
 
 }  // namespace cpu
 }  // namespace fusedrnn

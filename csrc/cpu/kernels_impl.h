@@ -2,9 +2,12 @@
 // for the baseline ISA (runtime dispatch). Helpers (Slices, run_slices, gemm_nt,
 // gemm_nn, ...) come from kernels.cpp. No include guard on purpose.
 //
-// Per time step, one parallel region per GEMM: each thread owns a slice of hidden
-// units (all gates of those units) and computes its part of the recurrent GEMM, then
-// the cell's pointwise math on it while it is in cache (L2). float32 on AVX2 (Tiled,
+// The time loop (run_steps in kernels.cpp) is shared between threads by hidden units --
+// per time step, one parallel region per GEMM: each thread owns a slice of hidden units
+// (all gates of those units) and computes its part of the recurrent GEMM, then the
+// cell's pointwise math on it while it is in cache (L2) -- or, on the packed-panel path
+// where that is as fast (make_split), by batch rows: each thread runs the whole loop for
+// its rows, with no barrier between steps. Every step is one function of (units, rows). float32 on AVX2 (Tiled,
 // see kernels.cpp) packs the recurrent weight once per call (sequences of >= 8 steps)
 // and runs its own register-blocked micro-kernel, panel by panel; otherwise a
 // single-threaded BLAS call per slice. Nothing is allocated inside the time loop.
@@ -20,16 +23,17 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   const Slices sl = make_slices(H, B * 4 * P, Tiled<T>::panel_units(4));
   const Slices slp = make_slices(P, B * H);
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, P, 1, 4, H, P, 0, sl) : nullptr);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(4), tiled ? tw->bytes() : 0, tiled && !proj);
   const GateWeights<T> w(w_hh, 4, H, P, sl, tiled ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
-  SavedRows<T> gates_s(gates, B, G, sl.n), cells_s(cells, B, H, sl.n);  // null in inference: scratch rows
+  SavedRows<T> gates_s(gates, B, G, sp.n()), cells_s(cells, B, H, sp.n());  // null in inference: scratch rows
   std::copy(h0, h0 + B * P, ha.data());
   std::copy(c0, c0 + B * H, c.data());
-  T* hcur = ha.data();
-  T* hnext = hb.data();
+  PingPong<T> st{ha.data(), hb.data()};
   // Cell math of slice k, row b, units [j0, j0+nu), at step s; gate q's pre-activation at a[q*as + u].
-  auto cell = [&](int k, int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as) {
+  auto cell = [&](int k, int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as, const T* hcur,
+                  T* hnext) {
         const int64_t L = sq.len(b);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
@@ -58,15 +62,17 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
           }
         }
   };
-  for (int64_t s = 0; s < TT; ++s) {
-    run_slices(sl, [&](int k) {
-      const int64_t j0 = sl.lo(k), j1 = sl.hi(k);
+  // Step s for units [j0, j1) of rows [b0, b1) (slice k).
+  auto step = [&](int k, int64_t s, int64_t j0, int64_t j1, int64_t b0, int64_t b1, PingPong<T>& hs) {
+      const T* hcur = hs.cur;
+      T* hnext = hs.next;
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
-        for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, B, hcur, P, gh.data(), ldg, false, false, nullptr);
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t p = p0; p < p1; ++p)
+          tw->gemm_panel(p, b1 - b0, hcur + b0 * P, P, gh.data() + b0 * ldg, ldg, false, false, nullptr);
+        for (int64_t b = b0; b < b1; ++b) {
           int64_t p = p0;
           const int64_t L = sq.len(b);
           if (s < L) {  // float32: the row's full panels at once (lstm_cells8)
@@ -75,13 +81,19 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
                             cells_s.at(t, b, k), proj ? hr.data() + b * H : hnext + b * P,
                             proj ? nullptr : y + (t * B + b) * P, p, std::min(p1, H / 8));
           }
-          for (; p < p1; ++p) cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8);
+          for (; p < p1; ++p)
+            cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8, hcur, hnext);
         }
-      } else {
+      } else {  // (by units only: all rows)
         w.gemm(k, B, hcur, gh.data());
-        for (int64_t b = 0; b < B; ++b) cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 4 * j0, j1 - j0);
+        for (int64_t b = 0; b < B; ++b)
+          cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 4 * j0, j1 - j0, hcur, hnext);
       }
-    });
+  };
+  // With projection (by units only), after each step: h_t = hr @ W_hr^T, and y.
+  auto project = [&](int64_t s, PingPong<T>& hs) {
+    const T* hcur = hs.cur;
+    T* hnext = hs.next;
     if (proj) {
       run_slices(slp, [&](int k) {
         const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
@@ -98,9 +110,9 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
         }
       });
     }
-    std::swap(hcur, hnext);
-  }
-  std::copy(hcur, hcur + B * P, h_n);
+  };
+  run_steps(sp, TT, H, B, st, step, NoHook(), project);
+  std::copy(st.cur, st.cur + B * P, h_n);
   std::copy(c.data(), c.data() + B * H, c_n);
 }
 
@@ -111,15 +123,16 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
   const bool tiled = Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * 3 * H, Tiled<T>::panel_units(3));
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 3, H, H, 0, sl) : nullptr);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(3), tiled ? tw->bytes() : 0, tiled);
   const GateWeights<T> w(w_hh, 3, H, H, sl, tiled ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> bz(b_hh ? 0 : G, T(0)), gh(B * ldg), ha(B * H), hb(B * H);
   const T* bias = b_hh ? b_hh : bz.data();
-  SavedRows<T> gates_s(gates, B, G, sl.n), hn_s(hn, B, H, sl.n);  // null in inference: scratch rows
+  SavedRows<T> gates_s(gates, B, G, sp.n()), hn_s(hn, B, H, sp.n());  // null in inference: scratch rows
   std::copy(h0, h0 + B * H, ha.data());
-  T* hcur = ha.data();
-  T* hnext = hb.data();
-  auto cell = [&](int k, int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as) {
+  PingPong<T> st{ha.data(), hb.data()};
+  auto cell = [&](int k, int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as, const T* hcur,
+                  T* hnext) {
         const T* bb = bias + j0;
         const int64_t L = sq.len(b);
         if (s < L) {
@@ -147,15 +160,17 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
           std::copy(hcur + b * H + j0, hcur + b * H + j0 + nu, hnext + b * H + j0);
         }
   };
-  for (int64_t s = 0; s < TT; ++s) {
-    run_slices(sl, [&](int k) {
-      const int64_t j0 = sl.lo(k), j1 = sl.hi(k);
+  // Step s for units [j0, j1) of rows [b0, b1) (slice k).
+  auto step = [&](int k, int64_t s, int64_t j0, int64_t j1, int64_t b0, int64_t b1, PingPong<T>& hs) {
+      const T* hcur = hs.cur;
+      T* hnext = hs.next;
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
-        for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, B, hcur, H, gh.data(), ldg, false, false, nullptr);
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t p = p0; p < p1; ++p)
+          tw->gemm_panel(p, b1 - b0, hcur + b0 * H, H, gh.data() + b0 * ldg, ldg, false, false, nullptr);
+        for (int64_t b = b0; b < b1; ++b) {
           int64_t p = p0;
           const int64_t L = sq.len(b);
           if (s < L) {  // float32: the row's full panels at once (gru_cells8)
@@ -163,16 +178,17 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
             p = gru_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, bias, hcur + b * H, gates_s.at(t, b, k),
                            hn_s.at(t, b, k), hnext + b * H, y + (t * B + b) * H, p, std::min(p1, H / 8));
           }
-          for (; p < p1; ++p) cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 24, 8);
+          for (; p < p1; ++p)
+            cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 24, 8, hcur, hnext);
         }
-      } else {
+      } else {  // (by units only: all rows)
         w.gemm(k, B, hcur, gh.data());
-        for (int64_t b = 0; b < B; ++b) cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 3 * j0, j1 - j0);
+        for (int64_t b = 0; b < B; ++b)
+          cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 3 * j0, j1 - j0, hcur, hnext);
       }
-    });
-    std::swap(hcur, hnext);
-  }
-  std::copy(hcur, hcur + B * H, h_n);
+  };
+  run_steps(sp, TT, H, B, st, step);
+  std::copy(st.cur, st.cur + B * H, h_n);
 }
 
 template <typename T>
@@ -182,12 +198,12 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
   const bool tiled = Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * H, Tiled<T>::panel_units(1));
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 1, H, H, 0, sl) : nullptr);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), tiled ? tw->bytes() : 0, tiled);
   const int64_t ldg = tiled ? tw->ldc() : H;
   Buf<T> gh(B * ldg), ha(B * H), hb(B * H);
   std::copy(h0, h0 + B * H, ha.data());
-  T* hcur = ha.data();
-  T* hnext = hb.data();
-  auto cell = [&](int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a) {
+  PingPong<T> st{ha.data(), hb.data()};
+  auto cell = [&](int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, const T* hcur, T* hnext) {
         const int64_t L = sq.len(b);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
@@ -207,22 +223,24 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
           std::copy(hcur + b * H + j0, hcur + b * H + j0 + nu, hnext + b * H + j0);
         }
   };
-  for (int64_t s = 0; s < TT; ++s) {
-    run_slices(sl, [&](int k) {
-      const int64_t j0 = sl.lo(k), j1 = sl.hi(k);
+  // Step s for units [j0, j1) of rows [b0, b1) (slice k).
+  auto step = [&](int k, int64_t s, int64_t j0, int64_t j1, int64_t b0, int64_t b1, PingPong<T>& hs) {
+      const T* hcur = hs.cur;
+      T* hnext = hs.next;
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in gx/y).
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
-        for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, B, hcur, H, gh.data(), ldg, false, false, nullptr);
-        for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * ldg + j0);
-      } else {
+        for (int64_t p = p0; p < p1; ++p)
+          tw->gemm_panel(p, b1 - b0, hcur + b0 * H, H, gh.data() + b0 * ldg, ldg, false, false, nullptr);
+        for (int64_t b = b0; b < b1; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * ldg + j0, hcur, hnext);
+      } else {  // (by units only: all rows)
         gemm_nt<T>(B, j1 - j0, H, hcur, H, w_hh + j0 * H, H, gh.data() + j0, H, T(0));
-        for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * H + j0);
+        for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * H + j0, hcur, hnext);
       }
-    });
-    std::swap(hcur, hnext);
-  }
-  std::copy(hcur, hcur + B * H, h_n);
+      (void)k;
+  };
+  run_steps(sp, TT, H, B, st, step);
+  std::copy(st.cur, st.cur + B * H, h_n);
 }
 
 // ----------------------------------------------------------------------------- backward
@@ -236,6 +254,8 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
 // (grad_gx; GRU: dgh). When all rows of a step share one time index (not reverse, or no
 // lengths) that output's rows are used in place; otherwise (reverse with lengths) the
 // pointwise also writes a gathered copy per row (row(b)) into a ping-pong buffer.
+// StepGrads owns the ping-pong buffers; its Cursor (run_steps' loop state, one copy per
+// thread when the loop is split by rows) says where this step's and the last step's rows are.
 template <typename T>
 struct StepGrads {
   const Seq& sq;
@@ -243,22 +263,24 @@ struct StepGrads {
   int64_t N;
   bool direct;
   Buf<T> a, b;
-  T* cur = nullptr;   // this step's rows (written by the pointwise)
-  T* next = nullptr;  // the step just done (read by the GEMM)
   StepGrads(const Seq& s, T* out_, int64_t N_)
       : sq(s), out(out_), N(N_), direct(!s.reverse || s.lengths == nullptr),
-        a(direct ? 0 : s.B * N_), b(direct ? 0 : s.B * N_) {
-    cur = direct ? nullptr : a.data();
-    next = direct ? nullptr : b.data();
-  }
-  void begin(int64_t s) {
-    if (direct) cur = out + (sq.reverse ? sq.T - 1 - s : s) * sq.B * N;
-  }
-  T* row(int64_t bi, int64_t j0) const { return direct ? nullptr : cur + bi * N + j0; }  // null: in place
-  void end() {
-    if (direct) next = cur;
-    else std::swap(cur, next);
-  }
+        a(direct ? 0 : s.B * N_), b(direct ? 0 : s.B * N_) {}
+  struct Cursor {
+    const StepGrads* g;
+    T* cur;   // this step's rows (written by the pointwise)
+    T* next;  // the step just done (read by the GEMM)
+    void begin(int64_t i) {  // the i-th step done: s = T - 1 - i
+      const int64_t s = g->sq.T - 1 - i;
+      if (g->direct) cur = g->out + (g->sq.reverse ? g->sq.T - 1 - s : s) * g->sq.B * g->N;
+    }
+    T* row(int64_t bi, int64_t j0) const { return g->direct ? nullptr : cur + bi * g->N + j0; }  // null: in place
+    void end() {
+      if (g->direct) next = cur;
+      else std::swap(cur, next);
+    }
+  };
+  Cursor cursor() { return {this, direct ? nullptr : a.data(), direct ? nullptr : b.data()}; }
 };
 
 template <typename T>
@@ -274,17 +296,20 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
   Buf<T> dh(grad_h_n, grad_h_n + B * P), dc(grad_c_n, grad_c_n + B * H);
   Buf<T> dht(proj ? B * P : 0), dhr(proj ? B * H : 0);
   StepGrads<T> sg(sq, grad_gx, G);
-  T* const& dnext = sg.next;  // follows sg (a reference to the member)
+  typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
-  Buf<T> tmp(tiled ? sl.n * B * 32 : 0);
-  // dh[:, j0:j1] += dnext @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
-  auto dh_gemm = [&](int k) {
-    for (int64_t p = tb->first_panel(sl.lo(k)); p < tb->end_panel(sl.hi(k)); ++p)
-      tb->gemm_panel(p, B, dnext, KG, dh.data(), H, true, true, tmp.data() + k * B * 32);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), tiled ? tb->bytes() : 0, tiled);
+  Buf<T> tmp(tiled ? sp.n() * B * 32 : 0);
+  // dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
+  auto dh_gemm = [&](int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext) {
+    for (int64_t p = tb->first_panel(j0); p < tb->end_panel(j1); ++p)
+      tb->gemm_panel(p, b1 - b0, dnext + b0 * KG, KG, dh.data() + b0 * H, H, true, true, tmp.data() + k * B * 32);
   };
-  for (int64_t s = TT - 1; s >= 0; --s) {
-    sg.begin(s);
+  // With projection (by units only), before each step: dL/dh_t (P columns) -> dht.
+  auto pre = [&](int64_t i, typename StepGrads<T>::Cursor& cs) {
+    const int64_t s = TT - 1 - i;
+    const T* dnext = cs.next;
     if (proj) {
       run_slices(slp, [&](int k) {
         const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
@@ -309,17 +334,20 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
         }
       });
     }
-    run_slices(sl, [&](int k) {
-      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      if (proj) {
+  };
+  // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
+  auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
+                  typename StepGrads<T>::Cursor& cs) {
+      const int64_t s = TT - 1 - i, nu = j1 - j0;
+      if (proj) {  // (by units only: all rows)
         gemm_nn<T>(B, nu, P, dht.data(), P, w_hr + j0, H, dhr.data() + j0, H, T(0));
       } else if (s < TT - 1) {
-        if (tiled) dh_gemm(k);
-        else gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
+        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next);
+        else gemm_nn<T>(B, nu, G, cs.next, G, w_hh + j0, H, dh.data() + j0, H, T(1));
       }
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t L = sq.len(b);
-        T* dcr = sg.row(b, j0);
+        T* dcr = cs.row(b, j0);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const int64_t tp = sq.reverse ? t + 1 : t - 1;
@@ -370,11 +398,11 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
           if (proj) std::fill(hr + (s * B + b) * H + j0, hr + (s * B + b) * H + j0 + nu, T(0));
         }
       }
-    });
-    sg.end();
-  }
+  };
+  run_steps(sp, TT, H, B, st, step, pre);
+  const T* dnext = st.next;
   if (TT > 0 && grad_h0 && tiled) {
-    run_slices(sl, [&](int k) { dh_gemm(k); });
+    run_slices(sl, [&](int k) { dh_gemm(k, sl.lo(k), sl.hi(k), 0, B, dnext); });
   } else if (TT > 0 && grad_h0) {
     run_slices(slp, [&](int k) {
       const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
@@ -396,26 +424,27 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
   const Slices sl = make_slices(H, B * G * 2, tiled ? Tiled<T>::panel_units(1) : 8);
   Buf<T> dh(grad_h_n, grad_h_n + B * H);
   StepGrads<T> sg(sq, dgh, G);  // dgh: (dxr, dxz, dhn), what the GEMM takes
-  T* const& dnext = sg.next;
+  typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
-  Buf<T> tmp(tiled ? sl.n * B * 32 : 0);
-  // dh[:, j0:j1] += dnext @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
-  auto dh_gemm = [&](int k) {
-    for (int64_t p = tb->first_panel(sl.lo(k)); p < tb->end_panel(sl.hi(k)); ++p)
-      tb->gemm_panel(p, B, dnext, KG, dh.data(), H, true, true, tmp.data() + k * B * 32);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), tiled ? tb->bytes() : 0, tiled);
+  Buf<T> tmp(tiled ? sp.n() * B * 32 : 0);
+  // dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
+  auto dh_gemm = [&](int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext) {
+    for (int64_t p = tb->first_panel(j0); p < tb->end_panel(j1); ++p)
+      tb->gemm_panel(p, b1 - b0, dnext + b0 * KG, KG, dh.data() + b0 * H, H, true, true, tmp.data() + k * B * 32);
   };
-  for (int64_t s = TT - 1; s >= 0; --s) {
-    sg.begin(s);
-    run_slices(sl, [&](int k) {
-      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+  // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
+  auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
+                  typename StepGrads<T>::Cursor& cs) {
+      const int64_t s = TT - 1 - i, nu = j1 - j0;
       if (s < TT - 1) {
-        if (tiled) dh_gemm(k);
-        else gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
+        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next);
+        else gemm_nn<T>(B, nu, G, cs.next, G, w_hh + j0, H, dh.data() + j0, H, T(1));  // (by units: all rows)
       }
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t L = sq.len(b);
-        T* dcr = sg.row(b, j0);
+        T* dcr = cs.row(b, j0);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const int64_t tp = sq.reverse ? t + 1 : t - 1;
@@ -446,13 +475,13 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
           }
         }
       }
-    });
-    sg.end();
-  }
+  };
+  run_steps(sp, TT, H, B, st, step);
+  const T* dnext = st.next;
   if (TT > 0 && grad_h0) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      if (tiled) dh_gemm(k);
+      if (tiled) dh_gemm(k, j0, j0 + nu, 0, B, dnext);
       else gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
     });
   }
@@ -469,26 +498,27 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
   const Slices sl = make_slices(H, B * H * 2, tiled ? Tiled<T>::panel_units(1) : 8);
   Buf<T> dh(grad_h_n, grad_h_n + B * H);
   StepGrads<T> sg(sq, grad_gx, H);
-  T* const& dnext = sg.next;
+  typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = H;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
-  Buf<T> tmp(tiled ? sl.n * B * 32 : 0);
-  // dh[:, j0:j1] += dnext @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
-  auto dh_gemm = [&](int k) {
-    for (int64_t p = tb->first_panel(sl.lo(k)); p < tb->end_panel(sl.hi(k)); ++p)
-      tb->gemm_panel(p, B, dnext, KG, dh.data(), H, true, true, tmp.data() + k * B * 32);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), tiled ? tb->bytes() : 0, tiled);
+  Buf<T> tmp(tiled ? sp.n() * B * 32 : 0);
+  // dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
+  auto dh_gemm = [&](int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext) {
+    for (int64_t p = tb->first_panel(j0); p < tb->end_panel(j1); ++p)
+      tb->gemm_panel(p, b1 - b0, dnext + b0 * KG, KG, dh.data() + b0 * H, H, true, true, tmp.data() + k * B * 32);
   };
-  for (int64_t s = TT - 1; s >= 0; --s) {
-    sg.begin(s);
-    run_slices(sl, [&](int k) {
-      const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
+  // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
+  auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
+                  typename StepGrads<T>::Cursor& cs) {
+      const int64_t s = TT - 1 - i, nu = j1 - j0;
       if (s < TT - 1) {
-        if (tiled) dh_gemm(k);
-        else gemm_nn<T>(B, nu, H, dnext, H, w_hh + j0, H, dh.data() + j0, H, T(1));
+        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next);
+        else gemm_nn<T>(B, nu, H, cs.next, H, w_hh + j0, H, dh.data() + j0, H, T(1));  // (by units: all rows)
       }
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t L = sq.len(b);
-        T* dcr = sg.row(b, j0);
+        T* dcr = cs.row(b, j0);
         if (s < L) {
           const int64_t t = sq.reverse ? L - 1 - s : s;
           const T* yt = y + (t * B + b) * H + j0;
@@ -515,13 +545,13 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
           if (dcr) std::fill(dcr, dcr + nu, T(0));
         }
       }
-    });
-    sg.end();
-  }
+  };
+  run_steps(sp, TT, H, B, st, step);
+  const T* dnext = st.next;
   if (TT > 0 && grad_h0) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      if (tiled) dh_gemm(k);
+      if (tiled) dh_gemm(k, j0, j0 + nu, 0, B, dnext);
       else gemm_nn<T>(B, nu, H, dnext, H, w_hh + j0, H, dh.data() + j0, H, T(1));
     });
   }

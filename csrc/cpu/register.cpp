@@ -402,15 +402,16 @@ PyObject* pool_hold_lock(PyObject*, PyObject* args) {
   fusedrnn::cpu::OutputPool::get().hold_lock_for_test(ms);
   Py_RETURN_NONE;
 }
-// _set_options(tiled: int, min_work: int) -> (old_tiled, old_min_work); -1 / 0 keep a value.
+// _set_options(tiled: int, min_work: int, split: int = -1) -> (old_tiled, old_min_work,
+// old_split); -1 / 0 / -1 keep a value.
 PyObject* set_options(PyObject*, PyObject* args) {
-  int tiled = -1;
+  int tiled = -1, split = -1;
   long long min_work = 0;
-  if (!PyArg_ParseTuple(args, "iL", &tiled, &min_work)) return nullptr;
-  int old_tiled = 0;
+  if (!PyArg_ParseTuple(args, "iL|i", &tiled, &min_work, &split)) return nullptr;
+  int old_tiled = 0, old_split = 0;
   int64_t old_min_work = 0;
-  fusedrnn::cpu::set_options(tiled, (int64_t)min_work, &old_tiled, &old_min_work);
-  return Py_BuildValue("(iL)", old_tiled, (long long)old_min_work);
+  fusedrnn::cpu::set_options(tiled, (int64_t)min_work, split, &old_tiled, &old_min_work, &old_split);
+  return Py_BuildValue("(iLi)", old_tiled, (long long)old_min_work, old_split);
 }
 PyMethodDef methods[] = {
     {"simd_path", simd_path, METH_NOARGS, "elementwise code path in use: avx2 or baseline"},
@@ -419,10 +420,12 @@ PyMethodDef methods[] = {
     {"_pool_hold_lock_for_test", pool_hold_lock, METH_VARARGS,
      "_pool_hold_lock_for_test(ms): a background thread holds the output pool's lock for ms milliseconds"},
     {"_set_options", set_options, METH_VARARGS,
-     "_set_options(tiled, min_work) -> previous (tiled, min_work): float32 GEMM kernels: BLAS (0), "
-     "packed-panel AVX2 micro-kernels (1), those with the recurrent steps in AVX-512's 32 registers "
-     "(2: the default where the CPU has AVX-512, else lowered to 1), unchanged (-1); multiply-adds per "
-     "thread per step before a step is split over threads (<= 0: unchanged). For tests and benchmarks."},
+     "_set_options(tiled, min_work, split=-1) -> previous (tiled, min_work, split): float32 GEMM kernels: "
+     "BLAS (0), packed-panel AVX2 micro-kernels (1), those with the recurrent steps in AVX-512's 32 "
+     "registers (2: the default where the CPU has AVX-512, else lowered to 1), unchanged (-1); "
+     "multiply-adds per thread per step before a step is split over threads (<= 0: unchanged); how "
+     "threads share a time loop: chosen per call (0), by hidden units (1), by batch rows where the "
+     "kernel can (2), unchanged (-1). For tests and benchmarks."},
     {nullptr, nullptr, 0, nullptr}};
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
                       "fusedrnn CPU kernels (registered for the CPU dispatch key of the fusedrnn::* ops)", -1,
