@@ -54,16 +54,24 @@ def register_fake_and_autograd(backend: str) -> None:
         torch.library.register_fake(bwd, _FAKE_BACKWARD[cell], lib=_LIB)
         setup, backward = _AUTOGRAD[cell]
         torch.library.register_autograd(
-            fwd, _bind_backward(backward, get_op(cell, "backward", backend)),
+            fwd, _bind_backward(backward, get_op(cell, "backward", backend), backend not in _TAKES_STRIDED),
             setup_context=setup, lib=_LIB)
         # Without this, differentiating the backward (create_graph=True, then a
         # second backward) would silently give wrong second derivatives.
         torch.library.register_autograd(bwd, _no_double_backward, setup_context=_no_setup, lib=_LIB)
 
 
-def _bind_backward(backward, bwd_op):
+# Backends whose C++ takes non-contiguous tensors (it makes them contiguous itself: the cpu
+# kernels with memory from their output pool, which saves fresh memory's page faults on
+# every training step; see contiguous_pooled in csrc/cpu/op_utils.h).
+_TAKES_STRIDED = ("cpu", "cuda", "emulated")
+
+
+def _bind_backward(backward, bwd_op, contiguous=True):
     def fn(ctx, *grads):
-        return backward(ctx, bwd_op, *[g if g is None else g.contiguous() for g in grads])
+        if contiguous:
+            grads = [g if g is None else g.contiguous() for g in grads]
+        return backward(ctx, bwd_op, *grads)
     return fn
 
 

@@ -201,6 +201,25 @@ def test_split_does_not_change_results(variant, lengths, reverse, cpu_options):
         assert torch.equal(u, r), f"result {i}: split by rows differs from split by units by {(u - r).abs().max()}"
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_backward_takes_non_contiguous_gradients(cell):
+    """The cpu backward ops make non-contiguous incoming gradients contiguous themselves
+    (in pooled memory; ops.py passes them through for this backend): an expanded grad_y
+    (what y.sum() sends) and a transposed one give the gradients of their contiguous copies."""
+    op = registry()["cpu"].op(cell, "forward")
+    args = make_inputs(cell, 9, 6, 40, dtype=torch.float32, lengths=True)
+    a = tuple(x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+              for x in args)
+    y = op(*a)[0]
+    leaves = [x for x in a if isinstance(x, torch.Tensor) and x.requires_grad]
+    for g in (torch.randn(1, 1, y.shape[2]).expand_as(y), torch.randn(y.shape[1], y.shape[0], y.shape[2]).transpose(0, 1)):
+        assert not g.is_contiguous()
+        got = torch.autograd.grad(y, leaves, g, retain_graph=True)
+        want = torch.autograd.grad(y, leaves, g.contiguous(), retain_graph=True)
+        for i, (u, w) in enumerate(zip(got, want)):
+            assert torch.isfinite(u).all() and torch.equal(u, w), f"gradient {i} differs"
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("B", [13, 5])
 def test_large_weight_prefetch_path(cell, B):

@@ -31,6 +31,17 @@ inline Tensor new_output(at::IntArrayRef shape, const Tensor& like) {
   return t;
 }
 
+// `t` if it is contiguous, else a contiguous copy in memory from the output pool. For the
+// backward ops' incoming gradients, which are often not contiguous (y.sum()'s is an
+// expanded scalar): ATen's .contiguous() takes fresh memory and page-faults it in
+// (~270 us for a 1 MB grad_y in an LSTM training step at B=32 H=256: 1.5% of the step).
+inline Tensor contiguous_pooled(const Tensor& t) {
+  if (t.is_contiguous()) return t;
+  Tensor c = OutputPool::get().empty(t.sizes(), t.options());
+  c.copy_(t);
+  return c;
+}
+
 // A saved tensor of a forward op: with train=False (inference) an empty tensor, and
 // the kernel gets nullptr for it and skips those writes (see kernels.h).
 inline Tensor saved_output(at::IntArrayRef shape, const Tensor& like, bool train) {

@@ -203,7 +203,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
     check_shape(w_hr, op, "w_hr", {P, H});
   }
   Tensor L = check_lengths(lengths, op, T, B);
-  Tensor grad_y = grad_y_.contiguous(), grad_h_n = grad_h_n_.contiguous(), grad_c_n = grad_c_n_.contiguous();
+  Tensor grad_y = contiguous_pooled(grad_y_), grad_h_n = grad_h_n_.contiguous(), grad_c_n = grad_c_n_.contiguous();
   Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous(), w_hh = w_hh_.contiguous(), y = y_.contiguous();
   Tensor gates = gates_.contiguous(), cells = cells_.contiguous();
   if (w_hr.defined()) w_hr = w_hr.contiguous();
@@ -292,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
     check_shape(b_hh, op, "b_hh", {G});
   }
   Tensor L = check_lengths(lengths, op, T, B);
-  Tensor grad_y = grad_y_.contiguous(), grad_h_n = grad_h_n_.contiguous(), h0 = h0_.contiguous();
+  Tensor grad_y = contiguous_pooled(grad_y_), grad_h_n = grad_h_n_.contiguous(), h0 = h0_.contiguous();
   Tensor w_hh = w_hh_.contiguous(), y = y_.contiguous(), gates = gates_.contiguous(), hn = hn_.contiguous();
   Tensor grad_gx = new_output({T, B, G}, grad_y), grad_h0 = new_output({B, H}, grad_y);
   Tensor dfirst = new_output({B, G}, grad_y), dgh = new_output({T, B, G}, grad_y);
@@ -348,7 +348,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward_op(const Tensor& grad_y_, const 
     check_shape(*t, op, name, shape);
   }
   Tensor L = check_lengths(lengths, op, T, B);
-  Tensor grad_y = grad_y_.contiguous(), grad_h_n = grad_h_n_.contiguous(), h0 = h0_.contiguous();
+  Tensor grad_y = contiguous_pooled(grad_y_), grad_h_n = grad_h_n_.contiguous(), h0 = h0_.contiguous();
   Tensor w_hh = w_hh_.contiguous(), y = y_.contiguous();
   Tensor grad_gx = new_output({T, B, H}, grad_y), grad_h0 = new_output({B, H}, grad_y);
   Tensor dfirst = new_output({B, H}, grad_y);
