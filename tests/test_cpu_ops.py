@@ -159,8 +159,9 @@ def test_forced_paths(variant, tiled, split, H, lengths, reverse, cpu_options):
     recurrent steps' kernels in AVX-512's 32 registers, where the CPU has it, else the same
     as tiled) and with BLAS, on at least 2 threads with min_work = 1, T >= 8 so the weight
     is packed. The time loop split by hidden units (split 1: every step over as many
-    threads as there are panels) or, on the packed-panel path without projection, by batch
-    rows (split 2: each thread its rows, e.g. 13 = 6 + 7, through the whole loop). Batch 1
+    threads as there are panels) or, on the packed-panel path (not the LSTM backward with
+    projection), by batch rows (split 2: each thread its rows, e.g. 13 = 6 + 7, through the
+    whole loop). Batch 1
     (the GEMV kernel), 5 and 13: row blocks of every height (4-vector panels: 13 = 3 + 3 +
     3 + 2 + 2, tiled32 4 + 4 + 3 + 2; GRU's forward 4 + 4 + 3 + 2; 5 = 3 + 2)."""
     cell, P, flag = variant
@@ -173,7 +174,7 @@ def test_forced_paths(variant, tiled, split, H, lengths, reverse, cpu_options):
         check_against_reference("cpu", cell, args)
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v[1]], ids=_id)  # (rows: no projection)
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (False, True), (True, True)],
                          ids=["full", "rev", "lengths-rev"])
 def test_split_does_not_change_results(variant, lengths, reverse, cpu_options):
@@ -182,10 +183,11 @@ def test_split_does_not_change_results(variant, lengths, reverse, cpu_options):
     thread computes it changes), so results do not depend on the machine's thread count
     or on make_split's choice. B=24 on 2 threads: 12 rows each (4-row blocks, tiled32) or
     3 + 3 + 3 + 3 (16 registers)."""
-    cell, _, flag = variant
+    cell, P, flag = variant
     torch.set_num_threads(max(2, torch.get_num_threads()))
     op = registry()["cpu"].op(cell, "forward")
-    args = make_inputs(cell, 11, 24, 72, dtype=torch.float32, lengths=lengths, reverse=reverse, **_kw(cell, flag))
+    args = make_inputs(cell, 11, 24, 72, P=P, dtype=torch.float32, lengths=lengths, reverse=reverse,
+                       **_kw(cell, flag))
     seeds = None
     results = []
     for split in (1, 2):

@@ -239,8 +239,8 @@ struct Split {
   int n() const { return by_rows() ? rows.n : units.n; }  // slice indices k in use
 };
 // `units`: the kernel's unit slices (make_slices); `R`: the micro-kernel's rows per block;
-// `weight_bytes`: the packed recurrent weight; `rows_ok`: the kernel's step can run on a
-// subset of rows (the packed-panel path without projection).
+// `weight_bytes`: the weights a step streams (the packed recurrent weight, and W_hr);
+// `rows_ok`: the kernel's step can run on a subset of rows (the packed-panel path).
 constexpr int64_t kRowsMaxWeightBytes = 16 << 20;  // summed over the threads
 Split make_split(const Slices& units, int64_t B, int64_t R, int64_t weight_bytes, bool rows_ok) {
   Split sp;
@@ -268,8 +268,9 @@ Split make_split(const Slices& units, int64_t B, int64_t R, int64_t weight_bytes
 // loop's state (ping-pong buffers: cheap to copy, same evolution in every thread). By
 // units, one parallel region per step, with pre(i, st) and post(i, st) single-threaded
 // around it (they may run parallel regions of their own); by rows, each thread works on
-// its own copy of st and pre/post must be no-ops (make_split's rows_ok). Ends with `st`
-// as after the last step.
+// its own copy of st, and pre/post are not called: a kernel that splits by rows does
+// their work for its rows inside step (make_split's rows_ok). Ends with `st` as after
+// the last step.
 struct NoHook {
   template <typename S>
   void operator()(int64_t, S&) const {}

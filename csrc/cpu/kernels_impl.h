@@ -23,7 +23,8 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   const Slices sl = make_slices(H, B * 4 * P, Tiled<T>::panel_units(4));
   const Slices slp = make_slices(P, B * H);
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, P, 1, 4, H, P, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(4), tiled ? tw->bytes() : 0, tiled && !proj);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(4), tiled ? tw->bytes() + P * H * int64_t(sizeof(T)) * proj : 0,
+                              tiled);
   const GateWeights<T> w(w_hh, 4, H, P, sl, tiled ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
@@ -62,6 +63,21 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
           }
         }
   };
+  // With projection, after step s's cell math: h_t = hr @ W_hr^T (columns [p0, p0 + np) of
+  // rows [b0, b1)), and y.
+  auto project = [&](int64_t s, int64_t p0, int64_t np, int64_t b0, int64_t b1, const T* hcur, T* hnext) {
+    gemm_nt<T>(b1 - b0, np, H, hr.data() + b0 * H, H, w_hr + p0 * H, H, hnext + b0 * P + p0, P, T(0));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t L = sq.len(b);
+      if (s < L) {
+        const int64_t t = sq.reverse ? L - 1 - s : s;
+        std::copy(hnext + b * P + p0, hnext + b * P + p0 + np, y + (t * B + b) * P + p0);
+      } else {
+        std::copy(hcur + b * P + p0, hcur + b * P + p0 + np, hnext + b * P + p0);
+        std::fill(y + (s * B + b) * P + p0, y + (s * B + b) * P + p0 + np, T(0));
+      }
+    }
+  };
   // Step s for units [j0, j1) of rows [b0, b1) (slice k).
   auto step = [&](int k, int64_t s, int64_t j0, int64_t j1, int64_t b0, int64_t b1, PingPong<T>& hs) {
       const T* hcur = hs.cur;
@@ -84,34 +100,19 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
           for (; p < p1; ++p)
             cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8, hcur, hnext);
         }
+        if (proj && sp.by_rows()) project(s, 0, P, b0, b1, hcur, hnext);  // (by units: after the step)
       } else {  // (by units only: all rows)
         w.gemm(k, B, hcur, gh.data());
         for (int64_t b = 0; b < B; ++b)
           cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 4 * j0, j1 - j0, hcur, hnext);
       }
   };
-  // With projection (by units only), after each step: h_t = hr @ W_hr^T, and y.
-  auto project = [&](int64_t s, PingPong<T>& hs) {
-    const T* hcur = hs.cur;
-    T* hnext = hs.next;
-    if (proj) {
-      run_slices(slp, [&](int k) {
-        const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
-        gemm_nt<T>(B, np, H, hr.data(), H, w_hr + p0 * H, H, hnext + p0, P, T(0));
-        for (int64_t b = 0; b < B; ++b) {
-          const int64_t L = sq.len(b);
-          if (s < L) {
-            const int64_t t = sq.reverse ? L - 1 - s : s;
-            std::copy(hnext + b * P + p0, hnext + b * P + p0 + np, y + (t * B + b) * P + p0);
-          } else {
-            std::copy(hcur + b * P + p0, hcur + b * P + p0 + np, hnext + b * P + p0);
-            std::fill(y + (s * B + b) * P + p0, y + (s * B + b) * P + p0 + np, T(0));
-          }
-        }
-      });
-    }
+  // By units, the projection is a parallel region of its own after each step, over P's columns.
+  auto project_step = [&](int64_t s, PingPong<T>& hs) {
+    if (proj)
+      run_slices(slp, [&](int k) { project(s, slp.lo(k), slp.hi(k) - slp.lo(k), 0, B, hs.cur, hs.next); });
   };
-  run_steps(sp, TT, H, B, st, step, NoHook(), project);
+  run_steps(sp, TT, H, B, st, step, NoHook(), project_step);
   std::copy(st.cur, st.cur + B * P, h_n);
   std::copy(c.data(), c.data() + B * H, c_n);
 }
