@@ -150,8 +150,8 @@ def test_errors_are_clear(bad, match):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
-@pytest.mark.parametrize("tiled,split", [(2, 1), (2, 2), (1, 1), (1, 2), (0, 1)],
-                         ids=["tiled32", "tiled32-rows", "tiled", "tiled-rows", "blas"])
+@pytest.mark.parametrize("tiled,split", [(2, 1), (2, 2), (1, 1), (1, 2), (0, 1), (0, 2)],
+                         ids=["tiled32", "tiled32-rows", "tiled", "tiled-rows", "blas", "blas-rows"])
 @pytest.mark.parametrize("H", [44, 64])  # 44: partial last 8- and 32-unit panels
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True)], ids=["full", "lengths-rev"])
 def test_forced_paths(variant, tiled, split, H, lengths, reverse, cpu_options):
@@ -159,9 +159,8 @@ def test_forced_paths(variant, tiled, split, H, lengths, reverse, cpu_options):
     recurrent steps' kernels in AVX-512's 32 registers, where the CPU has it, else the same
     as tiled) and with BLAS, on at least 2 threads with min_work = 1, T >= 8 so the weight
     is packed. The time loop split by hidden units (split 1: every step over as many
-    threads as there are panels) or, on the packed-panel path (not the LSTM backward with
-    projection), by batch rows (split 2: each thread its rows, e.g. 13 = 6 + 7, through the
-    whole loop). Batch 1
+    threads as there are panels) or by batch rows (split 2: each thread its rows, e.g.
+    13 = 6 + 7, through the whole loop). Batch 1
     (the GEMV kernel), 5 and 13: row blocks of every height (4-vector panels: 13 = 3 + 3 +
     3 + 2 + 2, tiled32 4 + 4 + 3 + 2; GRU's forward 4 + 4 + 3 + 2; 5 = 3 + 2)."""
     cell, P, flag = variant

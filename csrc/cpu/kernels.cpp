@@ -239,21 +239,27 @@ struct Split {
   int n() const { return by_rows() ? rows.n : units.n; }  // slice indices k in use
 };
 // `units`: the kernel's unit slices (make_slices); `R`: the micro-kernel's rows per block;
-// `weight_bytes`: the weights a step streams (the packed recurrent weight, and W_hr);
-// `rows_ok`: the kernel's step can run on a subset of rows (the packed-panel path).
+// `weight_bytes`: the weights a step streams (the recurrent weight, and W_hr); `tiled`:
+// the steps run the packed-panel micro-kernels, else BLAS (float64, fewer than 8 steps,
+// the LSTM backward with projection), on the unpacked weight when split by rows. There
+// rows need at least kRowsMinBlas rows per thread and 8+ steps: in-process A/B against
+// units (modules, 2 threads), float64 T=32 at B=8 0.92-1.13x, B 32-64 1.02-1.27x; float32
+// T=4 (units then skip packing the weight) 0.81-1.09x, mostly below 1.
 constexpr int64_t kRowsMaxWeightBytes = 16 << 20;  // summed over the threads
-Split make_split(const Slices& units, int64_t B, int64_t R, int64_t weight_bytes, bool rows_ok) {
+constexpr int64_t kRowsMinBlas = 16;
+Split make_split(const Slices& units, int64_t B, int64_t R, int64_t weight_bytes, bool tiled, int64_t steps) {
   Split sp;
   sp.units = units;
   const int mode = g_split.load(std::memory_order_relaxed);
   const int64_t n = units.n;
   bool rows = false;
-  if (rows_ok && n > 1 && mode != 1) {
+  if (n > 1 && mode != 1) {
     if (mode == 2) {
       rows = B >= 2;
     } else {
       const int64_t per = (B + n - 1) / n;  // the most rows a thread gets
-      rows = B >= R * n && (per + R - 1) / R * n <= (B + R - 1) / R && n * weight_bytes <= kRowsMaxWeightBytes;
+      rows = B >= R * n && (per + R - 1) / R * n <= (B + R - 1) / R && n * weight_bytes <= kRowsMaxWeightBytes &&
+             (tiled || (B / n >= kRowsMinBlas && steps >= 8));
     }
   }
   if (rows) {
@@ -268,9 +274,8 @@ Split make_split(const Slices& units, int64_t B, int64_t R, int64_t weight_bytes
 // loop's state (ping-pong buffers: cheap to copy, same evolution in every thread). By
 // units, one parallel region per step, with pre(i, st) and post(i, st) single-threaded
 // around it (they may run parallel regions of their own); by rows, each thread works on
-// its own copy of st, and pre/post are not called: a kernel that splits by rows does
-// their work for its rows inside step (make_split's rows_ok). Ends with `st` as after
-// the last step.
+// its own copy of st, and pre/post are not called: step does their work for its rows.
+// Ends with `st` as after the last step.
 struct NoHook {
   template <typename S>
   void operator()(int64_t, S&) const {}

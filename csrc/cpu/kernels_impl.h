@@ -23,9 +23,10 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   const Slices sl = make_slices(H, B * 4 * P, Tiled<T>::panel_units(4));
   const Slices slp = make_slices(P, B * H);
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, P, 1, 4, H, P, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(4), tiled ? tw->bytes() + P * H * int64_t(sizeof(T)) * proj : 0,
-                              tiled);
-  const GateWeights<T> w(w_hh, 4, H, P, sl, tiled ? 0 : TT);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(4),
+                              (tiled ? tw->bytes() : G * P * int64_t(sizeof(T))) + P * H * int64_t(sizeof(T)) * proj,
+                              tiled, TT);
+  const GateWeights<T> w(w_hh, 4, H, P, sl, tiled || sp.by_rows() ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
   SavedRows<T> gates_s(gates, B, G, sp.n()), cells_s(cells, B, H, sp.n());  // null in inference: scratch rows
@@ -101,7 +102,11 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
             cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8, hcur, hnext);
         }
         if (proj && sp.by_rows()) project(s, 0, P, b0, b1, hcur, hnext);  // (by units: after the step)
-      } else {  // (by units only: all rows)
+      } else if (sp.by_rows()) {  // BLAS on the unpacked (gate-major) weight: gate q of unit u at q*H + u
+        gemm_nt<T>(b1 - b0, G, P, hcur + b0 * P, P, w_hh, P, gh.data() + b0 * G, G, T(0));
+        for (int64_t b = b0; b < b1; ++b) cell(k, s, b, 0, H, gh.data() + b * G, H, hcur, hnext);
+        if (proj) project(s, 0, P, b0, b1, hcur, hnext);
+      } else {  // BLAS by units: all rows, the slice's packed rows
         w.gemm(k, B, hcur, gh.data());
         for (int64_t b = 0; b < B; ++b)
           cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 4 * j0, j1 - j0, hcur, hnext);
@@ -124,8 +129,9 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
   const bool tiled = Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * 3 * H, Tiled<T>::panel_units(3));
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 3, H, H, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(3), tiled ? tw->bytes() : 0, tiled);
-  const GateWeights<T> w(w_hh, 3, H, H, sl, tiled ? 0 : TT);
+  const Split sp =
+      make_split(sl, B, Tiled<T>::block_rows(3), tiled ? tw->bytes() : G * H * int64_t(sizeof(T)), tiled, TT);
+  const GateWeights<T> w(w_hh, 3, H, H, sl, tiled || sp.by_rows() ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> bz(b_hh ? 0 : G, T(0)), gh(B * ldg), ha(B * H), hb(B * H);
   const T* bias = b_hh ? b_hh : bz.data();
@@ -182,7 +188,10 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
           for (; p < p1; ++p)
             cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 24, 8, hcur, hnext);
         }
-      } else {  // (by units only: all rows)
+      } else if (sp.by_rows()) {  // BLAS on the unpacked (gate-major) weight
+        gemm_nt<T>(b1 - b0, G, H, hcur + b0 * H, H, w_hh, H, gh.data() + b0 * G, G, T(0));
+        for (int64_t b = b0; b < b1; ++b) cell(k, s, b, 0, H, gh.data() + b * G, H, hcur, hnext);
+      } else {  // BLAS by units: all rows, the slice's packed rows
         w.gemm(k, B, hcur, gh.data());
         for (int64_t b = 0; b < B; ++b)
           cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 3 * j0, j1 - j0, hcur, hnext);
@@ -199,7 +208,8 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
   const bool tiled = Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * H, Tiled<T>::panel_units(1));
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 1, H, H, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), tiled ? tw->bytes() : 0, tiled);
+  const Split sp =
+      make_split(sl, B, Tiled<T>::block_rows(1), tiled ? tw->bytes() : H * H * int64_t(sizeof(T)), tiled, TT);
   const int64_t ldg = tiled ? tw->ldc() : H;
   Buf<T> gh(B * ldg), ha(B * H), hb(B * H);
   std::copy(h0, h0 + B * H, ha.data());
@@ -234,9 +244,9 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
         for (int64_t p = p0; p < p1; ++p)
           tw->gemm_panel(p, b1 - b0, hcur + b0 * H, H, gh.data() + b0 * ldg, ldg, false, false, nullptr);
         for (int64_t b = b0; b < b1; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * ldg + j0, hcur, hnext);
-      } else {  // (by units only: all rows)
-        gemm_nt<T>(B, j1 - j0, H, hcur, H, w_hh + j0 * H, H, gh.data() + j0, H, T(0));
-        for (int64_t b = 0; b < B; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * H + j0, hcur, hnext);
+      } else {  // BLAS
+        gemm_nt<T>(b1 - b0, j1 - j0, H, hcur + b0 * H, H, w_hh + j0 * H, H, gh.data() + b0 * H + j0, H, T(0));
+        for (int64_t b = b0; b < b1; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * H + j0, hcur, hnext);
       }
       (void)k;
   };
@@ -300,22 +310,19 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), tiled ? tb->bytes() : 0, tiled);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), (G * P + P * H * proj) * int64_t(sizeof(T)), tiled,
+                              TT);  // (packed: the same size)
   Buf<T> tmp(tiled ? sp.n() * B * 32 : 0);
   // dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
   auto dh_gemm = [&](int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext) {
     for (int64_t p = tb->first_panel(j0); p < tb->end_panel(j1); ++p)
       tb->gemm_panel(p, b1 - b0, dnext + b0 * KG, KG, dh.data() + b0 * H, H, true, true, tmp.data() + k * B * 32);
   };
-  // With projection (by units only), before each step: dL/dh_t (P columns) -> dht.
-  auto pre = [&](int64_t i, typename StepGrads<T>::Cursor& cs) {
-    const int64_t s = TT - 1 - i;
-    const T* dnext = cs.next;
-    if (proj) {
-      run_slices(slp, [&](int k) {
-        const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
-        if (s < TT - 1) gemm_nn<T>(B, np, G, dnext, G, w_hh + p0, P, dh.data() + p0, P, T(1));
-        for (int64_t b = 0; b < B; ++b) {
+  // With projection, before step s: dL/dh_t (columns [p0, p0 + np) of rows [b0, b1)) -> dht.
+  auto project_back = [&](int64_t s, int64_t p0, int64_t np, int64_t b0, int64_t b1, const T* dnext) {
+        if (s < TT - 1)
+          gemm_nn<T>(b1 - b0, np, G, dnext + b0 * G, G, w_hh + p0, P, dh.data() + b0 * P + p0, P, T(1));
+        for (int64_t b = b0; b < b1; ++b) {
           const int64_t L = sq.len(b);
           T* d = dh.data() + b * P + p0;
           T* dt = dht.data() + b * P + p0;
@@ -333,18 +340,22 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
             std::fill(dhs + (s * B + b) * P + p0, dhs + (s * B + b) * P + p0 + np, T(0));
           }
         }
-      });
-    }
+  };
+  // By units, that is a parallel region of its own before each step, over P's columns.
+  auto pre = [&](int64_t i, typename StepGrads<T>::Cursor& cs) {
+    if (proj)
+      run_slices(slp, [&](int k) { project_back(TT - 1 - i, slp.lo(k), slp.hi(k) - slp.lo(k), 0, B, cs.next); });
   };
   // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
   auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
                   typename StepGrads<T>::Cursor& cs) {
       const int64_t s = TT - 1 - i, nu = j1 - j0;
-      if (proj) {  // (by units only: all rows)
-        gemm_nn<T>(B, nu, P, dht.data(), P, w_hr + j0, H, dhr.data() + j0, H, T(0));
+      if (proj) {
+        if (sp.by_rows()) project_back(s, 0, P, b0, b1, cs.next);  // (by units: before the step)
+        gemm_nn<T>(b1 - b0, nu, P, dht.data() + b0 * P, P, w_hr + j0, H, dhr.data() + b0 * H + j0, H, T(0));
       } else if (s < TT - 1) {
         if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next);
-        else gemm_nn<T>(B, nu, G, cs.next, G, w_hh + j0, H, dh.data() + j0, H, T(1));
+        else gemm_nn<T>(b1 - b0, nu, G, cs.next + b0 * G, G, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t L = sq.len(b);
@@ -428,7 +439,8 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), tiled ? tb->bytes() : 0, tiled);
+  // (the packed weight is as large as the unpacked one)
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), KG * H * int64_t(sizeof(T)), tiled, TT);
   Buf<T> tmp(tiled ? sp.n() * B * 32 : 0);
   // dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
   auto dh_gemm = [&](int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext) {
@@ -441,7 +453,7 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
       const int64_t s = TT - 1 - i, nu = j1 - j0;
       if (s < TT - 1) {
         if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next);
-        else gemm_nn<T>(B, nu, G, cs.next, G, w_hh + j0, H, dh.data() + j0, H, T(1));  // (by units: all rows)
+        else gemm_nn<T>(b1 - b0, nu, G, cs.next + b0 * G, G, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t L = sq.len(b);
@@ -502,7 +514,8 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = H;
   std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), tiled ? tb->bytes() : 0, tiled);
+  // (the packed weight is as large as the unpacked one)
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), KG * H * int64_t(sizeof(T)), tiled, TT);
   Buf<T> tmp(tiled ? sp.n() * B * 32 : 0);
   // dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
   auto dh_gemm = [&](int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext) {
@@ -515,7 +528,7 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
       const int64_t s = TT - 1 - i, nu = j1 - j0;
       if (s < TT - 1) {
         if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next);
-        else gemm_nn<T>(B, nu, H, cs.next, H, w_hh + j0, H, dh.data() + j0, H, T(1));  // (by units: all rows)
+        else gemm_nn<T>(b1 - b0, nu, H, cs.next + b0 * H, H, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t L = sq.len(b);
