@@ -28,6 +28,8 @@ from bench.env import cpu_name  # noqa: E402
 
 # fusedrnn._C._set_options' tiled mode (FUSEDRNN_CPU_TILED), as the header reports it.
 _TILED_MODES = {0: "BLAS", 1: "packed-panel (16 registers)", 2: "packed-panel (recurrent steps in AVX-512's 32 registers)"}
+# Its split mode (FUSEDRNN_CPU_SPLIT): how threads share a time loop (csrc/cpu/kernels.cpp, make_split).
+_SPLIT_MODES = {0: "by rows or units, chosen per call", 1: "by hidden units", 2: "by batch rows where possible"}
 
 
 def make_pair(cell: str, H: int, dtype):
@@ -114,7 +116,8 @@ def main(argv=None):
     print(f"device: {cpu_name()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
           f"torch {torch.__version__}, mkldnn {'on' if torch.backends.mkldnn.is_available() else 'off'}, "
           f"fusedrnn elementwise path {_C.simd_path()}, GEMM kernels "
-          f"{_TILED_MODES.get(_C._set_options(-1, 0)[0], '?')}")
+          f"{_TILED_MODES.get(_C._set_options(-1, 0)[0], '?')}, time loops split "
+          f"{_SPLIT_MODES.get(_C._set_options(-1, 0)[2], '?')}")
     print("load average at start: %.2f %.2f %.2f (timings are only meaningful on an otherwise idle machine)"
           % os.getloadavg())
     print(f"seq_len {a.seq}, input_size = hidden, {a.dtype}, median of {a.reps} interleaved runs; "
