@@ -5,12 +5,13 @@
 // The time loop (run_steps in kernels.cpp) is shared between threads by hidden units --
 // per time step, one parallel region per GEMM: each thread owns a slice of hidden units
 // (all gates of those units) and computes its part of the recurrent GEMM, then the
-// cell's pointwise math on it while it is in cache (L2) -- or, on the packed-panel path
-// where that is as fast (make_split), by batch rows: each thread runs the whole loop for
-// its rows, with no barrier between steps. Every step is one function of (units, rows). float32 on AVX2 (Tiled,
-// see kernels.cpp) packs the recurrent weight once per call (sequences of >= 8 steps)
-// and runs its own register-blocked micro-kernel, panel by panel; otherwise a
-// single-threaded BLAS call per slice. Nothing is allocated inside the time loop.
+// cell's pointwise math on it while it is in cache (L2) -- or, where that is as fast
+// (make_split), by batch rows: each thread runs the whole loop for its rows, with no
+// barrier between steps. Each kernel writes its step once, for a range of units and a
+// range of rows. float32 on AVX2 (Tiled, see kernels.cpp) packs the recurrent weight once
+// per call (sequences of >= 8 steps) and runs its own register-blocked micro-kernel,
+// panel by panel; otherwise a single-threaded BLAS call per slice (or per thread's rows,
+// on the unpacked weight). Nothing is allocated inside the time loop.
 
 // ----------------------------------------------------------------------------- forward
 template <typename T>
