@@ -295,6 +295,23 @@ struct StepGrads {
   Cursor cursor() { return {this, direct ? nullptr : a.data(), direct ? nullptr : b.data()}; }
 };
 
+// The backward's recurrent GEMM, dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] (dnext
+// [B, KG], W_hh [KG, H]), on W_hh packed into 32-unit panels once per call (tiled path;
+// slice k's columns go through its own B x 32 scratch: gemm_panel's `exact`).
+template <typename T>
+struct DhGemm {
+  std::unique_ptr<Tiled<T>> tb;
+  mutable Buf<T> tmp;
+  int64_t KG, H, B;
+  DhGemm(bool tiled, const T* w_hh, int64_t H_, int64_t KG_, int64_t B_, const Slices& sl)
+      : tb(tiled ? new Tiled<T>(w_hh, 1, H_, 1, H_, KG_, 0, sl) : nullptr),
+        tmp(tiled ? sl.n * B_ * 32 : 0), KG(KG_), H(H_), B(B_) {}  // (a split's n() <= sl.n)
+  void operator()(int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext, T* dh) const {
+    for (int64_t p = tb->first_panel(j0); p < tb->end_panel(j1); ++p)
+      tb->gemm_panel(p, b1 - b0, dnext + b0 * KG, KG, dh + b0 * H, H, true, true, tmp.data() + k * B * 32);
+  }
+};
+
 template <typename T>
 void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const T* c0,
                    const T* w_hh, const T* w_hr, int64_t H, int64_t P, const Seq& sq,
@@ -310,15 +327,9 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
   StepGrads<T> sg(sq, grad_gx, G);
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
-  std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
+  const DhGemm<T> dh_gemm(tiled, w_hh, H, KG, B, sl);
   const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), (G * P + P * H * proj) * int64_t(sizeof(T)), tiled,
                               TT);  // (packed: the same size)
-  Buf<T> tmp(tiled ? sp.n() * B * 32 : 0);
-  // dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
-  auto dh_gemm = [&](int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext) {
-    for (int64_t p = tb->first_panel(j0); p < tb->end_panel(j1); ++p)
-      tb->gemm_panel(p, b1 - b0, dnext + b0 * KG, KG, dh.data() + b0 * H, H, true, true, tmp.data() + k * B * 32);
-  };
   // With projection, before step s: dL/dh_t (columns [p0, p0 + np) of rows [b0, b1)) -> dht.
   auto project_back = [&](int64_t s, int64_t p0, int64_t np, int64_t b0, int64_t b1, const T* dnext) {
         if (s < TT - 1)
@@ -355,7 +366,7 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
         if (sp.by_rows()) project_back(s, 0, P, b0, b1, cs.next);  // (by units: before the step)
         gemm_nn<T>(b1 - b0, nu, P, dht.data() + b0 * P, P, w_hr + j0, H, dhr.data() + b0 * H + j0, H, T(0));
       } else if (s < TT - 1) {
-        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next);
+        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next, dh.data());
         else gemm_nn<T>(b1 - b0, nu, G, cs.next + b0 * G, G, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
       }
       for (int64_t b = b0; b < b1; ++b) {
@@ -415,7 +426,7 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
   run_steps(sp, TT, H, B, st, step, pre);
   const T* dnext = st.next;
   if (TT > 0 && grad_h0 && tiled) {
-    run_slices(sl, [&](int k) { dh_gemm(k, sl.lo(k), sl.hi(k), 0, B, dnext); });
+    run_slices(sl, [&](int k) { dh_gemm(k, sl.lo(k), sl.hi(k), 0, B, dnext, dh.data()); });
   } else if (TT > 0 && grad_h0) {
     run_slices(slp, [&](int k) {
       const int64_t p0 = slp.lo(k), np = slp.hi(k) - p0;
@@ -439,21 +450,15 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
   StepGrads<T> sg(sq, dgh, G);  // dgh: (dxr, dxz, dhn), what the GEMM takes
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
-  std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
+  const DhGemm<T> dh_gemm(tiled, w_hh, H, KG, B, sl);
   // (the packed weight is as large as the unpacked one)
   const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), KG * H * int64_t(sizeof(T)), tiled, TT);
-  Buf<T> tmp(tiled ? sp.n() * B * 32 : 0);
-  // dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
-  auto dh_gemm = [&](int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext) {
-    for (int64_t p = tb->first_panel(j0); p < tb->end_panel(j1); ++p)
-      tb->gemm_panel(p, b1 - b0, dnext + b0 * KG, KG, dh.data() + b0 * H, H, true, true, tmp.data() + k * B * 32);
-  };
   // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
   auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
                   typename StepGrads<T>::Cursor& cs) {
       const int64_t s = TT - 1 - i, nu = j1 - j0;
       if (s < TT - 1) {
-        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next);
+        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next, dh.data());
         else gemm_nn<T>(b1 - b0, nu, G, cs.next + b0 * G, G, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
       }
       for (int64_t b = b0; b < b1; ++b) {
@@ -495,7 +500,7 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
   if (TT > 0 && grad_h0) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      if (tiled) dh_gemm(k, j0, j0 + nu, 0, B, dnext);
+      if (tiled) dh_gemm(k, j0, j0 + nu, 0, B, dnext, dh.data());
       else gemm_nn<T>(B, nu, G, dnext, G, w_hh + j0, H, dh.data() + j0, H, T(1));
     });
   }
@@ -514,21 +519,15 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
   StepGrads<T> sg(sq, grad_gx, H);
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = H;
-  std::unique_ptr<Tiled<T>> tb(tiled ? new Tiled<T>(w_hh, 1, H, 1, H, KG, 0, sl) : nullptr);
+  const DhGemm<T> dh_gemm(tiled, w_hh, H, KG, B, sl);
   // (the packed weight is as large as the unpacked one)
   const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), KG * H * int64_t(sizeof(T)), tiled, TT);
-  Buf<T> tmp(tiled ? sp.n() * B * 32 : 0);
-  // dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] on the packed weight (tiled path), slice k.
-  auto dh_gemm = [&](int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext) {
-    for (int64_t p = tb->first_panel(j0); p < tb->end_panel(j1); ++p)
-      tb->gemm_panel(p, b1 - b0, dnext + b0 * KG, KG, dh.data() + b0 * H, H, true, true, tmp.data() + k * B * 32);
-  };
   // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
   auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
                   typename StepGrads<T>::Cursor& cs) {
       const int64_t s = TT - 1 - i, nu = j1 - j0;
       if (s < TT - 1) {
-        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next);
+        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next, dh.data());
         else gemm_nn<T>(b1 - b0, nu, H, cs.next + b0 * H, H, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
       }
       for (int64_t b = b0; b < b1; ++b) {
@@ -566,7 +565,7 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
   if (TT > 0 && grad_h0) {
     run_slices(sl, [&](int k) {
       const int64_t j0 = sl.lo(k), nu = sl.hi(k) - j0;
-      if (tiled) dh_gemm(k, j0, j0 + nu, 0, B, dnext);
+      if (tiled) dh_gemm(k, j0, j0 + nu, 0, B, dnext, dh.data());
       else gemm_nn<T>(B, nu, H, dnext, H, w_hh + j0, H, dh.data() + j0, H, T(1));
     });
   }
