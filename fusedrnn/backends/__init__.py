@@ -134,7 +134,11 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 # 1.06x (git f025953) and 1.14x / 1.02x (20a9b4b), training 1.15x / 1.09x and 1.14x /
 # 1.13x; the main job (T = 64) B=32 1.02x / 1.07x. At hidden 256-512 the same runs put
 # ours at 0.86-1.13x (inference) and 0.95-1.07x (training): parity, both bound by GEMMs
-# at the same rate (README, Measured speed).
+# at the same rate (README, Measured speed). With the time loop split by batch rows (git
+# 2f7b133 on, 2026-11-30): hidden 256-512 0.92-0.99x (inference) and 0.96-1.07x
+# (training), still not faster, so still torch.nn; hidden 640-1024 inference over three
+# runs 0.90-1.14x (768: 0.90-1.07x, 1024: 0.96-1.01x), training 1.03-1.15x: parity or
+# better, so still ours.
 # Before (bench/cpu_ops.py, T = 32, 2026-11-29, same VM, three runs, before git a6ded33),
 # backend="cpu" against torch.nn: batch 32-64, hidden 256-512: 0.79-1.04x (inference),
 # 0.82-0.95x (training); hidden 1024: 0.92-1.10x (inference), 0.99-1.07x (training);
