@@ -239,7 +239,8 @@ struct Split {
   int n() const { return by_rows() ? rows.n : units.n; }  // slice indices k in use
 };
 // `units`: the kernel's unit slices (make_slices); `R`: the micro-kernel's rows per block;
-// `weight_bytes`: the weights a step streams (the recurrent weight, and W_hr); `tiled`:
+// `weight_bytes`: the weights a step streams (the recurrent weight, and W_hr; packed
+// panels are the same size but for padding); `tiled`:
 // the steps run the packed-panel micro-kernels, else BLAS (float64, fewer than 8 steps,
 // the LSTM backward with projection), on the unpacked weight when split by rows. There
 // rows need at least kRowsMinBlas rows per thread and 8+ steps: in-process A/B against
@@ -383,7 +384,6 @@ struct TiledStub {
   static bool use(int64_t) { return false; }
   static int64_t panel_units(int) { return 8; }
   static int64_t block_rows(int) { return 4; }
-  int64_t bytes() const { return 0; }
   TiledStub(const T*, int64_t, int64_t, int, int64_t, int64_t, int64_t, const Slices&) {}
   int64_t ldc() const { return 0; }
   int64_t first_panel(int64_t) const { return 0; }
@@ -428,9 +428,8 @@ struct TiledF {
   static constexpr int64_t kPrefetchMinRows = 12;  // 4+ row blocks: bursts; fewer rows: in the k loop
   static bool use(int64_t steps) { return steps >= kMinSteps && g_tiled.load(std::memory_order_relaxed); }
   static int64_t panel_units(int ng) { return ng == 1 ? 32 : 8; }
-  // Rows per micro-kernel block in the recurrent steps (rows() below), and the packed size.
+  // Rows per micro-kernel block in the recurrent steps (rows() below).
   static int64_t block_rows(int ng) { return ng == 3 || wide() ? 4 : 3; }
-  int64_t bytes() const { return npanel * K * 8 * V * int64_t(sizeof(float)); }
 
   int V, ng;
   int64_t units, K, npanel;

@@ -24,9 +24,7 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   const Slices sl = make_slices(H, B * 4 * P, Tiled<T>::panel_units(4));
   const Slices slp = make_slices(P, B * H);
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, P, 1, 4, H, P, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(4),
-                              (tiled ? tw->bytes() : G * P * int64_t(sizeof(T))) + P * H * int64_t(sizeof(T)) * proj,
-                              tiled, TT);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(4), (G * P + P * H * proj) * int64_t(sizeof(T)), tiled, TT);
   const GateWeights<T> w(w_hh, 4, H, P, sl, tiled || sp.by_rows() ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
@@ -130,8 +128,7 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
   const bool tiled = Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * 3 * H, Tiled<T>::panel_units(3));
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 3, H, H, 0, sl) : nullptr);
-  const Split sp =
-      make_split(sl, B, Tiled<T>::block_rows(3), tiled ? tw->bytes() : G * H * int64_t(sizeof(T)), tiled, TT);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(3), G * H * int64_t(sizeof(T)), tiled, TT);
   const GateWeights<T> w(w_hh, 3, H, H, sl, tiled || sp.by_rows() ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> bz(b_hh ? 0 : G, T(0)), gh(B * ldg), ha(B * H), hb(B * H);
@@ -209,8 +206,7 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
   const bool tiled = Tiled<T>::use(TT);
   const Slices sl = make_slices(H, B * H, Tiled<T>::panel_units(1));
   std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 1, H, H, 0, sl) : nullptr);
-  const Split sp =
-      make_split(sl, B, Tiled<T>::block_rows(1), tiled ? tw->bytes() : H * H * int64_t(sizeof(T)), tiled, TT);
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), H * H * int64_t(sizeof(T)), tiled, TT);
   const int64_t ldg = tiled ? tw->ldc() : H;
   Buf<T> gh(B * ldg), ha(B * H), hb(B * H);
   std::copy(h0, h0 + B * H, ha.data());
@@ -328,8 +324,7 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
   const DhGemm<T> dh_gemm(tiled, w_hh, H, KG, B, sl);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), (G * P + P * H * proj) * int64_t(sizeof(T)), tiled,
-                              TT);  // (packed: the same size)
+  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), (G * P + P * H * proj) * int64_t(sizeof(T)), tiled, TT);
   // With projection, before step s: dL/dh_t (columns [p0, p0 + np) of rows [b0, b1)) -> dht.
   auto project_back = [&](int64_t s, int64_t p0, int64_t np, int64_t b0, int64_t b1, const T* dnext) {
         if (s < TT - 1)
@@ -451,7 +446,6 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
   const DhGemm<T> dh_gemm(tiled, w_hh, H, KG, B, sl);
-  // (the packed weight is as large as the unpacked one)
   const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), KG * H * int64_t(sizeof(T)), tiled, TT);
   // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
   auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
@@ -520,7 +514,6 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = H;
   const DhGemm<T> dh_gemm(tiled, w_hh, H, KG, B, sl);
-  // (the packed weight is as large as the unpacked one)
   const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), KG * H * int64_t(sizeof(T)), tiled, TT);
   // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
   auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
