@@ -78,5 +78,6 @@ def _backward(ctx, grad):
     x, w = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad
     need_b = need_b and ctx.has_b
-    gx, gw, gb = torch.ops.fusedrnn.projection_backward(grad.contiguous(), x, w, need_x, need_w, need_b)
+    # (grad may be strided: the C++ makes it contiguous, in pooled memory)
+    gx, gw, gb = torch.ops.fusedrnn.projection_backward(grad, x, w, need_x, need_w, need_b)
     return gx if need_x else None, gw if need_w else None, gb if need_b else None

@@ -62,6 +62,20 @@ def test_matches_f_linear(tiled, shape, G, bias, batch_first, cpu_options):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
 
 
+def test_backward_takes_non_contiguous_gradients():
+    """The backward op makes a strided incoming gradient contiguous itself (projection.py
+    passes it through): an expanded one (what out.sum() sends) and a transposed one give
+    the gradients of their contiguous copies."""
+    x, w, b = (t.requires_grad_() for t in _args((6, 5, 40), 72))
+    out = op(x, w, b)
+    for g in (torch.randn(1, 1, 72).expand_as(out), torch.randn(5, 6, 72).transpose(0, 1)):
+        assert not g.is_contiguous()
+        got = torch.autograd.grad(out, (x, w, b), g, retain_graph=True)
+        want = torch.autograd.grad(out, (x, w, b), g.contiguous(), retain_graph=True)
+        for name, u, v in zip("xwb", got, want):
+            assert torch.isfinite(u).all() and torch.equal(u, v), f"grad {name} differs"
+
+
 @pytest.mark.parametrize("need", ["x", "w", "b", "xw", "wb"])
 def test_only_the_needed_gradients(need):
     """The backward op computes what autograd asks for (frozen weights: no weight GEMM)."""

@@ -118,7 +118,7 @@ std::tuple<Tensor, Tensor, Tensor> projection_backward_op(const Tensor& grad_, c
   std::vector<int64_t> shape(x_.sizes().begin(), x_.sizes().end());
   shape.back() = G;
   check_shape(grad_, op, "grad", shape);
-  const Tensor grad = grad_.contiguous(), x = x_.contiguous(), w = w_.contiguous();
+  const Tensor grad = contiguous_pooled(grad_), x = x_.contiguous(), w = w_.contiguous();
   Tensor gx = need_x ? new_output(x.sizes(), x) : x.new_empty({0});
   Tensor gw = need_w ? new_output({G, I}, x) : x.new_empty({0});
   // db comes with dW (the column sums of grad, summed as dW's GEMM copies grad^T: ~1% of
