@@ -804,6 +804,17 @@ inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_
   }
 }
 
+// The forward cells read each row's gx, written by the input projection and so in L3 or
+// memory (loads perf had at ~40% of the cell's samples). While a row's cells run, this
+// fetches the same units of the next row (gx rows are contiguous: ng * H apart), one line
+// per gate every other 8-unit panel, so that they arrive during compute. In-process A/B of the
+// forward ops, T=32, Zen 4: LSTM 1.06x at B=64 H=256, 1.01-1.02x at B 8-32 or H=512; GRU
+// 1.01-1.04x. Not kept for the backward's cell (saved gates, cells, grad_y: 0.99-1.0x) nor
+// the RNN's (1.0x). A prefetch past the end of gx is harmless (no fault).
+inline void prefetch_next_row(const float* x, int64_t H, int ng) {
+  for (int q = 0; q < ng; ++q) _mm_prefetch(reinterpret_cast<const char*>(x + (ng + q) * H), _MM_HINT_T0);
+}
+
 // tanh and sigmoid of 8 floats, inline (not libmvec calls): tanh_ and sigmoid_ of V8 below.
 // 1/d: the 12-bit estimate plus one Newton step (relative error ~1e-7, float32 rounding
 // level) instead of vdivps, whose throughput bounded the cell.
@@ -878,6 +889,7 @@ inline int64_t lstm_cells8(const T* x, int64_t H, const T* a, T* cb, T* gt, T* c
     for (; p < pe; ++p) {
       const int64_t u = 8 * p;
       const float* ap = a + 32 * p;
+      if (p % 2 == 0) prefetch_next_row(x + u, H, 4);
       V8 i, f, g, o, c, h;
       lstm_forward_unit<V8>(V8::load(x + u) + V8::load(ap), V8::load(x + H + u) + V8::load(ap + 8),
                             V8::load(x + 2 * H + u) + V8::load(ap + 16), V8::load(x + 3 * H + u) + V8::load(ap + 24),
@@ -906,6 +918,7 @@ inline int64_t gru_cells8(const T* x, int64_t H, const T* a, const T* b, const T
     for (; p < pe; ++p) {
       const int64_t u = 8 * p;
       const float* ap = a + 24 * p;
+      if (p % 2 == 0) prefetch_next_row(x + u, H, 3);
       const V8 an = V8::load(ap + 16) + V8::load(b + 2 * H + u);
       V8 r, z, n, h;
       gru_forward_unit<V8>(V8::load(x + u), V8::load(x + H + u), V8::load(x + 2 * H + u),
