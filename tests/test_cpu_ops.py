@@ -162,15 +162,42 @@ def test_forced_paths(variant, tiled, split, H, lengths, reverse, cpu_options):
     threads as there are panels) or by batch rows (split 2: each thread its rows, e.g.
     13 = 6 + 7, through the whole loop). Batch 1
     (the GEMV kernel), 5 and 13: row blocks of every height (4-vector panels: 13 = 3 + 3 +
-    3 + 2 + 2, tiled32 4 + 4 + 3 + 2; GRU's forward 4 + 4 + 3 + 2; 5 = 3 + 2)."""
+    3 + 2 + 2, tiled32 4 + 4 + 3 + 2; GRU's forward 4 + 4 + 3 + 2; 5 = 3 + 2). B=13 once more
+    with h0 = 0, where the first step's GEMM computes one row that every row's cell reads."""
     cell, P, flag = variant
     cpu_options(tiled, 1, split)
     torch.set_num_threads(max(2, torch.get_num_threads()))
     P = 24 if P else 0
-    for B in (1, 5, 13):
+    for B, zero_h0 in ((1, False), (5, False), (13, False), (13, True)):
         args = make_inputs(cell, 9, B, H, P=P, dtype=torch.float32, lengths=lengths, reverse=reverse,
                            **_kw(cell, flag))
+        if zero_h0:
+            args = (args[0], torch.zeros_like(args[1])) + args[2:]
         check_against_reference("cpu", cell, args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("tiled,split", [(2, 1), (2, 2), (0, 1), (0, 2)],
+                         ids=["tiled32", "tiled32-rows", "blas", "blas-rows"])
+def test_zero_h0_keeps_non_finite_weights(variant, tiled, split, cpu_options):
+    """With h0 = 0 the first step computes one row of 0 @ W_hh^T for all rows: an inf or
+    NaN in W_hh must still give NaN in exactly the units where the reference (a full
+    GEMM: 0 * inf = NaN) has it, in every row (with a projection, every output is NaN)."""
+    cell, P, flag = variant
+    cpu_options(tiled, 1, split)
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    args = list(make_inputs(cell, 9, 13, 40, P=24 if P else 0, dtype=torch.float32, **_kw(cell, flag)))
+    args[1] = torch.zeros_like(args[1])
+    w_hh = args[3 if cell == "lstm" else 2].clone()
+    w_hh[5, 3], w_hh[-7, 0] = float("inf"), float("nan")
+    args[3 if cell == "lstm" else 2] = w_hh
+    y = registry()["cpu"].op(cell, "forward")(*args)[0]
+    want = registry()["reference"].op(cell, "forward")(*(a.double() if isinstance(a, torch.Tensor) and
+                                                          a.is_floating_point() else a for a in args))[0]
+    assert want[0].isnan().any() and (P or not want[0].isnan().all()), "the case must have NaN units at step 0"
+    assert torch.equal(y[0].isnan(), want[0].isnan())
+    finite = ~want[0].isnan()
+    torch.testing.assert_close(y[0][finite], want[0][finite].float(), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)

@@ -317,6 +317,21 @@ struct PingPong {
   void end() { std::swap(cur, next); }
 };
 
+// A forward's first step when h0 is all zero, the modules' state when no hx is given:
+// every row of 0 @ W^T is the same (+0, or NaN where W has a non-finite entry, as the
+// full GEMM gives: the accumulators start from +0), so step 0 computes the first row of
+// its rows only and every row's cell reads that one. This saves 1/T of the recurrent GEMM.
+struct FirstStep {
+  bool zero;
+  template <typename T>
+  FirstStep(const T* h0, int64_t n) : zero(std::all_of(h0, h0 + n, [](T v) { return v == T(0); })) {}
+  // How many of rows [b0, b1) step s's GEMM computes, and which row's result row b reads.
+  int64_t gemm_rows(int64_t s, int64_t b0, int64_t b1) const {
+    return zero && s == 0 ? std::min<int64_t>(1, b1 - b0) : b1 - b0;  // (batch 0: none)
+  }
+  int64_t row(int64_t s, int64_t b0, int64_t b) const { return zero && s == 0 ? b0 : b; }
+};
+
 // Reorders the rows of a gate-major weight [ng*H, K] so that each slice's rows (all
 // gates of its units, gate-major within the slice) are contiguous: one GEMM per
 // slice per step, output columns [ng*j0, ng*j1) of a [B, ng*H] buffer.

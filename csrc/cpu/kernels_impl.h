@@ -32,6 +32,7 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   std::copy(h0, h0 + B * P, ha.data());
   std::copy(c0, c0 + B * H, c.data());
   PingPong<T> st{ha.data(), hb.data()};
+  const FirstStep first(h0, B * P);
   // Cell math of slice k, row b, units [j0, j0+nu), at step s; gate q's pre-activation at a[q*as + u].
   auto cell = [&](int k, int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as, const T* hcur,
                   T* hnext) {
@@ -82,33 +83,34 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   auto step = [&](int k, int64_t s, int64_t j0, int64_t j1, int64_t b0, int64_t b1, PingPong<T>& hs) {
       const T* hcur = hs.cur;
       T* hnext = hs.next;
+      const int64_t nr = first.gemm_rows(s, b0, b1);
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
         for (int64_t p = p0; p < p1; ++p)
-          tw->gemm_panel(p, b1 - b0, hcur + b0 * P, P, gh.data() + b0 * ldg, ldg, false, false, nullptr);
+          tw->gemm_panel(p, nr, hcur + b0 * P, P, gh.data() + b0 * ldg, ldg, false, false, nullptr);
         for (int64_t b = b0; b < b1; ++b) {
+          const T* a = gh.data() + first.row(s, b0, b) * ldg;
           int64_t p = p0;
           const int64_t L = sq.len(b);
           if (s < L) {  // float32: the row's full panels at once (lstm_cells8)
             const int64_t t = sq.reverse ? L - 1 - s : s;
-            p = lstm_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, c.data() + b * H, gates_s.at(t, b, k),
-                            cells_s.at(t, b, k), proj ? hr.data() + b * H : hnext + b * P,
-                            proj ? nullptr : y + (t * B + b) * P, p, std::min(p1, H / 8));
+            p = lstm_cells8(gx + (t * B + b) * G, H, a, c.data() + b * H, gates_s.at(t, b, k), cells_s.at(t, b, k),
+                            proj ? hr.data() + b * H : hnext + b * P, proj ? nullptr : y + (t * B + b) * P, p,
+                            std::min(p1, H / 8));
           }
-          for (; p < p1; ++p)
-            cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 32, 8, hcur, hnext);
+          for (; p < p1; ++p) cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), a + p * 32, 8, hcur, hnext);
         }
         if (proj && sp.by_rows()) project(s, 0, P, b0, b1, hcur, hnext);  // (by units: after the step)
       } else if (sp.by_rows()) {  // BLAS on the unpacked (gate-major) weight: gate q of unit u at q*H + u
-        gemm_nt<T>(b1 - b0, G, P, hcur + b0 * P, P, w_hh, P, gh.data() + b0 * G, G, T(0));
-        for (int64_t b = b0; b < b1; ++b) cell(k, s, b, 0, H, gh.data() + b * G, H, hcur, hnext);
+        gemm_nt<T>(nr, G, P, hcur + b0 * P, P, w_hh, P, gh.data() + b0 * G, G, T(0));
+        for (int64_t b = b0; b < b1; ++b) cell(k, s, b, 0, H, gh.data() + first.row(s, b0, b) * G, H, hcur, hnext);
         if (proj) project(s, 0, P, b0, b1, hcur, hnext);
       } else {  // BLAS by units: all rows, the slice's packed rows
-        w.gemm(k, B, hcur, gh.data());
+        w.gemm(k, nr, hcur, gh.data());
         for (int64_t b = 0; b < B; ++b)
-          cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 4 * j0, j1 - j0, hcur, hnext);
+          cell(k, s, b, j0, j1 - j0, gh.data() + first.row(s, 0, b) * G + 4 * j0, j1 - j0, hcur, hnext);
       }
   };
   // By units, the projection is a parallel region of its own after each step, over P's columns.
@@ -136,6 +138,7 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
   SavedRows<T> gates_s(gates, B, G, sp.n()), hn_s(hn, B, H, sp.n());  // null in inference: scratch rows
   std::copy(h0, h0 + B * H, ha.data());
   PingPong<T> st{ha.data(), hb.data()};
+  const FirstStep first(h0, B * H);
   auto cell = [&](int k, int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, int64_t as, const T* hcur,
                   T* hnext) {
         const T* bb = bias + j0;
@@ -169,30 +172,31 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
   auto step = [&](int k, int64_t s, int64_t j0, int64_t j1, int64_t b0, int64_t b1, PingPong<T>& hs) {
       const T* hcur = hs.cur;
       T* hnext = hs.next;
+      const int64_t nr = first.gemm_rows(s, b0, b1);
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
         for (int64_t p = p0; p < p1; ++p)
-          tw->gemm_panel(p, b1 - b0, hcur + b0 * H, H, gh.data() + b0 * ldg, ldg, false, false, nullptr);
+          tw->gemm_panel(p, nr, hcur + b0 * H, H, gh.data() + b0 * ldg, ldg, false, false, nullptr);
         for (int64_t b = b0; b < b1; ++b) {
+          const T* a = gh.data() + first.row(s, b0, b) * ldg;
           int64_t p = p0;
           const int64_t L = sq.len(b);
           if (s < L) {  // float32: the row's full panels at once (gru_cells8)
             const int64_t t = sq.reverse ? L - 1 - s : s;
-            p = gru_cells8(gx + (t * B + b) * G, H, gh.data() + b * ldg, bias, hcur + b * H, gates_s.at(t, b, k),
-                           hn_s.at(t, b, k), hnext + b * H, y + (t * B + b) * H, p, std::min(p1, H / 8));
+            p = gru_cells8(gx + (t * B + b) * G, H, a, bias, hcur + b * H, gates_s.at(t, b, k), hn_s.at(t, b, k),
+                           hnext + b * H, y + (t * B + b) * H, p, std::min(p1, H / 8));
           }
-          for (; p < p1; ++p)
-            cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), gh.data() + b * ldg + p * 24, 8, hcur, hnext);
+          for (; p < p1; ++p) cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), a + p * 24, 8, hcur, hnext);
         }
       } else if (sp.by_rows()) {  // BLAS on the unpacked (gate-major) weight
-        gemm_nt<T>(b1 - b0, G, H, hcur + b0 * H, H, w_hh, H, gh.data() + b0 * G, G, T(0));
-        for (int64_t b = b0; b < b1; ++b) cell(k, s, b, 0, H, gh.data() + b * G, H, hcur, hnext);
+        gemm_nt<T>(nr, G, H, hcur + b0 * H, H, w_hh, H, gh.data() + b0 * G, G, T(0));
+        for (int64_t b = b0; b < b1; ++b) cell(k, s, b, 0, H, gh.data() + first.row(s, b0, b) * G, H, hcur, hnext);
       } else {  // BLAS by units: all rows, the slice's packed rows
-        w.gemm(k, B, hcur, gh.data());
+        w.gemm(k, nr, hcur, gh.data());
         for (int64_t b = 0; b < B; ++b)
-          cell(k, s, b, j0, j1 - j0, gh.data() + b * G + 3 * j0, j1 - j0, hcur, hnext);
+          cell(k, s, b, j0, j1 - j0, gh.data() + first.row(s, 0, b) * G + 3 * j0, j1 - j0, hcur, hnext);
       }
   };
   run_steps(sp, TT, H, B, st, step);
@@ -211,6 +215,7 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
   Buf<T> gh(B * ldg), ha(B * H), hb(B * H);
   std::copy(h0, h0 + B * H, ha.data());
   PingPong<T> st{ha.data(), hb.data()};
+  const FirstStep first(h0, B * H);
   auto cell = [&](int64_t s, int64_t b, int64_t j0, int64_t nu, const T* a, const T* hcur, T* hnext) {
         const int64_t L = sq.len(b);
         if (s < L) {
@@ -235,15 +240,17 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
   auto step = [&](int k, int64_t s, int64_t j0, int64_t j1, int64_t b0, int64_t b1, PingPong<T>& hs) {
       const T* hcur = hs.cur;
       T* hnext = hs.next;
+      const int64_t nr = first.gemm_rows(s, b0, b1);
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in gx/y).
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
         for (int64_t p = p0; p < p1; ++p)
-          tw->gemm_panel(p, b1 - b0, hcur + b0 * H, H, gh.data() + b0 * ldg, ldg, false, false, nullptr);
-        for (int64_t b = b0; b < b1; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * ldg + j0, hcur, hnext);
+          tw->gemm_panel(p, nr, hcur + b0 * H, H, gh.data() + b0 * ldg, ldg, false, false, nullptr);
+        for (int64_t b = b0; b < b1; ++b)
+          cell(s, b, j0, j1 - j0, gh.data() + first.row(s, b0, b) * ldg + j0, hcur, hnext);
       } else {  // BLAS
-        gemm_nt<T>(b1 - b0, j1 - j0, H, hcur + b0 * H, H, w_hh + j0 * H, H, gh.data() + b0 * H + j0, H, T(0));
-        for (int64_t b = b0; b < b1; ++b) cell(s, b, j0, j1 - j0, gh.data() + b * H + j0, hcur, hnext);
+        gemm_nt<T>(nr, j1 - j0, H, hcur + b0 * H, H, w_hh + j0 * H, H, gh.data() + b0 * H + j0, H, T(0));
+        for (int64_t b = b0; b < b1; ++b) cell(s, b, j0, j1 - j0, gh.data() + first.row(s, b0, b) * H + j0, hcur, hnext);
       }
       (void)k;
   };
