@@ -200,6 +200,28 @@ def test_zero_h0_keeps_non_finite_weights(variant, tiled, split, cpu_options):
     torch.testing.assert_close(y[0][finite], want[0][finite].float(), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != ("rnn", 0, True)], ids=_id)
+def test_zero_h0_weight_grad_keeps_non_finite_gradients(variant):
+    """grad_w_hh skips dfirst^T @ h0 when h0 = 0, but not when the first step's gradient has
+    an inf (inf * 0 = NaN): an inf in grad_y[0] must give grad_w_hh the reference's NaNs.
+    (Not the ReLU RNN: where the pre-activation is <= 0 the reference's backward gives
+    inf * 0 = NaN and torch.relu's, like the kernels', 0.)"""
+    cell, P, flag = variant
+    args = list(make_inputs(cell, 6, 5, 16, P=P, dtype=torch.float32, **_kw(cell, flag)))
+    args[1] = torch.zeros_like(args[1])
+    iw = 3 if cell == "lstm" else 2
+    got = []
+    for name, dtype in (("cpu", torch.float32), ("reference", torch.float64)):
+        a = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
+        a[iw].requires_grad_(True)
+        y = registry()[name].op(cell, "forward")(*a)[0]
+        g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dtype)
+        g[0, 2, 1] = float("inf")
+        got.append(torch.autograd.grad(y, a[iw], g)[0])
+    assert got[1].isnan().any()
+    assert torch.equal(got[0].isnan(), got[1].isnan())
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (False, True), (True, True)],
                          ids=["full", "rev", "lengths-rev"])

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -55,17 +56,32 @@ void grad_gemm(const Tensor& a, const Tensor& b, Tensor& out, bool acc) {
   });
 }
 
+// Whether d^T @ h is exactly zero because h is (contiguous d and h): h0 = 0 is the
+// modules' state when no hx is given. Not when d has an inf or NaN (0 * inf = NaN).
+bool zero_product(const Tensor& d, const Tensor& h) {
+  bool zero = false;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "fusedrnn_zero_product_cpu", [&] {
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* dp = d.data_ptr<scalar_t>();
+    zero = std::all_of(hp, hp + h.numel(), [](scalar_t v) { return v == scalar_t(0); }) &&
+           std::all_of(dp, dp + d.numel(), [](scalar_t v) { return std::isfinite(v); });
+  });
+  return zero;
+}
+
 // grad_w = dfirst^T @ h0 + sum_t dpre[t]^T @ y[t -/+ 1]: the state each step started
 // from is h0 at the sequence's first step and the previous output otherwise. Padded
 // steps have dpre = 0 and y = 0, so one shifted GEMM over all steps covers lengths too.
+// With h0 = 0 the first term is skipped (1/T of the GEMM's work).
 Tensor weight_grad(const Tensor& dpre, const Tensor& dfirst, const Tensor& h0, const Tensor& y, bool reverse) {
   const int64_t T = dpre.size(0), G = dpre.size(2), P = y.size(2);
   Tensor gw = new_output({G, P}, dpre);
-  grad_gemm(dfirst, h0, gw, false);
+  const bool first = T == 1 || !zero_product(dfirst, h0);
+  if (first) grad_gemm(dfirst, h0, gw, false);
   if (T > 1) {
     const Tensor d = reverse ? dpre.narrow(0, 0, T - 1) : dpre.narrow(0, 1, T - 1);
     const Tensor h = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-    grad_gemm(d, h, gw, true);
+    grad_gemm(d, h, gw, first);
   }
   return gw;
 }
