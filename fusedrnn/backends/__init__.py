@@ -140,8 +140,8 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 # runs 0.90-1.14x (768: 0.90-1.07x, 1024: 0.96-1.01x), training 1.03-1.15x: parity or
 # better, so still ours. With the next row's gx prefetched and the first step's GEMM
 # skipped for h0 = 0 (git ec436a7, 7d72666: forward op 1.03-1.08x): hidden 256-512 in two
-# runs on a busy host 0.80-1.01x (inference), 0.91-1.11x (training), at 0.97-1.03x in
-# in-process comparisons when it was quiet: still parity, so still torch.nn.
+# runs on a busy host 0.80-1.01x (inference), 0.91-1.11x (training), at 0.99-1.03x in
+# in-process module timings (inference) when it was quiet: still parity, so still torch.nn.
 # Before (bench/cpu_ops.py, T = 32, 2026-11-29, same VM, three runs, before git a6ded33),
 # backend="cpu" against torch.nn: batch 32-64, hidden 256-512: 0.79-1.04x (inference),
 # 0.82-0.95x (training); hidden 1024: 0.92-1.10x (inference), 0.99-1.07x (training);
