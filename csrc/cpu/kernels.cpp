@@ -319,8 +319,9 @@ struct PingPong {
 
 // A forward's first step when h0 is all zero, the modules' state when no hx is given:
 // every row of 0 @ W^T is the same (+0, or NaN where W has a non-finite entry, as the
-// full GEMM gives: the accumulators start from +0), so step 0 computes the first row of
-// its rows only and every row's cell reads that one. This saves 1/T of the recurrent GEMM.
+// full GEMM gives: the micro-kernel's accumulators start from +0; a BLAS library could
+// differ from its full GEMM in the sign of a zero at most), so step 0 computes the first
+// row of its rows only and every row's cell reads that one: 1/T of the recurrent GEMM.
 struct FirstStep {
   bool zero;
   template <typename T>
