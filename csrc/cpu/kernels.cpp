@@ -325,7 +325,7 @@ struct PingPong {
 struct FirstStep {
   bool zero;
   template <typename T>
-  FirstStep(const T* h0, int64_t n) : zero(std::all_of(h0, h0 + n, [](T v) { return v == T(0); })) {}
+  FirstStep(const T* h0, int64_t n) : zero(all_zero(h0, n)) {}
   // How many of rows [b0, b1) step s's GEMM computes, and which row's result row b reads.
   int64_t gemm_rows(int64_t s, int64_t b0, int64_t b1) const {
     return zero && s == 0 ? std::min<int64_t>(1, b1 - b0) : b1 - b0;  // (batch 0: none)

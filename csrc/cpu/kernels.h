@@ -6,6 +6,7 @@
 // weights as PyTorch stores them (w_hh [G,P], w_hr [P,H]). `lengths` may be null
 // (every sequence has length T); values are in [0, T].
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -74,6 +75,14 @@ void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk,
           int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias = nullptr, T* colsum = nullptr);
+
+// Whether all n values are zero (+0 or -0). h0 = 0 is the modules' state when no hx is
+// given; the first step's products with it are skipped (FirstStep in kernels.cpp, the
+// weight gradient's h0 term in register.cpp).
+template <typename T>
+inline bool all_zero(const T* p, int64_t n) {
+  return std::all_of(p, p + n, [](T v) { return v == T(0); });
+}
 
 // Memory for the kernels' large temporaries (the packed weights: 16 MB for an LSTM layer
 // of hidden size 1024), supplied by the op layer (register.cpp: the output pool), which

@@ -63,7 +63,7 @@ bool zero_product(const Tensor& d, const Tensor& h) {
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "fusedrnn_zero_product_cpu", [&] {
     const scalar_t* hp = h.data_ptr<scalar_t>();
     const scalar_t* dp = d.data_ptr<scalar_t>();
-    zero = std::all_of(hp, hp + h.numel(), [](scalar_t v) { return v == scalar_t(0); }) &&
+    zero = cpu::all_zero(hp, h.numel()) &&
            std::all_of(dp, dp + d.numel(), [](scalar_t v) { return std::isfinite(v); });
   });
   return zero;
