@@ -824,7 +824,7 @@ inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_
 // memory (loads perf had at ~40% of the cell's samples). While a row's cells run, this
 // fetches the same units of the next row (gx rows are contiguous: ng * H apart), one line
 // per gate every other 8-unit panel, so that they arrive during compute. In-process A/B of the
-// forward ops, T=32, Zen 4: LSTM 1.06x at B=64 H=256, 1.01-1.02x at B 8-32 or H=512; GRU
+// forward ops, T=32, Zen 4: LSTM 1.06x at B=64 H=256, 1.0-1.03x at B 8-32 or H=512; GRU
 // 1.01-1.04x. Not kept for the backward's cell (saved gates, cells, grad_y: 0.99-1.0x) nor
 // the RNN's (1.0x). A prefetch past the end of gx is harmless (no fault).
 inline void prefetch_next_row(const float* x, int64_t H, int ng) {
