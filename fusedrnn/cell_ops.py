@@ -16,7 +16,7 @@ overhead. Only the cpu backend implements them (csrc/cpu/cell_ops.cpp); the othe
 backends' cells keep the generic path. Each backward op takes need_h / need_x / need_w
 (the state's, the input's and the weights' gradients) and returns empty tensors for what
 was not needed: each skipped one is a GEMM saved. Their autograd is in C++
-(csrc/cpu/cell_autograd.cpp); this file holds the schemas and fake kernels.
+(csrc/cpu/autograd.cpp); this file holds the schemas and fake kernels.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ SCHEMAS = {
 
 def define() -> None:
     """Declare the cell ops and their fake kernels; the backward ops refuse double backward
-    (idempotent). The forward ops' autograd is registered by csrc/cpu/cell_autograd.cpp."""
+    (idempotent). The forward ops' autograd is registered by csrc/cpu/autograd.cpp."""
     if not ops.define_schemas("cell ops", SCHEMAS):
         return
     for cell, (fake, fake_bwd) in _FAKES.items():
@@ -55,7 +55,7 @@ def define() -> None:
         bwd = fwd + "_backward"
         torch.library.register_fake(fwd, fake, lib=ops._LIB)
         torch.library.register_fake(bwd, fake_bwd, lib=ops._LIB)
-        # The forward ops' autograd is C++ (csrc/cpu/cell_autograd.cpp: the Python wrapper
+        # The forward ops' autograd is C++ (csrc/cpu/autograd.cpp: the Python wrapper
         # cost ~60 us per step). The backward ops have none: refuse double backward.
         torch.library.register_autograd(bwd, _no_double_backward, setup_context=_no_setup, lib=ops._LIB)
 

@@ -3,7 +3,9 @@
 `define(backend)` declares the six ops of one backend (see fusedrnn/schema.py)
 and registers, once for all backends:
   * a fake implementation (shapes/dtypes only), so torch.compile can trace the ops;
-  * autograd: the forward op's backward calls the same backend's backward op.
+  * autograd: the forward op's backward calls the same backend's backward op. (For CPU
+    tensors the native ops' autograd is C++, csrc/cpu/autograd.cpp, with the same
+    contract: it takes precedence over this one for the AutogradCPU key.)
 Device kernels are registered by each backend (C++ TORCH_LIBRARY_IMPL, Triton's
 triton_op, or torch.library.impl for the Python reference).
 """

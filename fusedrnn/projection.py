@@ -2,17 +2,21 @@
 timesteps before the recurrence (as large as the recurrent GEMMs of the whole sequence).
 
 Every backend's op takes gx (fusedrnn/schema.py); this picks the GEMM that computes it.
-Layers the cpu backend runs (float32, large enough) use the op fusedrnn::projection: its
+Layers the cpu backend runs in float32 use the op fusedrnn::projection: its
 kernel (csrc/cpu/register.cpp, cpu::gemm) runs the recurrent micro-kernel blocked for
-cache, forward and backward (dx = grad @ w, dw = grad^T @ x). Measured on a 2-core AMD
+cache, forward and backward (dx = grad @ w, dw = grad^T @ x), and its autograd is C++
+(csrc/cpu/autograd.cpp). Measured on a 2-core AMD
 EPYC (Zen 4) VM, 2026-11-29, at T*B x H shapes (T=32, B 8-64, H 256-512): 212-219
 GFLOP/s of the 232 peak for x @ w^T + b, as fast as oneDNN's linear (which torch.nn's LSTM
 runs there, and which this module used in inference before) and faster than MKL's sgemm,
 which F.linear runs (193-205); the weight gradient 1.0-1.15x and dx 0.98-1.08x MKL's.
 Modules (in-process A/B against oneDNN in inference and F.linear in training, T=32):
-LSTM, GRU and RNN 1.02-1.09x at B 8-64, H 256-1024; 0.98-1.19x at B 1-4.
-Elsewhere (other backends, dtypes and devices, fewer than MIN_MACS multiply-adds):
-F.linear.
+LSTM, GRU and RNN 1.02-1.09x at B 8-64, H 256-1024; 0.98-1.19x at B 1-4. Small layers
+too since the autograd moved to C++ (2026-11-30, against F.linear, interleaved, the op
+alone with autograd): forward + backward 1.12-1.26x from 2^8 to 2^25 multiply-adds
+(e.g. T=32 B=1 H=256: 485 against 560 us), forward under no_grad 1.0-1.15x. (Before,
+torch.library's Python autograd wrapper made F.linear faster below 2^24.)
+Elsewhere (other backends, dtypes and devices): F.linear.
 """
 from __future__ import annotations
 
@@ -24,16 +28,12 @@ from torch import Tensor
 
 from . import ops
 
-# Below this many multiply-adds (T=32, B=2, H=256 is 2^24) the custom op's Python
-# autograd wrapper is a visible part of the GEMM; F.linear's is C++.
-MIN_MACS = 1 << 24
-
 
 def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = False) -> Tensor:
     """x [T, B, I] @ w [G, I]^T + b [G] -> [T, B, G], like F.linear. `native`: the layer's
     backend implements fusedrnn::projection (Backend.projection_op: the cpu backend)."""
     if (native and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and (b is None or b.dtype == torch.float32) and x.numel() * w.shape[0] >= MIN_MACS):
+            and (b is None or b.dtype == torch.float32)):
         return torch.ops.fusedrnn.projection(x, w, b)
     return F.linear(x, w, b)
 

@@ -1,5 +1,5 @@
 """The cpu backend's one-step cell ops (fusedrnn/cell_ops.py, csrc/cpu/cell_ops.cpp and
-cell_autograd.cpp): against torch.nn's cell functions and the reference backend's
+autograd.cpp): against torch.nn's cell functions and the reference backend's
 sequence op with T = 1, forward and backward, opcheck, gradcheck in float64, the
 need_* flags of the backward ops, and their errors. Outputs are NaN-poisoned before
 the kernels write them (FUSEDRNN_POISON=1, tests/conftest.py)."""

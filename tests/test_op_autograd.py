@@ -50,3 +50,39 @@ def test_backward_through_one_result(backend, cell, used):
     names = [n for n, a in zip(_arg_names(cell), test_args) if isinstance(a, torch.Tensor) and a.requires_grad]
     for name, a, w in zip(names, got, want):
         assert_close(a, w, TOL[torch.float32], f"{backend} {cell} (loss on {used}) grad {name}")
+
+
+def test_cpu_tensors_take_the_cpp_autograd():
+    """The native ops' autograd on CPU tensors is csrc/cpu/autograd.cpp's (AutogradCPU,
+    ahead of the Python registration for the alias Autograd): a training step's Python
+    wrapper per op was ~50-60 us."""
+    backend_or_skip("cpu")
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for op in ("lstm_forward", "gru_forward", "rnn_forward", "projection"):
+        assert has(f"fusedrnn::{op}", "AutogradCPU"), f"{op}: no C++ autograd kernel for CPU tensors"
+    args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in make_inputs("lstm", 3, 2, 4))
+    y = torch.ops.fusedrnn.lstm_forward(*args)[0]
+    assert type(y.grad_fn).__name__ == "CppFunction", type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "emulated"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_double_backward_raises(backend, cell):
+    """A gradient of a gradient through a forward op raises instead of being silently
+    wrong (the backward ops are not differentiable), whichever autograd runs the op."""
+    be = backend_or_skip(backend, cell)
+    args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in make_inputs(cell, 4, 2, 5))
+    y = be.op(cell, "forward")(*args)[0]
+    (g,) = torch.autograd.grad(y.pow(2).sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_double_backward_raises_projection():
+    backend_or_skip("cpu")
+    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((3, 2, 5), (8, 5), (8,)))
+    (g,) = torch.autograd.grad(torch.ops.fusedrnn.projection(x, w, b).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()

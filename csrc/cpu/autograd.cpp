@@ -1,0 +1,380 @@
+// Autograd of the cpu backend's ops in C++: the one-step cell ops (fusedrnn/cell_ops.py,
+// for every device: Autograd) and, for CPU tensors (AutogradCPU), the sequence ops
+// (fusedrnn/schema.py) and the input projection (fusedrnn/projection.py). Each forward
+// runs the op below autograd; each backward calls the op's backward op.
+//
+// Why C++ and not torch.library.register_autograd: the Python wrapper costs ~50-60 us per
+// op call on the 2-core VM, forward and backward. For a cell op, called once per step,
+// that made a training step slower than torch.nn's (RNNCell H=64 B=4: the op alone
+// ~18 us). For a layer's projection + sequence op it was ~0.2-0.3 ms of a training
+// iteration: a tenth of LSTM B=1 H=256 T=64. The sequence ops' Python registration
+// (fusedrnn/ops.py, alias Autograd) stays for the CUDA kernels, which share the ops: a
+// kernel registered to AutogradCPU takes precedence over the alias for CPU tensors. This
+// is the only TU with the autograd headers. (The backward ops' own autograd, which
+// refuses double backward, is registered in Python.)
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+bool has(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
+Tensor or_zeros(const Tensor& g, const Tensor& like) { return g.defined() ? g.contiguous() : at::zeros_like(like); }
+// The same for the sequence ops, whose C++ takes strided gradients (it makes them
+// contiguous in pooled memory: see contiguous_pooled in op_utils.h).
+Tensor grad_or_zeros(const Tensor& g, const Tensor& like) { return g.defined() ? g : at::zeros_like(like); }
+Tensor if_needed(const Tensor& g, bool need) { return need ? g : Tensor(); }
+
+// Calls a backward op from a backward(). The backward ops' own autograd (it refuses double
+// backward) is torch.library's Python wrapper, ~25 us a call (RNNCell H=64 B=4: the backward
+// op's CPU kernel is ~10 us). Without create_graph, grad mode is off and it would only pass
+// the call on, so the call goes below autograd; with create_graph it goes through it.
+template <typename F>
+auto call_backward(const F& f) {
+  if (at::GradMode::is_enabled()) return f();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return f();
+}
+
+// Which gradients the backward op computes: the state's (need_h: h, or c for the LSTM's
+// grad_c, which comes with it), the input's, the weights' and biases'. Edge indices count
+// only the defined tensor inputs: x, h, [c,] w_ih, w_hh, then b_ih, b_hh if present.
+struct Needs {
+  bool h, x, w;
+  Needs(AutogradContext* ctx, int n_state, bool bias) {
+    x = ctx->needs_input_grad(0);
+    h = ctx->needs_input_grad(1);
+    w = ctx->needs_input_grad(1 + n_state) || ctx->needs_input_grad(2 + n_state) ||
+        (bias && (ctx->needs_input_grad(3 + n_state) || ctx->needs_input_grad(4 + n_state)));
+  }
+};
+
+// ----------------------------------------------------------------------------- LSTM
+using LstmSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                   const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                                                   bool);
+using LstmBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool,
+    const Tensor&, const Tensor&, bool, bool, bool);
+
+struct LstmCell : torch::autograd::Function<LstmCell> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h, const Tensor& c,
+                               const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+                               const optional<Tensor>& b_hh, bool train) {
+    static const auto op = op_handle<LstmSig>("fusedrnn::lstm_cell");
+    auto [h1, c1, gates] = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return op.call(x, h, c, w_ih, w_hh, b_ih, b_hh, train);
+    }();
+    ctx->save_for_backward({x, h, c, w_ih, w_hh, gates, c1});
+    ctx->saved_data["bias"] = has(b_ih);
+    ctx->saved_data["train"] = train;
+    ctx->mark_non_differentiable({gates});
+    ctx->set_materialize_grads(false);
+    return {h1, c1, gates};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(ctx->saved_data["train"].toBool(),
+                "fusedrnn: backward through lstm_cell called with train=False; call it with train=True");
+    static const auto op = op_handle<LstmBwdSig>("fusedrnn::lstm_cell_backward");
+    const auto s = ctx->get_saved_variables();
+    const bool bias = ctx->saved_data["bias"].toBool();
+    const Needs n(ctx, 2, bias);
+    auto [gx, gh, gc, gwih, gwhh, gb] = call_backward([&] {
+      return op.call(or_zeros(grads[0], s[6]), or_zeros(grads[1], s[6]), s[0], s[1], s[2], s[3], s[4], bias, s[5],
+                     s[6], n.h, n.x, n.w);
+    });
+    const Tensor b = if_needed(gb, n.w && bias);
+    return {if_needed(gx, n.x), if_needed(gh, n.h), gc, if_needed(gwih, n.w), if_needed(gwhh, n.w), b, b, Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_autograd(const Tensor& x, const Tensor& h, const Tensor& c,
+                                                      const Tensor& w_ih, const Tensor& w_hh,
+                                                      const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                                                      bool train) {
+  auto r = LstmCell::apply(x, h, c, w_ih, w_hh, b_ih, b_hh, train);
+  return {r[0], r[1], r[2]};
+}
+
+// ----------------------------------------------------------------------------- GRU
+using GruSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                  const optional<Tensor>&, const optional<Tensor>&, bool);
+using GruBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, const Tensor&, const Tensor&,
+    const Tensor&, bool, bool, bool);
+
+struct GruCell : torch::autograd::Function<GruCell> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                               const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                               bool train) {
+    static const auto op = op_handle<GruSig>("fusedrnn::gru_cell");
+    auto [h1, gates, hn] = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return op.call(x, h, w_ih, w_hh, b_ih, b_hh, train);
+    }();
+    ctx->save_for_backward({x, h, w_ih, w_hh, h1, gates, hn});
+    ctx->saved_data["bias"] = has(b_ih);
+    ctx->saved_data["train"] = train;
+    ctx->mark_non_differentiable({gates, hn});
+    ctx->set_materialize_grads(false);
+    return {h1, gates, hn};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(ctx->saved_data["train"].toBool(),
+                "fusedrnn: backward through gru_cell called with train=False; call it with train=True");
+    static const auto op = op_handle<GruBwdSig>("fusedrnn::gru_cell_backward");
+    const auto s = ctx->get_saved_variables();
+    const bool bias = ctx->saved_data["bias"].toBool();
+    const Needs n(ctx, 1, bias);
+    auto [gx, gh, gwih, gwhh, gbih, gbhh] = call_backward([&] {
+      return op.call(or_zeros(grads[0], s[4]), s[0], s[1], s[2], s[3], bias, s[4], s[5], s[6], n.h, n.x, n.w);
+    });
+    return {if_needed(gx, n.x),    if_needed(gh, n.h),           if_needed(gwih, n.w),
+            if_needed(gwhh, n.w),  if_needed(gbih, n.w && bias), if_needed(gbhh, n.w && bias),
+            Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> gru_cell_autograd(const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                                                     const Tensor& w_hh, const optional<Tensor>& b_ih,
+                                                     const optional<Tensor>& b_hh, bool train) {
+  auto r = GruCell::apply(x, h, w_ih, w_hh, b_ih, b_hh, train);
+  return {r[0], r[1], r[2]};
+}
+
+// ----------------------------------------------------------------------------- RNN
+using RnnSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+                      const optional<Tensor>&, bool);
+using RnnBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                     const Tensor&, const Tensor&, bool, bool,
+                                                                     const Tensor&, bool, bool, bool);
+
+struct RnnCell : torch::autograd::Function<RnnCell> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                        const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, bool relu) {
+    static const auto op = op_handle<RnnSig>("fusedrnn::rnn_cell");
+    Tensor h1 = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return op.call(x, h, w_ih, w_hh, b_ih, b_hh, relu);
+    }();
+    ctx->save_for_backward({x, h, w_ih, w_hh, h1});
+    ctx->saved_data["bias"] = has(b_ih);
+    ctx->saved_data["relu"] = relu;
+    return h1;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<RnnBwdSig>("fusedrnn::rnn_cell_backward");
+    const auto s = ctx->get_saved_variables();
+    const bool bias = ctx->saved_data["bias"].toBool();
+    const Needs n(ctx, 1, bias);
+    const bool relu = ctx->saved_data["relu"].toBool();
+    auto [gx, gh, gwih, gwhh, gb] = call_backward([&] {
+      return op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], bias, relu, s[4], n.h, n.x, n.w);
+    });
+    const Tensor b = if_needed(gb, n.w && bias);
+    return {if_needed(gx, n.x), if_needed(gh, n.h), if_needed(gwih, n.w), if_needed(gwhh, n.w), b, b, Tensor()};
+  }
+};
+
+Tensor rnn_cell_autograd(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                         const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, bool relu) {
+  return RnnCell::apply(x, h, w_ih, w_hh, b_ih, b_hh, relu);
+}
+
+// ----------------------------------------------------------------------------- sequence ops
+// The same contract as the Python registration in fusedrnn/ops.py (_lstm_setup,
+// _lstm_backward, ...): the saved outputs (gates, cells, hn) are not differentiable, an
+// unused output's gradient is zeros, and train=False keeps nothing for a backward.
+void check_trained(AutogradContext* ctx, const char* op) {
+  TORCH_CHECK(ctx->saved_data["train"].toBool(), "fusedrnn: backward through ", op,
+              " called with train=False, which keeps no saved state for the backward; call it with "
+              "train=True when a gradient is needed");
+}
+optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : c10::nullopt; }
+
+using LstmSeqSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                      const Tensor&, const optional<Tensor>&,
+                                                                      const optional<Tensor>&, bool, bool);
+using LstmSeqBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const optional<Tensor>&, const optional<Tensor>&, bool, const Tensor&, const Tensor&, const Tensor&);
+
+struct LstmSeq : torch::autograd::Function<LstmSeq> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& gx, const Tensor& h0, const Tensor& c0,
+                               const Tensor& w_hh, const optional<Tensor>& w_hr, const optional<Tensor>& lengths,
+                               bool reverse, bool train) {
+    static const auto op = op_handle<LstmSeqSig>("fusedrnn::lstm_forward");
+    auto [y, hn, cn, gates, cells] = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return op.call(gx, h0, c0, w_hh, w_hr, lengths, reverse, train);
+    }();
+    ctx->save_for_backward({h0, c0, w_hh, w_hr.value_or(Tensor()), lengths.value_or(Tensor()), y, gates, cells});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["train"] = train;
+    ctx->mark_non_differentiable({gates, cells});
+    ctx->set_materialize_grads(false);
+    return {y, hn, cn, gates, cells};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_trained(ctx, "lstm_forward");
+    static const auto op = op_handle<LstmSeqBwdSig>("fusedrnn::lstm_backward");
+    const auto s = ctx->get_saved_variables();  // h0, c0, w_hh, w_hr, lengths, y, gates, cells
+    const bool proj = s[3].defined();
+    auto [ggx, gh0, gc0, gwhh, gwhr] = call_backward([&] {
+      return op.call(grad_or_zeros(grads[0], s[5]), grad_or_zeros(grads[1], s[0]), grad_or_zeros(grads[2], s[1]),
+                     s[0], s[1], s[2], opt(s[3]), opt(s[4]), ctx->saved_data["reverse"].toBool(), s[5], s[6], s[7]);
+    });
+    return {ggx, gh0, gc0, gwhh, proj ? gwhr : Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autograd(const Tensor& gx, const Tensor& h0,
+                                                                         const Tensor& c0, const Tensor& w_hh,
+                                                                         const optional<Tensor>& w_hr,
+                                                                         const optional<Tensor>& lengths,
+                                                                         bool reverse, bool train) {
+  auto r = LstmSeq::apply(gx, h0, c0, w_hh, w_hr, lengths, reverse, train);
+  return {r[0], r[1], r[2], r[3], r[4]};
+}
+
+using GruSeqSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                             const optional<Tensor>&, const optional<Tensor>&, bool,
+                                                             bool);
+using GruSeqBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                const Tensor&, const optional<Tensor>&,
+                                                                const optional<Tensor>&, bool, const Tensor&,
+                                                                const Tensor&, const Tensor&);
+
+struct GruSeq : torch::autograd::Function<GruSeq> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& gx, const Tensor& h0, const Tensor& w_hh,
+                               const optional<Tensor>& b_hh, const optional<Tensor>& lengths, bool reverse,
+                               bool train) {
+    static const auto op = op_handle<GruSeqSig>("fusedrnn::gru_forward");
+    auto [y, hn, gates, hs] = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return op.call(gx, h0, w_hh, b_hh, lengths, reverse, train);
+    }();
+    ctx->save_for_backward({h0, w_hh, b_hh.value_or(Tensor()), lengths.value_or(Tensor()), y, gates, hs});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["train"] = train;
+    ctx->mark_non_differentiable({gates, hs});
+    ctx->set_materialize_grads(false);
+    return {y, hn, gates, hs};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_trained(ctx, "gru_forward");
+    static const auto op = op_handle<GruSeqBwdSig>("fusedrnn::gru_backward");
+    const auto s = ctx->get_saved_variables();  // h0, w_hh, b_hh, lengths, y, gates, hn
+    const bool bias = s[2].defined();
+    auto [ggx, gh0, gwhh, gbhh] = call_backward([&] {
+      return op.call(grad_or_zeros(grads[0], s[4]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]), opt(s[3]),
+                     ctx->saved_data["reverse"].toBool(), s[4], s[5], s[6]);
+    });
+    return {ggx, gh0, gwhh, bias ? gbhh : Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_autograd(const Tensor& gx, const Tensor& h0,
+                                                                const Tensor& w_hh, const optional<Tensor>& b_hh,
+                                                                const optional<Tensor>& lengths, bool reverse,
+                                                                bool train) {
+  auto r = GruSeq::apply(gx, h0, w_hh, b_hh, lengths, reverse, train);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+using RnnSeqSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+                                             bool, bool);
+using RnnSeqBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                        const optional<Tensor>&, bool, bool, const Tensor&);
+
+struct RnnSeq : torch::autograd::Function<RnnSeq> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& gx, const Tensor& h0, const Tensor& w_hh,
+                               const optional<Tensor>& lengths, bool reverse, bool relu) {
+    static const auto op = op_handle<RnnSeqSig>("fusedrnn::rnn_forward");
+    auto [y, hn] = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return op.call(gx, h0, w_hh, lengths, reverse, relu);
+    }();
+    ctx->save_for_backward({h0, w_hh, lengths.value_or(Tensor()), y});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["relu"] = relu;
+    ctx->set_materialize_grads(false);
+    return {y, hn};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<RnnSeqBwdSig>("fusedrnn::rnn_backward");
+    const auto s = ctx->get_saved_variables();  // h0, w_hh, lengths, y
+    auto [ggx, gh0, gwhh] = call_backward([&] {
+      return op.call(grad_or_zeros(grads[0], s[3]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
+                     ctx->saved_data["reverse"].toBool(), ctx->saved_data["relu"].toBool(), s[3]);
+    });
+    return {ggx, gh0, gwhh, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> rnn_forward_autograd(const Tensor& gx, const Tensor& h0, const Tensor& w_hh,
+                                                const optional<Tensor>& lengths, bool reverse, bool relu) {
+  auto r = RnnSeq::apply(gx, h0, w_hh, lengths, reverse, relu);
+  return {r[0], r[1]};
+}
+
+// ----------------------------------------------------------------------------- input projection
+using ProjSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&);
+using ProjBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool, bool, bool);
+
+struct Projection : torch::autograd::Function<Projection> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
+    static const auto op = op_handle<ProjSig>("fusedrnn::projection");
+    Tensor out = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return op.call(x, w, b);
+    }();
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["bias"] = has(b);
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<ProjBwdSig>("fusedrnn::projection_backward");
+    const auto s = ctx->get_saved_variables();
+    // (needs_input_grad counts only the defined tensor inputs: b's index exists only with b)
+    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1),
+               nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
+    auto [gx, gw, gb] = call_backward([&] { return op.call(grads[0], s[0], s[1], nx, nw, nb); });
+    return {if_needed(gx, nx), if_needed(gw, nw), if_needed(gb, nb)};
+  }
+};
+
+Tensor projection_autograd(const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
+  return Projection::apply(x, w, b);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedrnn, Autograd, m) {
+  m.impl("lstm_cell", &lstm_cell_autograd);
+  m.impl("gru_cell", &gru_cell_autograd);
+  m.impl("rnn_cell", &rnn_cell_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fusedrnn, AutogradCPU, m) {
+  m.impl("lstm_forward", &lstm_forward_autograd);
+  m.impl("gru_forward", &gru_forward_autograd);
+  m.impl("rnn_forward", &rnn_forward_autograd);
+  m.impl("projection", &projection_autograd);
+}
+
+}  // namespace cpu
+}  // namespace fusedrnn
