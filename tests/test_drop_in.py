@@ -1,4 +1,6 @@
 """Drop-in behaviour: state_dict both ways, convert(), dropout, backend choice and reporting."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -148,6 +150,39 @@ def test_torch_compile_traces_the_module_after_first_use(no_grad):
             (g1,) = torch.autograd.grad(got.pow(2).sum(), m.weight_hh_l1)
             (g2,) = torch.autograd.grad(want.pow(2).sum(), m.weight_hh_l1)
             torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_torch_jit_trace(cls):
+    """torch.jit.trace, as for torch.nn's modules: the trace passes trace's own check (which
+    re-runs the module under another grad mode) and the traced module matches the module on
+    an input of another length and batch size, forward with and without grad, and backward."""
+    backend = "cpu" if "cpu" in available_backends("cpu") else "reference"
+    torch.manual_seed(0)
+    m = getattr(fusedrnn, cls)(4, 6, num_layers=2, bidirectional=True, batch_first=True, backend=backend)
+    with warnings.catch_warnings():  # (trace is deprecated; TracerWarnings about Python values)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, torch.randn(2, 3, 4))
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    got, want = traced(x)[0], m(x)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, [x, *m.parameters()], g),
+                    torch.autograd.grad(want, [x, *m.parameters()], g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x)[0], m(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_torch_export(cls):
+    """torch.export (static shapes): the exported program matches the module on fresh input."""
+    backend = "cpu" if "cpu" in available_backends("cpu") else "reference"
+    m = getattr(fusedrnn, cls)(4, 6, num_layers=2, bidirectional=True, batch_first=True, backend=backend)
+    program = torch.export.export(m, (torch.randn(2, 3, 4),))
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(program.module()(x)[0], m(x)[0], rtol=0, atol=0)
 
 
 def test_deepcopy_and_save_load_round_trip(tmp_path):
