@@ -175,6 +175,22 @@ def test_torch_jit_trace(cls):
         torch.testing.assert_close(traced(x)[0], m(x)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_torch_jit_trace_cells(cls):
+    """The cells trace too (their ops take the same train flag)."""
+    backend = "cpu" if "cpu" in available_backends("cpu") else "reference"
+    m = getattr(fusedrnn, cls)(4, 6, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, (torch.randn(2, 4),))
+    x = torch.randn(3, 4, requires_grad=True)
+    got, want = (r[0] if isinstance(r, tuple) else r for r in (traced(x), m(x)))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0],
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
 def test_torch_export(cls):
     """torch.export (static shapes): the exported program matches the module on fresh input."""
