@@ -6,7 +6,10 @@
 Same weights and inputs for both; the two implementations alternate call by call
 (interleaved, so machine noise hits both alike) and each case reports the median.
 "inference" is a forward under torch.no_grad(); "training" is forward + backward of
-y.sum() (gradients of the input and all weights). Speedup = torch.nn time / fusedrnn time.
+y.sum() (gradients of the input and all weights); "training-frozen-input" (not in the
+default --modes) the same with an input that does not require grad, as a first layer fed
+raw features: fusedrnn then skips the input gradient's GEMM, torch.nn (oneDNN) does not.
+Speedup = torch.nn time / fusedrnn time.
 Standalone script (the general bench CLI is `python -m bench`).
 """
 from __future__ import annotations
@@ -55,10 +58,10 @@ def run_once(model, x, train: bool) -> float:
         return time.perf_counter() - t0
 
 
-def bench_case(cell, B, H, T, reps, dtype, train):
+def bench_case(cell, B, H, T, reps, dtype, train, input_grad=True):
     torch.manual_seed(0)
     ref, mine = make_pair(cell, H, dtype)
-    x = torch.randn(T, B, H, dtype=dtype, requires_grad=train)
+    x = torch.randn(T, B, H, dtype=dtype, requires_grad=train and input_grad)
     # correctness guard: the benchmark must compare equal computations
     with torch.no_grad():
         a, b = ref(x)[0], mine(x)[0]
@@ -105,6 +108,10 @@ def main(argv=None):
     p.add_argument("--modes", default="inference,training")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's default)")
     a = p.parse_args(argv)
+    modes = ("inference", "training", "training-frozen-input")
+    for mode in a.modes.split(","):
+        if mode not in modes:
+            p.error(f"--modes: unknown mode {mode!r}; expected a comma-separated list of {', '.join(modes)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
@@ -130,7 +137,8 @@ def main(argv=None):
         for cell in a.cells.split(","):
             for H in map(int, a.hidden.split(",")):
                 for B in map(int, a.batch.split(",")):
-                    t_ref, t_mine, band = bench_case(cell, B, H, a.seq, a.reps, dtype, mode == "training")
+                    t_ref, t_mine, band = bench_case(cell, B, H, a.seq, a.reps, dtype, mode.startswith("training"),
+                                                     input_grad=mode != "training-frozen-input")
                     s = t_ref / t_mine
                     results[(mode, cell, B, H)], bands[(mode, cell, B, H)] = s, band
                     print(f"{cell:5} {mode:10} {B:5d} {H:6d} {t_ref * 1e3:12.3f} {t_mine * 1e3:12.3f} {s:7.2f}x"

@@ -66,12 +66,14 @@ def test_cpu_ops_script_runs(tmp_path):
     checks that both implementations agree (it asserts that itself), prints every case with
     its pair-quartile band and the summary lines."""
     proc = subprocess.run([sys.executable, "bench/cpu_ops.py", "--batch", "1,3", "--hidden", "16", "--seq", "9",
-                           "--reps", "4", "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--reps", "4", "--threads", "1", "--modes", "inference,training,training-frozen-input"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     if "cpu backend unavailable" in proc.stderr:
         pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["lstm"], ["gru"], ["rnn"])]
-    assert len(rows) == 3 * 2 * 2  # cells x modes x batches
+    assert len(rows) == 3 * 3 * 2  # cells x modes x batches
+    assert {r[1] for r in rows} == {"inference", "training", "training-frozen-input"}
     for r in rows:
         t_ref, t_mine, speedup = float(r[4]), float(r[5]), float(r[6].rstrip("x"))
         q1, q3 = map(float, r[7].split("-"))
