@@ -93,6 +93,33 @@ def test_only_the_needed_gradients(need):
         torch.testing.assert_close(b.grad, torch.full_like(b, 4 * 6.0))
 
 
+@pytest.mark.parametrize("shape,G", [((16, 64, 96), 256), ((16, 40, 150), 100)], ids=str)
+def test_units_taken_by_another_thread(shape, G):
+    """The GEMMs' work stealing (run_stealing in csrc/cpu/kernels.cpp): with the last thread
+    held back as if preempted, the others run its units (the hook counts them), and every
+    result is bit-identical to the undisturbed run's: a unit's sums do not depend on which
+    thread computes it. Shapes: rows in several blocks of 192, full and partial panels."""
+    from fusedrnn import _C
+    if _C.simd_path() != "avx2" or torch.get_num_threads() < 2:
+        pytest.skip("the blocked GEMMs run on 2+ threads with AVX2 only")
+    x, w, b = _args(shape, G)
+    grad = torch.randn(*shape[:-1], G)
+    gemms = {"x @ w^T + b": lambda: op(x, w, b),  # (each GEMM on its own: every path must take units)
+             "grad @ w": lambda: torch.ops.fusedrnn.projection_backward(grad, x, w, True, False, False)[0],
+             "grad^T @ x": lambda: torch.ops.fusedrnn.projection_backward(grad, x, w, False, True, True)[1:]}
+    for name, gemm in gemms.items():
+        want = gemm()
+        before = _C._gemm_test_delay(30_000)
+        try:
+            got = gemm()
+        finally:
+            taken = _C._gemm_test_delay(0) - before
+        assert taken > 0, f"{name}: no unit was run by another thread than its owner"
+        for a, e in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+            assert torch.equal(a, e), f"{name} differs when another thread ran some units"
+    torch.testing.assert_close(op(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 8), (2, 3, 0)], ids=["no-rows", "I=0"])
 def test_empty(shape):
     x, w, b = _args(shape, 16)

@@ -5,10 +5,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstdint>
 #include <memory>
 #include <new>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -188,6 +190,10 @@ std::atomic<int> g_split{[] {
   const int x = e && e[0] >= '0' && e[0] <= '2' ? e[0] - '0' : 0;
   return x;
 }()};
+
+// Test hook of the GEMMs' work stealing (run_stealing; gemm_test_delay in kernels.h).
+std::atomic<int> g_test_delay_us{0};
+std::atomic<int64_t> g_units_taken{0};
 
 // `gran`: slice boundaries on multiples of this many units (the tiled path passes its
 // panel width), rounded up to a multiple of 16: whole 64-byte lines of float rows, so
@@ -759,10 +765,11 @@ inline void pack_a(const float* a, int64_t sam, int64_t sak, int64_t mc, int64_t
 // width, is often <= 256: C is then written once, not once per k-block; in-process A/B
 // against 128 at T*B x G x H shapes, H 256-1024, B 8-64: the projection 1.017x geomean,
 // 0.99-1.055x; dx 0.97-1.03x), 128 for the weight gradients (no gain there).
+constexpr int64_t kGemmMC = 192;
 inline void gemm_rows(const TiledF& tw, int64_t K, const float* A, int64_t sam, int64_t sak, float* C, int64_t ldc,
                       bool acc, const float* bias, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
                       float* colsum = nullptr) {
-  constexpr int64_t MC = 192;
+  constexpr int64_t MC = kGemmMC;
   const int64_t KC = sak == 1 ? 2 * TiledF::KC : TiledF::KC;
   Buf<float> ap(sak == 1 ? 0 : MC * KC), tmp(MC * 32);
   for (; m0 < m1; m0 += MC) {
@@ -782,6 +789,43 @@ inline void gemm_rows(const TiledF& tw, int64_t K, const float* A, int64_t sam, 
   }
 }
 
+// Runs a GEMM's work on the threads of `sl`: thread t first calls setup(t) (e.g. packs
+// its panels), then runs its own units run(t, 0 .. nb-1) in order (the loop order and
+// cache reuse of a static split), then takes the other threads' untaken units from the
+// back, of those whose setup has finished. On a machine shared with other work, a
+// preempted thread's share then goes to the thread that is running instead of holding up
+// the whole GEMM. In-process A/B against the static split (2 threads, Zen 4, T*B x G x H
+// shapes, B 8-64, H 256-1024): the input projection, dx and dW 0.99-1.03x on an idle
+// machine, 1.16-1.74x with one other busy process on the 2 cores.
+template <typename Setup, typename Run>
+void run_stealing(const Slices& sl, int64_t nb, const Setup& setup, const Run& run) {
+  if (sl.n == 1) {
+    setup(0);
+    for (int64_t j = 0; j < nb; ++j) run(0, j);
+    return;
+  }
+  std::unique_ptr<std::atomic<bool>[]> taken(new std::atomic<bool>[sl.n * nb]), ready(new std::atomic<bool>[sl.n]);
+  for (int64_t u = 0; u < sl.n * nb; ++u) taken[u].store(false, std::memory_order_relaxed);
+  for (int t = 0; t < sl.n; ++t) ready[t].store(false, std::memory_order_relaxed);
+  run_slices(sl, [&](int t) {
+    setup(t);
+    ready[t].store(true, std::memory_order_release);
+    if (const int us = g_test_delay_us.load(std::memory_order_relaxed); us > 0 && t == sl.n - 1)
+      std::this_thread::sleep_for(std::chrono::microseconds(us));  // (a preempted thread, for tests)
+    for (int64_t j = 0; j < nb; ++j)
+      if (!taken[t * nb + j].exchange(true, std::memory_order_relaxed)) run(t, j);
+    for (int o = 1; o < sl.n; ++o) {
+      const int v = (t + o) % sl.n;
+      if (!ready[v].load(std::memory_order_acquire)) continue;  // (v has not started: leave it its units)
+      for (int64_t j = nb - 1; j >= 0; --j)
+        if (!taken[v * nb + j].exchange(true, std::memory_order_relaxed)) {
+          run(v, j);
+          g_units_taken.fetch_add(1, std::memory_order_relaxed);
+        }
+    }
+  });
+}
+
 // C[M, N] (+)= A @ B for the GEMMs over all timesteps (the input projection, the weight
 // gradients): A(m, k) = A[m * sam + k * sak], B(k, n) = Bm[k * sbk + n * sbn], C row-major
 // (ldc). GotoBLAS-style blocking (gemm_rows) around the recurrent micro-kernel, B packed
@@ -792,12 +836,17 @@ inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_
                          const float* bias, float* colsum) {
   const Slices sp = make_slices(N, M * K, TiledF::panel_units(1));
   if (sak == 1) {  // (x @ w^T, grad @ w: B is a weight) threads own panels: each packs its own
+    // Units: one block of MC rows across a thread's panels.
     TiledF tw(1, N, K);
-    run_slices(sp, [&](int t) {
-      const int64_t p0 = tw.first_panel(sp.lo(t)), p1 = tw.end_panel(sp.hi(t));
-      for (int64_t p = p0; p < p1; ++p) tw.pack(Bm, sbn, sbk, p);
-      gemm_rows(tw, K, A, sam, sak, C, ldc, acc, bias, 0, M, p0, p1);
-    });
+    run_stealing(
+        sp, (M + kGemmMC - 1) / kGemmMC,
+        [&](int t) {
+          for (int64_t p = tw.first_panel(sp.lo(t)); p < tw.end_panel(sp.hi(t)); ++p) tw.pack(Bm, sbn, sbk, p);
+        },
+        [&](int t, int64_t j) {
+          gemm_rows(tw, K, A, sam, sak, C, ldc, acc, bias, j * kGemmMC, std::min(M, (j + 1) * kGemmMC),
+                    tw.first_panel(sp.lo(t)), tw.end_panel(sp.hi(t)));
+        });
     return;
   }
   // A weight's gradient (A = grad^T, K = all time steps' rows). Threads own rows of C, so
@@ -813,9 +862,12 @@ inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_
     run_slices(sp, [&](int t) {
       for (int64_t p = tw.first_panel(sp.lo(t)); p < tw.end_panel(sp.hi(t)); ++p) tw.pack(Bm + kb * sbk, sbn, sbk, p);
     });
-    run_slices(sm, [&](int t) {
-      gemm_rows(tw, kn, A + kb * sak, sam, sak, C, ldc, acc || kb > 0, bias, sm.lo(t), sm.hi(t), 0, tw.npanel,
-                colsum);
+    int64_t nb = 0;  // units: blocks of MC of a thread's rows
+    for (int t = 0; t < sm.n; ++t) nb = std::max(nb, (sm.hi(t) - sm.lo(t) + kGemmMC - 1) / kGemmMC);
+    run_stealing(sm, nb, [](int) {}, [&](int t, int64_t j) {
+      const int64_t m0 = sm.lo(t) + j * kGemmMC, m1 = std::min(sm.hi(t), m0 + kGemmMC);
+      if (m0 < m1)
+        gemm_rows(tw, kn, A + kb * sak, sam, sak, C, ldc, acc || kb > 0, bias, m0, m1, 0, tw.npanel, colsum);
     });
   }
 }
@@ -1038,6 +1090,11 @@ bool use_avx2() { return false; }
 }  // namespace
 
 void set_scratch(const Scratch& s) { g_scratch = s; }
+
+int64_t gemm_test_delay(int us) {
+  g_test_delay_us.store(std::max(us, 0), std::memory_order_relaxed);
+  return g_units_taken.load(std::memory_order_relaxed);
+}
 
 const char* simd_path() { return use_avx2() ? "avx2" : "baseline"; }
 

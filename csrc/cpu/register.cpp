@@ -418,6 +418,11 @@ PyObject* pool_hold_lock(PyObject*, PyObject* args) {
   fusedrnn::cpu::OutputPool::get().hold_lock_for_test(ms);
   Py_RETURN_NONE;
 }
+PyObject* gemm_test_delay(PyObject*, PyObject* args) {
+  int us = 0;
+  if (!PyArg_ParseTuple(args, "i", &us)) return nullptr;
+  return PyLong_FromLongLong((long long)fusedrnn::cpu::gemm_test_delay(us));
+}
 // _set_options(tiled: int, min_work: int, split: int = -1) -> (old_tiled, old_min_work,
 // old_split); -1 / 0 / -1 keep a value.
 PyObject* set_options(PyObject*, PyObject* args) {
@@ -435,6 +440,10 @@ PyMethodDef methods[] = {
      "bytes of freed op outputs the cpu output pool holds for reuse (FUSEDRNN_CPU_POOL_MB caps it)"},
     {"_pool_hold_lock_for_test", pool_hold_lock, METH_VARARGS,
      "_pool_hold_lock_for_test(ms): a background thread holds the output pool's lock for ms milliseconds"},
+    {"_gemm_test_delay", gemm_test_delay, METH_VARARGS,
+     "_gemm_test_delay(us) -> units run by another thread than their owner so far: from now on the last "
+     "thread of each float32 GEMM (projection, dx, weight gradients) sleeps us microseconds before its own "
+     "work (0: not), so that the others take it. For tests."},
     {"_set_options", set_options, METH_VARARGS,
      "_set_options(tiled, min_work, split=-1) -> previous (tiled, min_work, split): float32 GEMM kernels: "
      "BLAS (0), packed-panel AVX2 micro-kernels (1), those with the recurrent steps in AVX-512's 32 "
