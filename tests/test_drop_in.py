@@ -279,8 +279,9 @@ def _lstm_pair(**kw):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
     """auto hands LSTM float32 at batch >= 32, seq_len >= 32 and hidden <= 512 to torch.nn's
-    own forward on AVX-512 CPUs (backends.TORCH_NN): same results as torch.nn, forward and
-    backward; everything else stays with fusedrnn's backends."""
+    own forward on AVX-512 CPUs (backends.TORCH_NN), but for training with an input that
+    needs no gradient: same results as torch.nn, forward and backward; everything else
+    stays with fusedrnn's backends."""
     from fusedrnn.backends import TORCH_NN, TORCH_NN_MAX_HIDDEN, TORCH_NN_MIN_BATCH as B, \
         TORCH_NN_MIN_STEPS as T
     onednn_avx512(True)
@@ -304,6 +305,21 @@ def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
         big(x)  # inference, hidden > 512: ours
         assert big.last_backend != TORCH_NN
     first = available_backends("cpu")[0]
+    # Training with an input that needs no gradient stays ours (no dx GEMM; oneDNN computes
+    # it): same results as torch.nn, to float32 rounding. In eval mode, grad enabled: torch.nn.
+    ours.train()
+    ref.zero_grad(set_to_none=True)
+    ours.zero_grad(set_to_none=True)
+    y3, y4 = ours(x)[0], ref(x)[0]
+    assert ours.last_backend == first, ours.last_backend_reason
+    torch.testing.assert_close(y3, y4, rtol=1e-5, atol=1e-5)
+    y3.square().sum().backward()
+    y4.square().sum().backward()
+    for (n, p), q in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4 + 1e-5 * p.grad.abs().max().item(), msg=n)
+    ours.eval()
+    ours(x)
+    assert ours.last_backend == TORCH_NN, ours.last_backend_reason
     not_delegated = [
         (ours, torch.randn(B - 1, T, 6)),                                    # smaller batch
         (ours, torch.randn(B, T - 1, 6)),                                    # shorter sequence
