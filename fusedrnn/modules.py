@@ -213,11 +213,10 @@ class _FusedRNNBase(BackendChoice):
                     proj_size=getattr(self, "proj_size", 0), batch=x.shape[1])
         backend, why = select(self.backend, call)
         if self.backend == "auto" and cast is None:
-            # Training a layer fed raw features (torch_nn_faster); a forward with grad enabled
-            # in eval mode counts as inference.
-            frozen_input = (self.training and torch.is_grad_enabled() and not x.requires_grad
-                            and self._param(names[0][0]).requires_grad)
-            nn_why = (torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), frozen_input)
+            # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference)
+            training = self.training and torch.is_grad_enabled() and self._param(names[0][0]).requires_grad
+            nn_why = (torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), training,
+                                      not x.requires_grad, self.num_layers)
                       or torch_nn_instead_of_reference(call, backend.name, why))
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:

@@ -279,13 +279,15 @@ def _lstm_pair(**kw):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
     """auto hands LSTM float32 at batch >= 32, seq_len >= 32 and hidden <= 512 to torch.nn's
-    own forward on AVX-512 CPUs (backends.TORCH_NN), but for training with an input that
-    needs no gradient: same results as torch.nn, forward and backward; everything else
-    stays with fusedrnn's backends."""
+    own forward on AVX-512 CPUs (backends.TORCH_NN) in inference and in one-layer training
+    with an input that requires grad: same results as torch.nn, forward and backward.
+    Training with a frozen input or 2+ layers, and everything else, stays with fusedrnn's
+    backends (same results to float32 rounding)."""
     from fusedrnn.backends import TORCH_NN, TORCH_NN_MAX_HIDDEN, TORCH_NN_MIN_BATCH as B, \
         TORCH_NN_MIN_STEPS as T
     onednn_avx512(True)
-    ref, ours = _lstm_pair(num_layers=2, batch_first=True)
+    first = available_backends("cpu")[0]
+    ref, ours = _lstm_pair(batch_first=True)
     x = torch.randn(B, T, 6)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     (y1, (h1, c1)), (y2, (h2, c2)) = ref(x1), ours(x2)
@@ -299,48 +301,55 @@ def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
     for (n, p), q in zip(ref.named_parameters(), ours.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
     big = fusedrnn.LSTM(6, TORCH_NN_MAX_HIDDEN + 8, batch_first=True)
+    ref2, ours2 = _lstm_pair(num_layers=2, batch_first=True)
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=0)
         assert ours.last_backend == TORCH_NN
+        torch.testing.assert_close(ours2(x)[0], ref2(x)[0], rtol=0, atol=0)
+        assert ours2.last_backend == TORCH_NN  # inference, 2 layers
         big(x)  # inference, hidden > 512: ours
         assert big.last_backend != TORCH_NN
-    first = available_backends("cpu")[0]
-    # Training with an input that needs no gradient stays ours (no dx GEMM; oneDNN computes
-    # it): same results as torch.nn, to float32 rounding. In eval mode, grad enabled: torch.nn.
-    ours.train()
-    ref.zero_grad(set_to_none=True)
-    ours.zero_grad(set_to_none=True)
-    y3, y4 = ours(x)[0], ref(x)[0]
-    assert ours.last_backend == first, ours.last_backend_reason
-    torch.testing.assert_close(y3, y4, rtol=1e-5, atol=1e-5)
-    y3.square().sum().backward()
-    y4.square().sum().backward()
-    for (n, p), q in zip(ref.named_parameters(), ours.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4 + 1e-5 * p.grad.abs().max().item(), msg=n)
+    # Training with an input that needs no gradient (no dx GEMM; oneDNN computes it), and
+    # training with 2 layers, stay ours; in eval mode with grad enabled, torch.nn.
+    for r, m, inp in ((ref, ours, x), (ref2, ours2, x), (ref2, ours2, x2)):
+        r.zero_grad(set_to_none=True)
+        m.zero_grad(set_to_none=True)
+        got, want = m(inp)[0], r(inp)[0]
+        assert m.last_backend == first, m.last_backend_reason
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got.square().sum().backward()
+        want.square().sum().backward()
+        for (n, p), q in zip(r.named_parameters(), m.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4 + 1e-5 * p.grad.abs().max().item(),
+                                       msg=n)
     ours.eval()
     ours(x)
     assert ours.last_backend == TORCH_NN, ours.last_backend_reason
-    not_delegated = [
+    not_delegated = [  # (under no_grad, where torch.nn would run the module above)
         (ours, torch.randn(B - 1, T, 6)),                                    # smaller batch
         (ours, torch.randn(B, T - 1, 6)),                                    # shorter sequence
-        (big, x),                                                            # hidden > 512 (training)
+        (big, x),                                                            # hidden > 512
         (fusedrnn.LSTM(6, 10, batch_first=True).double(), x.double()),      # float64
         (fusedrnn.GRU(6, 10, batch_first=True), x),                          # GRU
         (fusedrnn.LSTM(6, 10, proj_size=4, batch_first=True), x),            # projection
         (fusedrnn.LSTM(6, 10, batch_first=True, backend=first), x),          # forced
     ]
     for m, inp in not_delegated:
-        m(inp)
+        with torch.no_grad():
+            m(inp)
         assert m.last_backend == first, (m, m.last_backend_reason)
     m = fusedrnn.LSTM(6, 10, batch_first=True)
-    m(nn.utils.rnn.pack_padded_sequence(x, [T] * B, batch_first=True))
-    assert m.last_backend == first
-    with torch.backends.mkldnn.flags(enabled=False):
+    with torch.no_grad():
+        m(nn.utils.rnn.pack_padded_sequence(x, [T] * B, batch_first=True))
+        assert m.last_backend == first
+        with torch.backends.mkldnn.flags(enabled=False):
+            m(x)
+            assert m.last_backend == first
+        m(x)
+        assert m.last_backend == TORCH_NN  # (the same module and input: the two above were the reason)
+        onednn_avx512(False)
         m(x)
         assert m.last_backend == first
-    onednn_avx512(False)
-    m(x)
-    assert m.last_backend == first
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])

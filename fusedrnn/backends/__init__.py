@@ -142,11 +142,13 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 # skipped for h0 = 0 (git ec436a7, 7d72666: forward op 1.03-1.08x): hidden 256-512 in two
 # runs on a busy host 0.80-1.01x (inference), 0.91-1.11x (training), at 0.99-1.03x in
 # in-process module timings (inference) when it was quiet: still parity, so still torch.nn.
-# Except training with an input that does not require grad (a first layer fed raw
-# features), which stays ours: fusedrnn skips the input gradient's GEMM, oneDNN computes
-# it anyway. In-process, interleaved, T=32, 2026-11-30 (busy host), hidden 256-512, batch
-# 32-64: one layer 1.18-1.23x, two layers 1.08-1.31x (with the input requiring grad, the
-# same run: 1.00-1.09x and 0.98-1.22x; inference 0.92-1.0x).
+# Except in training with an input that does not require grad (a first layer fed raw
+# features: fusedrnn skips the input gradient's GEMM, oneDNN computes it anyway) or with
+# 2+ layers (oneDNN's stacked training took 2.3-2.6x its one-layer time at 2 layers),
+# which stay ours. In-process, interleaved, T=32, 2026-11-30 (busy host), hidden 256-512,
+# batch 32-64: frozen input, one layer 1.18-1.23x, two layers 1.08-1.31x; input requiring
+# grad, one layer 1.00-1.09x (so torch.nn), two layers 0.98-1.30x over three runs (geomean
+# ~1.12x), three layers (B=32) 1.25-1.27x; inference 0.90-1.08x at 1-3 layers (torch.nn).
 # Before (bench/cpu_ops.py, T = 32, 2026-11-29, same VM, three runs, before git a6ded33),
 # backend="cpu" against torch.nn: batch 32-64, hidden 256-512: 0.79-1.04x (inference),
 # 0.82-0.95x (training); hidden 1024: 0.92-1.10x (inference), 0.99-1.07x (training);
@@ -176,15 +178,19 @@ def onednn_avx512() -> bool:
 _AVX512: Optional[bool] = None
 
 
-def torch_nn_faster(call: Call, steps: int, packed: bool, frozen_input: bool = False) -> Optional[str]:
+def torch_nn_faster(call: Call, steps: int, packed: bool, training: bool = False, frozen_input: bool = False,
+                    layers: int = 1) -> Optional[str]:
     """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call of `steps`
     timesteps, or None (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then
-    skips oneDNN). `frozen_input`: a module in training mode whose call autograd records but
-    whose input needs no gradient (a first layer fed raw features): fusedrnn then skips
-    dx's GEMM and oneDNN does not."""
+    skips oneDNN). `training`: a module in training mode whose call autograd records;
+    `frozen_input`: its input needs no gradient (a first layer fed raw features: fusedrnn
+    then skips dx's GEMM, oneDNN does not); `layers`: num_layers (oneDNN's stacked
+    training measured slower than fusedrnn's)."""
+    if training and (frozen_input or layers >= 2):
+        return None
     if not (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
             and call.proj_size == 0 and not packed and call.batch >= TORCH_NN_MIN_BATCH
-            and steps >= TORCH_NN_MIN_STEPS and not frozen_input):
+            and steps >= TORCH_NN_MIN_STEPS):
         return None
     if call.hidden_size > TORCH_NN_MAX_HIDDEN or not onednn_avx512():
         return None
