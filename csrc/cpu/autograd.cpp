@@ -31,10 +31,16 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 }
 
 bool has(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
-Tensor or_zeros(const Tensor& g, const Tensor& like) { return g.defined() ? g.contiguous() : at::zeros_like(like); }
-// The same for the sequence ops, whose C++ takes strided gradients (it makes them
-// contiguous in pooled memory: see contiguous_pooled in op_utils.h).
+// An output's incoming gradient, or zeros where nothing used that output. The sequence ops'
+// C++ takes strided gradients (contiguous_pooled in op_utils.h); the cell ops want them contiguous.
 Tensor grad_or_zeros(const Tensor& g, const Tensor& like) { return g.defined() ? g : at::zeros_like(like); }
+Tensor or_zeros(const Tensor& g, const Tensor& like) { return grad_or_zeros(g, like).contiguous(); }
+// A forward op called with train=False kept no saved state: its backward refuses.
+void check_trained(AutogradContext* ctx, const char* op) {
+  TORCH_CHECK(ctx->saved_data["train"].toBool(), "fusedrnn: backward through ", op,
+              " called with train=False, which keeps no saved state for the backward; call it with "
+              "train=True when a gradient is needed");
+}
 Tensor if_needed(const Tensor& g, bool need) { return need ? g : Tensor(); }
 
 // Calls a backward op from a backward(). The backward ops' own autograd (it refuses double
@@ -86,8 +92,7 @@ struct LstmCell : torch::autograd::Function<LstmCell> {
     return {h1, c1, gates};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(ctx->saved_data["train"].toBool(),
-                "fusedrnn: backward through lstm_cell called with train=False; call it with train=True");
+    check_trained(ctx, "lstm_cell");
     static const auto op = op_handle<LstmBwdSig>("fusedrnn::lstm_cell_backward");
     const auto s = ctx->get_saved_variables();
     const bool bias = ctx->saved_data["bias"].toBool();
@@ -133,8 +138,7 @@ struct GruCell : torch::autograd::Function<GruCell> {
     return {h1, gates, hn};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(ctx->saved_data["train"].toBool(),
-                "fusedrnn: backward through gru_cell called with train=False; call it with train=True");
+    check_trained(ctx, "gru_cell");
     static const auto op = op_handle<GruBwdSig>("fusedrnn::gru_cell_backward");
     const auto s = ctx->get_saved_variables();
     const bool bias = ctx->saved_data["bias"].toBool();
@@ -198,11 +202,6 @@ Tensor rnn_cell_autograd(const Tensor& x, const Tensor& h, const Tensor& w_ih, c
 // The same contract as the Python registration in fusedrnn/ops.py (_lstm_setup,
 // _lstm_backward, ...): the saved outputs (gates, cells, hn) are not differentiable, an
 // unused output's gradient is zeros, and train=False keeps nothing for a backward.
-void check_trained(AutogradContext* ctx, const char* op) {
-  TORCH_CHECK(ctx->saved_data["train"].toBool(), "fusedrnn: backward through ", op,
-              " called with train=False, which keeps no saved state for the backward; call it with "
-              "train=True when a gradient is needed");
-}
 optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : c10::nullopt; }
 
 using LstmSeqSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
