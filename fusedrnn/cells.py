@@ -26,6 +26,9 @@ class _FusedCellBase(BackendChoice):
 
     def forward(self, input, hx=None):
         # Written for a small per-step cost: at small sizes this glue is a good part of a step.
+        out = self._transform_forward(input, hx)
+        if out is not None:
+            return out
         lstm = self._cell == "lstm"
         hs = list(V.lstm_hidden_pair(hx, self._torch_name)) if (lstm and hx is not None) else [hx]
         w_ih, w_hh, b_ih, b_hh = self._weights()
@@ -60,6 +63,9 @@ class _FusedCellBase(BackendChoice):
         if not batched:
             out = [o.squeeze(0) for o in out]
         return tuple(out) if lstm else out[0]
+
+    def _weight_tensors(self):
+        return self._weights()
 
     def _weights(self):
         """(w_ih, w_hh, b_ih, b_hh), the biases None without bias."""

@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import autocast as AC
 from . import validation as V
+from .transforms import differentiating_transform, refuse
 from .backends import (TORCH_NN, Call, select, torch_nn_cannot, torch_nn_faster,
                        torch_nn_instead_of_reference)
 from .projection import input_projection
@@ -49,6 +50,26 @@ class BackendChoice:
             return None
         self._record_choice(TORCH_NN, why)
         return out
+
+    def _transform_forward(self, input, hx):
+        """torch.nn's forward where torch.func's grad-type transforms or forward-mode AD
+        differentiate the call (fusedrnn/transforms.py: the ops cannot take part), with
+        backend "auto"; a forced backend raises. None when nothing of the sort is active."""
+        transform = differentiating_transform(lambda: self._call_tensors(input, hx))
+        if transform is None:
+            return None
+        if self.backend != "auto":
+            raise refuse(self.backend, transform)
+        out = super(BackendChoice, self).forward(input, hx)
+        self._record_choice(TORCH_NN, f"auto: under {transform}, which fusedrnn's ops have no rules for: "
+                                      "torch.nn's own forward")
+        return out
+
+    def _call_tensors(self, input, hx):
+        """The tensors of a call: input, initial states, weights."""
+        hs = [] if hx is None else list(hx) if isinstance(hx, (tuple, list)) else [hx]
+        data = input.data if isinstance(input, PackedSequence) else input
+        return [data, *hs, *self._weight_tensors()]
 
     def _cell_op_step(self, op, x, hs, w_ih, w_hh, b_ih, b_hh):
         """One step as one call of the backend's cell op (fusedrnn/cell_ops.py): x [B, I],
@@ -200,9 +221,15 @@ class _FusedRNNBase(BackendChoice):
             self.__dict__["_fused_weight_names"] = names
         return names
 
+    def _weight_tensors(self):
+        return [self._param(n) for names in self._weight_names() for n in names if n is not None]
+
     def forward(self, input, hx=None):
         # torch.nn's forward first re-syncs _flat_weights (its cuDNN buffer); this forward
         # reads the parameters by name, so it has nothing to re-sync.
+        out = self._transform_forward(input, hx)
+        if out is not None:
+            return out
         x, lengths, hs, finish = self._prepare(input, hx)
         names = self._weight_names()
         V.check_device(self._param(names[0][1]), x)

@@ -1,0 +1,48 @@
+"""Differentiation that fusedrnn's ops cannot take part in: torch.func's grad-type
+transforms (grad, vjp, jacrev, jacfwd, hessian, jvp) and forward-mode AD (dual tensors).
+
+Every backend's ops are torch.library custom ops with a backward formula
+(fusedrnn/ops.py; for CPU tensors, C++ autograd Functions in csrc/cpu/autograd.cpp).
+torch.func cannot run either kind: torch.library's generated autograd.Function has no
+setup_context / vmap rule, and C++ Functions are refused outright; neither has a
+forward-mode (jvp) formula. Measured on torch 2.14: `grad` raised on every backend, and
+`torch.func.jvp` through the reference backend returned a wrong tangent without an error
+(the recurrence's tangent was dropped). torch.nn's own modules support all of these, so
+the modules run torch.nn's forward there with backend "auto" and refuse a forced backend
+with an error that says why. A plain `vmap` is not in this list: the ops run under it
+(torch's batching fallback, one call per sample), where torch.nn's LSTM has no batching
+rule and fails.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+_DIFFERENTIATING = {torch._C._functorch.TransformType.Grad: "torch.func.grad, vjp, jacrev or hessian",
+                    torch._C._functorch.TransformType.Jvp: "torch.func.jvp or jacfwd"}
+
+
+def differentiating_transform(tensors: Callable[[], Iterable[Optional[torch.Tensor]]]) -> Optional[str]:
+    """What, if anything, differentiates this call in a way fusedrnn's ops cannot
+    (e.g. "torch.func.grad, vjp, jacrev or hessian"); None if nothing. `tensors()` gives
+    the call's tensors (input, states, weights), asked for only under forward-mode AD. Costs ~0.1 us when neither torch.func nor forward-mode AD is active."""
+    if torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        for interp in retrieve_all_functorch_interpreters():
+            name = _DIFFERENTIATING.get(interp.key())
+            if name is not None:
+                return name
+    if fwAD._current_level >= 0:  # inside fwAD.dual_level(): any dual tensor among the call's?
+        if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors()):
+            return "forward-mode AD (a dual tensor from torch.autograd.forward_ad)"
+    return None
+
+
+def refuse(backend: str, transform: str) -> RuntimeError:
+    """The error of a module whose forced backend cannot run under `transform`."""
+    return RuntimeError(
+        f"fusedrnn: backend {backend!r} cannot run under {transform}: fusedrnn's ops have no "
+        "rules for torch.func's differentiating transforms or forward-mode AD. Use backend='auto', which runs torch.nn's own forward "
+        "there, or torch.nn's module.")
