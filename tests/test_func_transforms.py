@@ -138,3 +138,18 @@ def test_plain_vmap_runs_the_fused_backend(cell):
     with torch.no_grad():
         want = torch.stack([ref(x)[0] for x in xs])
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_vmap_over_stacked_weights_runs_an_ensemble(cell):
+    """Model ensembling (torch.func.stack_module_state + vmap over the weights): torch.nn's
+    RNNs have no batching rule for it; fusedrnn's ops run once per model."""
+    models = [make_pair(cell, "auto", input_size=4, hidden_size=5)[1] for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = models[0]
+    x = torch.randn(6, 2, 4, dtype=torch.float64)
+    got = vmap(lambda p, b: functional_call(base, (p, b), (x,))[0])(params, buffers)
+    assert base.last_backend not in (TORCH_NN, None)
+    with torch.no_grad():
+        want = torch.stack([m(x)[0] for m in models])
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
