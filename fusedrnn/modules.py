@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import autocast as AC
 from . import validation as V
 from .transforms import differentiating_transform, refuse
-from .backends import (TORCH_NN, Call, select, torch_nn_cannot, torch_nn_faster,
+from .backends import (TORCH_NN, Call, select, torch_nn_cannot, torch_nn_faster, torch_nn_for_device,
                        torch_nn_instead_of_reference)
 from .projection import input_projection
 
@@ -40,11 +40,12 @@ class BackendChoice:
     def _torch_nn_forward(self, why: str, chosen, call, input, hx):
         """torch.nn's own forward (these modules are torch.nn modules), recorded as backend
         TORCH_NN with reason `why`; None if torch.nn cannot run it where auto had chosen the
-        reference (then the reference runs, and later calls skip torch.nn)."""
+        reference (then the reference runs, and later calls skip torch.nn). `chosen`: auto's
+        fusedrnn backend for the call, None if there is none."""
         try:
             out = super(BackendChoice, self).forward(input, hx)
         except RuntimeError:
-            if chosen.name != "reference":
+            if chosen is None or chosen.name != "reference":
                 raise
             torch_nn_cannot(call)
             return None
@@ -238,6 +239,9 @@ class _FusedRNNBase(BackendChoice):
             x, hs = x.to(cast), [h.to(cast) for h in hs]
         call = Call(cell=self._cell, device=x.device, dtype=x.dtype, hidden_size=self.hidden_size,
                     proj_size=getattr(self, "proj_size", 0), batch=x.shape[1])
+        device_why = torch_nn_for_device(call) if self.backend == "auto" else None
+        if device_why:
+            return self._torch_nn_forward(device_why, None, call, input, hx)
         backend, why = select(self.backend, call)
         if self.backend == "auto" and cast is None:
             # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference)

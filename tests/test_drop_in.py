@@ -398,3 +398,25 @@ def test_auto_falls_back_to_the_reference_where_torch_nn_fails(monkeypatch):
     assert len(calls) == 1
     monkeypatch.undo()
     torch.testing.assert_close(y.float(), ref(x)[0].float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("kind,kw", [("LSTM", {"proj_size": 3, "num_layers": 2}), ("GRU", {"batch_first": True}),
+                                     ("RNN", {"bidirectional": True}), ("LSTMCell", {}), ("GRUCell", {}),
+                                     ("RNNCell", {})])
+def test_auto_runs_torch_nn_on_devices_without_a_backend(kind, kw):
+    """On a device no fusedrnn backend runs on (here meta tensors, as used for shape
+    inference; also mps, xpu), auto runs torch.nn's own forward, which runs there: the same
+    output shapes, dtypes and devices as torch.nn's. A forced backend refuses, saying so."""
+    ref = getattr(nn, kind)(6, 8, device="meta", **kw)
+    ours = getattr(fusedrnn, kind)(6, 8, device="meta", **kw)
+    x = torch.randn((3, 6) if kind.endswith("Cell") else (5, 3, 6), device="meta")
+    flat = lambda o: [t for t in (o if isinstance(o, tuple) else (o,)) for t in (t if isinstance(t, tuple) else (t,))]
+    want, got = flat(ref(x)), flat(ours(x))
+    assert [(t.shape, t.dtype, t.device) for t in got] == [(t.shape, t.dtype, t.device) for t in want]
+    assert ours.last_backend == "torch.nn" and "meta tensors" in ours.last_backend_reason
+    forced = getattr(fusedrnn, kind)(6, 8, device="meta", backend="cpu", **kw)
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run .*runs on cpu tensors, not meta"):
+        forced(x)
+    # Validation is still fusedrnn's (torch.nn's messages) before the device is looked at.
+    with pytest.raises((RuntimeError, ValueError), match="input"):
+        ours(torch.randn((3, 7) if kind.endswith("Cell") else (5, 3, 7), device="meta"))

@@ -217,6 +217,15 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
     return f"{why}; torch.nn's own forward instead of the reference (the spec, a per-step loop)"
 
 
+def torch_nn_for_device(call: Call) -> Optional[str]:
+    """Why auto runs torch.nn's own forward for `call`'s device, or None: no fusedrnn backend
+    runs on it (e.g. meta tensors for shape inference, mps, xpu), while torch.nn's RNNs do."""
+    if call.device.type in AUTO_ORDER:
+        return None
+    return (f"auto: no fusedrnn backend runs on {call.device.type} tensors (only on "
+            f"{' and '.join(AUTO_ORDER)}): torch.nn's own forward")
+
+
 def torch_nn_cannot(call: Call) -> None:
     _TORCH_NN_CANNOT.add((call.cell, call.device.type, call.dtype))
 
