@@ -17,10 +17,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import autocast as AC
 from . import validation as V
-from .transforms import differentiating_transform, refuse
 from .backends import (TORCH_NN, Call, select, torch_nn_cannot, torch_nn_faster, torch_nn_for_device,
                        torch_nn_instead_of_reference)
 from .projection import input_projection
+from .transforms import differentiating_transform, refuse
 
 
 class BackendChoice:
@@ -61,10 +61,8 @@ class BackendChoice:
             return None
         if self.backend != "auto":
             raise refuse(self.backend, transform)
-        out = super(BackendChoice, self).forward(input, hx)
-        self._record_choice(TORCH_NN, f"auto: under {transform}, which fusedrnn's ops have no rules for: "
-                                      "torch.nn's own forward")
-        return out
+        return self._torch_nn_forward(f"auto: under {transform}, which fusedrnn's ops have no rules for: "
+                                      "torch.nn's own forward", None, None, input, hx)
 
     def _call_tensors(self, input, hx):
         """The tensors of a call: input, initial states, weights."""

@@ -7,7 +7,9 @@ torch.func cannot run either kind: torch.library's generated autograd.Function h
 setup_context / vmap rule, and C++ Functions are refused outright; neither has a
 forward-mode (jvp) formula. Measured on torch 2.14: `grad` raised on every backend, and
 `torch.func.jvp` through the reference backend returned a wrong tangent without an error
-(the recurrence's tangent was dropped). torch.nn's own modules support all of these, so
+(the recurrence's tangent was dropped; the ops called directly still do that: zero
+tangents from torch.library custom ops under functorch's jvp, a PyTorch limitation).
+torch.nn's own modules support all of these, so
 the modules run torch.nn's forward there with backend "auto" and refuse a forced backend
 with an error that says why. A plain `vmap` is not in this list: the ops run under it
 (torch's batching fallback, one call per sample), where torch.nn's LSTM has no batching
@@ -27,7 +29,8 @@ _DIFFERENTIATING = {torch._C._functorch.TransformType.Grad: "torch.func.grad, vj
 def differentiating_transform(tensors: Callable[[], Iterable[Optional[torch.Tensor]]]) -> Optional[str]:
     """What, if anything, differentiates this call in a way fusedrnn's ops cannot
     (e.g. "torch.func.grad, vjp, jacrev or hessian"); None if nothing. `tensors()` gives
-    the call's tensors (input, states, weights), asked for only under forward-mode AD. Costs ~0.1 us when neither torch.func nor forward-mode AD is active."""
+    the call's tensors (input, states, weights), asked for only under forward-mode AD.
+    Costs ~0.1 us when neither torch.func nor forward-mode AD is active."""
     if torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
         for interp in retrieve_all_functorch_interpreters():
@@ -43,6 +46,6 @@ def differentiating_transform(tensors: Callable[[], Iterable[Optional[torch.Tens
 def refuse(backend: str, transform: str) -> RuntimeError:
     """The error of a module whose forced backend cannot run under `transform`."""
     return RuntimeError(
-        f"fusedrnn: backend {backend!r} cannot run under {transform}: fusedrnn's ops have no "
-        "rules for torch.func's differentiating transforms or forward-mode AD. Use backend='auto', which runs torch.nn's own forward "
-        "there, or torch.nn's module.")
+        f"fusedrnn: backend {backend!r} cannot run under {transform}: fusedrnn's ops have no rules "
+        "for torch.func's differentiating transforms or forward-mode AD. Use backend='auto', which "
+        "runs torch.nn's own forward there, or torch.nn's module.")
