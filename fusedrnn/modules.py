@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import autocast as AC
 from . import validation as V
-from .backends import (TORCH_NN, Call, select, torch_nn_cannot, torch_nn_faster, torch_nn_for_device,
+from .backends import (TORCH_NN, Call, load_for, select, torch_nn_cannot, torch_nn_faster, torch_nn_for_device,
                        torch_nn_instead_of_reference)
 from .projection import input_projection
 from .transforms import differentiating_transform, refuse
@@ -29,6 +29,7 @@ class BackendChoice:
     def _init_backend(self, backend: str) -> None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string ('auto' or a backend name), got {type(backend).__name__}")
+        load_for(backend)
         self.backend = backend
         self.last_backend: str | None = None         # which backend ran the last forward
         self.last_backend_reason: str | None = None  # and why it was chosen

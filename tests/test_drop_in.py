@@ -1,4 +1,7 @@
 """Drop-in behaviour: state_dict both ways, convert(), dropout, backend choice and reporting."""
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -133,14 +136,14 @@ def test_parametrized_and_functional_weights_are_used(torch_cls, fused_cls):
 
 
 @pytest.mark.parametrize("no_grad", [False, True])
-def test_torch_compile_traces_the_module_after_first_use(no_grad):
-    """torch.compile(fullgraph=True) traces the whole forward (ops through their fake kernels)
-    once the backends are loaded (the first call imports them, which Dynamo cannot trace).
-    Dynamo treats torch.nn RNN subclasses as opaque unless allow_rnn is set."""
+def test_torch_compile_traces_the_module(no_grad):
+    """torch.compile(fullgraph=True) traces the whole forward (ops through their fake kernels),
+    the first call included: the modules load their backends when constructed (Dynamo cannot
+    trace the imports and op registrations of loading). Dynamo treats torch.nn RNN
+    subclasses as opaque unless allow_rnn is set."""
     backend = "cpu" if "cpu" in available_backends("cpu") else "reference"
     m = fusedrnn.LSTM(4, 6, num_layers=2, backend=backend)
     x = torch.randn(5, 2, 4)
-    m(x)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(allow_rnn=True), torch.set_grad_enabled(not no_grad):
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
@@ -150,6 +153,31 @@ def test_torch_compile_traces_the_module_after_first_use(no_grad):
             (g1,) = torch.autograd.grad(got.pow(2).sum(), m.weight_hh_l1)
             (g2,) = torch.autograd.grad(want.pow(2).sum(), m.weight_hh_l1)
             torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+_COMPILE_FIRST_CALL = """
+import torch, fusedrnn
+torch._dynamo.config.allow_rnn = True
+for cls, shape in ((fusedrnn.LSTM, (5, 3, 8)), (fusedrnn.GRUCell, (3, 8))):
+    m = cls(8, 16)
+    x = torch.randn(*shape)
+    y = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    y, want = (y[0], m(x)[0]) if isinstance(y, tuple) else (y, m(x))
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    print(cls.__name__, m.last_backend)
+"""
+
+
+def test_torch_compile_first_call_in_a_fresh_process():
+    """The first forward of a new process, compiled (auto: no backend loaded before the
+    module was built). Before the modules loaded their backends when constructed, Dynamo
+    failed here ("Attempted to call function marked as skipped": the backend imports)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FIRST_CALL], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    backend = available_backends("cpu")[0]
+    assert proc.stdout.split() == ["LSTM", backend, "GRUCell", backend]
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])

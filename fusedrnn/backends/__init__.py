@@ -84,8 +84,9 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-# Modules that register backends, imported on first use. Each must import
-# cleanly without its dependencies (the heavy import happens in Backend.load).
+# Modules that register backends, imported when the first module is built (load_for).
+# Each must import cleanly without its dependencies (the heavy import happens in
+# Backend.load).
 _MODULES = ("reference", "native", "triton", "emulated")
 # "auto" tries these in order: fastest first, the reference last.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -109,6 +110,22 @@ def registry() -> dict[str, Backend]:
             except ImportError:
                 pass  # module not written yet / optional
     return _REGISTRY
+
+
+def load_for(name: str) -> None:
+    """Import and load the backends that `name` ("auto" or a backend name) may run, now
+    (once per process; later calls are dict lookups). The modules call this when they are
+    constructed, so that a first forward traced by torch.compile finds them loaded: Dynamo
+    cannot trace the imports and op registrations that loading does."""
+    reg = registry()
+    if name != "auto":
+        if name in reg:
+            reg[name].unavailable()
+        return
+    for order in AUTO_ORDER.values():  # as _select would: up to the first usable one
+        for cand in order:
+            if cand in reg and reg[cand].unavailable() is None:
+                break
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
