@@ -448,3 +448,17 @@ def test_auto_runs_torch_nn_on_devices_without_a_backend(kind, kw):
     # Validation is still fusedrnn's (torch.nn's messages) before the device is looked at.
     with pytest.raises((RuntimeError, ValueError), match="input"):
         ours(torch.randn((3, 7) if kind.endswith("Cell") else (5, 3, 7), device="meta"))
+
+
+def test_convert_leaves_dynamically_quantized_rnns_alone():
+    """quantize_dynamic first, then convert (as the README says): the quantized LSTM (not an
+    nn.LSTM) is kept, the float GRU next to it is converted, and the outputs are unchanged."""
+    from torch.ao.quantization import quantize_dynamic
+    model = nn.ModuleDict({"lstm": nn.LSTM(6, 8), "gru": nn.GRU(8, 5)})
+    q = quantize_dynamic(model, {nn.LSTM}, dtype=torch.qint8)
+    qlstm = q["lstm"]
+    x = torch.randn(4, 2, 6)
+    want = q["gru"](q["lstm"](x)[0])[0]
+    fusedrnn.convert(q)
+    assert q["lstm"] is qlstm and isinstance(q["gru"], fusedrnn.GRU)
+    torch.testing.assert_close(q["gru"](q["lstm"](x)[0])[0], want, rtol=1e-5, atol=1e-6)
