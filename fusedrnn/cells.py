@@ -13,7 +13,7 @@ from torch import nn
 
 from . import autocast as AC
 from . import validation as V
-from .backends import Call, select, torch_nn_for_device, torch_nn_instead_of_reference
+from .backends import Call, select, torch_nn_instead_of_reference
 from .modules import BackendChoice, below_autograd_if_no_grad, records_grad
 
 
@@ -47,9 +47,9 @@ class _FusedCellBase(BackendChoice):
             x, hs = x.to(cast), [h.to(cast) for h in hs]
             w_ih, w_hh, b_ih, b_hh = (w if w is None else w.to(cast) for w in (w_ih, w_hh, b_ih, b_hh))
         call = Call(self._cell, device, x.dtype, self.hidden_size, 0, x.shape[0])
-        device_why = torch_nn_for_device(call) if self.backend == "auto" else None
-        if device_why:
-            return self._torch_nn_forward(device_why, None, call, input, hx)
+        out = self._device_forward(call, input, hx)
+        if out is not None:
+            return out
         backend, why = select(self.backend, call)
         if self.backend == "auto" and cast is None:
             nn_why = torch_nn_instead_of_reference(call, backend.name, why)

@@ -65,6 +65,12 @@ class BackendChoice:
         return self._torch_nn_forward(f"auto: under {transform}, which fusedrnn's ops have no rules for: "
                                       "torch.nn's own forward", None, None, input, hx)
 
+    def _device_forward(self, call, input, hx):
+        """torch.nn's forward where `call`'s device has no fusedrnn backend
+        (torch_nn_for_device; auto only: a forced backend refuses in select); else None."""
+        why = torch_nn_for_device(call) if self.backend == "auto" else None
+        return self._torch_nn_forward(why, None, call, input, hx) if why else None
+
     def _call_tensors(self, input, hx):
         """The tensors of a call: input, initial states, weights."""
         hs = [] if hx is None else list(hx) if isinstance(hx, (tuple, list)) else [hx]
@@ -238,9 +244,9 @@ class _FusedRNNBase(BackendChoice):
             x, hs = x.to(cast), [h.to(cast) for h in hs]
         call = Call(cell=self._cell, device=x.device, dtype=x.dtype, hidden_size=self.hidden_size,
                     proj_size=getattr(self, "proj_size", 0), batch=x.shape[1])
-        device_why = torch_nn_for_device(call) if self.backend == "auto" else None
-        if device_why:
-            return self._torch_nn_forward(device_why, None, call, input, hx)
+        out = self._device_forward(call, input, hx)
+        if out is not None:
+            return out
         backend, why = select(self.backend, call)
         if self.backend == "auto" and cast is None:
             # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference)
