@@ -462,3 +462,25 @@ def test_convert_leaves_dynamically_quantized_rnns_alone():
     fusedrnn.convert(q)
     assert q["lstm"] is qlstm and isinstance(q["gru"], fusedrnn.GRU)
     torch.testing.assert_close(q["gru"](q["lstm"](x)[0])[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backend_loads_once_when_modules_are_built_in_several_threads():
+    """Modules load their backends when built (backends.load_for); built in several threads
+    at once, a backend's load (extension import, op registrations) must still run once."""
+    import threading
+    import time
+    from fusedrnn.backends import Backend
+    calls = []
+
+    def slow_load():
+        calls.append(threading.get_ident())
+        time.sleep(0.2)  # (long enough for every thread to arrive while it runs)
+        return None
+    b = Backend(name="slow", ops_backend="reference", device_types=("cpu",), dtypes=(torch.float32,), load=slow_load)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(b.unavailable())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [None] * 4

@@ -8,6 +8,7 @@ first backend in AUTO_ORDER that can run the call, and says why.
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -50,10 +51,12 @@ class Backend:
     def unavailable(self) -> Optional[str]:
         """None if the backend can be used in this process, else the reason."""
         if self._state == "unloaded":
-            try:
-                self._state = self.load()
-            except Exception as e:  # a broken build must not break the package
-                self._state = f"failed to load: {type(e).__name__}: {e}"
+            with _LOAD_LOCK:  # (modules built in several threads at once: load once)
+                if self._state == "unloaded":
+                    try:
+                        self._state = self.load()
+                    except Exception as e:  # a broken build must not break the package
+                        self._state = f"failed to load: {type(e).__name__}: {e}"
         return self._state
 
     def refuses(self, call: Call) -> Optional[str]:
@@ -84,6 +87,8 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+# Held while a backend loads (re-entrant: loading may load or define other ops).
+_LOAD_LOCK = threading.RLock()
 # Modules that register backends, imported when the first module is built (load_for).
 # Each must import cleanly without its dependencies (the heavy import happens in
 # Backend.load).
