@@ -105,8 +105,14 @@ def test_backend_reporting_and_forcing():
     a(torch.randn(2, 1, 3))
     assert a.last_backend == available_backends("cpu")[0] and a.last_backend_reason.startswith("auto")
     assert "backend='reference'" in repr(m)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):  # when built, as torch.nn's bad arguments
+        fusedrnn.LSTM(3, 4, backend="nope")
+    with pytest.raises(ValueError, match="unknown backend 'CPU'"):
+        fusedrnn.GRUCell(3, 4, backend="CPU")
+    renamed = fusedrnn.LSTM(3, 4)
+    renamed.backend = "nope"  # (an attribute set later: the forward refuses it)
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
-        fusedrnn.LSTM(3, 4, backend="nope")(torch.randn(2, 1, 3))
+        renamed(torch.randn(2, 1, 3))
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run this LSTM call.*cpu"):
         fusedrnn.LSTM(3, 4, backend="cuda")(torch.randn(2, 1, 3))
     with pytest.raises(TypeError, match="backend must be a string"):

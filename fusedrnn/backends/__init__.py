@@ -117,15 +117,20 @@ def registry() -> dict[str, Backend]:
     return _REGISTRY
 
 
+def _check_name(name: str, reg: dict) -> None:
+    if name not in reg:
+        raise ValueError(f"fusedrnn: unknown backend {name!r}; known backends: {sorted(reg)} or 'auto'")
+
+
 def load_for(name: str) -> None:
     """Import and load the backends that `name` ("auto" or a backend name) may run, now
-    (once per process; later calls are dict lookups). The modules call this when they are
+    (once per process; later calls are dict lookups); an unknown name raises ValueError. The modules call this when they are
     constructed, so that a first forward traced by torch.compile finds them loaded: Dynamo
     cannot trace the imports and op registrations that loading does."""
     reg = registry()
     if name != "auto":
-        if name in reg:
-            reg[name].unavailable()
+        _check_name(name, reg)
+        reg[name].unavailable()
         return
     for order in AUTO_ORDER.values():  # as _select would: up to the first usable one
         for cand in order:
@@ -265,8 +270,7 @@ def select(name: str, call: Call) -> tuple[Backend, str]:
 def _select(name: str, call: Call) -> tuple[Backend, str]:
     reg = registry()
     if name != "auto":
-        if name not in reg:
-            raise ValueError(f"fusedrnn: unknown backend {name!r}; known backends: {sorted(reg)} or 'auto'")
+        _check_name(name, reg)
         why = reg[name].refuses(call)
         if why:
             raise RuntimeError(f"fusedrnn: backend {name!r} cannot run this {call.cell.upper()} call "
