@@ -9,9 +9,8 @@ forward-mode (jvp) formula. Measured on torch 2.14: `grad` raised on every backe
 `torch.func.jvp` through the reference backend returned a wrong tangent without an error
 (the recurrence's tangent was dropped; the ops called directly still do that: zero
 tangents from torch.library custom ops under functorch's jvp, a PyTorch limitation).
-torch.nn's own modules support all of these, so
-the modules run torch.nn's forward there with backend "auto" and refuse a forced backend
-with an error that says why. A plain `vmap` is not in this list: the ops run under it
+torch.nn's own modules support all of these, so the modules run torch.nn's forward there
+with backend "auto" and refuse a forced backend with an error that says why. A plain `vmap` is not in this list: the ops run under it
 (torch's batching fallback, one call per sample), where torch.nn's LSTM has no batching
 rule and fails.
 """

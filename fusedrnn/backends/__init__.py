@@ -124,9 +124,10 @@ def _check_name(name: str, reg: dict) -> None:
 
 def load_for(name: str) -> None:
     """Import and load the backends that `name` ("auto" or a backend name) may run, now
-    (once per process; later calls are dict lookups); an unknown name raises ValueError. The modules call this when they are
-    constructed, so that a first forward traced by torch.compile finds them loaded: Dynamo
-    cannot trace the imports and op registrations that loading does."""
+    (once per process; later calls are dict lookups); an unknown name raises ValueError.
+    The modules call this when they are built, so that a first forward traced by
+    torch.compile finds them loaded: Dynamo cannot trace the imports and op registrations
+    that loading does."""
     reg = registry()
     if name != "auto":
         _check_name(name, reg)
