@@ -27,16 +27,35 @@ def _constructor_kwargs(m: nn.Module) -> dict:
     return kw
 
 
-def _convert_module(m: nn.Module, backend: str) -> nn.Module:
-    cls = _REPLACEMENTS[type(m)]
+def _rebuild(m: nn.Module, cls: type, extra: dict) -> nn.Module:
+    """A `cls` with `m`'s constructor arguments (plus `extra`), Parameter objects and
+    training mode."""
     params = dict(m.named_parameters(recurse=False))
     w = next(iter(params.values()))
     with torch.device("meta"):  # built empty, then given the original Parameter objects
-        new = cls(**_constructor_kwargs(m), dtype=w.dtype, backend=backend)
+        new = cls(**_constructor_kwargs(m), dtype=w.dtype, **extra)
     for name, p in params.items():
         setattr(new, name, p)  # same Parameter objects: optimizers keep working
     new.train(m.training)
     return new
+
+
+def _convert_module(m: nn.Module, backend: str) -> nn.Module:
+    return _rebuild(m, _REPLACEMENTS[type(m)], {"backend": backend})
+
+
+def torch_nn_twin(m: nn.Module) -> nn.Module:
+    """torch.nn's module in place of fusedrnn's `m`: the same constructor arguments, the same
+    Parameter objects, training mode and forward hooks (torch.jit.script's replacement,
+    modules.BackendChoice.__prepare_scriptable__). A module with parametrized weights is
+    returned as is: torch.nn cannot script those either."""
+    torch_cls = next((t for t, f in _REPLACEMENTS.items() if isinstance(m, f)), None)
+    if torch_cls is None or nn.utils.parametrize.is_parametrized(m):
+        return m
+    twin = _rebuild(m, torch_cls, {})
+    for hooks in ("_forward_pre_hooks", "_forward_hooks"):
+        getattr(twin, hooks).update(getattr(m, hooks))
+    return twin
 
 
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:

@@ -20,7 +20,7 @@ from . import validation as V
 from .backends import (TORCH_NN, Call, load_for, select, torch_nn_cannot, torch_nn_faster, torch_nn_for_device,
                        torch_nn_instead_of_reference)
 from .projection import input_projection
-from .transforms import differentiating_transform, refuse
+from .transforms import differentiating_transform, onnx_export, refuse
 
 
 class BackendChoice:
@@ -55,15 +55,29 @@ class BackendChoice:
 
     def _transform_forward(self, input, hx):
         """torch.nn's forward where torch.func's grad-type transforms or forward-mode AD
-        differentiate the call (fusedrnn/transforms.py: the ops cannot take part), with
-        backend "auto"; a forced backend raises. None when nothing of the sort is active."""
-        transform = differentiating_transform(lambda: self._call_tensors(input, hx))
+        differentiate the call, or torch.onnx.export captures it (fusedrnn/transforms.py: the
+        ops cannot take part), with backend "auto"; a forced backend raises. None when
+        nothing of the sort is active."""
+        transform = onnx_export() or differentiating_transform(lambda: self._call_tensors(input, hx))
         if transform is None:
             return None
         if self.backend != "auto":
             raise refuse(self.backend, transform)
-        return self._torch_nn_forward(f"auto: under {transform}, which fusedrnn's ops have no rules for: "
+        return self._torch_nn_forward(f"auto: under {transform}, which fusedrnn's ops cannot take part in: "
                                       "torch.nn's own forward", None, None, input, hx)
+
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles in place of this module: torch.nn's twin
+        (convert.torch_nn_twin: same arguments, the same Parameter objects, training mode
+        and hooks). This forward is Python that TorchScript cannot compile (the backend
+        choice); torch.nn's forward is TorchScript, so a scripted model runs torch.nn's
+        kernels. PyTorch's protocol puts the twin in place of this module among a parent's
+        submodules too: a scripted model's eager original then runs torch.nn (convert it
+        again to swap back). A forced backend raises, as under the transforms above."""
+        if self.backend != "auto":
+            raise refuse(self.backend, "torch.jit.script")
+        from .convert import torch_nn_twin  # convert imports this module
+        return torch_nn_twin(self)
 
     def _device_forward(self, call, input, hx):
         """torch.nn's forward where `call`'s device has no fusedrnn backend

@@ -1,5 +1,6 @@
-"""Differentiation that fusedrnn's ops cannot take part in: torch.func's grad-type
-transforms (grad, vjp, jacrev, jacfwd, hessian, jvp) and forward-mode AD (dual tensors).
+"""What fusedrnn's ops cannot take part in, where the modules run torch.nn's forward:
+differentiation by torch.func's grad-type transforms (grad, vjp, jacrev, jacfwd, hessian,
+jvp) and forward-mode AD (dual tensors), and ONNX export (`onnx_export`, at the end).
 
 Every backend's ops are torch.library custom ops with a backward formula
 (fusedrnn/ops.py; for CPU tensors, C++ autograd Functions in csrc/cpu/autograd.cpp).
@@ -42,9 +43,21 @@ def differentiating_transform(tensors: Callable[[], Iterable[Optional[torch.Tens
     return None
 
 
-def refuse(backend: str, transform: str) -> RuntimeError:
-    """The error of a module whose forced backend cannot run under `transform`."""
+def onnx_export() -> Optional[str]:
+    """"torch.onnx.export" while it captures the module (its TorchScript-based exporter traces,
+    its torch.export-based one compiles); else None. ONNX has no fusedrnn operators, and
+    torch.nn's forward exports as ONNX's own LSTM / GRU / RNN operators (measured on torch
+    2.14: the ops failed with "unrecognized namespace fusedrnn"). Asked only while tracing or
+    compiling, so an eager call pays two C calls."""
+    if (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export():
+        return "torch.onnx.export"
+    return None
+
+
+def refuse(backend: str, what: str) -> RuntimeError:
+    """The error of a module whose forced backend cannot run under `what` (a transform, or
+    ONNX export)."""
     return RuntimeError(
-        f"fusedrnn: backend {backend!r} cannot run under {transform}: fusedrnn's ops have no rules "
-        "for torch.func's differentiating transforms or forward-mode AD. Use backend='auto', which "
-        "runs torch.nn's own forward there, or torch.nn's module.")
+        f"fusedrnn: backend {backend!r} cannot run under {what}: fusedrnn's ops have no rules for "
+        "torch.func's differentiating transforms or forward-mode AD, and no ONNX operators. Use "
+        "backend='auto', which runs torch.nn's own forward there, or torch.nn's module.")
