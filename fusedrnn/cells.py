@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import autocast as AC
 from . import validation as V
-from .backends import Call, select, torch_nn_instead_of_reference
+from .backends import Call, select, torch_nn_faster_low_precision, torch_nn_instead_of_reference
 from .modules import BackendChoice, below_autograd_if_no_grad, records_grad
 
 
@@ -51,11 +52,18 @@ class _FusedCellBase(BackendChoice):
         if out is not None:
             return out
         backend, why = select(self.backend, call)
-        if self.backend == "auto" and cast is None:
-            nn_why = torch_nn_instead_of_reference(call, backend.name, why)
+        if self.backend == "auto":
+            nn_why = torch_nn_faster_low_precision(call, backend, records_grad(x, hs[0], w_ih, w_hh), False)
+            if cast is None and nn_why is None:
+                nn_why = torch_nn_instead_of_reference(call, backend.name, why)
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:
                 return out
+        out_dtype = None
+        if call.dtype in backend.float32_for:  # computed in float32, the results cast back
+            out_dtype, cast, x, hs = call.dtype, torch.float32, x.float(), [h.float() for h in hs]
+            w_ih, w_hh, b_ih, b_hh = (w if w is None else w.float() for w in (w_ih, w_hh, b_ih, b_hh))
+            why += "; computed in float32"
         self._record_choice(backend.name, why)
         with below_autograd_if_no_grad(), (_NO_CONTEXT if cast is None else AC.autocast_off(device.type)):
             op = backend.cell_op(self._cell)
@@ -63,6 +71,8 @@ class _FusedCellBase(BackendChoice):
                 out = self._cell_op_step(op, x, hs, w_ih, w_hh, b_ih, b_hh)
             else:
                 out = self._sequence_op_step(backend.op(self._cell, "forward"), x, hs, w_ih, w_hh, b_ih, b_hh)
+        if out_dtype is not None:
+            out = [o.to(out_dtype) for o in out]
         if not batched:
             out = [o.squeeze(0) for o in out]
         return tuple(out) if lstm else out[0]

@@ -17,8 +17,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import autocast as AC
 from . import validation as V
-from .backends import (TORCH_NN, Call, load_for, select, torch_nn_cannot, torch_nn_faster, torch_nn_for_device,
-                       torch_nn_instead_of_reference)
+from .backends import (TORCH_NN, Call, load_for, select, torch_nn_cannot, torch_nn_faster, torch_nn_faster_low_precision,
+                       torch_nn_for_device, torch_nn_instead_of_reference)
 from .projection import input_projection
 from .transforms import differentiating_transform, onnx_export, refuse
 
@@ -41,12 +41,12 @@ class BackendChoice:
     def _torch_nn_forward(self, why: str, chosen, call, input, hx):
         """torch.nn's own forward (these modules are torch.nn modules), recorded as backend
         TORCH_NN with reason `why`; None if torch.nn cannot run it where auto had chosen the
-        reference (then the reference runs, and later calls skip torch.nn). `chosen`: auto's
-        fusedrnn backend for the call, None if there is none."""
+        reference or a float32 compute of a low-precision call (then that runs, and later calls
+        skip torch.nn). `chosen`: auto's fusedrnn backend for the call, None if there is none."""
         try:
             out = super(BackendChoice, self).forward(input, hx)
         except RuntimeError:
-            if chosen is None or chosen.name != "reference":
+            if chosen is None or (chosen.name != "reference" and call.dtype not in chosen.float32_for):
                 raise
             torch_nn_cannot(call)
             return None
@@ -121,6 +121,11 @@ def below_autograd_if_no_grad():
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return torch._C._AutoDispatchBelowAutograd()
+
+
+def _cast_back(finish, dtype):
+    """finish(y, states) with y and the states cast to `dtype` first (float32_for)."""
+    return lambda y, states: finish(y.to(dtype), [h.to(dtype) for h in states])
 
 
 def records_grad(*tensors) -> bool:
@@ -262,15 +267,22 @@ class _FusedRNNBase(BackendChoice):
         if out is not None:
             return out
         backend, why = select(self.backend, call)
-        if self.backend == "auto" and cast is None:
-            # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference)
-            training = self.training and torch.is_grad_enabled() and self._param(names[0][0]).requires_grad
-            nn_why = (torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), training,
-                                      not x.requires_grad, self.num_layers)
-                      or torch_nn_instead_of_reference(call, backend.name, why))
+        if self.backend == "auto":
+            w = self._param(names[0][0])
+            nn_why = torch_nn_faster_low_precision(call, backend, torch.is_grad_enabled() and (
+                x.requires_grad or w.requires_grad), True)
+            if cast is None and nn_why is None:
+                # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference)
+                training = self.training and torch.is_grad_enabled() and w.requires_grad
+                nn_why = (torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), training,
+                                          not x.requires_grad, self.num_layers)
+                          or torch_nn_instead_of_reference(call, backend.name, why))
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:
                 return out
+        if call.dtype in backend.float32_for:  # computed in float32, the results cast back
+            x, hs, cast, finish = x.float(), [h.float() for h in hs], torch.float32, _cast_back(finish, x.dtype)
+            why += "; computed in float32"
         self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
         # One step (e.g. step-by-step decoding): the backend's cell op, if it has one, does the

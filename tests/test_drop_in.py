@@ -386,11 +386,19 @@ def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
         assert m.last_backend == first
 
 
+@pytest.fixture
+def no_cpu_backend(monkeypatch):
+    """As on an install without the compiled extension: only the reference runs CPU calls."""
+    from fusedrnn import backends
+    monkeypatch.setattr(backends.registry()["cpu"], "_state", "not built (test)")
+    monkeypatch.setattr(backends, "_CHOICES", {})
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
-def test_auto_prefers_torch_nn_to_the_reference(kind):
-    """Where no fused backend runs a call (bfloat16 on the CPU), auto runs torch.nn's own
-    forward rather than the reference: torch.nn's results exactly, forward and backward; a
-    forced backend="reference" still runs the reference."""
+def test_auto_prefers_torch_nn_to_the_reference(kind, no_cpu_backend):
+    """Where no fused backend runs a call (here bfloat16 on the CPU without the cpu backend),
+    auto runs torch.nn's own forward rather than the reference: torch.nn's results exactly,
+    forward and backward; a forced backend="reference" still runs the reference."""
     ref = getattr(nn, kind)(6, 8).bfloat16()
     ours = getattr(fusedrnn, kind)(6, 8).bfloat16()
     ours.load_state_dict(ref.state_dict())
@@ -411,7 +419,7 @@ def test_auto_prefers_torch_nn_to_the_reference(kind):
     torch.testing.assert_close((got[0] if isinstance(got, tuple) else got).float(), a.float(), rtol=3e-2, atol=3e-2)
 
 
-def test_auto_falls_back_to_the_reference_where_torch_nn_fails(monkeypatch):
+def test_auto_falls_back_to_the_reference_where_torch_nn_fails(monkeypatch, no_cpu_backend):
     """If torch.nn's forward raises where auto would have run the reference (e.g. a CPU
     without low-precision kernels), the reference runs, and later calls go straight to it."""
     from fusedrnn import backends

@@ -45,6 +45,10 @@ class Backend:
     # Whether the backend implements the input projection op fusedrnn::projection
     # (fusedrnn/projection.py); if not, the sequence modules' input projection is F.linear.
     projection_op: bool = False
+    # Dtypes the backend's ops lack but whose calls it runs in float32: the modules cast
+    # input, states and weights to float32 and the results back (the cpu backend's float16
+    # and bfloat16, where torch.nn's CPU kernels are slow; see float32_compute).
+    float32_for: tuple[torch.dtype, ...] = ()
     _state: Optional[str] = field(default="unloaded", repr=False)
     _ops: dict = field(default_factory=dict, repr=False)
 
@@ -66,8 +70,8 @@ class Backend:
             return why
         if call.device.type not in self.device_types:
             return f"runs on {'/'.join(self.device_types)} tensors, not {call.device.type}"
-        if call.dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+        if call.dtype not in self.dtypes and call.dtype not in self.float32_for:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes + self.float32_for)
             return f"supports dtypes {names}, not {str(call.dtype).replace('torch.', '')}"
         return self.limits(call)
 
@@ -243,6 +247,67 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
     if chosen != "reference" or (call.cell, call.device.type, call.dtype) in _TORCH_NN_CANNOT:
         return None
     return f"{why}; torch.nn's own forward instead of the reference (the spec, a per-step loop)"
+
+
+# Float16 and bfloat16 on the CPU: backend "cpu" computes them in float32
+# (Backend.float32_for: the module casts input, states and weights in and the results
+# back), where torch.nn runs its own low-precision CPU kernels. Measured on the Zen 4 VM
+# (AVX-512 with AVX512-BF16; no AVX512-FP16, no AMX), 2026-11-30, in-process, interleaved,
+# T=32, B 1-64, H 64-1024, against torch.nn in the same dtype:
+# - float16: torch.nn has no fast kernels for it here (its float16 LSTM ran at 1/5 of its
+#   float32 speed). Sequence modules: ours 1.5-6.3x in inference, 3.5-107x in training.
+#   Cells: at batch >= 8 ours 1.05-4.0x (inference), 2.2-38x (training); at batch 1
+#   0.18-0.74x in inference (casting the weights to float32 on every step costs more
+#   than torch.nn's step), so torch.nn there.
+# - bfloat16: torch.nn's LSTM runs oneDNN's bfloat16 kernels (AVX512-BF16 dot products at
+#   twice the float32 FMA rate): ours 0.50-0.77x in inference; in training 1.3-6.4x at
+#   batch <= 4 and 0.59-0.96x from batch 8. GRU and RNN are torch.nn's per-step bfloat16
+#   ops: ours 1.08-4.5x in inference where a step's recurrent multiply-adds, batch x
+#   hidden^2 x gates, are <= 2^22 (0.59-1.05x above), 1.2-8.3x in training up to 2^24
+#   (RNN B=32 H=512, 2^23: 1.01x; 0.58-0.88x above). The bfloat16 cells: 0.32-1.53x,
+#   mostly below 1: torch.nn.
+# CPUs whose oneDNN has native low-precision matrix units (AMX; AVX512-FP16 for float16)
+# were not measured; auto keeps torch.nn there. A forced backend="cpu" always runs ours.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def _native_low_precision(dtype: torch.dtype) -> bool:
+    """Whether this CPU has matrix units for `dtype` that torch.nn's oneDNN kernels use
+    and fusedrnn's float32 compute was not measured against."""
+    cpu = torch.cpu
+    try:
+        if dtype == torch.bfloat16:
+            return bool(cpu._is_amx_tile_supported())
+        return bool(cpu._is_amx_fp16_supported() or torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # (private helpers of torch 2.14: absent elsewhere)
+        return True
+
+
+def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequence: bool) -> Optional[str]:
+    """Why auto runs torch.nn's own forward for a float16 / bfloat16 call that `backend`
+    would compute in float32, or None (see LOW_PRECISION). `grad`: autograd records the
+    call (a backward will run); `sequence`: a sequence module, not a cell."""
+    if call.dtype not in backend.float32_for or (call.cell, call.device.type, call.dtype) in _TORCH_NN_CANNOT:
+        return None
+    name = str(call.dtype).replace("torch.", "")
+    if _native_low_precision(call.dtype):
+        return (f"auto: this CPU has native {name} matrix units, whose oneDNN kernels torch.nn runs "
+                f"(backend 'cpu''s float32 compute was not measured against them; backend='cpu' forces it)")
+    work = call.batch * call.hidden_size ** 2 * _GATES[call.cell]
+    if call.dtype == torch.float16:
+        ours = sequence or call.batch >= 8
+    elif not sequence:
+        ours = False
+    elif call.cell == "lstm":
+        ours = grad and call.batch <= 4
+    else:
+        ours = work <= (2 ** 24 if grad else 2 ** 22)
+    if ours:
+        return None
+    return (f"auto: torch.nn's {name} CPU kernels measured faster here than backend 'cpu''s float32 "
+            f"compute ({'training' if grad else 'inference'}, batch {call.batch}, hidden {call.hidden_size}; "
+            "backend='cpu' forces ours)")
 
 
 def torch_nn_for_device(call: Call) -> Optional[str]:

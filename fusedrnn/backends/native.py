@@ -42,7 +42,7 @@ def _load_for(dispatch_key: str, module: str):
 
 register(Backend(name="cpu", ops_backend="cpu", device_types=("cpu",),
                  dtypes=(torch.float64, torch.float32), load=_load_for("CPU", "fusedrnn._C"),
-                 cell_ops=True, projection_op=True))
+                 cell_ops=True, projection_op=True, float32_for=(torch.float16, torch.bfloat16)))
 register(Backend(name="cuda", ops_backend="cuda", device_types=("cuda",),
                  dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load_for("CUDA", "fusedrnn._C_cuda"),
                  kernel_choice=lambda: last_cuda_algo()))

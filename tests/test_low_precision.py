@@ -1,0 +1,172 @@
+"""float16 and bfloat16 modules on the CPU: backend "cpu" computes them in float32
+(Backend.float32_for; the module casts input, states and weights in and the results
+back), and `auto` picks it where it was measured faster than torch.nn's own low-precision
+CPU kernels (torch_nn_faster_low_precision in fusedrnn/backends/__init__.py)."""
+import pytest
+import torch
+from torch import nn
+
+import fusedrnn
+from fusedrnn import backends
+from fusedrnn.backends import Call, available_backends, torch_nn_faster_low_precision
+
+pytestmark = pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="cpu backend not built")
+
+# Results cast to the dtype once at the end, from a float32 computation: within a few of
+# the dtype's rounding steps of torch.nn in float32 on the same (rounded) weights.
+TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+SEQUENCE = [("LSTM", {"num_layers": 2}), ("LSTM", {"proj_size": 5, "batch_first": True}),
+            ("GRU", {"bidirectional": True}), ("RNN", {"nonlinearity": "relu", "num_layers": 2})]
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _trio(kind, kw, dtype):
+    """fusedrnn's module forced to "cpu" in `dtype`, torch.nn's in float32 and in `dtype`,
+    all with the same (dtype-rounded) weights."""
+    ours = getattr(fusedrnn, kind)(6, 8, backend="cpu", **kw).to(dtype)
+    ref32 = getattr(nn, kind)(6, 8, **kw)
+    ref32.load_state_dict(ours.state_dict())
+    ref_low = getattr(nn, kind)(6, 8, **kw).to(dtype)
+    ref_low.load_state_dict(ours.state_dict())
+    return ours, ref32, ref_low
+
+
+def _check(ours, ref32, ref_low, inputs, dtype, call=lambda m, *a: m(*a)):
+    """Forward and backward of `ours` on the low-precision `inputs` against torch.nn in
+    float32 (tight) and in the same dtype (its own rounding: looser). `call(module, *inputs)`
+    runs a module."""
+    low = [t.clone().requires_grad_() for t in inputs]
+    f32 = [t.float().requires_grad_() for t in inputs]
+    got, want = _first(call(ours, *low)), _first(call(ref32, *f32))
+    assert ours.last_backend == "cpu" and "computed in float32" in ours.last_backend_reason
+    assert got.dtype == dtype
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got.float(), _first(call(ref_low, *inputs)).float(), rtol=3 * tol, atol=3 * tol)
+    g = torch.randn_like(want)
+    got.backward(g.to(dtype))
+    want.backward(g)
+    for a, b in zip(low, f32):
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=tol, atol=tol)
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref32.named_parameters()):
+        assert p.grad.dtype == dtype, name
+        # (a weight gradient sums over all steps and rows: scale the tolerance by its size)
+        scale = max(1.0, q.grad.abs().max().item())
+        torch.testing.assert_close(p.grad.float(), q.grad, rtol=tol, atol=tol * scale, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind,kw", SEQUENCE, ids=["lstm", "lstm-proj", "gru-bidir", "rnn-relu"])
+def test_sequence_modules_compute_in_float32(kind, kw, dtype):
+    torch.manual_seed(0)
+    ours, ref32, ref_low = _trio(kind, kw, dtype)
+    B, T = 3, 9
+    x = torch.randn(B, T, 6) if kw.get("batch_first") else torch.randn(T, B, 6)
+    _check(ours, ref32, ref_low, [x.to(dtype)], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_packed_sequence_and_initial_state_in_low_precision(dtype):
+    torch.manual_seed(1)
+    ours, ref32, ref_low = _trio("GRU", {"num_layers": 2}, dtype)
+    x = torch.randn(7, 4, 6).to(dtype)
+    h0 = torch.randn(2, 4, 8).to(dtype)
+
+    def call(m, x, h0):
+        packed = nn.utils.rnn.pack_padded_sequence(x, [7, 5, 5, 2], enforce_sorted=False)
+        y, h = m(packed, h0)
+        return torch.cat([nn.utils.rnn.pad_packed_sequence(y)[0].flatten(), h.flatten()])
+    _check(ours, ref32, ref_low, [x, h0], dtype, call)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_compute_in_float32(kind, dtype):
+    torch.manual_seed(2)
+    ours, ref32, ref_low = _trio(kind, {}, dtype)
+    inputs = [torch.randn(5, 6).to(dtype)] + [torch.randn(5, 8).to(dtype) for _ in range(2 if kind == "LSTMCell" else 1)]
+    if kind == "LSTMCell":  # both new states, from both initial states
+        _check(ours, ref32, ref_low, inputs, dtype, lambda m, x, h, c: torch.cat(m(x, (h, c)), 1))
+    else:
+        _check(ours, ref32, ref_low, inputs, dtype)
+
+
+@pytest.fixture
+def measured_cpu(monkeypatch):
+    """auto's rule as measured (a CPU without AMX or AVX512-FP16), wherever the test runs."""
+    monkeypatch.setattr(backends, "_native_low_precision", lambda dtype: False)
+    monkeypatch.setattr(backends, "_TORCH_NN_CANNOT", set())
+
+
+# (cell, dtype, batch, hidden, grad, sequence) -> does auto run ours? From the measurements
+# in fusedrnn/backends/__init__.py (LOW_PRECISION).
+RULE = [
+    ("lstm", torch.float16, 64, 1024, False, True, True), ("gru", torch.float16, 1, 64, True, True, True),
+    ("lstm", torch.float16, 8, 256, False, False, True), ("rnn", torch.float16, 1, 256, False, False, False),
+    ("lstm", torch.bfloat16, 1, 256, False, True, False), ("lstm", torch.bfloat16, 4, 128, True, True, True),
+    ("lstm", torch.bfloat16, 8, 256, True, True, False),
+    ("gru", torch.bfloat16, 16, 256, False, True, True), ("gru", torch.bfloat16, 32, 256, False, True, False),
+    ("gru", torch.bfloat16, 64, 256, True, True, True), ("gru", torch.bfloat16, 32, 512, True, True, False),
+    ("rnn", torch.bfloat16, 64, 256, False, True, True), ("rnn", torch.bfloat16, 32, 512, False, True, False),
+    ("gru", torch.bfloat16, 1, 64, True, False, False),
+]
+
+
+@pytest.mark.parametrize("cell,dtype,batch,hidden,grad,sequence,ours", RULE)
+def test_auto_rule_for_low_precision(cell, dtype, batch, hidden, grad, sequence, ours, measured_cpu):
+    cpu = backends.registry()["cpu"]
+    call = Call(cell, torch.device("cpu"), dtype, hidden, 0, batch)
+    why = torch_nn_faster_low_precision(call, cpu, grad, sequence)
+    assert (why is None) == ours, why
+    # float32 and the reference (no float32 compute) are never this rule's business
+    assert torch_nn_faster_low_precision(call._replace(dtype=torch.float32), cpu, grad, sequence) is None
+    assert torch_nn_faster_low_precision(call, backends.registry()["reference"], grad, sequence) is None
+
+
+def test_auto_keeps_torch_nn_on_cpus_with_native_low_precision_units(monkeypatch):
+    monkeypatch.setattr(backends, "_native_low_precision", lambda dtype: True)
+    call = Call("gru", torch.device("cpu"), torch.float16, 64, 0, 1)
+    assert "native float16" in torch_nn_faster_low_precision(call, backends.registry()["cpu"], False, True)
+
+
+def test_auto_runs_ours_or_torch_nn_by_the_rule(measured_cpu):
+    x = torch.randn(6, 2, 6)
+    lstm16 = fusedrnn.LSTM(6, 8).half()
+    lstm16(x.half())
+    assert lstm16.last_backend == "cpu" and "computed in float32" in lstm16.last_backend_reason
+    lstm_bf = fusedrnn.LSTM(6, 8).bfloat16()
+    with torch.no_grad():
+        y = lstm_bf(x.bfloat16())[0]
+    assert lstm_bf.last_backend == "torch.nn", lstm_bf.last_backend_reason
+    ref = nn.LSTM(6, 8).bfloat16()
+    ref.load_state_dict(lstm_bf.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(y, ref(x.bfloat16())[0], rtol=0, atol=0)
+    lstm_bf(x.bfloat16())  # training, batch 2: ours
+    assert lstm_bf.last_backend == "cpu", lstm_bf.last_backend_reason
+
+
+def test_auto_falls_back_to_float32_compute_where_torch_nn_fails(monkeypatch, measured_cpu):
+    """Where the rule picks torch.nn but its low-precision kernel raises (some CPUs lack
+    one), the float32 compute runs, and later calls go straight to it."""
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no bfloat16 kernel here")
+    monkeypatch.setattr(nn.LSTM, "forward", failing)
+    ours = fusedrnn.LSTM(6, 8).bfloat16()
+    x = torch.randn(5, 3, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(2):
+            y, _ = ours(x)
+            assert ours.last_backend == "cpu", ours.last_backend_reason
+    assert len(calls) == 1
+    monkeypatch.undo()
+    ref = nn.LSTM(6, 8)
+    ref.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(y.float(), ref(x.float())[0], rtol=3e-2, atol=3e-2)
