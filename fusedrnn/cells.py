@@ -27,7 +27,9 @@ class _FusedCellBase(BackendChoice):
 
     def forward(self, input, hx=None):
         # Written for a small per-step cost: at small sizes this glue is a good part of a step.
-        out = self._transform_forward(input, hx)
+        out = self._fx_leaf(input, hx)  # (a Proxy has no truth value: no `or`)
+        if out is None:
+            out = self._transform_forward(input, hx)
         if out is not None:
             return out
         lstm = self._cell == "lstm"

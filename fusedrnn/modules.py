@@ -53,6 +53,21 @@ class BackendChoice:
         self._record_choice(TORCH_NN, why)
         return out
 
+    def _fx_leaf(self, input, hx):
+        """Under torch.fx symbolic tracing (a Proxy input), this module's call as one
+        call_module node, as torch.nn's RNNs are leaves of FX's default tracer (it traces into
+        other modules, and this forward cannot be traced: it branches on its input); None
+        otherwise. The GraphModule then calls this module, fused kernels included."""
+        if not isinstance(input, torch.fx.Proxy):
+            return None
+        tracer = input.tracer
+        if getattr(tracer, "root", None) is self:  # torch.nn's RNNs cannot be traced as the root either
+            raise torch.fx.proxy.TraceError(
+                f"fusedrnn.{type(self).__name__} cannot be the root of torch.fx.symbolic_trace (as "
+                f"torch.nn's {type(self).__name__} cannot): trace a module that holds it, where it is a leaf")
+        return tracer.create_proxy("call_module", tracer.path_of_module(self),
+                                   (input,) if hx is None else (input, hx), {})
+
     def _transform_forward(self, input, hx):
         """torch.nn's forward where torch.func's grad-type transforms or forward-mode AD
         differentiate the call, or torch.onnx.export captures it (fusedrnn/transforms.py: the
@@ -252,7 +267,9 @@ class _FusedRNNBase(BackendChoice):
     def forward(self, input, hx=None):
         # torch.nn's forward first re-syncs _flat_weights (its cuDNN buffer); this forward
         # reads the parameters by name, so it has nothing to re-sync.
-        out = self._transform_forward(input, hx)
+        out = self._fx_leaf(input, hx)  # (a Proxy has no truth value: no `or`)
+        if out is None:
+            out = self._transform_forward(input, hx)
         if out is not None:
             return out
         x, lengths, hs, finish = self._prepare(input, hx)

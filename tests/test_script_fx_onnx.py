@@ -1,7 +1,9 @@
-"""torch.jit.script and torch.onnx.export of fusedrnn's modules. Both capture torch.nn's
-forward, which TorchScript can compile and ONNX has operators for; fusedrnn's Python
-forward and custom ops have neither. Before, scripting failed ("Lambda aren't supported")
-and both ONNX exporters failed on the fusedrnn ops. See BackendChoice.__prepare_scriptable__
+"""torch.jit.script, torch.fx.symbolic_trace and torch.onnx.export of fusedrnn's modules.
+Script and ONNX export capture torch.nn's forward, which TorchScript can compile and ONNX
+has operators for; fusedrnn's Python forward and custom ops have neither. Before,
+scripting failed ("Lambda aren't supported") and both ONNX exporters failed on the
+fusedrnn ops. FX keeps the modules as leaves, as torch.nn's (before, it traced into the
+forward and failed). See BackendChoice.__prepare_scriptable__ and _fx_leaf
 (fusedrnn/modules.py) and onnx_export (fusedrnn/transforms.py)."""
 import warnings
 from typing import Optional, Tuple
@@ -102,6 +104,47 @@ def test_script_a_cell_with_its_forward_hook(kind, kw):
 def test_script_with_a_forced_backend_raises():
     with pytest.raises(RuntimeError, match="backend 'reference' cannot run under torch.jit.script"):
         torch.jit.script(_Model(fusedrnn.LSTM(4, 6, backend="reference")))
+
+
+class _ModelWithState(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, h):
+        out = self.rnn(x, h)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("kind,kw", SEQUENCE + CELLS, ids=[k for k, _ in SEQUENCE + CELLS])
+def test_fx_symbolic_trace_keeps_the_module_as_a_leaf(kind, kw):
+    """As torch.nn's RNNs: one call_module node; the GraphModule runs fusedrnn's module
+    (its backend, not torch.nn's) and matches the model exactly, forward and backward."""
+    ours, ref = _pair(kind, kw)
+    cell = kind.endswith("Cell")
+    model = _ModelWithState(ours) if cell and kind != "LSTMCell" else _Model(ours)
+    gm = torch.fx.symbolic_trace(model)
+    want_nodes = [(n.op, n.target) for n in torch.fx.symbolic_trace(type(model)(ref)).graph.nodes]
+    assert [(n.op, n.target) for n in gm.graph.nodes] == want_nodes
+    assert ("call_module", "rnn") in want_nodes and gm.rnn is ours
+    x = torch.randn(3, 4, requires_grad=True) if cell else torch.randn(5, 3, 4, requires_grad=True)
+    inputs = [x, torch.randn(3, 6, requires_grad=True)] if isinstance(model, _ModelWithState) else [x]
+    got = gm(*inputs)
+    assert ours.last_backend != "torch.nn", ours.last_backend_reason
+    want = model(*inputs)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, type(model)(ref)(*inputs), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, [*inputs, *ours.parameters()], g),
+                    torch.autograd.grad(want, [*inputs, *ours.parameters()], g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fx_symbolic_trace_of_the_module_itself_raises_as_for_torch_nn():
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(nn.GRU(4, 6))
+    with pytest.raises(torch.fx.proxy.TraceError, match="cannot be the root of torch.fx.symbolic_trace"):
+        torch.fx.symbolic_trace(fusedrnn.GRU(4, 6))
 
 
 def _trace_as_onnx_export(monkeypatch, module, inputs):
