@@ -11,6 +11,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import Proxy
 
 from . import autocast as AC
 from . import validation as V
@@ -27,9 +28,8 @@ class _FusedCellBase(BackendChoice):
 
     def forward(self, input, hx=None):
         # Written for a small per-step cost: at small sizes this glue is a good part of a step.
-        out = self._fx_leaf(input, hx)  # (a Proxy has no truth value: no `or`)
-        if out is None:
-            out = self._transform_forward(input, hx)
+        # (a Proxy has no truth value: no `or`)
+        out = self._fx_leaf(input, hx) if isinstance(input, Proxy) else self._transform_forward(input, hx)
         if out is not None:
             return out
         lstm = self._cell == "lstm"

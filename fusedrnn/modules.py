@@ -13,6 +13,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import autocast as AC
@@ -56,10 +57,9 @@ class BackendChoice:
     def _fx_leaf(self, input, hx):
         """Under torch.fx symbolic tracing (a Proxy input), this module's call as one
         call_module node, as torch.nn's RNNs are leaves of FX's default tracer (it traces into
-        other modules, and this forward cannot be traced: it branches on its input); None
-        otherwise. The GraphModule then calls this module, fused kernels included."""
-        if not isinstance(input, torch.fx.Proxy):
-            return None
+        other modules, and this forward cannot be traced: it branches on its input).
+        The GraphModule then calls this module, fused kernels included. (Called for a Proxy
+        input only.)"""
         tracer = input.tracer
         if getattr(tracer, "root", None) is self:  # torch.nn's RNNs cannot be traced as the root either
             raise torch.fx.proxy.TraceError(
@@ -267,9 +267,8 @@ class _FusedRNNBase(BackendChoice):
     def forward(self, input, hx=None):
         # torch.nn's forward first re-syncs _flat_weights (its cuDNN buffer); this forward
         # reads the parameters by name, so it has nothing to re-sync.
-        out = self._fx_leaf(input, hx)  # (a Proxy has no truth value: no `or`)
-        if out is None:
-            out = self._transform_forward(input, hx)
+        # (a Proxy has no truth value: no `or`)
+        out = self._fx_leaf(input, hx) if isinstance(input, Proxy) else self._transform_forward(input, hx)
         if out is not None:
             return out
         x, lengths, hs, finish = self._prepare(input, hx)

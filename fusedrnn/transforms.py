@@ -49,9 +49,9 @@ def onnx_export() -> Optional[str]:
     torch.nn's forward exports as ONNX's own LSTM / GRU / RNN operators (measured on torch
     2.14: the ops failed with "unrecognized namespace fusedrnn"). Asked only while tracing or
     compiling, so an eager call pays two C calls."""
-    if (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export():
-        return "torch.onnx.export"
-    return None
+    if torch._C._get_tracing_state() is None and not torch.compiler.is_compiling():
+        return None  # (~0.2 us: the C call first, for eager calls of the small cells)
+    return "torch.onnx.export" if torch.onnx.is_in_onnx_export() else None
 
 
 def refuse(backend: str, what: str) -> RuntimeError:
