@@ -56,7 +56,7 @@ class _FusedCellBase(BackendChoice):
         backend, why = select(self.backend, call)
         if self.backend == "auto":
             nn_why = torch_nn_faster_low_precision(call, backend, records_grad(x, hs[0], w_ih, w_hh), False)
-            if cast is None and nn_why is None:
+            if nn_why is None:  # (under autocast too: torch.nn's forward then autocasts itself)
                 nn_why = torch_nn_instead_of_reference(call, backend.name, why)
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:

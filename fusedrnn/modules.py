@@ -287,7 +287,7 @@ class _FusedRNNBase(BackendChoice):
             w = self._param(names[0][0])
             nn_why = torch_nn_faster_low_precision(call, backend, torch.is_grad_enabled() and (
                 x.requires_grad or w.requires_grad), True)
-            if cast is None and nn_why is None:
+            if nn_why is None:  # (under autocast too: torch.nn's forward then autocasts itself)
                 # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference)
                 training = self.training and torch.is_grad_enabled() and w.requires_grad
                 nn_why = (torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), training,

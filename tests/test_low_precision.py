@@ -110,7 +110,8 @@ RULE = [
     ("lstm", torch.bfloat16, 1, 256, False, True, False), ("lstm", torch.bfloat16, 4, 128, True, True, True),
     ("lstm", torch.bfloat16, 8, 256, True, True, False),
     ("gru", torch.bfloat16, 16, 256, False, True, True), ("gru", torch.bfloat16, 32, 256, False, True, False),
-    ("gru", torch.bfloat16, 64, 256, True, True, True), ("gru", torch.bfloat16, 32, 512, True, True, False),
+    ("gru", torch.bfloat16, 8, 1024, True, True, True), ("gru", torch.bfloat16, 32, 256, True, True, True),
+    ("gru", torch.bfloat16, 64, 256, True, True, False), ("rnn", torch.bfloat16, 32, 512, True, True, False),
     ("rnn", torch.bfloat16, 64, 256, False, True, True), ("rnn", torch.bfloat16, 32, 512, False, True, False),
     ("gru", torch.bfloat16, 1, 64, True, False, False),
 ]
@@ -186,3 +187,19 @@ def test_cpu_autocast_runs_float32_compute_or_torch_nn_not_the_reference(kind, m
     assert ours.last_backend in ("cpu", "torch.nn"), ours.last_backend_reason
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNNCell"])
+def test_cpu_autocast_without_the_cpu_backend_runs_torch_nn(kind, monkeypatch):
+    """Where only the reference could run the autocast dtype (an install without the
+    compiled kernels), auto runs torch.nn's forward, which autocasts itself."""
+    monkeypatch.setattr(backends.registry()["cpu"], "_state", "not built (test)")
+    monkeypatch.setattr(backends, "_CHOICES", {})
+    ours = getattr(fusedrnn, kind)(6, 8)
+    ref = getattr(nn, kind)(6, 8)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 6) if kind.endswith("Cell") else torch.randn(5, 4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = _first(ours(x)), _first(ref(x))
+    assert ours.last_backend == "torch.nn", ours.last_backend_reason
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -255,17 +255,18 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 # (AVX-512 with AVX512-BF16; no AVX512-FP16, no AMX), 2026-11-30, in-process, interleaved,
 # T=32, B 1-64, H 64-1024, against torch.nn in the same dtype:
 # - float16: torch.nn has no fast kernels for it here (its float16 LSTM ran at 1/5 of its
-#   float32 speed). Sequence modules: ours 1.5-6.3x in inference, 3.5-107x in training.
+#   float32 speed). Sequence modules: ours 1.4-6.8x in inference, 3.5-107x in training (one LSTM B=1 H=512 inference run: 0.89x, 2.2x when rerun).
 #   Cells: at batch >= 8 ours 1.05-4.0x (inference), 2.2-38x (training); at batch 1
 #   0.18-0.74x in inference (casting the weights to float32 on every step costs more
 #   than torch.nn's step), so torch.nn there.
 # - bfloat16: torch.nn's LSTM runs oneDNN's bfloat16 kernels (AVX512-BF16 dot products at
 #   twice the float32 FMA rate): ours 0.50-0.77x in inference; in training 1.3-6.4x at
-#   batch <= 4 and 0.59-0.96x from batch 8. GRU and RNN are torch.nn's per-step bfloat16
-#   ops: ours 1.08-4.5x in inference where a step's recurrent multiply-adds, batch x
-#   hidden^2 x gates, are <= 2^22 (0.59-1.05x above), 1.2-8.3x in training up to 2^24
-#   (RNN B=32 H=512, 2^23: 1.01x; 0.58-0.88x above). The bfloat16 cells: 0.32-1.53x,
-#   mostly below 1: torch.nn.
+#   batch <= 4 and 0.59-0.96x from batch 8 (except B=8 H=1024: 2.1x). GRU and RNN are
+#   torch.nn's per-step bfloat16 ops: in inference ours 1.02-4.5x where a step's recurrent
+#   multiply-adds, batch x hidden^2 x gates, are <= 2^22, 0.58-1.06x above; in training
+#   1.03-8.3x at batch <= 8 and at batch x hidden <= 8192 (B=32 H=256: 1.19-1.48x), 0.58-1.18x
+#   above (bench/cpu_ops.py --dtype bfloat16, and a second grid at B 1-64, H 64-1024). The
+#   bfloat16 cells: 0.32-1.53x, mostly below 1: torch.nn.
 # CPUs whose oneDNN has native low-precision matrix units (AMX; AVX512-FP16 for float16)
 # were not measured; auto keeps torch.nn there. A forced backend="cpu" always runs ours.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -301,8 +302,10 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
         ours = False
     elif call.cell == "lstm":
         ours = grad and call.batch <= 4
+    elif grad:
+        ours = call.batch <= 8 or call.batch * call.hidden_size <= 8192
     else:
-        ours = work <= (2 ** 24 if grad else 2 ** 22)
+        ours = work <= 2 ** 22
     if ours:
         return None
     return (f"auto: torch.nn's {name} CPU kernels measured faster here than backend 'cpu''s float32 "
