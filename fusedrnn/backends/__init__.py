@@ -255,7 +255,8 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 # (AVX-512 with AVX512-BF16; no AVX512-FP16, no AMX), 2026-11-30, in-process, interleaved,
 # T=32, B 1-64, H 64-1024, against torch.nn in the same dtype:
 # - float16: torch.nn has no fast kernels for it here (its float16 LSTM ran at 1/5 of its
-#   float32 speed). Sequence modules: ours 1.4-6.8x in inference, 3.5-107x in training (one LSTM B=1 H=512 inference run: 0.89x, 2.2x when rerun).
+#   float32 speed). Sequence modules: ours 1.4-6.8x in inference, 3.5-107x in training
+#   (one run put LSTM B=1 H=512 inference at 0.89x; 2.2x when rerun in-process).
 #   Cells: at batch >= 8 ours 1.05-4.0x (inference), 2.2-38x (training); at batch 1
 #   0.18-0.74x in inference (casting the weights to float32 on every step costs more
 #   than torch.nn's step), so torch.nn there.
