@@ -29,7 +29,7 @@ class _FusedCellBase(BackendChoice):
     def forward(self, input, hx=None):
         # Written for a small per-step cost: at small sizes this glue is a good part of a step.
         # (a Proxy has no truth value: no `or`)
-        out = self._fx_leaf(input, hx) if isinstance(input, Proxy) else self._transform_forward(input, hx)
+        out = self._fx_leaf(input, hx) if isinstance(input, Proxy) else self._forward_without_fused_ops(input, hx)
         if out is not None:
             return out
         lstm = self._cell == "lstm"

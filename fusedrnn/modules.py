@@ -68,11 +68,14 @@ class BackendChoice:
         return tracer.create_proxy("call_module", tracer.path_of_module(self),
                                    (input,) if hx is None else (input, hx), {})
 
-    def _transform_forward(self, input, hx):
-        """torch.nn's forward where torch.func's grad-type transforms or forward-mode AD
-        differentiate the call, or torch.onnx.export captures it (fusedrnn/transforms.py: the
-        ops cannot take part), with backend "auto"; a forced backend raises. None when
-        nothing of the sort is active."""
+    def _forward_without_fused_ops(self, input, hx):
+        """torch.nn's forward where fusedrnn's ops must not or cannot run: backend="torch.nn"
+        (e.g. for a double backward, which the ops do not support), or, with backend "auto",
+        where torch.func's grad-type transforms or forward-mode AD differentiate the call or
+        torch.onnx.export captures it (fusedrnn/transforms.py: the ops cannot take part);
+        another forced backend raises there. None otherwise."""
+        if self.backend == TORCH_NN:
+            return self._torch_nn_forward("forced by backend='torch.nn'", None, None, input, hx)
         transform = onnx_export() or differentiating_transform(lambda: self._call_tensors(input, hx))
         if transform is None:
             return None
@@ -88,8 +91,8 @@ class BackendChoice:
         choice); torch.nn's forward is TorchScript, so a scripted model runs torch.nn's
         kernels. PyTorch's protocol puts the twin in place of this module among a parent's
         submodules too: a scripted model's eager original then runs torch.nn (convert it
-        again to swap back). A forced backend raises, as under the transforms above."""
-        if self.backend != "auto":
+        again to swap back). A forced fusedrnn backend raises, as under the transforms above."""
+        if self.backend not in ("auto", TORCH_NN):
             raise refuse(self.backend, "torch.jit.script")
         from .convert import torch_nn_twin  # convert imports this module
         return torch_nn_twin(self)
@@ -268,7 +271,7 @@ class _FusedRNNBase(BackendChoice):
         # torch.nn's forward first re-syncs _flat_weights (its cuDNN buffer); this forward
         # reads the parameters by name, so it has nothing to re-sync.
         # (a Proxy has no truth value: no `or`)
-        out = self._fx_leaf(input, hx) if isinstance(input, Proxy) else self._transform_forward(input, hx)
+        out = self._fx_leaf(input, hx) if isinstance(input, Proxy) else self._forward_without_fused_ops(input, hx)
         if out is not None:
             return out
         x, lengths, hs, finish = self._prepare(input, hx)

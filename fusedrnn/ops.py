@@ -95,8 +95,11 @@ def _no_setup(ctx, inputs, output):
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("fusedrnn: double backward (a gradient of a gradient through an RNN) is not supported; "
-                       "use torch.nn's RNN modules for that computation")
+    raise RuntimeError("fusedrnn: double backward (a gradient of a gradient through an RNN, e.g. "
+                       "autograd.grad(..., create_graph=True) then backward) is not supported by fusedrnn's "
+                       "kernels; for that computation set the module's backend to 'torch.nn' "
+                       "(module.backend = 'torch.nn', or fusedrnn.convert(model, backend='torch.nn')), "
+                       "which runs torch.nn's own forward")
 
 
 def _empty(ref: torch.Tensor) -> torch.Tensor:

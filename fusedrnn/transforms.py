@@ -60,4 +60,4 @@ def refuse(backend: str, what: str) -> RuntimeError:
     return RuntimeError(
         f"fusedrnn: backend {backend!r} cannot run under {what}: fusedrnn's ops have no rules for "
         "torch.func's differentiating transforms or forward-mode AD, and no ONNX operators. Use "
-        "backend='auto', which runs torch.nn's own forward there, or torch.nn's module.")
+        "backend='auto', which runs torch.nn's own forward there, or backend='torch.nn'.")

@@ -123,7 +123,8 @@ def registry() -> dict[str, Backend]:
 
 def _check_name(name: str, reg: dict) -> None:
     if name not in reg:
-        raise ValueError(f"fusedrnn: unknown backend {name!r}; known backends: {sorted(reg)} or 'auto'")
+        raise ValueError(f"fusedrnn: unknown backend {name!r}; known backends: {sorted(reg)}, 'auto', "
+                         f"or {TORCH_NN!r} (torch.nn's own forward)")
 
 
 def load_for(name: str) -> None:
@@ -132,6 +133,8 @@ def load_for(name: str) -> None:
     The modules call this when they are built, so that a first forward traced by
     torch.compile finds them loaded: Dynamo cannot trace the imports and op registrations
     that loading does."""
+    if name == TORCH_NN:  # (the modules' backend="torch.nn": nothing of fusedrnn's runs)
+        return
     reg = registry()
     if name != "auto":
         _check_name(name, reg)
