@@ -22,6 +22,11 @@ from .modules import BackendChoice, below_autograd_if_no_grad, records_grad
 _NO_CONTEXT = contextlib.nullcontext()  # reusable
 
 
+def _to(dtype, x, hs, weights):
+    """x, the states and the weights (None stays None) in `dtype`."""
+    return x.to(dtype), [h.to(dtype) for h in hs], tuple(w if w is None else w.to(dtype) for w in weights)
+
+
 class _FusedCellBase(BackendChoice):
     _cell: str
     _torch_name: str
@@ -47,8 +52,7 @@ class _FusedCellBase(BackendChoice):
             V.check_device(w_ih, x)
         cast = AC.run_dtype(self._torch_name, x)
         if cast is not None:  # autocast: everything in the dtype torch.nn's cell computes in
-            x, hs = x.to(cast), [h.to(cast) for h in hs]
-            w_ih, w_hh, b_ih, b_hh = (w if w is None else w.to(cast) for w in (w_ih, w_hh, b_ih, b_hh))
+            x, hs, (w_ih, w_hh, b_ih, b_hh) = _to(cast, x, hs, (w_ih, w_hh, b_ih, b_hh))
         call = Call(self._cell, device, x.dtype, self.hidden_size, 0, x.shape[0])
         out = self._device_forward(call, input, hx)
         if out is not None:
@@ -63,8 +67,8 @@ class _FusedCellBase(BackendChoice):
                 return out
         out_dtype = None
         if call.dtype in backend.float32_for:  # computed in float32, the results cast back
-            out_dtype, cast, x, hs = call.dtype, torch.float32, x.float(), [h.float() for h in hs]
-            w_ih, w_hh, b_ih, b_hh = (w if w is None else w.float() for w in (w_ih, w_hh, b_ih, b_hh))
+            out_dtype, cast = call.dtype, torch.float32
+            x, hs, (w_ih, w_hh, b_ih, b_hh) = _to(cast, x, hs, (w_ih, w_hh, b_ih, b_hh))
             why += "; computed in float32"
         self._record_choice(backend.name, why)
         with below_autograd_if_no_grad(), (_NO_CONTEXT if cast is None else AC.autocast_off(device.type)):

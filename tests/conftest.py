@@ -44,3 +44,11 @@ def cpu_options():
     yield _C._set_options
     _C._set_options(*old)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_cpu_backend(monkeypatch):
+    """As on an install without the compiled extension: only the reference runs CPU calls."""
+    from fusedrnn import backends
+    monkeypatch.setattr(backends.registry()["cpu"], "_state", "not built (test)")
+    monkeypatch.setattr(backends, "_CHOICES", {})

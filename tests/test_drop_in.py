@@ -386,14 +386,6 @@ def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
         assert m.last_backend == first
 
 
-@pytest.fixture
-def no_cpu_backend(monkeypatch):
-    """As on an install without the compiled extension: only the reference runs CPU calls."""
-    from fusedrnn import backends
-    monkeypatch.setattr(backends.registry()["cpu"], "_state", "not built (test)")
-    monkeypatch.setattr(backends, "_CHOICES", {})
-
-
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
 def test_auto_prefers_torch_nn_to_the_reference(kind, no_cpu_backend):
     """Where no fused backend runs a call (here bfloat16 on the CPU without the cpu backend),

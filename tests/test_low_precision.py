@@ -190,11 +190,9 @@ def test_cpu_autocast_runs_float32_compute_or_torch_nn_not_the_reference(kind, m
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "RNNCell"])
-def test_cpu_autocast_without_the_cpu_backend_runs_torch_nn(kind, monkeypatch):
+def test_cpu_autocast_without_the_cpu_backend_runs_torch_nn(kind, no_cpu_backend):
     """Where only the reference could run the autocast dtype (an install without the
     compiled kernels), auto runs torch.nn's forward, which autocasts itself."""
-    monkeypatch.setattr(backends.registry()["cpu"], "_state", "not built (test)")
-    monkeypatch.setattr(backends, "_CHOICES", {})
     ours = getattr(fusedrnn, kind)(6, 8)
     ref = getattr(nn, kind)(6, 8)
     ref.load_state_dict(ours.state_dict())

@@ -7,6 +7,7 @@ first backend in AUTO_ORDER that can run the call, and says why.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class Backend:
     projection_op: bool = False
     # Dtypes the backend's ops lack but whose calls it runs in float32: the modules cast
     # input, states and weights to float32 and the results back (the cpu backend's float16
-    # and bfloat16, where torch.nn's CPU kernels are slow; see float32_compute).
+    # and bfloat16, where torch.nn's CPU kernels are slow; see LOW_PRECISION).
     float32_for: tuple[torch.dtype, ...] = ()
     _state: Optional[str] = field(default="unloaded", repr=False)
     _ops: dict = field(default_factory=dict, repr=False)
@@ -277,6 +278,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
+@functools.lru_cache(maxsize=None)
 def _native_low_precision(dtype: torch.dtype) -> bool:
     """Whether this CPU has matrix units for `dtype` that torch.nn's oneDNN kernels use
     and fusedrnn's float32 compute was not measured against."""
