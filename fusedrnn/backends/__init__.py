@@ -7,7 +7,6 @@ first backend in AUTO_ORDER that can run the call, and says why.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import threading
 from dataclasses import dataclass, field
@@ -136,6 +135,7 @@ def load_for(name: str) -> None:
     that loading does."""
     if name == TORCH_NN:  # (the modules' backend="torch.nn": nothing of fusedrnn's runs)
         return
+    _probe_cpu()
     reg = registry()
     if name != "auto":
         _check_name(name, reg)
@@ -204,11 +204,14 @@ TORCH_NN_MAX_HIDDEN = 512
 
 
 def onednn_avx512() -> bool:
-    """Whether torch's oneDNN kernels run AVX-512 code here (and oneDNN is on)."""
+    """Whether torch's oneDNN kernels run AVX-512 code here (and oneDNN is on). The CPU and
+    the build are asked once (_probe_cpu: Dynamo cannot trace those checks); the switch
+    torch.backends.mkldnn.enabled on every call."""
     global _AVX512
     if _AVX512 is None:
-        _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    return _AVX512 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        _AVX512 = (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+                   and torch.backends.mkldnn.is_available())
+    return _AVX512 and torch.backends.mkldnn.enabled
 
 
 _AVX512: Optional[bool] = None
@@ -278,17 +281,30 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
-@functools.lru_cache(maxsize=None)
 def _native_low_precision(dtype: torch.dtype) -> bool:
     """Whether this CPU has matrix units for `dtype` that torch.nn's oneDNN kernels use
-    and fusedrnn's float32 compute was not measured against."""
+    and fusedrnn's float32 compute was not measured against (asked once, by _probe_cpu)."""
+    if dtype not in _NATIVE:
+        _probe_cpu()
+    return _NATIVE[dtype]
+
+
+_NATIVE: dict = {}
+
+
+def _probe_cpu() -> None:
+    """Answer auto's questions about this CPU once, when the first module is built
+    (load_for): torch.compile's Dynamo refuses to trace torch.cpu's feature checks, so a
+    compiled first forward must find them answered."""
+    if _NATIVE:
+        return
+    onednn_avx512()
     cpu = torch.cpu
     try:
-        if dtype == torch.bfloat16:
-            return bool(cpu._is_amx_tile_supported())
-        return bool(cpu._is_amx_fp16_supported() or torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        _NATIVE[torch.bfloat16] = bool(cpu._is_amx_tile_supported())
+        _NATIVE[torch.float16] = bool(cpu._is_amx_fp16_supported() or torch.ops.mkldnn._is_mkldnn_fp16_supported())
     except (AttributeError, RuntimeError):  # (private helpers of torch 2.14: absent elsewhere)
-        return True
+        _NATIVE[torch.bfloat16] = _NATIVE[torch.float16] = True
 
 
 def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequence: bool) -> Optional[str]:
