@@ -111,6 +111,7 @@ def markdown(rows, meta) -> str:
             _check(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + summary(rows)
     na = {}
     for r in rows:
         if r["status"] == "n/a":
@@ -125,6 +126,45 @@ def markdown(rows, meta) -> str:
     if notes:
         lines += ["", "not run:"] + notes
     return "\n".join(lines)
+
+
+def _geomean(xs) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def _shape(r) -> str:
+    return (f"B={r['batch']} T={r['seq_len']} H={r['hidden_size']}" + (f" L={r['layers']}" if r["layers"] > 1 else "")
+            + (" bi" if r["bidirectional"] else ""))
+
+
+def _case(r) -> str:
+    return f"{r['cell'].upper()} {r['mode']} {_shape(r)}"
+
+
+def summary(rows) -> list[str]:
+    """Per implementation (torch.nn aside): the geometric mean of its speedups over
+    torch.nn per cell, mode and dtype, with the slowest and fastest case; at batch <= 8 in
+    inference; and the cases where it was slower than torch.nn."""
+    out = []
+    timed = [r for r in rows if r["status"] == "ok" and r["impl"] != BASELINE and r.get("speedup")]
+    for impl in dict.fromkeys(r["impl"] for r in timed):
+        mine = [r for r in timed if r["impl"] == impl]
+        out.append(f"summary, {impl} against {BASELINE} (speedup: geometric mean, slowest case, fastest case):")
+        groups: dict = {}
+        for r in mine:
+            groups.setdefault((r["cell"], r["mode"], r["dtype"]), []).append(r)
+        for (cell, mode, dtype), rs in groups.items():
+            lo, hi = min(rs, key=lambda r: r["speedup"]), max(rs, key=lambda r: r["speedup"])
+            out.append(f"- {cell.upper()} {mode} {dtype}: {_geomean([r['speedup'] for r in rs]):.2f}x "
+                       f"(min {lo['speedup']:.3g}x {_shape(lo)}, "
+                       f"max {hi['speedup']:.3g}x; {len(rs)} cases)")
+        small = [r["speedup"] for r in mine if r["mode"] == "inference" and r["batch"] <= 8]
+        if small:
+            out.append(f"- inference at batch <= 8: {_geomean(small):.2f}x (min {min(small):.3g}x)")
+        slower = [r for r in mine if r["speedup"] < 1.0]
+        out.append("- slower than torch.nn: " + (", ".join(f"{_case(r)} {r['speedup']:.3g}x" for r in slower)
+                                                  or "none"))
+    return out
 
 
 # ------------------------------------------------------------------ files

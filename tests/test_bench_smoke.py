@@ -60,6 +60,16 @@ def test_quick_preset_end_to_end(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (out / "results.md").read_text().strip() in proc.stdout
 
+    # The summary under the table: each implementation's geometric mean per cell and mode,
+    # computed from the rows above.
+    for impl in impls - {"torch.nn"}:
+        assert f"summary, {impl} against torch.nn" in proc.stdout
+        lstm_inf = [r["speedup"] for r in ran if r["impl"] == impl and (r["cell"], r["mode"]) == ("lstm", "inference")]
+        if lstm_inf:
+            gm = math.exp(sum(map(math.log, lstm_inf)) / len(lstm_inf))
+            summary = proc.stdout[proc.stdout.index(f"summary, {impl} against torch.nn"):]
+            assert f"- LSTM inference float32: {gm:.2f}x" in summary
+
 
 def test_cpu_ops_script_runs(tmp_path):
     """bench/cpu_ops.py (the CPU kernels against torch.nn, issue grid) at tiny sizes: it runs,
