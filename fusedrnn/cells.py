@@ -103,12 +103,16 @@ class _FusedCellBase(BackendChoice):
         return [fwd(gx, hs[0], w_hh, None, False, self.nonlinearity == "relu")[1]]
 
 
+# The cells spell out torch.nn's constructor signatures (torch.nn's sequence modules take
+# *args, **kwargs): code that inspects them, e.g. torch.nn.utils.skip_init (which needs a
+# `device` parameter), treats fusedrnn's cells as torch.nn's.
 class LSTMCell(_FusedCellBase, nn.LSTMCell):
     """Drop-in torch.nn.LSTMCell; extra keyword: backend."""
     _cell, _torch_name = "lstm", "LSTMCell"
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
         self._init_backend(backend)
 
 
@@ -116,8 +120,9 @@ class GRUCell(_FusedCellBase, nn.GRUCell):
     """Drop-in torch.nn.GRUCell; extra keyword: backend."""
     _cell, _torch_name = "gru", "GRUCell"
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
         self._init_backend(backend)
 
 
@@ -125,6 +130,7 @@ class RNNCell(_FusedCellBase, nn.RNNCell):
     """Drop-in torch.nn.RNNCell (tanh or relu); extra keyword: backend."""
     _cell, _torch_name = "rnn", "RNNCell"
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
         self._init_backend(backend)

@@ -103,3 +103,21 @@ def test_cell_under_torch_compile(fused_cls, no_grad):
             (g1,) = torch.autograd.grad(got.pow(2).sum(), m.weight_hh)
             (g2,) = torch.autograd.grad(want.pow(2).sum(), m.weight_hh)
             torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_constructor_signature_is_torch_nns(kind):
+    """The same parameters as torch.nn's cell (plus keyword-only backend), so code that
+    inspects them works alike: torch.nn.utils.skip_init needs `device` (before, fusedrnn's
+    *args, **kwargs made it raise where torch.nn's cells work)."""
+    import inspect
+    ours = inspect.signature(getattr(fusedrnn, kind)).parameters
+    theirs = inspect.signature(getattr(nn, kind)).parameters
+    assert list(ours) == list(theirs) + ["backend"]
+    assert all(ours[k].default == theirs[k].default for k in theirs)
+    m = nn.utils.skip_init(getattr(fusedrnn, kind), 4, 6)
+    assert type(m) is getattr(fusedrnn, kind) and m.weight_hh.shape[1] == 6
+    # positional arguments as torch.nn's, device included
+    args = (4, 6, False, "relu", "cpu", torch.float64) if kind == "RNNCell" else (4, 6, False, "cpu", torch.float64)
+    m, r = getattr(fusedrnn, kind)(*args), getattr(nn, kind)(*args)
+    assert [(n, p.shape, p.dtype) for n, p in m.named_parameters()] == [(n, p.shape, p.dtype) for n, p in r.named_parameters()]
