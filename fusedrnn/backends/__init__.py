@@ -269,7 +269,9 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 #   than torch.nn's step), so torch.nn there.
 # - bfloat16: torch.nn's LSTM runs oneDNN's bfloat16 kernels (AVX512-BF16 dot products at
 #   twice the float32 FMA rate): ours 0.50-0.77x in inference; in training 1.3-6.4x at
-#   batch <= 4 and 0.59-0.96x from batch 8 (except B=8 H=1024: 2.1x). GRU and RNN are
+#   batch <= 4, 1.13-2.1x at hidden >= 768 up to batch 16 (torch.nn's bfloat16 LSTM
+#   training slows down there), 0.59-0.96x elsewhere (B=8 H=512 0.77x, then 1.14x: noise
+#   at that edge; B=32 H=1024 0.93x). GRU and RNN are
 #   torch.nn's per-step bfloat16 ops: in inference ours 1.02-4.5x where a step's recurrent
 #   multiply-adds, batch x hidden^2 x gates, are <= 2^22, 0.58-1.06x above; in training
 #   1.03-8.3x at batch <= 8 and at batch x hidden <= 8192 (B=32 H=256: 1.19-1.48x), 0.58-1.18x
@@ -323,7 +325,7 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
     elif not sequence:
         ours = False
     elif call.cell == "lstm":
-        ours = grad and call.batch <= 4
+        ours = grad and (call.batch <= 4 or (call.hidden_size >= 768 and call.batch <= 16))
     elif grad:
         ours = call.batch <= 8 or call.batch * call.hidden_size <= 8192
     else:
