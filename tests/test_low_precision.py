@@ -175,17 +175,22 @@ def test_auto_falls_back_to_float32_compute_where_torch_nn_fails(monkeypatch, me
     torch.testing.assert_close(y.float(), ref(x.float())[0], rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN", "RNNCell"])  # (GRU and the other cells stay float32)
-def test_cpu_autocast_runs_float32_compute_or_torch_nn_not_the_reference(kind, measured_cpu):
-    """Under CPU autocast these run in bfloat16 (fusedrnn/autocast.py); before, auto ran
-    the reference there (the cpu backend had no bfloat16), a per-step loop."""
-    torch.manual_seed(3)
+def _under_cpu_autocast(kind):
+    """fusedrnn's `kind` and torch.nn's with the same weights, on one input under CPU
+    autocast to bfloat16: (fusedrnn's module, its result, torch.nn's result)."""
     ours = getattr(fusedrnn, kind)(6, 8)
     ref = getattr(nn, kind)(6, 8)
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(4, 6) if kind.endswith("Cell") else torch.randn(5, 4, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = _first(ours(x)), _first(ref(x))
+        return ours, _first(ours(x)), _first(ref(x))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN", "RNNCell"])  # (GRU and the other cells stay float32)
+def test_cpu_autocast_runs_float32_compute_or_torch_nn_not_the_reference(kind, measured_cpu):
+    """Under CPU autocast these run in bfloat16 (fusedrnn/autocast.py); before, auto ran
+    the reference there (the cpu backend had no bfloat16), a per-step loop."""
+    ours, got, want = _under_cpu_autocast(kind)
     assert ours.last_backend in ("cpu", "torch.nn"), ours.last_backend_reason
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
@@ -195,11 +200,6 @@ def test_cpu_autocast_runs_float32_compute_or_torch_nn_not_the_reference(kind, m
 def test_cpu_autocast_without_the_cpu_backend_runs_torch_nn(kind, no_cpu_backend):
     """Where only the reference could run the autocast dtype (an install without the
     compiled kernels), auto runs torch.nn's forward, which autocasts itself."""
-    ours = getattr(fusedrnn, kind)(6, 8)
-    ref = getattr(nn, kind)(6, 8)
-    ref.load_state_dict(ours.state_dict())
-    x = torch.randn(4, 6) if kind.endswith("Cell") else torch.randn(5, 4, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = _first(ours(x)), _first(ref(x))
+    ours, got, want = _under_cpu_autocast(kind)
     assert ours.last_backend == "torch.nn", ours.last_backend_reason
     torch.testing.assert_close(got, want, rtol=0, atol=0)
