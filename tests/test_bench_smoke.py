@@ -92,6 +92,22 @@ def test_cpu_ops_script_runs(tmp_path):
     assert "cases slower than torch.nn (median): " in proc.stdout and "geomean speedup all" in proc.stdout
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cpu_ops_script_low_precision(dtype):
+    """--dtype bfloat16 / float16: backend 'cpu' (float32 compute) against torch.nn's own
+    low-precision kernels; the script's own check that both agree passes, every case is
+    printed with the dtype in the header."""
+    proc = subprocess.run([sys.executable, "bench/cpu_ops.py", "--batch", "2", "--hidden", "16", "--seq", "5",
+                           "--reps", "3", "--threads", "1", "--dtype", dtype],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if "cpu backend unavailable" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert f"input_size = hidden, {dtype}," in proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["lstm"], ["gru"], ["rnn"])]
+    assert len(rows) == 3 * 2 and all(float(r[6].rstrip("x")) > 0 for r in rows)
+
+
 @pytest.mark.parametrize("mode", ["training", "inference"])
 def test_train_loop_script_reports_both_implementations(mode):
     """bench/train_loop.py (one model per process, allocator costs included) end to end at a
