@@ -1,4 +1,5 @@
-"""fusedrnn.convert: swap fusedrnn modules into an existing model."""
+"""fusedrnn.convert: swap fusedrnn modules into an existing model; fusedrnn.revert: swap
+torch.nn's back (e.g. to save a model that loads without fusedrnn installed)."""
 from __future__ import annotations
 
 import torch
@@ -72,4 +73,19 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         converted = convert(child, backend)
         if converted is not child:
             setattr(model, name, converted)
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """The inverse of convert: every fusedrnn LSTM/GRU/RNN (and cell) in `model` replaced in
+    place by torch.nn's twin (torch_nn_twin: the same Parameter objects, training mode and
+    forward hooks), e.g. before torch.save(model), so that the file loads without fusedrnn.
+    Returns the model (or the twin if `model` itself is one). Modules with parametrized
+    weights stay fusedrnn's (their class is made by torch.nn.utils.parametrize)."""
+    if isinstance(model, tuple(_REPLACEMENTS.values())):
+        return torch_nn_twin(model)
+    for name, child in model.named_children():
+        reverted = revert(child)
+        if reverted is not child:
+            setattr(model, name, reverted)
     return model

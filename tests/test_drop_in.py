@@ -63,6 +63,33 @@ def test_convert_nested_model():
     assert converted.enc[1].last_backend in available_backends("cpu")
 
 
+def test_revert_gives_back_torch_nn_modules_that_save_without_fusedrnn(tmp_path):
+    """revert() undoes convert(): torch.nn's exact classes, the same Parameter objects and
+    training mode, the same outputs; the saved model names no fusedrnn class, so it loads
+    in a process that cannot import fusedrnn."""
+    model = _Nested().double()
+    params = {n: p for n, p in model.named_parameters()}
+    fusedrnn.convert(model)
+    model.eval()
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+    want = model(x)
+    assert fusedrnn.revert(model) is model
+    assert type(model.enc[1]) is nn.LSTM and type(model.dec["gru"]) is nn.GRU and type(model.dec["cell"]) is nn.RNNCell
+    assert all(p is params[n] for n, p in model.named_parameters()) and not model.training
+    for a, b in zip(model(x), want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # (its torch.nn containers: _Nested itself lives in this file, which imports fusedrnn)
+    torch.save(nn.ModuleList([model.enc, model.dec]), tmp_path / "model.pt")
+    script = ("import sys, torch; sys.modules['fusedrnn'] = None\n"  # importing fusedrnn now fails
+              "m = torch.load(sys.argv[1], weights_only=False)\n"
+              "print(type(m[0][1]).__module__)")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "torch.nn.modules.rnn", proc.stderr[-2000:]
+    single = fusedrnn.revert(fusedrnn.GRUCell(3, 4, backend="reference"))
+    assert type(single) is nn.GRUCell
+
+
 def test_convert_top_level_and_keeps_dtype():
     m = nn.GRU(3, 4).double()
     c = fusedrnn.convert(m, backend="reference")
