@@ -28,9 +28,16 @@ def _constructor_kwargs(m: nn.Module) -> dict:
     return kw
 
 
+# nn.Module's hook registries: the new module takes over the old one's dict objects, so
+# hooks keep firing and their handles' remove() still works.
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+          "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
 def _rebuild(m: nn.Module, cls: type, extra: dict) -> nn.Module:
-    """A `cls` with `m`'s constructor arguments (plus `extra`), Parameter objects and
-    training mode."""
+    """A `cls` with `m`'s constructor arguments (plus `extra`), Parameter objects, training
+    mode and hooks."""
     params = dict(m.named_parameters(recurse=False))
     w = next(iter(params.values()))
     with torch.device("meta"):  # built empty, then given the original Parameter objects
@@ -38,6 +45,9 @@ def _rebuild(m: nn.Module, cls: type, extra: dict) -> nn.Module:
     for name, p in params.items():
         setattr(new, name, p)  # same Parameter objects: optimizers keep working
     new.train(m.training)
+    for hooks in _HOOKS:
+        if hooks in m.__dict__:
+            new.__dict__[hooks] = m.__dict__[hooks]
     return new
 
 
@@ -47,16 +57,13 @@ def _convert_module(m: nn.Module, backend: str) -> nn.Module:
 
 def torch_nn_twin(m: nn.Module) -> nn.Module:
     """torch.nn's module in place of fusedrnn's `m`: the same constructor arguments, the same
-    Parameter objects, training mode and forward hooks (torch.jit.script's replacement,
-    modules.BackendChoice.__prepare_scriptable__). A module with parametrized weights is
-    returned as is: torch.nn cannot script those either."""
+    Parameter objects, training mode and hooks (torch.jit.script's replacement,
+    modules.BackendChoice.__prepare_scriptable__, and revert's). A module with parametrized
+    weights is returned as is: torch.nn cannot script those either."""
     torch_cls = next((t for t, f in _REPLACEMENTS.items() if isinstance(m, f)), None)
     if torch_cls is None or nn.utils.parametrize.is_parametrized(m):
         return m
-    twin = _rebuild(m, torch_cls, {})
-    for hooks in ("_forward_pre_hooks", "_forward_hooks"):
-        getattr(twin, hooks).update(getattr(m, hooks))
-    return twin
+    return _rebuild(m, torch_cls, {})
 
 
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
@@ -65,7 +72,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     Works in place and returns the model (or the converted module if `model`
     itself is one). Parameters are shared, not copied, so weights, device,
     dtype, state_dict keys and optimizer references are unchanged; training
-    mode is kept.
+    mode and hooks (forward, backward, state_dict) are kept.
     """
     if type(model) in _REPLACEMENTS:
         return _convert_module(model, backend)

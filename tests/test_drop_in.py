@@ -90,6 +90,32 @@ def test_revert_gives_back_torch_nn_modules_that_save_without_fusedrnn(tmp_path)
     assert type(single) is nn.GRUCell
 
 
+def test_convert_and_revert_keep_hooks_and_their_handles():
+    """Hooks registered on torch.nn's module fire on fusedrnn's after convert (and back after
+    revert), and their handles still remove them; before, convert dropped them silently."""
+    seen = []
+    gru = nn.GRU(4, 5)
+    handles = [gru.register_forward_pre_hook(lambda m, a: seen.append("pre")),
+               gru.register_forward_hook(lambda m, a, kw, out: seen.append(("fwd", sorted(kw))), with_kwargs=True),
+               gru.register_full_backward_hook(lambda m, gi, go: seen.append("bwd"))]
+    model = nn.Sequential(gru)
+    fusedrnn.convert(model)
+    assert isinstance(model[0], fusedrnn.GRU)
+    model[0](torch.randn(3, 2, 4, requires_grad=True))[0].sum().backward()
+    assert seen == ["pre", ("fwd", []), "bwd"]
+    fusedrnn.revert(model)
+    assert type(model[0]) is nn.GRU
+    seen.clear()
+    model[0](torch.randn(3, 2, 4))
+    assert seen == ["pre", ("fwd", [])]
+    fusedrnn.convert(model)
+    for h in handles:
+        h.remove()
+    seen.clear()
+    model[0](torch.randn(3, 2, 4, requires_grad=True))[0].sum().backward()
+    assert seen == []
+
+
 def test_convert_top_level_and_keeps_dtype():
     m = nn.GRU(3, 4).double()
     c = fusedrnn.convert(m, backend="reference")
