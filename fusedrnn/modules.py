@@ -287,20 +287,15 @@ class _FusedRNNBase(BackendChoice):
             return out
         backend, why = select(self.backend, call)
         if self.backend == "auto":
-            # Speed: where torch.nn's kernels measured faster, except under torch.compile, where
-            # torch.nn's oneDNN LSTM failed to compile with grad enabled (torch 2.14, aot_eager
-            # and inductor; fusedrnn's ops compile)
-            nn_why = None
-            if not torch.compiler.is_compiling():
-                w = self._param(names[0][0])
-                nn_why = torch_nn_faster_low_precision(call, backend, torch.is_grad_enabled() and (
-                    x.requires_grad or w.requires_grad), True)
-                # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference)
-                training = self.training and torch.is_grad_enabled() and w.requires_grad
-                nn_why = nn_why or torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), training,
-                                                   not x.requires_grad, self.num_layers)
-            # (under autocast too: torch.nn's forward then autocasts itself)
-            nn_why = nn_why or torch_nn_instead_of_reference(call, backend.name, why)
+            w = self._param(names[0][0])
+            # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference;
+            # under autocast too: torch.nn's forward then autocasts itself)
+            training = self.training and torch.is_grad_enabled() and w.requires_grad
+            nn_why = (torch_nn_faster_low_precision(call, backend, torch.is_grad_enabled() and (
+                          x.requires_grad or w.requires_grad), True)
+                      or torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), training,
+                                         not x.requires_grad, self.num_layers)
+                      or torch_nn_instead_of_reference(call, backend.name, why))
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:
                 return out

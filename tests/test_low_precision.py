@@ -203,3 +203,19 @@ def test_cpu_autocast_without_the_cpu_backend_runs_torch_nn(kind, no_cpu_backend
     ours, got, want = _under_cpu_autocast(kind)
     assert ours.last_backend == "torch.nn", ours.last_backend_reason
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_under_compile_no_lstm_goes_to_torch_nns_onednn_kernel(monkeypatch, measured_cpu):
+    """torch.nn's oneDNN LSTM fails to compile with grad enabled (torch 2.14), so while
+    compiling, auto keeps an LSTM on fusedrnn's ops; GRU and RNN (which compile in torch.nn)
+    still follow the measured rule."""
+    monkeypatch.setattr(backends, "onednn_avx512", lambda: True)
+    cpu = backends.registry()["cpu"]
+    lstm_bf16 = Call("lstm", torch.device("cpu"), torch.bfloat16, 256, 0, 64)
+    gru_bf16 = lstm_bf16._replace(cell="gru")
+    lstm_fp32 = lstm_bf16._replace(dtype=torch.float32)
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        assert (torch_nn_faster_low_precision(lstm_bf16, cpu, False, True) is None) == compiling
+        assert (backends.torch_nn_faster(lstm_fp32, 32, False) is None) == compiling
+        assert torch_nn_faster_low_precision(gru_bf16, cpu, False, True) is not None

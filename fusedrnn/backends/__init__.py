@@ -217,6 +217,15 @@ def onednn_avx512() -> bool:
 _AVX512: Optional[bool] = None
 
 
+def _onednn_lstm_uncompilable(call: Call) -> bool:
+    """Whether handing `call` to torch.nn would run its oneDNN LSTM under torch.compile, which
+    failed with grad enabled (torch 2.14, float32 and bfloat16: "expected all
+    tensors_saved_with_vc_check to be Tensors" with aot_eager, "expected Tensor() for op
+    mkldnn_rnn_layer" with inductor), where fusedrnn's ops compile. torch.nn's GRU, RNN and
+    float16 LSTM compiled."""
+    return call.cell == "lstm" and torch.compiler.is_compiling()
+
+
 def torch_nn_faster(call: Call, steps: int, packed: bool, training: bool = False, frozen_input: bool = False,
                     layers: int = 1) -> Optional[str]:
     """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call of `steps`
@@ -225,7 +234,7 @@ def torch_nn_faster(call: Call, steps: int, packed: bool, training: bool = False
     `frozen_input`: its input needs no gradient (a first layer fed raw features: fusedrnn
     then skips dx's GEMM, oneDNN does not); `layers`: num_layers (oneDNN's stacked
     training measured slower than fusedrnn's)."""
-    if training and (frozen_input or layers >= 2):
+    if (training and (frozen_input or layers >= 2)) or _onednn_lstm_uncompilable(call):
         return None
     if not (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
             and call.proj_size == 0 and not packed and call.batch >= TORCH_NN_MIN_BATCH
@@ -313,7 +322,8 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
     """Why auto runs torch.nn's own forward for a float16 / bfloat16 call that `backend`
     would compute in float32, or None (see LOW_PRECISION). `grad`: autograd records the
     call (a backward will run); `sequence`: a sequence module, not a cell."""
-    if call.dtype not in backend.float32_for or (call.cell, call.device.type, call.dtype) in _TORCH_NN_CANNOT:
+    if (call.dtype not in backend.float32_for or (call.cell, call.device.type, call.dtype) in _TORCH_NN_CANNOT
+            or (sequence and _onednn_lstm_uncompilable(call))):
         return None
     name = str(call.dtype).replace("torch.", "")
     if _native_low_precision(call.dtype):
