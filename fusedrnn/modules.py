@@ -300,8 +300,14 @@ class _FusedRNNBase(BackendChoice):
             if out is not None:
                 return out
         if call.dtype in backend.float32_for:  # computed in float32, the results cast back
-            x, hs, cast, finish = x.float(), [h.float() for h in hs], torch.float32, _cast_back(finish, x.dtype)
-            why += "; computed in float32"
+            # bfloat16 inference on a backend with bfloat16 recurrence kernels: x, the weights
+            # and the input projection stay bfloat16, the states and the cell math float32
+            # (_sequence_layer); else everything in float32.
+            bf16 = (call.dtype == torch.bfloat16 and backend.bf16_recurrence is not None
+                    and not records_grad(x, *self._weight_tensors()) and backend.bf16_recurrence(x.shape[0]))
+            x, hs, finish = x if bf16 else x.float(), [h.float() for h in hs], _cast_back(finish, x.dtype)
+            cast = torch.bfloat16 if bf16 else torch.float32
+            why += "; bfloat16 products, float32 states" if bf16 else "; computed in float32"
         self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
         # One step (e.g. step-by-step decoding): the backend's cell op, if it has one, does the
@@ -317,19 +323,26 @@ class _FusedRNNBase(BackendChoice):
         """One layer and direction through the input projection and the sequence op `fwd`:
         (y, [h_n] or [h_n, c_n]). `native`: the backend has the projection op (projection.py)."""
         w_ih, w_hh, b_ih, b_hh, w_hr = weights
+        if w_hh.dtype != state[0].dtype:  # bfloat16 weights, float32 states (forward's bf16)
+            # the projection in bfloat16 (gx rounded to it, as in torch.nn's bfloat16 GRU),
+            # w_hh to the op as it is (the cpu backend's bfloat16 dot products), the rest float32
+            layer_in = layer_in.to(w_ih.dtype)
+            native = False
+            b_hh = b_hh.float() if self._cell == "gru" and b_hh is not None else b_hh
+            w_hr = None if w_hr is None else w_hr.float()
         if self._cell == "gru":
             # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).
-            gx = input_projection(layer_in, w_ih, b_ih, native)
+            gx = input_projection(layer_in, w_ih, b_ih, native).to(state[0].dtype)
             train = records_grad(gx, state[0], w_hh, b_hh)
             y, h_n, *_ = fwd(gx, state[0], w_hh, b_hh, lengths, bool(d), train)
             new = [h_n]
         elif self._cell == "lstm":
-            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, native)
+            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, native).to(state[0].dtype)
             train = records_grad(gx, state[0], state[1], w_hh, w_hr)
             y, h_n, c_n, *_ = fwd(gx, state[0], state[1], w_hh, w_hr, lengths, bool(d), train)
             new = [h_n, c_n]
         else:
-            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, native)
+            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, native).to(state[0].dtype)
             y, h_n = fwd(gx, state[0], w_hh, lengths, bool(d), self.nonlinearity == "relu")
             new = [h_n]
         return y, new

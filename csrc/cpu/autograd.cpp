@@ -326,6 +326,12 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
 
 std::tuple<Tensor, Tensor> rnn_forward_autograd(const Tensor& gx, const Tensor& h0, const Tensor& w_hh,
                                                 const optional<Tensor>& lengths, bool reverse, bool relu) {
+  // (the LSTM and GRU ops refuse it through train=False; this op has no train flag. Here,
+  // not in forward(): autograd runs that with grad mode off.)
+  TORCH_CHECK(w_hh.scalar_type() != at::kBFloat16 ||
+                  !(at::GradMode::is_enabled() && (gx.requires_grad() || h0.requires_grad() || w_hh.requires_grad())),
+              "fusedrnn::rnn_forward (cpu): a bfloat16 w_hh is for inference only (no gradient); for training "
+              "pass it as float32");
   auto r = RnnSeq::apply(gx, h0, w_hh, lengths, reverse, relu);
   return {r[0], r[1]};
 }

@@ -117,6 +117,14 @@ struct LineAlloc {
 template <typename T>
 using Buf = std::vector<T, LineAlloc<T>>;
 
+// `w` as a T* where it is one, else null: the forwards' recurrent weight, which may be
+// bfloat16 bits (TiledBF) while everything else is float32.
+template <typename T, typename W>
+const T* same_type(const W* w) {
+  if constexpr (std::is_same_v<T, W>) return w;
+  else return nullptr;
+}
+
 Scratch g_scratch;  // set once when the extension loads (register.cpp)
 
 // A float buffer of the kernels' own, from the scratch provider when there is one.
@@ -408,6 +416,11 @@ struct TiledStub {
   static int64_t block_rows(int) { return 4; }
   TiledStub(const T*, int64_t, int64_t, int, int64_t, int64_t, int64_t, const Slices&) {}
   int64_t ldc() const { return 0; }
+  struct ARows {
+    const T* p;
+    int64_t ld;
+  };
+  ARows rows_of(int, const T* a, int64_t lda, int64_t) const { return {a, lda}; }
   int64_t first_panel(int64_t) const { return 0; }
   int64_t end_panel(int64_t) const { return 0; }
   void gemm_panel(int64_t, int64_t, const T*, int64_t, T*, int64_t, bool, bool, T*) const {}
@@ -518,6 +531,12 @@ struct TiledF {
   // Row stride of the padded gate buffer: one cache line more than the panels, so that
   // rows are not a multiple of 4 KB apart (L1 set conflicts, 4K aliasing).
   int64_t ldc() const { return npanel * 8 * V + 16; }
+  // A step's A operand as gemm_panel takes it (TiledBF converts it; here it is A itself).
+  struct ARows {
+    const float* p;
+    int64_t ld;
+  };
+  ARows rows_of(int, const float* a, int64_t lda, int64_t) const { return {a, lda}; }
 
   // `pf`: npf (<= K) cache lines to prefetch, one per k step (the in-loop prefetch, see rows()).
   // `init` (if not null and not acc): the accumulators start from it (8*VV values, a bias).
@@ -728,6 +747,8 @@ struct TiledF {
   int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
   int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
 };
+
+#include "cpu/tiled_bf16.h"
 
 // out[m * kc + k] = a[m * sam + k * sak] for an mc x kc block (A's rows made contiguous
 // in k, as the micro-kernel reads them); colsum (if not null): colsum[m] += the sum of
@@ -1125,6 +1146,39 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
   const SeqV s(sq);
   FRNN_DISPATCH(rnn_forward, gx, h0, w_hh, H, relu, s, y, h_n);
 }
+bool bf16_forward_runs(int64_t steps) {
+#if FRNN_X86_SIMD
+  return use_avx2() && TiledBF::use(steps);
+#else
+  (void)steps;
+  return false;
+#endif
+}
+#if FRNN_X86_SIMD
+#define FRNN_BF16_FORWARD(fn, ...)                                  \
+  if (!bf16_forward_runs(sq.T)) return false;                       \
+  avx2::fn<float, TiledBF, uint16_t>(gx, h0, __VA_ARGS__);    \
+  return true
+#else
+#define FRNN_BF16_FORWARD(fn, ...) return false
+#endif
+bool lstm_forward_bf16(const float* gx, const float* h0, const float* c0, const uint16_t* w_hh, const float* w_hr,
+                       int64_t H, int64_t P, const Seq& sq, float* y, float* h_n, float* c_n) {
+  const SeqV s(sq);
+  FRNN_BF16_FORWARD(lstm_forward, c0, w_hh, w_hr, H, P, s, y, h_n, c_n, nullptr, nullptr);
+}
+bool gru_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, const float* b_hh, int64_t H,
+                      const Seq& sq, float* y, float* h_n) {
+  const SeqV s(sq);
+  FRNN_BF16_FORWARD(gru_forward, w_hh, b_hh, H, s, y, h_n, nullptr, nullptr);
+}
+bool rnn_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, int64_t H, bool relu, const Seq& sq,
+                      float* y, float* h_n) {
+  const SeqV s(sq);
+  FRNN_BF16_FORWARD(rnn_forward, w_hh, H, relu, s, y, h_n);
+}
+#undef FRNN_BF16_FORWARD
+
 template <typename T>
 void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const T* c0,
                    const T* w_hh, const T* w_hr, int64_t H, int64_t P, const Seq& sq,

@@ -14,17 +14,19 @@
 // on the unpacked weight). Nothing is allocated inside the time loop.
 
 // ----------------------------------------------------------------------------- forward
-template <typename T>
-void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T* w_hr,
+template <typename T, typename TW = Tiled<T>, typename WT = T>
+void lstm_forward(const T* gx, const T* h0, const T* c0, const WT* w_hh_, const T* w_hr,
                   int64_t H, int64_t P, const Seq& sq,
                   T* y, T* h_n, T* c_n, T* gates, T* cells) {
   const int64_t B = sq.B, TT = sq.T, G = 4 * H;
   const bool proj = w_hr != nullptr;
-  const bool tiled = Tiled<T>::use(TT);
-  const Slices sl = make_slices(H, B * 4 * P, Tiled<T>::panel_units(4));
+  const bool tiled = TW::use(TT);
+  const T* w_hh = same_type<T>(w_hh_);  // null for a bfloat16 weight (TiledBF: always tiled)
+  const Slices sl = make_slices(H, B * 4 * P, TW::panel_units(4));
   const Slices slp = make_slices(P, B * H);
-  std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, P, 1, 4, H, P, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(4), (G * P + P * H * proj) * int64_t(sizeof(T)), tiled, TT);
+  std::unique_ptr<TW> tw(tiled ? new TW(w_hh_, P, 1, 4, H, P, B, sl) : nullptr);
+  const Split sp = make_split(sl, B, TW::block_rows(4), G * P * int64_t(sizeof(WT)) + P * H * proj * int64_t(sizeof(T)),
+                              tiled, TT);
   const GateWeights<T> w(w_hh, 4, H, P, sl, tiled || sp.by_rows() ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
@@ -88,8 +90,8 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
-        for (int64_t p = p0; p < p1; ++p)
-          tw->gemm_panel(p, nr, hcur + b0 * P, P, gh.data() + b0 * ldg, ldg, false, false, nullptr);
+        const auto A = tw->rows_of(k, hcur + b0 * P, P, nr);
+        for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, nr, A.p, A.ld, gh.data() + b0 * ldg, ldg, false, false, nullptr);
         for (int64_t b = b0; b < b1; ++b) {
           const T* a = gh.data() + first.row(s, b0, b) * ldg;
           int64_t p = p0;
@@ -123,14 +125,15 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const T* w_hh, const T*
   std::copy(c.data(), c.data() + B * H, c_n);
 }
 
-template <typename T>
-void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t H, const Seq& sq,
+template <typename T, typename TW = Tiled<T>, typename WT = T>
+void gru_forward(const T* gx, const T* h0, const WT* w_hh_, const T* b_hh, int64_t H, const Seq& sq,
                  T* y, T* h_n, T* gates, T* hn) {
   const int64_t B = sq.B, TT = sq.T, G = 3 * H;
-  const bool tiled = Tiled<T>::use(TT);
-  const Slices sl = make_slices(H, B * 3 * H, Tiled<T>::panel_units(3));
-  std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 3, H, H, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(3), G * H * int64_t(sizeof(T)), tiled, TT);
+  const bool tiled = TW::use(TT);
+  const T* w_hh = same_type<T>(w_hh_);
+  const Slices sl = make_slices(H, B * 3 * H, TW::panel_units(3));
+  std::unique_ptr<TW> tw(tiled ? new TW(w_hh_, H, 1, 3, H, H, B, sl) : nullptr);
+  const Split sp = make_split(sl, B, TW::block_rows(3), G * H * int64_t(sizeof(WT)), tiled, TT);
   const GateWeights<T> w(w_hh, 3, H, H, sl, tiled || sp.by_rows() ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> bz(b_hh ? 0 : G, T(0)), gh(B * ldg), ha(B * H), hb(B * H);
@@ -177,8 +180,8 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
-        for (int64_t p = p0; p < p1; ++p)
-          tw->gemm_panel(p, nr, hcur + b0 * H, H, gh.data() + b0 * ldg, ldg, false, false, nullptr);
+        const auto A = tw->rows_of(k, hcur + b0 * H, H, nr);
+        for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, nr, A.p, A.ld, gh.data() + b0 * ldg, ldg, false, false, nullptr);
         for (int64_t b = b0; b < b1; ++b) {
           const T* a = gh.data() + first.row(s, b0, b) * ldg;
           int64_t p = p0;
@@ -203,14 +206,15 @@ void gru_forward(const T* gx, const T* h0, const T* w_hh, const T* b_hh, int64_t
   std::copy(st.cur, st.cur + B * H, h_n);
 }
 
-template <typename T>
-void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, const Seq& sq,
+template <typename T, typename TW = Tiled<T>, typename WT = T>
+void rnn_forward(const T* gx, const T* h0, const WT* w_hh_, int64_t H, bool relu, const Seq& sq,
                  T* y, T* h_n) {
   const int64_t B = sq.B, TT = sq.T;
-  const bool tiled = Tiled<T>::use(TT);
-  const Slices sl = make_slices(H, B * H, Tiled<T>::panel_units(1));
-  std::unique_ptr<Tiled<T>> tw(tiled ? new Tiled<T>(w_hh, H, 1, 1, H, H, 0, sl) : nullptr);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), H * H * int64_t(sizeof(T)), tiled, TT);
+  const bool tiled = TW::use(TT);
+  const T* w_hh = same_type<T>(w_hh_);
+  const Slices sl = make_slices(H, B * H, TW::panel_units(1));
+  std::unique_ptr<TW> tw(tiled ? new TW(w_hh_, H, 1, 1, H, H, B, sl) : nullptr);
+  const Split sp = make_split(sl, B, TW::block_rows(1), H * H * int64_t(sizeof(WT)), tiled, TT);
   const int64_t ldg = tiled ? tw->ldc() : H;
   Buf<T> gh(B * ldg), ha(B * H), hb(B * H);
   std::copy(h0, h0 + B * H, ha.data());
@@ -244,8 +248,8 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in gx/y).
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
-        for (int64_t p = p0; p < p1; ++p)
-          tw->gemm_panel(p, nr, hcur + b0 * H, H, gh.data() + b0 * ldg, ldg, false, false, nullptr);
+        const auto A = tw->rows_of(k, hcur + b0 * H, H, nr);
+        for (int64_t p = p0; p < p1; ++p) tw->gemm_panel(p, nr, A.p, A.ld, gh.data() + b0 * ldg, ldg, false, false, nullptr);
         for (int64_t b = b0; b < b1; ++b)
           cell(s, b, j0, j1 - j0, gh.data() + first.row(s, b0, b) * ldg + j0, hcur, hnext);
       } else {  // BLAS

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -150,6 +151,31 @@ std::tuple<Tensor, Tensor, Tensor> projection_backward_op(const Tensor& grad_, c
   return {gx, gw, gb};
 }
 
+// ----------------------------------------------------------------------------- bfloat16 w_hh
+// The forwards accept a bfloat16 w_hh with float32 everything else, for inference: the
+// modules' bfloat16 inference path (fusedrnn/modules.py), whose recurrent products then
+// run on bfloat16 dot products (kernels.h, *_forward_bf16). Whether w_hh is such a weight;
+// checks that the call is one the bfloat16 kernels serve (float32 gx, train=False).
+bool bf16_weight(const Tensor& w_hh, const Tensor& gx, bool train, const char* op) {
+  if (!w_hh.defined() || w_hh.scalar_type() != at::kBFloat16) return false;
+  TORCH_CHECK(gx.scalar_type() == at::kFloat, op, ": a bfloat16 w_hh needs float32 gx (got ", gx.scalar_type(),
+              "); otherwise all floating-point arguments must have gx's dtype");
+  TORCH_CHECK(!train, op, ": a bfloat16 w_hh is for inference only (train=False); for training pass it as float32");
+  return true;
+}
+const uint16_t* bf16_bits(const Tensor& w) { return reinterpret_cast<const uint16_t*>(w.data_ptr()); }
+// A bfloat16 w_hh as float32 (exact), where the bfloat16 kernel does not run.
+Tensor bf16_to_float(const Tensor& w, const Tensor& like) {
+  Tensor out = new_output(w.sizes(), like);
+  const uint16_t* s = bf16_bits(w);
+  float* d = out.data_ptr<float>();
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    const uint32_t bits = uint32_t(s[i]) << 16;
+    std::memcpy(d + i, &bits, 4);
+  }
+  return out;
+}
+
 // ----------------------------------------------------------------------------- LSTM
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
     const Tensor& gx_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_hh_, const optional<Tensor>& w_hr_,
@@ -164,7 +190,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
   const int64_t P = w_hr.defined() ? w_hr.size(0) : H;
   check_tensor(h0_, op, "h0", gx_, 2);
   check_tensor(c0_, op, "c0", gx_, 2);
-  check_tensor(w_hh_, op, "w_hh", gx_, 2);
+  const bool bf16w = bf16_weight(w_hh_, gx_, train, op);
+  check_tensor(w_hh_, op, "w_hh", bf16w ? w_hh_ : gx_, 2);
   check_shape(h0_, op, "h0", {B, P});
   check_shape(c0_, op, "c0", {B, H});
   check_shape(w_hh_, op, "w_hh", {G, P});
@@ -180,6 +207,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
   // Inference (train=False) neither allocates nor writes the saved tensors.
   Tensor gates = saved_output({T, B, G}, gx, train), cells = saved_output({T, B, H}, gx, train);
   const Seq sq = make_seq(T, B, L, reverse);
+  if (bf16w && cpu::lstm_forward_bf16(gx.data_ptr<float>(), h0.data_ptr<float>(), c0.data_ptr<float>(),
+                                      bf16_bits(w_hh), w_hr.defined() ? w_hr.data_ptr<float>() : nullptr, H, P, sq,
+                                      y.data_ptr<float>(), h_n.data_ptr<float>(), c_n.data_ptr<float>()))
+    return {y, h_n, c_n, gates, cells};
+  if (bf16w) w_hh = bf16_to_float(w_hh, gx);
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fusedrnn_lstm_forward_cpu", [&] {
     cpu::lstm_forward<scalar_t>(gx.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
                                 w_hh.data_ptr<scalar_t>(), w_hr.defined() ? w_hr.data_ptr<scalar_t>() : nullptr,
@@ -259,7 +291,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_op(
   TORCH_CHECK(G % 3 == 0 && G > 0, op, ": gx's last dimension must be 3 * hidden_size, got ", G);
   const int64_t H = G / 3;
   check_tensor(h0_, op, "h0", gx_, 2);
-  check_tensor(w_hh_, op, "w_hh", gx_, 2);
+  const bool bf16w = bf16_weight(w_hh_, gx_, train, op);
+  check_tensor(w_hh_, op, "w_hh", bf16w ? w_hh_ : gx_, 2);
   check_shape(h0_, op, "h0", {B, H});
   check_shape(w_hh_, op, "w_hh", {G, H});
   Tensor b_hh = opt(b_hh_);
@@ -273,6 +306,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_op(
   Tensor y = new_output({T, B, H}, gx), h_n = new_output({B, H}, gx);
   Tensor gates = saved_output({T, B, G}, gx, train), hn = saved_output({T, B, H}, gx, train);
   const Seq sq = make_seq(T, B, L, reverse);
+  if (bf16w && cpu::gru_forward_bf16(gx.data_ptr<float>(), h0.data_ptr<float>(), bf16_bits(w_hh),
+                                     b_hh.defined() ? b_hh.data_ptr<float>() : nullptr, H, sq, y.data_ptr<float>(),
+                                     h_n.data_ptr<float>()))
+    return {y, h_n, gates, hn};
+  if (bf16w) w_hh = bf16_to_float(w_hh, gx);
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fusedrnn_gru_forward_cpu", [&] {
     cpu::gru_forward<scalar_t>(gx.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
                                b_hh.defined() ? b_hh.data_ptr<scalar_t>() : nullptr, H, sq,
@@ -334,13 +372,19 @@ std::tuple<Tensor, Tensor> rnn_forward_op(const Tensor& gx_, const Tensor& h0_, 
   const int64_t T = gx_.size(0), B = gx_.size(1), H = gx_.size(2);
   TORCH_CHECK(H > 0, op, ": hidden_size must be positive");
   check_tensor(h0_, op, "h0", gx_, 2);
-  check_tensor(w_hh_, op, "w_hh", gx_, 2);
+  // (no train flag: fusedrnn/ops.py refuses a bfloat16 w_hh where a gradient is needed)
+  const bool bf16w = bf16_weight(w_hh_, gx_, false, op);
+  check_tensor(w_hh_, op, "w_hh", bf16w ? w_hh_ : gx_, 2);
   check_shape(h0_, op, "h0", {B, H});
   check_shape(w_hh_, op, "w_hh", {H, H});
   Tensor L = check_lengths(lengths, op, T, B);
   Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
   Tensor y = new_output({T, B, H}, gx), h_n = new_output({B, H}, gx);
   const Seq sq = make_seq(T, B, L, reverse);
+  if (bf16w && cpu::rnn_forward_bf16(gx.data_ptr<float>(), h0.data_ptr<float>(), bf16_bits(w_hh), H, relu, sq,
+                                     y.data_ptr<float>(), h_n.data_ptr<float>()))
+    return {y, h_n};
+  if (bf16w) w_hh = bf16_to_float(w_hh, gx);
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fusedrnn_rnn_forward_cpu", [&] {
     cpu::rnn_forward<scalar_t>(gx.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), H,
                                relu, sq, y.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>());
@@ -409,6 +453,11 @@ const bool scratch_set = [] {
   return true;
 }();
 PyObject* simd_path(PyObject*, PyObject*) { return PyUnicode_FromString(fusedrnn::cpu::simd_path()); }
+PyObject* bf16_forward_runs(PyObject*, PyObject* args) {
+  long long steps = 0;
+  if (!PyArg_ParseTuple(args, "L", &steps)) return nullptr;
+  return PyBool_FromLong(fusedrnn::cpu::bf16_forward_runs((int64_t)steps));
+}
 PyObject* pool_bytes(PyObject*, PyObject*) {
   return PyLong_FromSize_t(fusedrnn::cpu::OutputPool::get().pooled_bytes());
 }
@@ -436,6 +485,9 @@ PyObject* set_options(PyObject*, PyObject* args) {
 }
 PyMethodDef methods[] = {
     {"simd_path", simd_path, METH_NOARGS, "elementwise code path in use: avx2 or baseline"},
+    {"bf16_forward_runs", bf16_forward_runs, METH_VARARGS,
+     "bf16_forward_runs(steps) -> whether the forward ops run a bfloat16 w_hh on AVX512-BF16 dot products "
+     "for a sequence of `steps` steps (else they cast it to float32)"},
     {"_pool_bytes", pool_bytes, METH_NOARGS,
      "bytes of freed op outputs the cpu output pool holds for reuse (FUSEDRNN_CPU_POOL_MB caps it)"},
     {"_pool_hold_lock_for_test", pool_hold_lock, METH_VARARGS,

@@ -40,9 +40,14 @@ def _load_for(dispatch_key: str, module: str):
     return load
 
 
+def _bf16_recurrence(steps: int) -> bool:
+    return importlib.import_module("fusedrnn._C").bf16_forward_runs(steps)
+
+
 register(Backend(name="cpu", ops_backend="cpu", device_types=("cpu",),
                  dtypes=(torch.float64, torch.float32), load=_load_for("CPU", "fusedrnn._C"),
-                 cell_ops=True, projection_op=True, float32_for=(torch.float16, torch.bfloat16)))
+                 cell_ops=True, projection_op=True, float32_for=(torch.float16, torch.bfloat16),
+                 bf16_recurrence=_bf16_recurrence))
 register(Backend(name="cuda", ops_backend="cuda", device_types=("cuda",),
                  dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load_for("CUDA", "fusedrnn._C_cuda"),
                  kernel_choice=lambda: last_cuda_algo()))

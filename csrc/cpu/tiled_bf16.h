@@ -1,0 +1,222 @@
+// The forwards' recurrent GEMM with a bfloat16 recurrent weight, on AVX512-BF16 dot
+// products (vdpbf16ps): gh[B, N] = bf16(h) @ W^T, products of bfloat16 pairs summed in
+// float32. Included by kernels.cpp after TiledF (namespace avx2; it uses TiledF, ScratchBuffer,
+// Slices, run_slices, g_tiled). Same interface as TiledF for the forward steps of
+// kernels_impl.h (rows_of, gemm_panel, the panel geometry), so the time loops, splits and
+// cell math are the float32 ones: only the GEMM's operands are bfloat16.
+//
+// Why: torch.nn's bfloat16 LSTM (oneDNN) computes its GEMMs on these dot products, which
+// run at twice the float32 FMA rate here (Zen 4, one core: 219 against 117 GFLOP/s with
+// 256-bit vectors); float32 compute of a bfloat16 module reached 0.49-0.69x of it in
+// inference. A bfloat16 weight is exact in this kernel; h is rounded to bfloat16 (round to
+// nearest even) before each step's product, as in torch.nn's bfloat16 modules, whose h is
+// bfloat16. Inference only (the forwards with train=False; register.cpp checks).
+//
+// Layout: the panels of TiledF (8*V output columns, gates interleaved per 8 units), with
+// k in pairs: for pair kk, lane l of vector v holds one 32-bit word with the weight's
+// entries k = 2kk (low half) and 2kk+1 (high half) of its column, zero-padded past K
+// (odd K) and past the last unit. A's rows are converted once per step (rows_of) into the
+// same pairs, so the micro-kernel broadcasts one 32-bit word per row and pair.
+#define FRNN_BF16_TARGET "avx2,fma,avx512f,avx512vl,avx512bw,avx512bf16"
+
+struct TiledBF {
+  static constexpr int64_t KC2 = 128;  // pairs per k-block: a 4-vector panel block is 16 KB (L1)
+  static bool supported() {
+    static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512bf16");
+    return yes;
+  }
+  static bool use(int64_t steps) {
+    return steps >= TiledF::kMinSteps && g_tiled.load(std::memory_order_relaxed) && supported();
+  }
+  static int64_t panel_units(int ng) { return TiledF::panel_units(ng); }
+  static int64_t block_rows(int) { return 4; }
+
+  int V, ng;
+  int64_t units, K, K2, npanel, lda2;
+  std::unique_ptr<ScratchBuffer> P;  // the packed panels: npanel * K2 * 8V words
+  std::unique_ptr<ScratchBuffer> A;  // per unit slice: B rows of lda2 words (h in bf16 pairs)
+  int64_t B;
+
+  // W [ng*units, K] row-major bfloat16 bits (the forward's W_hh: sc = K, sk = 1); B: the
+  // batch (A's rows); sl: the unit slices (packed in parallel; one A buffer each).
+  TiledBF(const uint16_t* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t B_,
+          const Slices& sl)
+      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), K2((K_ + 1) / 2),
+        npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)), lda2(K2 + 16),
+        P(new ScratchBuffer(npanel * K2 * 8 * V)), A(new ScratchBuffer(sl.n * B_ * lda2 + 16)), B(B_) {
+    (void)sk;  // always 1: rows of W contiguous in k
+    run_slices(sl, [&](int k) {
+      for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, p);
+    });
+  }
+  int64_t ldc() const { return npanel * 8 * V + 16; }  // as TiledF's
+  int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
+  int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
+  uint32_t* panels() const { return reinterpret_cast<uint32_t*>(P->get()); }
+
+  static uint32_t pair(const uint16_t* row, int64_t k, int64_t K) {
+    return uint32_t(row[k]) | (k + 1 < K ? uint32_t(row[k + 1]) << 16 : 0u);
+  }
+  void pack(const uint16_t* W, int64_t sc, int64_t p) {
+    const int64_t up = panel_units(ng);
+    uint32_t* out = panels() + p * K2 * 8 * V;
+    for (int v = 0; v < V; ++v) {
+      const int gate = ng == 1 ? 0 : v;
+      const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
+      const uint16_t* row[8];
+      for (int l = 0; l < 8; ++l) row[l] = u0 + l < units ? W + (gate * units + u0 + l) * sc : nullptr;
+      int64_t kk = 0;
+      // 8 columns x 8 pairs at a time: an 8x8 transpose of 32-bit words.
+      for (; 2 * (kk + 8) <= K; kk += 8) {
+        __m256 r[8];
+        for (int l = 0; l < 8; ++l)
+          r[l] = row[l] ? _mm256_loadu_ps(reinterpret_cast<const float*>(row[l] + 2 * kk)) : _mm256_setzero_ps();
+        TiledF::transpose8(r);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(reinterpret_cast<float*>(out + ((kk + j) * V + v) * 8), r[j]);
+      }
+      for (; kk < K2; ++kk)
+        for (int l = 0; l < 8; ++l) out[(kk * V + v) * 8 + l] = row[l] ? pair(row[l], 2 * kk, K) : 0u;
+    }
+  }
+
+  // Rows [0, nr) of A (float32, leading dimension lda) in bfloat16 pairs, in slice k's
+  // buffer: the A operand of this step's gemm_panel calls.
+  struct ARows {
+    const uint32_t* p;
+    int64_t ld;
+  };
+  ARows rows_of(int k, const float* a, int64_t lda, int64_t nr) {
+    uint32_t* out = reinterpret_cast<uint32_t*>(A->get()) + k * B * lda2;
+    to_bf16(a, lda, nr, K, out, lda2);
+    return {out, lda2};
+  }
+  __attribute__((target(FRNN_BF16_TARGET), noinline)) static void to_bf16(const float* a, int64_t lda, int64_t nr,
+                                                                            int64_t K, uint32_t* out, int64_t ldo) {
+    for (int64_t r = 0; r < nr; ++r) {
+      const float* src = a + r * lda;
+      uint16_t* dst = reinterpret_cast<uint16_t*>(out + r * ldo);
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+      const int64_t n = (K + 1) / 2 * 2 - k;  // the rest, with the odd K's zero pad
+      if (n > 0) {
+        const __mmask16 in = __mmask16((1u << (K - k)) - 1), all = __mmask16((1u << n) - 1);
+        _mm256_mask_storeu_epi16(dst + k, all, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, src + k)));
+      }
+    }
+  }
+
+  // C[R rows, 8VV] (+)= A[R rows, K2 pairs] @ the panel block Pn, the accumulators in
+  // registers (R x VV of them, R broadcasts and one weight vector: <= 25 of the 32).
+  // `pf`: npf (<= K2) cache lines to prefetch, one per pair (see rows()).
+  template <int VV, int R>
+  __attribute__((target(FRNN_BF16_TARGET), noinline)) static void kernel(int64_t K2, const uint32_t* A, int64_t lda,
+                                                                           const uint32_t* Pn, float* C, int64_t ldc,
+                                                                           bool acc, const char* pf, int64_t npf) {
+    __m256 c[R][VV];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < VV; ++v) c[r][v] = acc ? _mm256_loadu_ps(C + r * ldc + v * 8) : _mm256_setzero_ps();
+    int64_t k = 0;
+    if constexpr (R == 1) {
+      // One row (a GEMV): a second set of accumulators for odd pairs hides the latency.
+      __m256 d[VV];
+#pragma GCC unroll 8
+      for (int v = 0; v < VV; ++v) d[v] = _mm256_setzero_ps();
+      for (; k + 2 <= K2; k += 2) {
+        if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+        if (k + 1 < npf) _mm_prefetch(pf + 64 * (k + 1), _MM_HINT_T0);
+        const __m256i* w = reinterpret_cast<const __m256i*>(Pn + k * (8 * VV));
+        const __m256bh a0 = (__m256bh)_mm256_set1_epi32(int(A[k])), a1 = (__m256bh)_mm256_set1_epi32(int(A[k + 1]));
+#pragma GCC unroll 8
+        for (int v = 0; v < VV; ++v) {
+          c[0][v] = _mm256_dpbf16_ps(c[0][v], a0, (__m256bh)_mm256_loadu_si256(w + v));
+          d[v] = _mm256_dpbf16_ps(d[v], a1, (__m256bh)_mm256_loadu_si256(w + VV + v));
+        }
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < VV; ++v) c[0][v] = _mm256_add_ps(c[0][v], d[v]);
+    }
+    for (; k < K2; ++k) {
+      if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+      const __m256i* w = reinterpret_cast<const __m256i*>(Pn + k * (8 * VV));
+      __m256bh a[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) a[r] = (__m256bh)_mm256_set1_epi32(int(A[r * lda + k]));
+#pragma GCC unroll 8
+      for (int v = 0; v < VV; ++v) {
+        const __m256bh wv = (__m256bh)_mm256_loadu_si256(w + v);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) c[r][v] = _mm256_dpbf16_ps(c[r][v], a[r], wv);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < VV; ++v) _mm256_storeu_ps(C + r * ldc + v * 8, c[r][v]);
+  }
+
+  // C[B, 8VV] (+)= A[B, K2] @ the panel block Pn in blocks of 4 rows, ending on two
+  // blocks of 2-3 rather than a lone row (the GEMV kernel is bound by weight loads).
+  // `next`: the weight block the caller runs next, prefetched as TiledF::rows does.
+  template <int VV>
+  static void rows(int64_t B, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* Pn, float* C, int64_t ldc,
+                   bool acc, const uint32_t* next, int64_t next_bytes) {
+    constexpr int RM = 4;
+    int64_t full = B / RM, rem = B % RM;
+    if (rem == 1 && full > 0) --full, rem += RM;
+    const char* nx = reinterpret_cast<const char*>(next);
+    const int64_t lines = next ? next_bytes / 64 : 0;
+    const bool in_loop = B < TiledF::kPrefetchMinRows;
+    int64_t b = 0, done = 0;
+    auto run = [&](auto r_const) {
+      constexpr int R = decltype(r_const)::value;
+      const int64_t n = in_loop ? std::min(K2, lines - done) : 0;
+      kernel<VV, R>(K2, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n);
+      done += n;
+      b += R;
+    };
+    for (int64_t i = 0; i < full; ++i) {
+      if (!in_loop)
+        for (int64_t l = i * lines / full; l < (i + 1) * lines / full; ++l) _mm_prefetch(nx + 64 * l, _MM_HINT_T0);
+      run(std::integral_constant<int, RM>());
+    }
+    auto tail = [&](int64_t r) {
+      if (r == 1) run(std::integral_constant<int, 1>());
+      if (r == 2) run(std::integral_constant<int, 2>());
+      if (r == 3) run(std::integral_constant<int, 3>());
+    };
+    if (rem == RM + 1) {
+      tail(3);
+      tail(2);
+    } else {
+      tail(rem);
+    }
+  }
+
+  // Panel p's columns of the padded gate buffer C [B, ldc()] = A @ W^T for B rows of A
+  // (from rows_of), k-blocked. The forwards' call only: `acc` and `exact` are false.
+  void gemm_panel(int64_t p, int64_t Bn, const uint32_t* a, int64_t lda, float* C, int64_t ldc, bool acc, bool exact,
+                  float*) const {
+    (void)exact;
+    const int64_t w = 8 * V;
+    float* Ct = C + p * w;
+    const uint32_t* Pn = panels() + p * K2 * w;
+    if (K2 == 0 && !acc)
+      for (int64_t b = 0; b < Bn; ++b) std::fill(Ct + b * ldc, Ct + b * ldc + w, 0.f);
+    const bool pf = Bn >= 2 && npanel * K2 * w * 4 >= TiledF::kPrefetchMinBytes;
+    const uint32_t* end = panels() + npanel * K2 * w;
+    for (int64_t k0 = 0; k0 < K2; k0 += KC2) {
+      const int64_t kc = std::min(KC2, K2 - k0);
+      const bool ac = acc || k0 > 0;
+      const uint32_t* nxt = Pn + (k0 + kc) * w;
+      const uint32_t* next = pf && nxt < end ? nxt : nullptr;
+      const int64_t nbytes = std::min<int64_t>(KC2 * w, end - nxt) * 4;
+      if (V == 4) rows<4>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldc, ac, next, nbytes);
+      else rows<3>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldc, ac, next, nbytes);
+    }
+  }
+};
+#undef FRNN_BF16_TARGET
