@@ -286,25 +286,25 @@ class _FusedRNNBase(BackendChoice):
         if out is not None:
             return out
         backend, why = select(self.backend, call)
+        # bfloat16 inference on a backend with bfloat16 recurrence kernels: x, the weights and
+        # the input projection stay bfloat16, the states and the cell math float32
+        # (_sequence_layer); other low-precision calls compute in float32 (float32_for).
+        bf16 = (call.dtype == torch.bfloat16 and backend.bf16_recurrence is not None
+                and not records_grad(x, *self._weight_tensors()) and backend.bf16_recurrence(x.shape[0]))
         if self.backend == "auto":
             w = self._param(names[0][0])
             # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference;
             # under autocast too: torch.nn's forward then autocasts itself)
             training = self.training and torch.is_grad_enabled() and w.requires_grad
             nn_why = (torch_nn_faster_low_precision(call, backend, torch.is_grad_enabled() and (
-                          x.requires_grad or w.requires_grad), True)
+                          x.requires_grad or w.requires_grad), True, bf16)
                       or torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), training,
                                          not x.requires_grad, self.num_layers)
                       or torch_nn_instead_of_reference(call, backend.name, why))
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:
                 return out
-        if call.dtype in backend.float32_for:  # computed in float32, the results cast back
-            # bfloat16 inference on a backend with bfloat16 recurrence kernels: x, the weights
-            # and the input projection stay bfloat16, the states and the cell math float32
-            # (_sequence_layer); else everything in float32.
-            bf16 = (call.dtype == torch.bfloat16 and backend.bf16_recurrence is not None
-                    and not records_grad(x, *self._weight_tensors()) and backend.bf16_recurrence(x.shape[0]))
+        if call.dtype in backend.float32_for:  # results cast back to the call's dtype
             x, hs, finish = x if bf16 else x.float(), [h.float() for h in hs], _cast_back(finish, x.dtype)
             cast = torch.bfloat16 if bf16 else torch.float32
             why += "; bfloat16 products, float32 states" if bf16 else "; computed in float32"
@@ -323,26 +323,31 @@ class _FusedRNNBase(BackendChoice):
         """One layer and direction through the input projection and the sequence op `fwd`:
         (y, [h_n] or [h_n, c_n]). `native`: the backend has the projection op (projection.py)."""
         w_ih, w_hh, b_ih, b_hh, w_hr = weights
-        if w_hh.dtype != state[0].dtype:  # bfloat16 weights, float32 states (forward's bf16)
-            # the projection in bfloat16 (gx rounded to it, as in torch.nn's bfloat16 GRU),
-            # w_hh to the op as it is (the cpu backend's bfloat16 dot products), the rest float32
+        bf16 = w_hh.dtype != state[0].dtype  # bfloat16 weights, float32 states (see forward)
+        if bf16:
+            # x and w_ih go to the cpu backend's bfloat16 projection (float32 gx), w_hh to the
+            # sequence op as it is (its bfloat16 dot products); biases and w_hr in float32
             layer_in = layer_in.to(w_ih.dtype)
-            native = False
-            b_hh = b_hh.float() if self._cell == "gru" and b_hh is not None else b_hh
-            w_hr = None if w_hr is None else w_hr.float()
+            b_ih, b_hh, w_hr = (None if t is None else t.float() for t in (b_ih, b_hh, w_hr))
+
+        def project(b):
+            if bf16:
+                return torch.ops.fusedrnn.projection_bf16(layer_in, w_ih, b)
+            return input_projection(layer_in, w_ih, b, native)
+
         if self._cell == "gru":
             # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).
-            gx = input_projection(layer_in, w_ih, b_ih, native).to(state[0].dtype)
+            gx = project(b_ih)
             train = records_grad(gx, state[0], w_hh, b_hh)
             y, h_n, *_ = fwd(gx, state[0], w_hh, b_hh, lengths, bool(d), train)
             new = [h_n]
         elif self._cell == "lstm":
-            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, native).to(state[0].dtype)
+            gx = project(None if b_ih is None else b_ih + b_hh)
             train = records_grad(gx, state[0], state[1], w_hh, w_hr)
             y, h_n, c_n, *_ = fwd(gx, state[0], state[1], w_hh, w_hr, lengths, bool(d), train)
             new = [h_n, c_n]
         else:
-            gx = input_projection(layer_in, w_ih, None if b_ih is None else b_ih + b_hh, native).to(state[0].dtype)
+            gx = project(None if b_ih is None else b_ih + b_hh)
             y, h_n = fwd(gx, state[0], w_hh, lengths, bool(d), self.nonlinearity == "relu")
             new = [h_n]
         return y, new

@@ -43,6 +43,8 @@ SCHEMAS = {
     "projection": "(Tensor x, Tensor w, Tensor? b) -> Tensor",
     "projection_backward": "(Tensor grad, Tensor x, Tensor w, bool need_x, bool need_w, bool need_b)"
                            " -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)",
+    # bfloat16 x and w, float32 b -> float32 (the bfloat16 inference path; no autograd)
+    "projection_bf16": "(Tensor x, Tensor w, Tensor? b) -> Tensor",
 }
 
 
@@ -53,6 +55,7 @@ def define() -> None:
         return
     torch.library.register_fake("fusedrnn::projection", _projection_fake, lib=ops._LIB)
     torch.library.register_fake("fusedrnn::projection_backward", _projection_backward_fake, lib=ops._LIB)
+    torch.library.register_fake("fusedrnn::projection_bf16", _projection_bf16_fake, lib=ops._LIB)
     torch.library.register_autograd("fusedrnn::projection", _backward, setup_context=_setup, lib=ops._LIB)
     torch.library.register_autograd("fusedrnn::projection_backward", ops._no_double_backward,
                                     setup_context=ops._no_setup, lib=ops._LIB)
@@ -60,6 +63,10 @@ def define() -> None:
 
 def _projection_fake(x, w, b):
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _projection_bf16_fake(x, w, b):
+    return x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
 
 
 def _projection_backward_fake(grad, x, w, need_x, need_w, need_b):

@@ -121,3 +121,31 @@ def test_bf16_modules_with_grad_compute_in_float32():
     m(torch.randn(10, 2, 8).bfloat16())[0].sum().backward()
     assert "computed in float32" in m.last_backend_reason
     assert m.weight_hh_l0.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tiled", [-1, 0], ids=["bf16-kernel", "float32-fallback"])
+@pytest.mark.parametrize("M,N,K", [(1, 32, 64), (5, 40, 7), (97, 100, 300), (200, 64, 513), (3, 8, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_projection_against_float64(M, N, K, bias, tiled, cpu_options):
+    """fusedrnn::projection_bf16: bfloat16 products are exact in float32, so only float32
+    summation separates it from float64 on the same bfloat16 values."""
+    cpu_options(tiled, 0)
+    x = torch.randn(M, K).bfloat16().reshape(M, 1, K)
+    w = (torch.randn(N, K) / K ** 0.5).bfloat16()
+    b = torch.randn(N) if bias else None
+    got = torch.ops.fusedrnn.projection_bf16(x, w, b)
+    want = x.double() @ w.double().t() + (0 if b is None else b.double())
+    assert got.dtype == torch.float32 and got.shape == (M, 1, N)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_projection_errors():
+    x, w = torch.randn(4, 8).bfloat16(), torch.randn(16, 8).bfloat16()
+    with pytest.raises(RuntimeError, match="x must be bfloat16"):
+        torch.ops.fusedrnn.projection_bf16(x.float(), w, None)
+    with pytest.raises(RuntimeError, match="b must be float32"):
+        torch.ops.fusedrnn.projection_bf16(x, w, torch.randn(16).bfloat16())
+    with pytest.raises(RuntimeError, match=r"w must have shape \[16, 8\]"):
+        torch.ops.fusedrnn.projection_bf16(x, w[:, :5], None)
+    with pytest.raises(RuntimeError, match="inference only"):
+        torch.ops.fusedrnn.projection_bf16(x, w.requires_grad_(), None)

@@ -130,6 +130,31 @@ def test_auto_rule_for_low_precision(cell, dtype, batch, hidden, grad, sequence,
     assert torch_nn_faster_low_precision(call, backends.registry()["reference"], grad, sequence) is None
 
 
+# bfloat16 inference where the cpu backend's bfloat16 dot products run (bf16_kernels):
+# (cell, batch, hidden) -> ours? LSTM at batch <= 4, or <= 8 from hidden 1024; GRU, RNN always.
+RULE_BF16_KERNELS = [("lstm", 1, 256, True), ("lstm", 4, 512, True), ("lstm", 8, 512, False),
+                     ("lstm", 8, 1024, True), ("lstm", 32, 256, False), ("lstm", 16, 1024, False),
+                     ("gru", 64, 1024, True), ("rnn", 64, 1024, True), ("gru", 32, 512, True)]
+
+
+@pytest.mark.parametrize("cell,batch,hidden,ours", RULE_BF16_KERNELS)
+def test_auto_rule_for_bf16_kernels(cell, batch, hidden, ours, measured_cpu):
+    cpu = backends.registry()["cpu"]
+    call = Call(cell, torch.device("cpu"), torch.bfloat16, hidden, 0, batch)
+    assert (torch_nn_faster_low_precision(call, cpu, False, True, True) is None) == ours
+    if cell != "lstm" and batch * hidden ** 2 * 3 > 2 ** 22:  # (without the kernels: torch.nn)
+        assert torch_nn_faster_low_precision(call, cpu, False, True, False) is not None
+
+
+def test_auto_runs_bf16_kernels_in_inference(measured_cpu):
+    if not backends.registry()["cpu"].bf16_recurrence(9):
+        pytest.skip("no AVX512-BF16 on this CPU")
+    m = fusedrnn.GRU(64, 256).bfloat16()  # (B=32: torch.nn without the bfloat16 kernels)
+    with torch.no_grad():
+        m(torch.randn(9, 32, 64).bfloat16())
+    assert m.last_backend == "cpu" and "bfloat16 products" in m.last_backend_reason
+
+
 def test_auto_keeps_torch_nn_on_cpus_with_native_low_precision_units(monkeypatch):
     monkeypatch.setattr(backends, "_native_low_precision", lambda dtype: True)
     call = Call("gru", torch.device("cpu"), torch.float16, 64, 0, 1)

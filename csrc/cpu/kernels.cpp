@@ -1178,6 +1178,15 @@ bool rnn_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, in
   FRNN_BF16_FORWARD(rnn_forward, w_hh, H, relu, s, y, h_n);
 }
 #undef FRNN_BF16_FORWARD
+bool gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* W, const float* bias, float* C) {
+#if FRNN_X86_SIMD
+  if (!bf16_forward_runs(TiledF::kMinSteps)) return false;
+  gemm_bf16_panels(M, N, K, A, W, bias, C);
+  return true;
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const T* c0,

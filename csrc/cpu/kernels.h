@@ -45,6 +45,10 @@ bool lstm_forward_bf16(const float* gx, const float* h0, const float* c0, const 
                        int64_t H, int64_t P, const Seq& sq, float* y, float* h_n, float* c_n);
 bool gru_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, const float* b_hh, int64_t H,
                       const Seq& sq, float* y, float* h_n);
+// The bfloat16 path's input projection: C[M,N] = A[M,K] @ W[N,K]^T (+ bias[N] if not null),
+// A and W bfloat16 bits (row-major), C float32. False (nothing written) where the kernel
+// does not run (bf16_forward_runs(8) is false).
+bool gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* W, const float* bias, float* C);
 bool rnn_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, int64_t H, bool relu, const Seq& sq,
                       float* y, float* h_n);
 

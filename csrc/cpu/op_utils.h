@@ -25,11 +25,12 @@ inline bool poison() {
 
 // An output the kernel must fully write (memory from the output pool, see output_pool.h):
 // NaN-filled first under FUSEDRNN_POISON=1.
-inline Tensor new_output(at::IntArrayRef shape, const Tensor& like) {
-  Tensor t = OutputPool::get().empty(shape, like.options());
+inline Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  Tensor t = OutputPool::get().empty(shape, options);
   if (poison()) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
+inline Tensor new_output(at::IntArrayRef shape, const Tensor& like) { return new_output(shape, like.options()); }
 
 // `t` if it is contiguous, else a contiguous copy in memory from the output pool. For the
 // backward ops' incoming gradients, which are often not contiguous (y.sum()'s is an

@@ -176,6 +176,39 @@ Tensor bf16_to_float(const Tensor& w, const Tensor& like) {
   return out;
 }
 
+// The bfloat16 inference path's input projection (fusedrnn/projection.py): bfloat16 x
+// [..., I] and w [G, I], float32 b [G] or none -> float32 [..., G] (kernels.h, gemm_bf16).
+Tensor projection_bf16_op(const Tensor& x_, const Tensor& w_, const optional<Tensor>& b_) {
+  const char* op = "fusedrnn::projection_bf16 (cpu)";
+  TORCH_CHECK(x_.scalar_type() == at::kBFloat16, op, ": x must be bfloat16, got ", x_.scalar_type());
+  TORCH_CHECK(x_.dim() >= 1, op, ": x must have at least 1 dimension, got a scalar");
+  check_tensor(x_, op, "x", x_, x_.dim());
+  check_tensor(w_, op, "w", x_, 2);
+  check_shape(w_, op, "w", {w_.size(0), x_.size(-1)});
+  const int64_t I = x_.size(-1), G = w_.size(0), M = rows_of(x_);
+  Tensor b = opt(b_);
+  if (b.defined()) {
+    TORCH_CHECK(b.scalar_type() == at::kFloat, op, ": b must be float32, got ", b.scalar_type());
+    TORCH_CHECK(b.device().is_cpu(), op, ": b must be a CPU tensor (got ", b.device(), ")");
+    check_shape(b, op, "b", {G});
+    b = b.contiguous();
+  }
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (x_.requires_grad() || w_.requires_grad() ||
+                                               (b.defined() && b.requires_grad()))),
+              op, ": inference only (no gradient); for training use fusedrnn::projection in float32");
+  const Tensor x = x_.contiguous(), w = w_.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = G;
+  Tensor out = new_output(shape, x.options().dtype(at::kFloat));
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (!cpu::gemm_bf16(M, G, I, bf16_bits(x), bf16_bits(w), bp, out.data_ptr<float>())) {
+    const Tensor xf = bf16_to_float(x, out), wf = bf16_to_float(w, out);
+    cpu::gemm<float>(M, G, I, xf.data_ptr<float>(), I, 1, wf.data_ptr<float>(), 1, I, out.data_ptr<float>(), G, false,
+                     bp);
+  }
+  return out;
+}
+
 // ----------------------------------------------------------------------------- LSTM
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
     const Tensor& gx_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_hh_, const optional<Tensor>& w_hr_,
@@ -434,6 +467,7 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("rnn_backward", &rnn_backward_op);
   m.impl("projection", &projection_op);
   m.impl("projection_backward", &projection_backward_op);
+  m.impl("projection_bf16", &projection_bf16_op);
 }
 
 }  // namespace cpu

@@ -109,16 +109,21 @@ struct TiledBF {
 
   // C[R rows, 8VV] (+)= A[R rows, K2 pairs] @ the panel block Pn, the accumulators in
   // registers (R x VV of them, R broadcasts and one weight vector: <= 25 of the 32).
-  // `pf`: npf (<= K2) cache lines to prefetch, one per pair (see rows()).
+  // `pf`: npf (<= K2) cache lines to prefetch, one per pair (see rows()). `init` (if not
+  // null and not acc): the accumulators start from it (8*VV values, a bias).
   template <int VV, int R>
   __attribute__((target(FRNN_BF16_TARGET), noinline)) static void kernel(int64_t K2, const uint32_t* A, int64_t lda,
                                                                            const uint32_t* Pn, float* C, int64_t ldc,
-                                                                           bool acc, const char* pf, int64_t npf) {
+                                                                           bool acc, const char* pf, int64_t npf,
+                                                                           const float* init) {
     __m256 c[R][VV];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int v = 0; v < VV; ++v) c[r][v] = acc ? _mm256_loadu_ps(C + r * ldc + v * 8) : _mm256_setzero_ps();
+      for (int v = 0; v < VV; ++v)
+        c[r][v] = acc    ? _mm256_loadu_ps(C + r * ldc + v * 8)
+                  : init ? _mm256_loadu_ps(init + v * 8)
+                         : _mm256_setzero_ps();
     int64_t k = 0;
     if constexpr (R == 1) {
       // One row (a GEMV): a second set of accumulators for odd pairs hides the latency.
@@ -163,7 +168,7 @@ struct TiledBF {
   // `next`: the weight block the caller runs next, prefetched as TiledF::rows does.
   template <int VV>
   static void rows(int64_t B, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* Pn, float* C, int64_t ldc,
-                   bool acc, const uint32_t* next, int64_t next_bytes) {
+                   bool acc, const uint32_t* next, int64_t next_bytes, const float* init = nullptr) {
     constexpr int RM = 4;
     int64_t full = B / RM, rem = B % RM;
     if (rem == 1 && full > 0) --full, rem += RM;
@@ -174,7 +179,7 @@ struct TiledBF {
     auto run = [&](auto r_const) {
       constexpr int R = decltype(r_const)::value;
       const int64_t n = in_loop ? std::min(K2, lines - done) : 0;
-      kernel<VV, R>(K2, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n);
+      kernel<VV, R>(K2, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n, init);
       done += n;
       b += R;
     };
@@ -219,4 +224,52 @@ struct TiledBF {
     }
   }
 };
+
+// C[M, N] = A[M, K] @ W[N, K]^T (+ bias[N] if not null): bfloat16 A and W (raw bits,
+// row-major), float32 C (contiguous). The input projection of the bfloat16 inference path
+// (register.cpp, projection_bf16): gx in float32, not rounded to bfloat16 as F.linear's
+// bfloat16 output would be, and no pass to cast it. W is packed into TiledBF's 32-column
+// panels; A's rows are already bfloat16 pairs when K is even (else copied with a zero
+// pad). Threads take blocks of MC rows x PG panels; in a block, each panel runs over all K
+// (A's block, MC x K, stays in L2; a panel's k-block of 16 KB in L1).
+inline void gemm_bf16_panels(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* W, const float* bias,
+                      float* C) {
+  constexpr int64_t MC = 96, PG = 8;
+  if (M == 0 || N == 0) return;
+  const Slices sl = make_slices(N, M * K, TiledBF::panel_units(1));
+  const TiledBF tw(W, K, 1, 1, N, K, 0, sl);
+  const int64_t K2 = tw.K2, w = 32;
+  Buf<uint32_t> ap(K % 2 ? M * K2 : 0);
+  if (K % 2)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k2 = 0; k2 < K2; ++k2) ap[m * K2 + k2] = TiledBF::pair(A + m * K, 2 * k2, K);
+  const uint32_t* a = K % 2 ? ap.data() : reinterpret_cast<const uint32_t*>(A);
+  // Row blocks of equal height (multiples of 4 rows, <= MC): unequal ones left one thread
+  // idle for the last 12% of M = 256-512 (a block of 64 rows after two of 96).
+  const int64_t nmb = (M + MC - 1) / MC, mc = ((M + nmb - 1) / nmb + 3) / 4 * 4;
+  const int64_t ngroups = (tw.npanel + PG - 1) / PG;
+  at::parallel_for(0, nmb * ngroups, 1, [&](int64_t i0, int64_t i1) {
+    float tmp[MC * 32], init[32];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m0 = i / ngroups * mc, mr = std::min(mc, M - m0), g = i % ngroups;
+      if (mr <= 0) continue;
+      for (int64_t p = g * PG; p < std::min(tw.npanel, (g + 1) * PG); ++p) {
+        const int64_t col = p * w, valid = std::min(w, N - col);
+        const bool direct = valid == w;
+        std::fill(init, init + w, 0.f);
+        if (bias) std::copy(bias + col, bias + col + valid, init);
+        float* Ct = direct ? C + m0 * N + col : tmp;
+        const int64_t ldt = direct ? N : w;
+        const uint32_t* Pn = tw.panels() + p * K2 * w;
+        if (K2 == 0)
+          for (int64_t r = 0; r < mr; ++r) std::copy(init, init + w, Ct + r * ldt);
+        for (int64_t k0 = 0; k0 < K2; k0 += TiledBF::KC2)
+          TiledBF::rows<4>(mr, std::min(TiledBF::KC2, K2 - k0), a + m0 * K2 + k0, K2, Pn + k0 * w, Ct, ldt, k0 > 0,
+                           nullptr, 0, init);
+        if (!direct)
+          for (int64_t r = 0; r < mr; ++r) std::copy(tmp + r * w, tmp + r * w + valid, C + (m0 + r) * N + col);
+      }
+    }
+  });
+}
 #undef FRNN_BF16_TARGET

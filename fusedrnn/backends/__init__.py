@@ -291,6 +291,12 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 #   1.03-8.3x at batch <= 8 and at batch x hidden <= 8192 (B=32 H=256: 1.19-1.48x), 0.58-1.18x
 #   above (bench/cpu_ops.py --dtype bfloat16, and a second grid at B 1-64, H 64-1024). The
 #   bfloat16 cells: 0.32-1.53x, mostly below 1: torch.nn.
+# - bfloat16 inference on the bfloat16 kernels (Backend.bf16_recurrence: AVX512-BF16, 8+
+#   steps; the input projection and the recurrent products on bfloat16 dot products, the
+#   cell math in float32), the same grid at T=32 (bench/cpu_ops.py --dtype bfloat16 --modes
+#   inference): LSTM 1.07-1.34x at batch 1, 0.97-1.03x at batch 8 (1.03-1.10x at hidden
+#   1024), 0.94-1.00x at batch 32-64, where both run at the dot products' rate; GRU
+#   1.07-4.3x and RNN 1.13-3.8x everywhere. They replace the float32 compute in inference.
 # CPUs whose oneDNN has native low-precision matrix units (AMX; AVX512-FP16 for float16)
 # were not measured; auto keeps torch.nn there. A forced backend="cpu" always runs ours.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -323,10 +329,12 @@ def _probe_cpu() -> None:
         _NATIVE[torch.bfloat16] = _NATIVE[torch.float16] = True
 
 
-def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequence: bool) -> Optional[str]:
+def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequence: bool,
+                                  bf16_kernels: bool = False) -> Optional[str]:
     """Why auto runs torch.nn's own forward for a float16 / bfloat16 call that `backend`
     would compute in float32, or None (see LOW_PRECISION). `grad`: autograd records the
-    call (a backward will run); `sequence`: a sequence module, not a cell."""
+    call (a backward will run); `sequence`: a sequence module, not a cell; `bf16_kernels`:
+    the call would run on the backend's bfloat16 dot products (Backend.bf16_recurrence)."""
     if (call.dtype not in backend.float32_for or (call.cell, call.device.type, call.dtype) in _TORCH_NN_CANNOT
             or (sequence and _onednn_lstm_uncompilable(call))):
         return None
@@ -339,16 +347,19 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
         ours = sequence or call.batch >= 8
     elif not sequence:
         ours = False
+    elif call.cell == "lstm" and grad:
+        ours = call.batch <= 4 or (call.hidden_size >= 768 and call.batch <= 16)
     elif call.cell == "lstm":
-        ours = grad and (call.batch <= 4 or (call.hidden_size >= 768 and call.batch <= 16))
+        ours = bf16_kernels and (call.batch <= 4 or (call.batch <= 8 and call.hidden_size >= 1024))
     elif grad:
         ours = call.batch <= 8 or call.batch * call.hidden_size <= 8192
     else:
-        ours = work <= 2 ** 22
+        ours = bf16_kernels or work <= 2 ** 22
     if ours:
         return None
-    return (f"auto: torch.nn's {name} CPU kernels measured faster here than backend 'cpu''s float32 "
-            f"compute ({'training' if grad else 'inference'}, batch {call.batch}, hidden {call.hidden_size}; "
+    compute = "bfloat16 dot products" if bf16_kernels else "float32 compute"
+    return (f"auto: torch.nn's {name} CPU kernels measured faster here than backend 'cpu''s {compute} "
+            f"({'training' if grad else 'inference'}, batch {call.batch}, hidden {call.hidden_size}; "
             "backend='cpu' forces ours)")
 
 

@@ -40,12 +40,26 @@ def _load_for(dispatch_key: str, module: str):
     return load
 
 
+# Whether the CPU kernels run a bfloat16 w_hh on AVX512-BF16 dot products, asked once when
+# the extension loads (torch.compile's Dynamo cannot trace the call). They need 8+ steps
+# (kernels.h: bf16_forward_runs; shorter sequences cast w_hh to float32 there).
+_BF16_KERNELS: list = []
+_BF16_MIN_STEPS = 8
+
+
+def _load_cpu():
+    why = _load_for("CPU", "fusedrnn._C")()
+    if why is None:
+        _BF16_KERNELS.append(importlib.import_module("fusedrnn._C").bf16_forward_runs(_BF16_MIN_STEPS))
+    return why
+
+
 def _bf16_recurrence(steps: int) -> bool:
-    return importlib.import_module("fusedrnn._C").bf16_forward_runs(steps)
+    return steps >= _BF16_MIN_STEPS and bool(_BF16_KERNELS) and _BF16_KERNELS[-1]
 
 
 register(Backend(name="cpu", ops_backend="cpu", device_types=("cpu",),
-                 dtypes=(torch.float64, torch.float32), load=_load_for("CPU", "fusedrnn._C"),
+                 dtypes=(torch.float64, torch.float32), load=_load_cpu,
                  cell_ops=True, projection_op=True, float32_for=(torch.float16, torch.bfloat16),
                  bf16_recurrence=_bf16_recurrence))
 register(Backend(name="cuda", ops_backend="cuda", device_types=("cuda",),
