@@ -294,9 +294,9 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 # - bfloat16 inference on the bfloat16 kernels (Backend.bf16_recurrence: AVX512-BF16, 8+
 #   steps; the input projection and the recurrent products on bfloat16 dot products, the
 #   cell math in float32), the same grid at T=32 (bench/cpu_ops.py --dtype bfloat16 --modes
-#   inference): LSTM 1.07-1.34x at batch 1, 0.97-1.03x at batch 8 (1.03-1.10x at hidden
-#   1024), 0.94-1.00x at batch 32-64, where both run at the dot products' rate; GRU
-#   1.07-4.3x and RNN 1.13-3.8x everywhere. They replace the float32 compute in inference.
+#   inference, two runs): LSTM 1.07-1.34x at batch 1, 0.96-1.09x at batch 8 (1.03-1.06x
+#   at hidden 1024), 0.88-1.00x at batch 32-64, where both run at the dot products' rate;
+#   GRU 1.07-4.6x and RNN 1.13-4.3x everywhere. They replace the float32 compute there.
 # CPUs whose oneDNN has native low-precision matrix units (AMX; AVX512-FP16 for float16)
 # were not measured; auto keeps torch.nn there. A forced backend="cpu" always runs ours.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
