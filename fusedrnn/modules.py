@@ -286,11 +286,11 @@ class _FusedRNNBase(BackendChoice):
         if out is not None:
             return out
         backend, why = select(self.backend, call)
-        # bfloat16 inference on a backend with bfloat16 recurrence kernels: x, the weights and
-        # the input projection stay bfloat16, the states and the cell math float32
-        # (_sequence_layer); other low-precision calls compute in float32 (float32_for).
+        # bfloat16 on a backend with bfloat16 recurrence kernels: x, the weights and the input
+        # projection stay bfloat16, the states and the cell math float32 (_sequence_layer; the
+        # backward runs float32); other low-precision calls compute in float32 (float32_for).
         bf16 = (call.dtype == torch.bfloat16 and backend.bf16_recurrence is not None
-                and not records_grad(x, *self._weight_tensors()) and backend.bf16_recurrence(x.shape[0]))
+                and backend.bf16_recurrence(x.shape[0]))
         if self.backend == "auto":
             w = self._param(names[0][0])
             # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference;

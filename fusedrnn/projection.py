@@ -43,7 +43,7 @@ SCHEMAS = {
     "projection": "(Tensor x, Tensor w, Tensor? b) -> Tensor",
     "projection_backward": "(Tensor grad, Tensor x, Tensor w, bool need_x, bool need_w, bool need_b)"
                            " -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)",
-    # bfloat16 x and w, float32 b -> float32 (the bfloat16 inference path; no autograd)
+    # bfloat16 x and w, float32 b -> float32 (the bfloat16 path of the modules)
     "projection_bf16": "(Tensor x, Tensor w, Tensor? b) -> Tensor",
 }
 
@@ -57,6 +57,8 @@ def define() -> None:
     torch.library.register_fake("fusedrnn::projection_backward", _projection_backward_fake, lib=ops._LIB)
     torch.library.register_fake("fusedrnn::projection_bf16", _projection_bf16_fake, lib=ops._LIB)
     torch.library.register_autograd("fusedrnn::projection", _backward, setup_context=_setup, lib=ops._LIB)
+    torch.library.register_autograd("fusedrnn::projection_bf16", _bf16_backward, setup_context=_setup,
+                                    lib=ops._LIB)
     torch.library.register_autograd("fusedrnn::projection_backward", ops._no_double_backward,
                                     setup_context=ops._no_setup, lib=ops._LIB)
 
@@ -79,6 +81,16 @@ def _setup(ctx, inputs, output):
     x, w, b = inputs
     ctx.save_for_backward(x, w)
     ctx.has_b = b is not None
+
+
+def _bf16_backward(ctx, grad):
+    """projection_bf16's backward: float32 GEMMs on x and w cast (there are no bfloat16
+    backward kernels), the gradients in x's and w's dtype."""
+    x, w = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    need_b = need_b and ctx.has_b
+    gx, gw, gb = torch.ops.fusedrnn.projection_backward(grad, x.float(), w.float(), need_x, need_w, need_b)
+    return gx.to(x.dtype) if need_x else None, gw.to(w.dtype) if need_w else None, gb if need_b else None
 
 
 def _backward(ctx, grad):

@@ -78,14 +78,44 @@ def test_bf16_weight_where_the_kernel_does_not_run_is_the_float32_op(cell, cpu_o
 def test_bf16_weight_errors():
     args = make_inputs("lstm", 9, 2, 8)
     w = args[3].bfloat16()
-    with pytest.raises(RuntimeError, match="inference only"):
-        ops.get_op("lstm", "forward", "cpu")(*args[:3], w, *args[4:], True)
     with pytest.raises(RuntimeError, match="needs float32 gx"):
         d = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
         ops.get_op("lstm", "forward", "cpu")(*d[:3], w, *d[4:], False)
-    gx, h0, w_hh, L, rev, relu = make_inputs("rnn", 9, 2, 8)
-    with pytest.raises(RuntimeError, match="inference only"):
-        ops.get_op("rnn", "forward", "cpu")(gx.requires_grad_(), h0, w_hh.bfloat16(), L, rev, relu)
+
+
+# (not relu: its derivative jumps at 0, so a pre-activation near 0 that bfloat16 rounding
+# moves across it changes the gradient by O(1); the float32 backward op is relu-tested elsewhere)
+@needs_bf16
+@pytest.mark.parametrize("cell,H,P,bias,relu", [c for c in CASES if not c[-1]])
+def test_bf16_weight_backward_against_reference(cell, H, P, bias, relu):
+    """train=True with a bfloat16 w_hh: the saved tensors feed the float32 backward op (on
+    w_hh cast), and w_hh's gradient comes back in bfloat16."""
+    backend_or_skip("reference", cell)
+    T, B = 11, 5
+    args = make_inputs(cell, T, B, H, P=P, lengths=True, bias=bias, relu=relu)
+    iw = 3 if cell == "lstm" else 2
+    w = args[iw].bfloat16()
+
+    def run(backend, dtype, w_hh):
+        a = [t.detach().to(dtype).clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+             for t in args]
+        a[iw] = w_hh.detach().requires_grad_()
+        op = ops.get_op(cell, "forward", backend)
+        outs = op(*a, *(() if cell == "rnn" else (True,)))
+        diff = outs[:3] if cell == "lstm" else outs[:2]
+        torch.manual_seed(1)
+        sum((o * torch.randn(o.shape, dtype=torch.float64).to(o.dtype)).sum() for o in diff).backward()
+        return [o.detach() for o in diff] + [t.grad for t in a if isinstance(t, torch.Tensor) and t.grad is not None]
+
+    got = run("cpu", torch.float32, w)
+    want = run("reference", torch.float64, w.double())
+    assert len(got) == len(want)
+    wgrad = [g for g in got if g.dtype == torch.bfloat16]
+    assert len(wgrad) == 1 and wgrad[0].shape == w.shape  # w_hh's gradient, in bfloat16
+    for i, (g, r) in enumerate(zip(got, want)):
+        # (a weight gradient sums over all steps and rows: scale the tolerance by its size)
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(g.double(), r, rtol=3e-2, atol=3e-2 * scale, msg=lambda m: f"{cell} output/grad {i}: {m}")
 
 
 # Modules: torch.nn in float32 on the same bfloat16 weights (gx and h rounded to bfloat16 in
@@ -114,13 +144,30 @@ def test_bf16_modules_in_inference(kind, kw):
         torch.testing.assert_close(g.float(), lo.float(), rtol=3 * tol, atol=3 * tol)
 
 
-def test_bf16_modules_with_grad_compute_in_float32():
-    """A forward autograd records (training, or eval with grad enabled) keeps float32 compute:
-    the bfloat16 kernels have no backward."""
-    m = fusedrnn.GRU(8, 16, backend="cpu").bfloat16()
-    m(torch.randn(10, 2, 8).bfloat16())[0].sum().backward()
-    assert "computed in float32" in m.last_backend_reason
-    assert m.weight_hh_l0.grad.dtype == torch.bfloat16
+@pytest.mark.parametrize("kind,kw", MODULES[:4] + [("RNN", {"num_layers": 2})],
+                         ids=["lstm-2", "lstm-proj", "gru-bidir", "gru-nobias", "rnn-2"])  # (relu: see above)
+def test_bf16_modules_in_training(kind, kw):
+    """Training runs the forward on the bfloat16 kernels too (the backward in float32):
+    gradients in the parameters' dtype, against torch.nn in float32 on the same weights."""
+    ours = getattr(fusedrnn, kind)(12, 16, backend="cpu", **kw).bfloat16()
+    ref32 = getattr(nn, kind)(12, 16, **kw)
+    ref32.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 10, 12) if kw.get("batch_first") else torch.randn(10, 4, 12)
+    x16, x32 = x.bfloat16().requires_grad_(), x.bfloat16().float().requires_grad_()
+    got, want = ours(x16)[0], ref32(x32)[0]
+    kernel = "bfloat16 products" if _bf16_runs(10) else "computed in float32"
+    assert kernel in ours.last_backend_reason
+    g = torch.randn_like(want)
+    got.backward(g.bfloat16())
+    want.backward(g)
+    tol = 3e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    assert x16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x16.grad.float(), x32.grad, rtol=tol, atol=tol)
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref32.named_parameters()):
+        assert p.grad.dtype == torch.bfloat16, name
+        scale = max(1.0, q.grad.abs().max().item())
+        torch.testing.assert_close(p.grad.float(), q.grad, rtol=tol, atol=tol * scale, msg=name)
 
 
 @pytest.mark.parametrize("tiled", [-1, 0], ids=["bf16-kernel", "float32-fallback"])
@@ -147,5 +194,16 @@ def test_bf16_projection_errors():
         torch.ops.fusedrnn.projection_bf16(x, w, torch.randn(16).bfloat16())
     with pytest.raises(RuntimeError, match=r"w must have shape \[16, 8\]"):
         torch.ops.fusedrnn.projection_bf16(x, w[:, :5], None)
-    with pytest.raises(RuntimeError, match="inference only"):
-        torch.ops.fusedrnn.projection_bf16(x, w.requires_grad_(), None)
+
+
+def test_bf16_projection_backward():
+    """Gradients of x and w in bfloat16 (float32 GEMMs on them cast), b's in float32."""
+    x, w, b = torch.randn(3, 5, 24).bfloat16(), (torch.randn(40, 24) / 5).bfloat16(), torch.randn(40)
+    g = torch.randn(3, 5, 40)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    torch.ops.fusedrnn.projection_bf16(xs, ws, bs).backward(g)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    (x64 @ w64.t() + b64).backward(g.double())
+    assert (xs.grad.dtype, ws.grad.dtype, bs.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    for got, want in [(xs.grad, x64.grad), (ws.grad, w64.grad), (bs.grad, b64.grad)]:
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * max(1.0, want.abs().max().item()))

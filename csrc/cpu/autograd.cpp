@@ -42,6 +42,12 @@ void check_trained(AutogradContext* ctx, const char* op) {
               "train=True when a gradient is needed");
 }
 Tensor if_needed(const Tensor& g, bool need) { return need ? g : Tensor(); }
+// A bfloat16 w_hh (the bfloat16 path's forward ops, register.cpp): the backward ops run
+// float32 on it cast, and its gradient goes back in bfloat16.
+Tensor as_float(const Tensor& w) { return w.scalar_type() == at::kBFloat16 ? w.to(at::kFloat) : w; }
+Tensor in_dtype_of(const Tensor& g, const Tensor& w) {
+  return g.defined() && g.scalar_type() != w.scalar_type() ? g.to(w.scalar_type()) : g;
+}
 
 // Calls a backward op from a backward(). The backward ops' own autograd (it refuses double
 // backward) is torch.library's Python wrapper, ~25 us a call (RNNCell H=64 B=4: the backward
@@ -234,9 +240,10 @@ struct LstmSeq : torch::autograd::Function<LstmSeq> {
     const bool proj = s[3].defined();
     auto [ggx, gh0, gc0, gwhh, gwhr] = call_backward([&] {
       return op.call(grad_or_zeros(grads[0], s[5]), grad_or_zeros(grads[1], s[0]), grad_or_zeros(grads[2], s[1]),
-                     s[0], s[1], s[2], opt(s[3]), opt(s[4]), ctx->saved_data["reverse"].toBool(), s[5], s[6], s[7]);
+                     s[0], s[1], as_float(s[2]), opt(s[3]), opt(s[4]), ctx->saved_data["reverse"].toBool(), s[5],
+                     s[6], s[7]);
     });
-    return {ggx, gh0, gc0, gwhh, proj ? gwhr : Tensor(), Tensor(), Tensor(), Tensor()};
+    return {ggx, gh0, gc0, in_dtype_of(gwhh, s[2]), proj ? gwhr : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -279,10 +286,10 @@ struct GruSeq : torch::autograd::Function<GruSeq> {
     const auto s = ctx->get_saved_variables();  // h0, w_hh, b_hh, lengths, y, gates, hn
     const bool bias = s[2].defined();
     auto [ggx, gh0, gwhh, gbhh] = call_backward([&] {
-      return op.call(grad_or_zeros(grads[0], s[4]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]), opt(s[3]),
-                     ctx->saved_data["reverse"].toBool(), s[4], s[5], s[6]);
+      return op.call(grad_or_zeros(grads[0], s[4]), grad_or_zeros(grads[1], s[0]), s[0], as_float(s[1]), opt(s[2]),
+                     opt(s[3]), ctx->saved_data["reverse"].toBool(), s[4], s[5], s[6]);
     });
-    return {ggx, gh0, gwhh, bias ? gbhh : Tensor(), Tensor(), Tensor(), Tensor()};
+    return {ggx, gh0, in_dtype_of(gwhh, s[1]), bias ? gbhh : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -317,21 +324,15 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
     static const auto op = op_handle<RnnSeqBwdSig>("fusedrnn::rnn_backward");
     const auto s = ctx->get_saved_variables();  // h0, w_hh, lengths, y
     auto [ggx, gh0, gwhh] = call_backward([&] {
-      return op.call(grad_or_zeros(grads[0], s[3]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
+      return op.call(grad_or_zeros(grads[0], s[3]), grad_or_zeros(grads[1], s[0]), s[0], as_float(s[1]), opt(s[2]),
                      ctx->saved_data["reverse"].toBool(), ctx->saved_data["relu"].toBool(), s[3]);
     });
-    return {ggx, gh0, gwhh, Tensor(), Tensor(), Tensor()};
+    return {ggx, gh0, in_dtype_of(gwhh, s[1]), Tensor(), Tensor(), Tensor()};
   }
 };
 
 std::tuple<Tensor, Tensor> rnn_forward_autograd(const Tensor& gx, const Tensor& h0, const Tensor& w_hh,
                                                 const optional<Tensor>& lengths, bool reverse, bool relu) {
-  // (the LSTM and GRU ops refuse it through train=False; this op has no train flag. Here,
-  // not in forward(): autograd runs that with grad mode off.)
-  TORCH_CHECK(w_hh.scalar_type() != at::kBFloat16 ||
-                  !(at::GradMode::is_enabled() && (gx.requires_grad() || h0.requires_grad() || w_hh.requires_grad())),
-              "fusedrnn::rnn_forward (cpu): a bfloat16 w_hh is for inference only (no gradient); for training "
-              "pass it as float32");
   auto r = RnnSeq::apply(gx, h0, w_hh, lengths, reverse, relu);
   return {r[0], r[1]};
 }

@@ -1163,14 +1163,15 @@ bool bf16_forward_runs(int64_t steps) {
 #define FRNN_BF16_FORWARD(fn, ...) return false
 #endif
 bool lstm_forward_bf16(const float* gx, const float* h0, const float* c0, const uint16_t* w_hh, const float* w_hr,
-                       int64_t H, int64_t P, const Seq& sq, float* y, float* h_n, float* c_n) {
+                       int64_t H, int64_t P, const Seq& sq, float* y, float* h_n, float* c_n, float* gates,
+                       float* cells) {
   const SeqV s(sq);
-  FRNN_BF16_FORWARD(lstm_forward, c0, w_hh, w_hr, H, P, s, y, h_n, c_n, nullptr, nullptr);
+  FRNN_BF16_FORWARD(lstm_forward, c0, w_hh, w_hr, H, P, s, y, h_n, c_n, gates, cells);
 }
 bool gru_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, const float* b_hh, int64_t H,
-                      const Seq& sq, float* y, float* h_n) {
+                      const Seq& sq, float* y, float* h_n, float* gates, float* hn) {
   const SeqV s(sq);
-  FRNN_BF16_FORWARD(gru_forward, w_hh, b_hh, H, s, y, h_n, nullptr, nullptr);
+  FRNN_BF16_FORWARD(gru_forward, w_hh, b_hh, H, s, y, h_n, gates, hn);
 }
 bool rnn_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, int64_t H, bool relu, const Seq& sq,
                       float* y, float* h_n) {

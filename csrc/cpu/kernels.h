@@ -33,18 +33,20 @@ template <typename T>
 void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, const Seq& sq,
                  T* y, T* h_n);
 
-// Inference forwards (train=False) with the recurrent weight in bfloat16 (its raw bits,
-// [G, P] as PyTorch stores it) and everything else float32: the recurrent products run on
-// AVX512-BF16 dot products, with h rounded to bfloat16 before each step's product
-// (kernels.cpp, tiled_bf16.h). They return false and write nothing where that kernel does
-// not run (a CPU without AVX512-BF16, fewer than 8 steps, FUSEDRNN_CPU_TILED=0): the
-// caller then runs the float32 forward on the weight cast to float32.
+// Forwards with the recurrent weight in bfloat16 (its raw bits, [G, P] as PyTorch stores
+// it) and everything else float32: the recurrent products run on AVX512-BF16 dot products,
+// with h rounded to bfloat16 before each step's product (kernels.cpp, tiled_bf16.h); the
+// saved tensors as the float32 forwards write them (null in inference). They return false
+// and write nothing where that kernel does not run (a CPU without AVX512-BF16, fewer than
+// 8 steps, FUSEDRNN_CPU_TILED=0): the caller then runs the float32 forward on the weight
+// cast to float32.
 // Whether they run for a sequence of `steps` steps.
 bool bf16_forward_runs(int64_t steps);
 bool lstm_forward_bf16(const float* gx, const float* h0, const float* c0, const uint16_t* w_hh, const float* w_hr,
-                       int64_t H, int64_t P, const Seq& sq, float* y, float* h_n, float* c_n);
+                       int64_t H, int64_t P, const Seq& sq, float* y, float* h_n, float* c_n, float* gates,
+                       float* cells);
 bool gru_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, const float* b_hh, int64_t H,
-                      const Seq& sq, float* y, float* h_n);
+                      const Seq& sq, float* y, float* h_n, float* gates, float* hn);
 // The bfloat16 path's input projection: C[M,N] = A[M,K] @ W[N,K]^T (+ bias[N] if not null),
 // A and W bfloat16 bits (row-major), C float32. False (nothing written) where the kernel
 // does not run (bf16_forward_runs(8) is false).

@@ -152,15 +152,14 @@ std::tuple<Tensor, Tensor, Tensor> projection_backward_op(const Tensor& grad_, c
 }
 
 // ----------------------------------------------------------------------------- bfloat16 w_hh
-// The forwards accept a bfloat16 w_hh with float32 everything else, for inference: the
-// modules' bfloat16 inference path (fusedrnn/modules.py), whose recurrent products then
-// run on bfloat16 dot products (kernels.h, *_forward_bf16). Whether w_hh is such a weight;
-// checks that the call is one the bfloat16 kernels serve (float32 gx, train=False).
-bool bf16_weight(const Tensor& w_hh, const Tensor& gx, bool train, const char* op) {
+// The forwards accept a bfloat16 w_hh with float32 everything else: the modules' bfloat16
+// path (fusedrnn/modules.py), whose recurrent products then run on bfloat16 dot products
+// (kernels.h, *_forward_bf16). Their backward runs float32 on w_hh cast (autograd.cpp).
+// Whether w_hh is such a weight; checks that gx is float32.
+bool bf16_weight(const Tensor& w_hh, const Tensor& gx, const char* op) {
   if (!w_hh.defined() || w_hh.scalar_type() != at::kBFloat16) return false;
   TORCH_CHECK(gx.scalar_type() == at::kFloat, op, ": a bfloat16 w_hh needs float32 gx (got ", gx.scalar_type(),
               "); otherwise all floating-point arguments must have gx's dtype");
-  TORCH_CHECK(!train, op, ": a bfloat16 w_hh is for inference only (train=False); for training pass it as float32");
   return true;
 }
 const uint16_t* bf16_bits(const Tensor& w) { return reinterpret_cast<const uint16_t*>(w.data_ptr()); }
@@ -176,8 +175,9 @@ Tensor bf16_to_float(const Tensor& w, const Tensor& like) {
   return out;
 }
 
-// The bfloat16 inference path's input projection (fusedrnn/projection.py): bfloat16 x
-// [..., I] and w [G, I], float32 b [G] or none -> float32 [..., G] (kernels.h, gemm_bf16).
+// The bfloat16 path's input projection (fusedrnn/projection.py, which registers its
+// autograd): bfloat16 x [..., I] and w [G, I], float32 b [G] or none -> float32 [..., G]
+// (kernels.h, gemm_bf16).
 Tensor projection_bf16_op(const Tensor& x_, const Tensor& w_, const optional<Tensor>& b_) {
   const char* op = "fusedrnn::projection_bf16 (cpu)";
   TORCH_CHECK(x_.scalar_type() == at::kBFloat16, op, ": x must be bfloat16, got ", x_.scalar_type());
@@ -193,9 +193,6 @@ Tensor projection_bf16_op(const Tensor& x_, const Tensor& w_, const optional<Ten
     check_shape(b, op, "b", {G});
     b = b.contiguous();
   }
-  TORCH_CHECK(!(at::GradMode::is_enabled() && (x_.requires_grad() || w_.requires_grad() ||
-                                               (b.defined() && b.requires_grad()))),
-              op, ": inference only (no gradient); for training use fusedrnn::projection in float32");
   const Tensor x = x_.contiguous(), w = w_.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = G;
@@ -223,7 +220,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
   const int64_t P = w_hr.defined() ? w_hr.size(0) : H;
   check_tensor(h0_, op, "h0", gx_, 2);
   check_tensor(c0_, op, "c0", gx_, 2);
-  const bool bf16w = bf16_weight(w_hh_, gx_, train, op);
+  const bool bf16w = bf16_weight(w_hh_, gx_, op);
   check_tensor(w_hh_, op, "w_hh", bf16w ? w_hh_ : gx_, 2);
   check_shape(h0_, op, "h0", {B, P});
   check_shape(c0_, op, "c0", {B, H});
@@ -242,7 +239,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
   const Seq sq = make_seq(T, B, L, reverse);
   if (bf16w && cpu::lstm_forward_bf16(gx.data_ptr<float>(), h0.data_ptr<float>(), c0.data_ptr<float>(),
                                       bf16_bits(w_hh), w_hr.defined() ? w_hr.data_ptr<float>() : nullptr, H, P, sq,
-                                      y.data_ptr<float>(), h_n.data_ptr<float>(), c_n.data_ptr<float>()))
+                                      y.data_ptr<float>(), h_n.data_ptr<float>(), c_n.data_ptr<float>(),
+                                      train ? gates.data_ptr<float>() : nullptr, train ? cells.data_ptr<float>() : nullptr))
     return {y, h_n, c_n, gates, cells};
   if (bf16w) w_hh = bf16_to_float(w_hh, gx);
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fusedrnn_lstm_forward_cpu", [&] {
@@ -324,7 +322,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_op(
   TORCH_CHECK(G % 3 == 0 && G > 0, op, ": gx's last dimension must be 3 * hidden_size, got ", G);
   const int64_t H = G / 3;
   check_tensor(h0_, op, "h0", gx_, 2);
-  const bool bf16w = bf16_weight(w_hh_, gx_, train, op);
+  const bool bf16w = bf16_weight(w_hh_, gx_, op);
   check_tensor(w_hh_, op, "w_hh", bf16w ? w_hh_ : gx_, 2);
   check_shape(h0_, op, "h0", {B, H});
   check_shape(w_hh_, op, "w_hh", {G, H});
@@ -341,7 +339,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_op(
   const Seq sq = make_seq(T, B, L, reverse);
   if (bf16w && cpu::gru_forward_bf16(gx.data_ptr<float>(), h0.data_ptr<float>(), bf16_bits(w_hh),
                                      b_hh.defined() ? b_hh.data_ptr<float>() : nullptr, H, sq, y.data_ptr<float>(),
-                                     h_n.data_ptr<float>()))
+                                     h_n.data_ptr<float>(), train ? gates.data_ptr<float>() : nullptr,
+                                     train ? hn.data_ptr<float>() : nullptr))
     return {y, h_n, gates, hn};
   if (bf16w) w_hh = bf16_to_float(w_hh, gx);
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fusedrnn_gru_forward_cpu", [&] {
@@ -405,8 +404,7 @@ std::tuple<Tensor, Tensor> rnn_forward_op(const Tensor& gx_, const Tensor& h0_, 
   const int64_t T = gx_.size(0), B = gx_.size(1), H = gx_.size(2);
   TORCH_CHECK(H > 0, op, ": hidden_size must be positive");
   check_tensor(h0_, op, "h0", gx_, 2);
-  // (no train flag: fusedrnn/ops.py refuses a bfloat16 w_hh where a gradient is needed)
-  const bool bf16w = bf16_weight(w_hh_, gx_, false, op);
+  const bool bf16w = bf16_weight(w_hh_, gx_, op);
   check_tensor(w_hh_, op, "w_hh", bf16w ? w_hh_ : gx_, 2);
   check_shape(h0_, op, "h0", {B, H});
   check_shape(w_hh_, op, "w_hh", {H, H});
