@@ -134,20 +134,24 @@ def test_auto_rule_for_low_precision(cell, dtype, batch, hidden, grad, sequence,
     assert torch_nn_faster_low_precision(call, backends.registry()["reference"], grad, sequence) is None
 
 
-# bfloat16 inference where the cpu backend's bfloat16 dot products run (bf16_kernels):
-# (cell, batch, hidden) -> ours? LSTM at batch <= 4, or <= 8 from hidden 1024; GRU, RNN always.
-RULE_BF16_KERNELS = [("lstm", 1, 256, True), ("lstm", 4, 512, True), ("lstm", 8, 512, False),
-                     ("lstm", 8, 1024, True), ("lstm", 32, 256, False), ("lstm", 16, 1024, False),
-                     ("gru", 64, 1024, True), ("rnn", 64, 1024, True), ("gru", 32, 512, True)]
+# bfloat16 where the cpu backend's bfloat16 dot products run (bf16_kernels):
+# (cell, batch, hidden, grad) -> ours? Inference: LSTM at batch <= 4, or <= 8 from hidden
+# 1024; GRU, RNN always. Training: LSTM at batch <= 8 or hidden >= 1024 (or >= 768 up to
+# batch 16); GRU, RNN at batch <= 8 or batch x hidden <= 16384.
+RULE_BF16_KERNELS = [("lstm", 1, 256, False, True), ("lstm", 4, 512, False, True), ("lstm", 8, 512, False, False),
+                     ("lstm", 8, 1024, False, True), ("lstm", 32, 256, False, False),
+                     ("lstm", 16, 1024, False, False), ("gru", 64, 1024, False, True),
+                     ("rnn", 64, 1024, False, True), ("gru", 32, 512, False, True),
+                     ("lstm", 8, 512, True, True), ("lstm", 32, 512, True, False), ("lstm", 64, 1024, True, True),
+                     ("lstm", 16, 768, True, True), ("gru", 64, 256, True, True), ("gru", 64, 512, True, False),
+                     ("rnn", 32, 512, True, True), ("rnn", 32, 1024, True, False)]
 
 
-@pytest.mark.parametrize("cell,batch,hidden,ours", RULE_BF16_KERNELS)
-def test_auto_rule_for_bf16_kernels(cell, batch, hidden, ours, measured_cpu):
+@pytest.mark.parametrize("cell,batch,hidden,grad,ours", RULE_BF16_KERNELS)
+def test_auto_rule_for_bf16_kernels(cell, batch, hidden, grad, ours, measured_cpu):
     cpu = backends.registry()["cpu"]
     call = Call(cell, torch.device("cpu"), torch.bfloat16, hidden, 0, batch)
-    assert (torch_nn_faster_low_precision(call, cpu, False, True, True) is None) == ours
-    if cell != "lstm" and batch * hidden ** 2 * 3 > 2 ** 22:  # (without the kernels: torch.nn)
-        assert torch_nn_faster_low_precision(call, cpu, False, True, False) is not None
+    assert (torch_nn_faster_low_precision(call, cpu, grad, True, True) is None) == ours
 
 
 def test_auto_runs_bf16_kernels_in_inference(measured_cpu):
