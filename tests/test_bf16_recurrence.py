@@ -171,7 +171,8 @@ def test_bf16_modules_in_training(kind, kw):
 
 
 @pytest.mark.parametrize("tiled", [-1, 0], ids=["bf16-kernel", "float32-fallback"])
-@pytest.mark.parametrize("M,N,K", [(1, 32, 64), (5, 40, 7), (97, 100, 300), (200, 64, 513), (3, 8, 1)])
+@pytest.mark.parametrize("M,N,K", [(1, 32, 64), (5, 40, 7), (97, 100, 300), (200, 64, 513), (3, 8, 1), (3, 40, 0),
+                                   (0, 40, 5)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bf16_projection_against_float64(M, N, K, bias, tiled, cpu_options):
     """fusedrnn::projection_bf16: bfloat16 products are exact in float32, so only float32
@@ -207,3 +208,39 @@ def test_bf16_projection_backward():
     assert (xs.grad.dtype, ws.grad.dtype, bs.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
     for got, want in [(xs.grad, x64.grad), (ws.grad, w64.grad), (bs.grad, b64.grad)]:
         torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * max(1.0, want.abs().max().item()))
+
+
+def test_bf16_ops_pass_opcheck():
+    """Schema, fake kernels and autograd registration of the bfloat16 path's ops."""
+    x, w = torch.randn(3, 4, 24).bfloat16().requires_grad_(), (torch.randn(40, 24) / 5).bfloat16().requires_grad_()
+    torch.library.opcheck(torch.ops.fusedrnn.projection_bf16.default, (x, w, torch.randn(40, requires_grad=True)))
+    gx, h0, c0, w_hh, w_hr, L, rev = make_inputs("lstm", 9, 3, 8, lengths=True)
+    args = (gx.requires_grad_(), h0, c0, w_hh.bfloat16().requires_grad_(), w_hr, L, rev, True)
+    torch.library.opcheck(ops.get_op("lstm", "forward", "cpu"), args)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_bf16_packed_sequence_with_initial_state(train):
+    """lengths (a PackedSequence) and hx through the bfloat16 kernels (9+ steps)."""
+    ours = fusedrnn.LSTM(6, 8, backend="cpu").bfloat16()
+    ref = nn.LSTM(6, 8)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(11, 4, 6).bfloat16()
+    h = (torch.randn(1, 4, 8).bfloat16(), torch.randn(1, 4, 8).bfloat16())
+
+    def run(m, dtype):
+        xs = x.detach().to(dtype).clone().requires_grad_(train)
+        packed = nn.utils.rnn.pack_padded_sequence(xs, [11, 9, 9, 3], enforce_sorted=False)
+        with torch.set_grad_enabled(train):
+            y, (hn, cn) = m(packed, tuple(t.to(dtype) for t in h))
+        out = torch.cat([nn.utils.rnn.pad_packed_sequence(y)[0].flatten(), hn.flatten(), cn.flatten()])
+        if train:
+            out.float().sum().backward()
+        return out.float(), xs.grad
+
+    got, gx = run(ours, torch.bfloat16)
+    want, wx = run(ref, torch.float32)
+    assert ("bfloat16 products" if _bf16_runs(11) else "computed in float32") in ours.last_backend_reason
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+    if train:
+        torch.testing.assert_close(gx.float(), wx, rtol=3e-2, atol=3e-2)
