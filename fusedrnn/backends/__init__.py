@@ -49,10 +49,10 @@ class Backend:
     # input, states and weights to float32 and the results back (the cpu backend's float16
     # and bfloat16, where torch.nn's CPU kernels are slow; see LOW_PRECISION).
     float32_for: tuple[torch.dtype, ...] = ()
-    # Whether the forward ops take a bfloat16 w_hh with float32 everything else for an
-    # inference sequence of T steps, and run its products on bfloat16 dot products (the cpu
-    # backend on AVX512-BF16): then a bfloat16 module in inference keeps w_hh and the input
-    # projection in bfloat16 (modules.py). None: never.
+    # Whether the forward ops take a bfloat16 w_hh with float32 everything else for a
+    # sequence of T steps and run its products on bfloat16 dot products (the cpu backend on
+    # AVX512-BF16; their backward runs float32): then a bfloat16 module keeps w_hh and the
+    # input projection in bfloat16 (modules.py). None: never.
     bf16_recurrence: Optional[Callable[[int], bool]] = None
     _state: Optional[str] = field(default="unloaded", repr=False)
     _ops: dict = field(default_factory=dict, repr=False)
