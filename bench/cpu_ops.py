@@ -66,6 +66,8 @@ def bench_case(cell, B, H, T, reps, dtype, train, input_grad=True):
     with torch.no_grad():
         a, b = ref(x)[0], mine(x)[0]
     tol = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 2e-2}[dtype]
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "medium":
+        tol = 3e-2  # (bfloat16 products, both sides)
     assert torch.allclose(a, b, atol=tol, rtol=tol), f"{cell} B={B} H={H}: outputs differ"
     assert mine.last_backend == "cpu", mine.last_backend_reason
     for _ in range(2):  # warm-up (oneDNN primitive caches, allocator, thread pool)
@@ -109,7 +111,11 @@ def main(argv=None):
                         "(float16 training at batch 64, hidden 1024 takes torch.nn ~60 s a call)")
     p.add_argument("--modes", default="inference,training")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
+                   help="torch.set_float32_matmul_precision for the run: 'medium' lets float32 matmuls (torch's, "
+                        "and fusedrnn's recurrences on CPUs with AVX512-BF16) use bfloat16 products")
     a = p.parse_args(argv)
+    torch.set_float32_matmul_precision(a.matmul_precision)
     modes = ("inference", "training", "training-frozen-input")
     for mode in a.modes.split(","):
         if mode not in modes:
@@ -129,7 +135,8 @@ def main(argv=None):
           f"{_SPLIT_MODES.get(_C._set_options(-1, 0)[2], '?')}")
     print("load average at start: %.2f %.2f %.2f (timings are only meaningful on an otherwise idle machine)"
           % os.getloadavg())
-    print(f"seq_len {a.seq}, input_size = hidden, {a.dtype}, median of {a.reps} interleaved runs; "
+    print(f"seq_len {a.seq}, input_size = hidden, {a.dtype}, float32 matmul precision {a.matmul_precision}, "
+          f"median of {a.reps} interleaved runs; "
           f"speedup = torch.nn / fusedrnn(backend='cpu')")
     print("pair q1-q3: quartiles of the speedups of the back-to-back pairs (the noise band)")
     print(f"{'cell':5} {'mode':10} {'batch':>5} {'hidden':>6} {'torch.nn ms':>12} {'fusedrnn ms':>12} {'speedup':>8}"

@@ -18,8 +18,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import autocast as AC
 from . import validation as V
-from .backends import (TORCH_NN, Call, load_for, select, torch_nn_cannot, torch_nn_faster, torch_nn_faster_low_precision,
-                       torch_nn_for_device, torch_nn_instead_of_reference)
+from .backends import (TORCH_NN, Call, float32_matmul_in_bf16, load_for, select, torch_nn_cannot, torch_nn_faster,
+                       torch_nn_faster_low_precision, torch_nn_for_device, torch_nn_instead_of_reference)
 from .projection import input_projection
 from .transforms import differentiating_transform, onnx_export, refuse
 
@@ -289,8 +289,10 @@ class _FusedRNNBase(BackendChoice):
         # bfloat16 on a backend with bfloat16 recurrence kernels: x, the weights and the input
         # projection stay bfloat16, the states and the cell math float32 (_sequence_layer; the
         # backward runs float32); other low-precision calls compute in float32 (float32_for).
-        bf16 = (call.dtype == torch.bfloat16 and backend.bf16_recurrence is not None
-                and backend.bf16_recurrence(x.shape[0]))
+        # float32 too where the user allowed bfloat16 products for float32 matmuls
+        # (float32_matmul_in_bf16: torch.set_float32_matmul_precision("medium")).
+        bf16 = (backend.bf16_recurrence is not None and (call.dtype == torch.bfloat16 or (
+                    call.dtype == torch.float32 and float32_matmul_in_bf16())) and backend.bf16_recurrence(x.shape[0]))
         if self.backend == "auto":
             w = self._param(names[0][0])
             # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference;
@@ -298,8 +300,8 @@ class _FusedRNNBase(BackendChoice):
             training = self.training and torch.is_grad_enabled() and w.requires_grad
             nn_why = (torch_nn_faster_low_precision(call, backend, torch.is_grad_enabled() and (
                           x.requires_grad or w.requires_grad), True, bf16)
-                      or torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), training,
-                                         not x.requires_grad, self.num_layers)
+                      or (None if bf16 else torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence),
+                                                            training, not x.requires_grad, self.num_layers))
                       or torch_nn_instead_of_reference(call, backend.name, why))
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:
@@ -308,6 +310,9 @@ class _FusedRNNBase(BackendChoice):
             x, hs, finish = x if bf16 else x.float(), [h.float() for h in hs], _cast_back(finish, x.dtype)
             cast = torch.bfloat16 if bf16 else torch.float32
             why += "; bfloat16 products, float32 states" if bf16 else "; computed in float32"
+        elif bf16:  # float32 under matmul precision "medium": the weights' products in bfloat16
+            cast = torch.bfloat16
+            why += "; bfloat16 products (float32 matmul precision 'medium'), float32 states"
         self._record_choice(backend.name, why)
         fwd = backend.op(self._cell, "forward")
         # One step (e.g. step-by-step decoding): the backend's cell op, if it has one, does the

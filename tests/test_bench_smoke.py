@@ -108,6 +108,20 @@ def test_cpu_ops_script_low_precision(dtype):
     assert len(rows) == 3 * 2 and all(float(r[6].rstrip("x")) > 0 for r in rows)
 
 
+def test_cpu_ops_script_float32_matmul_precision_medium():
+    """--matmul-precision medium: float32 on bfloat16 products (9 steps: fusedrnn's bfloat16
+    kernels where the CPU has them), the script's agreement check at bfloat16's tolerance."""
+    proc = subprocess.run([sys.executable, "bench/cpu_ops.py", "--batch", "2", "--hidden", "16", "--seq", "9",
+                           "--reps", "3", "--threads", "1", "--matmul-precision", "medium"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if "cpu backend unavailable" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "float32, float32 matmul precision medium," in proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["lstm"], ["gru"], ["rnn"])]
+    assert len(rows) == 3 * 2 and all(float(r[6].rstrip("x")) > 0 for r in rows)
+
+
 @pytest.mark.parametrize("mode", ["training", "inference"])
 def test_train_loop_script_reports_both_implementations(mode):
     """bench/train_loop.py (one model per process, allocator costs included) end to end at a

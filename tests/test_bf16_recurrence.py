@@ -244,3 +244,67 @@ def test_bf16_packed_sequence_with_initial_state(train):
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
     if train:
         torch.testing.assert_close(gx.float(), wx, rtol=3e-2, atol=3e-2)
+
+
+@pytest.fixture
+def matmul_precision():
+    """torch.set_float32_matmul_precision for one test, restored after."""
+    old = torch.backends.mkldnn.matmul.fp32_precision
+    yield torch.set_float32_matmul_precision
+    torch.backends.mkldnn.matmul.fp32_precision = old
+
+
+@pytest.mark.parametrize("kind,kw", MODULES[:4] + [("RNN", {"num_layers": 2})],
+                         ids=["lstm-2", "lstm-proj", "gru-bidir", "gru-nobias", "rnn-2"])
+def test_float32_under_matmul_precision_medium(kind, kw, matmul_precision):
+    """torch.set_float32_matmul_precision("medium") lets float32 matmuls use bfloat16
+    products: float32 modules then run on the bfloat16 kernels (within bfloat16's tolerance
+    of torch.nn at full precision, forward and backward, gradients in float32); "highest"
+    (the default) keeps them exact."""
+    ours = getattr(fusedrnn, kind)(12, 16, backend="cpu", **kw)
+    ref = getattr(nn, kind)(12, 16, **kw)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 10, 12) if kw.get("batch_first") else torch.randn(10, 4, 12)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    matmul_precision("medium")
+    got = ours(xo)[0]
+    matmul_precision("highest")
+    want = ref(xr)[0]
+    assert got.dtype == torch.float32
+    if _bf16_runs(10):
+        assert "bfloat16 products (float32 matmul precision 'medium')" in ours.last_backend_reason
+    else:
+        assert "bfloat16" not in ours.last_backend_reason
+    g = torch.randn_like(want)
+    got.backward(g)
+    want.backward(g)
+    tol = 3e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=tol, atol=tol)
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert p.grad.dtype == torch.float32, name
+        scale = max(1.0, q.grad.abs().max().item())
+        torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol * scale, msg=name)
+    with torch.no_grad():  # full precision again: exactly torch.nn's float32 (to float32 rounding)
+        torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+    assert "bfloat16" not in ours.last_backend_reason
+
+
+def test_auto_under_matmul_precision_medium(matmul_precision, monkeypatch):
+    """A float32 LSTM at a shape where auto otherwise runs torch.nn's oneDNN kernel (whose
+    float32 LSTM does not use bfloat16 under "medium"): ours, on the bfloat16 kernels. While
+    torch.compile traces, the setting is not read: float32."""
+    if not _bf16_runs(32):
+        pytest.skip("no AVX512-BF16 on this CPU")
+    from fusedrnn import backends
+    monkeypatch.setattr(backends, "onednn_avx512", lambda: True)
+    m = fusedrnn.LSTM(32, 256)
+    x = torch.randn(32, 64, 32)
+    with torch.no_grad():
+        m(x)
+        assert m.last_backend == "torch.nn"
+        matmul_precision("medium")
+        m(x)
+    assert m.last_backend == "cpu" and "bfloat16 products" in m.last_backend_reason
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not backends.float32_matmul_in_bf16()

@@ -369,6 +369,20 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
             "backend='cpu' forces ours)")
 
 
+def float32_matmul_in_bf16() -> bool:
+    """Whether the user let float32 matmuls on the CPU use bfloat16 products:
+    torch.set_float32_matmul_precision("medium"), or torch.backends.mkldnn.matmul.fp32_precision
+    = "bf16", which torch's own CPU matmuls then follow. The cpu backend's float32 sequences
+    then run on its bfloat16 kernels too (Backend.bf16_recurrence). Not while torch.compile
+    traces (Dynamo cannot read the setting): exact float32 there."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    except (AttributeError, RuntimeError):  # (torch versions without the per-backend setting)
+        return False
+
+
 def torch_nn_for_device(call: Call) -> Optional[str]:
     """Why auto runs torch.nn's own forward for `call`'s device, or None: no fusedrnn backend
     runs on it (e.g. meta tensors for shape inference, mps, xpu), while torch.nn's RNNs do."""
