@@ -291,8 +291,8 @@ class _FusedRNNBase(BackendChoice):
         # backward runs float32); other low-precision calls compute in float32 (float32_for).
         # float32 too where the user allowed bfloat16 products for float32 matmuls
         # (float32_matmul_in_bf16: torch.set_float32_matmul_precision("medium")).
-        bf16 = (backend.bf16_recurrence is not None and (call.dtype == torch.bfloat16 or (
-                    call.dtype == torch.float32 and float32_matmul_in_bf16())) and backend.bf16_recurrence(x.shape[0]))
+        bf16 = (backend.bf16_recurrence is not None and backend.bf16_recurrence(x.shape[0]) and (
+                    call.dtype == torch.bfloat16 or (call.dtype == torch.float32 and float32_matmul_in_bf16())))
         if self.backend == "auto":
             w = self._param(names[0][0])
             # (torch_nn_faster: a forward with grad enabled in eval mode counts as inference;
