@@ -42,9 +42,8 @@ void check_trained(AutogradContext* ctx, const char* op) {
               "train=True when a gradient is needed");
 }
 Tensor if_needed(const Tensor& g, bool need) { return need ? g : Tensor(); }
-// A bfloat16 w_hh (the bfloat16 path's forward ops, register.cpp): the backward ops run
-// float32 on it cast, and its gradient goes back in bfloat16.
-Tensor as_float(const Tensor& w) { return w.scalar_type() == at::kBFloat16 ? w.to(at::kFloat) : w; }
+// A bfloat16 w_hh (the bfloat16 path's sequence ops, register.cpp): the backward op
+// returns its gradient in float32; autograd wants it in w_hh's dtype.
 Tensor in_dtype_of(const Tensor& g, const Tensor& w) {
   return g.defined() && g.scalar_type() != w.scalar_type() ? g.to(w.scalar_type()) : g;
 }
@@ -240,7 +239,7 @@ struct LstmSeq : torch::autograd::Function<LstmSeq> {
     const bool proj = s[3].defined();
     auto [ggx, gh0, gc0, gwhh, gwhr] = call_backward([&] {
       return op.call(grad_or_zeros(grads[0], s[5]), grad_or_zeros(grads[1], s[0]), grad_or_zeros(grads[2], s[1]),
-                     s[0], s[1], as_float(s[2]), opt(s[3]), opt(s[4]), ctx->saved_data["reverse"].toBool(), s[5],
+                     s[0], s[1], s[2], opt(s[3]), opt(s[4]), ctx->saved_data["reverse"].toBool(), s[5],
                      s[6], s[7]);
     });
     return {ggx, gh0, gc0, in_dtype_of(gwhh, s[2]), proj ? gwhr : Tensor(), Tensor(), Tensor(), Tensor()};
@@ -286,7 +285,7 @@ struct GruSeq : torch::autograd::Function<GruSeq> {
     const auto s = ctx->get_saved_variables();  // h0, w_hh, b_hh, lengths, y, gates, hn
     const bool bias = s[2].defined();
     auto [ggx, gh0, gwhh, gbhh] = call_backward([&] {
-      return op.call(grad_or_zeros(grads[0], s[4]), grad_or_zeros(grads[1], s[0]), s[0], as_float(s[1]), opt(s[2]),
+      return op.call(grad_or_zeros(grads[0], s[4]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
                      opt(s[3]), ctx->saved_data["reverse"].toBool(), s[4], s[5], s[6]);
     });
     return {ggx, gh0, in_dtype_of(gwhh, s[1]), bias ? gbhh : Tensor(), Tensor(), Tensor(), Tensor()};
@@ -324,7 +323,7 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
     static const auto op = op_handle<RnnSeqBwdSig>("fusedrnn::rnn_backward");
     const auto s = ctx->get_saved_variables();  // h0, w_hh, lengths, y
     auto [ggx, gh0, gwhh] = call_backward([&] {
-      return op.call(grad_or_zeros(grads[0], s[3]), grad_or_zeros(grads[1], s[0]), s[0], as_float(s[1]), opt(s[2]),
+      return op.call(grad_or_zeros(grads[0], s[3]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
                      ctx->saved_data["reverse"].toBool(), ctx->saved_data["relu"].toBool(), s[3]);
     });
     return {ggx, gh0, in_dtype_of(gwhh, s[1]), Tensor(), Tensor(), Tensor()};

@@ -1178,6 +1178,43 @@ bool rnn_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, in
   const SeqV s(sq);
   FRNN_BF16_FORWARD(rnn_forward, w_hh, H, relu, s, y, h_n);
 }
+bool lstm_backward_bf16(const float* grad_y, const float* grad_h_n, const float* grad_c_n, const float* c0,
+                        const uint16_t* w_hh, int64_t H, const Seq& sq, const float* gates, const float* cells,
+                        float* grad_gx, float* grad_h0, float* grad_c0, float* dfirst) {
+  const SeqV s(sq);
+#if FRNN_X86_SIMD
+  if (!bf16_forward_runs(sq.T)) return false;
+  avx2::lstm_backward<float, TiledBF, uint16_t>(grad_y, grad_h_n, grad_c_n, c0, w_hh, nullptr, H, H, s, gates, cells,
+                                                grad_gx, grad_h0, grad_c0, dfirst, nullptr, nullptr);
+  return true;
+#else
+  return false;
+#endif
+}
+bool gru_backward_bf16(const float* grad_y, const float* grad_h_n, const float* h0, const uint16_t* w_hh, int64_t H,
+                       const Seq& sq, const float* y, const float* gates, const float* hn, float* grad_gx,
+                       float* grad_h0, float* dfirst, float* dgh) {
+  const SeqV s(sq);
+#if FRNN_X86_SIMD
+  if (!bf16_forward_runs(sq.T)) return false;
+  avx2::gru_backward<float, TiledBF, uint16_t>(grad_y, grad_h_n, h0, w_hh, H, s, y, gates, hn, grad_gx, grad_h0,
+                                               dfirst, dgh);
+  return true;
+#else
+  return false;
+#endif
+}
+bool rnn_backward_bf16(const float* grad_y, const float* grad_h_n, const uint16_t* w_hh, int64_t H, bool relu,
+                       const Seq& sq, const float* y, float* grad_gx, float* grad_h0, float* dfirst) {
+  const SeqV s(sq);
+#if FRNN_X86_SIMD
+  if (!bf16_forward_runs(sq.T)) return false;
+  avx2::rnn_backward<float, TiledBF, uint16_t>(grad_y, grad_h_n, w_hh, H, relu, s, y, grad_gx, grad_h0, dfirst);
+  return true;
+#else
+  return false;
+#endif
+}
 #undef FRNN_BF16_FORWARD
 bool gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* W, const float* bias, float* C) {
 #if FRNN_X86_SIMD

@@ -47,6 +47,17 @@ bool lstm_forward_bf16(const float* gx, const float* h0, const float* c0, const 
                        float* cells);
 bool gru_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, const float* b_hh, int64_t H,
                       const Seq& sq, float* y, float* h_n, float* gates, float* hn);
+// Their backwards (the sequential part, as the float32 ones), the recurrent GEMM dh +=
+// dpre @ W_hh on the same dot products with dpre rounded to bfloat16; not for the LSTM
+// with projection (false there, as where the forwards do not run).
+bool lstm_backward_bf16(const float* grad_y, const float* grad_h_n, const float* grad_c_n, const float* c0,
+                        const uint16_t* w_hh, int64_t H, const Seq& sq, const float* gates, const float* cells,
+                        float* grad_gx, float* grad_h0, float* grad_c0, float* dfirst);
+bool gru_backward_bf16(const float* grad_y, const float* grad_h_n, const float* h0, const uint16_t* w_hh, int64_t H,
+                       const Seq& sq, const float* y, const float* gates, const float* hn, float* grad_gx,
+                       float* grad_h0, float* dfirst, float* dgh);
+bool rnn_backward_bf16(const float* grad_y, const float* grad_h_n, const uint16_t* w_hh, int64_t H, bool relu,
+                       const Seq& sq, const float* y, float* grad_gx, float* grad_h0, float* dfirst);
 // The bfloat16 path's input projection: C[M,N] = A[M,K] @ W[N,K]^T (+ bias[N] if not null),
 // A and W bfloat16 bits (row-major), C float32. False (nothing written) where the kernel
 // does not run (bf16_forward_runs(8) is false).

@@ -304,38 +304,42 @@ struct StepGrads {
 
 // The backward's recurrent GEMM, dh[b0:b1, j0:j1] += dnext[b0:b1] @ W_hh[:, j0:j1] (dnext
 // [B, KG], W_hh [KG, H]), on W_hh packed into 32-unit panels once per call (tiled path;
-// slice k's columns go through its own B x 32 scratch: gemm_panel's `exact`).
-template <typename T>
+// slice k's columns go through its own B x 32 scratch: gemm_panel's `exact`). TW/WT: a
+// bfloat16 W_hh on TiledBF (then dnext's rows are rounded to bfloat16, rows_of).
+template <typename T, typename TW = Tiled<T>, typename WT = T>
 struct DhGemm {
-  std::unique_ptr<Tiled<T>> tb;
+  std::unique_ptr<TW> tb;
   mutable Buf<T> tmp;
   int64_t KG, H, B;
-  DhGemm(bool tiled, const T* w_hh, int64_t H_, int64_t KG_, int64_t B_, const Slices& sl)
-      : tb(tiled ? new Tiled<T>(w_hh, 1, H_, 1, H_, KG_, 0, sl) : nullptr),
+  DhGemm(bool tiled, const WT* w_hh, int64_t H_, int64_t KG_, int64_t B_, const Slices& sl)
+      : tb(tiled ? new TW(w_hh, 1, H_, 1, H_, KG_, B_, sl) : nullptr),
         tmp(tiled ? sl.n * B_ * 32 : 0), KG(KG_), H(H_), B(B_) {}  // (a split's n() <= sl.n)
   void operator()(int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext, T* dh) const {
+    const auto A = tb->rows_of(k, dnext + b0 * KG, KG, b1 - b0);
     for (int64_t p = tb->first_panel(j0); p < tb->end_panel(j1); ++p)
-      tb->gemm_panel(p, b1 - b0, dnext + b0 * KG, KG, dh + b0 * H, H, true, true, tmp.data() + k * B * 32);
+      tb->gemm_panel(p, b1 - b0, A.p, A.ld, dh + b0 * H, H, true, true, tmp.data() + k * B * 32);
   }
 };
 
-template <typename T>
+template <typename T, typename TW = Tiled<T>, typename WT = T>
 void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const T* c0,
-                   const T* w_hh, const T* w_hr, int64_t H, int64_t P, const Seq& sq,
+                   const WT* w_hh_, const T* w_hr, int64_t H, int64_t P, const Seq& sq,
                    const T* gates, const T* cells,
                    T* grad_gx, T* grad_h0, T* grad_c0, T* dfirst, T* dhs, T* hr) {
   const int64_t B = sq.B, TT = sq.T, G = 4 * H;
   const bool proj = w_hr != nullptr;
-  const bool tiled = !proj && Tiled<T>::use(TT);
-  const Slices sl = make_slices(H, B * G * (proj ? 1 : 2), tiled ? Tiled<T>::panel_units(1) : 8);
+  const bool tiled = !proj && TW::use(TT);
+  const T* w_hh = same_type<T>(w_hh_);  // null for a bfloat16 weight (TiledBF: always tiled)
+  const Slices sl = make_slices(H, B * G * (proj ? 1 : 2), tiled ? TW::panel_units(1) : 8);
   const Slices slp = make_slices(P, B * G);
   Buf<T> dh(grad_h_n, grad_h_n + B * P), dc(grad_c_n, grad_c_n + B * H);
   Buf<T> dht(proj ? B * P : 0), dhr(proj ? B * H : 0);
   StepGrads<T> sg(sq, grad_gx, G);
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
-  const DhGemm<T> dh_gemm(tiled, w_hh, H, KG, B, sl);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), (G * P + P * H * proj) * int64_t(sizeof(T)), tiled, TT);
+  const DhGemm<T, TW, WT> dh_gemm(tiled, w_hh_, H, KG, B, sl);
+  const Split sp = make_split(sl, B, TW::block_rows(1), G * P * int64_t(sizeof(WT)) + P * H * proj * int64_t(sizeof(T)),
+                              tiled, TT);
   // With projection, before step s: dL/dh_t (columns [p0, p0 + np) of rows [b0, b1)) -> dht.
   auto project_back = [&](int64_t s, int64_t p0, int64_t np, int64_t b0, int64_t b1, const T* dnext) {
         if (s < TT - 1)
@@ -445,19 +449,20 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
   else std::fill(dfirst, dfirst + B * G, T(0));
 }
 
-template <typename T>
-void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh, int64_t H,
+template <typename T, typename TW = Tiled<T>, typename WT = T>
+void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const WT* w_hh_, int64_t H,
                   const Seq& sq, const T* y, const T* gates, const T* hn,
                   T* grad_gx, T* grad_h0, T* dfirst, T* dgh) {
   const int64_t B = sq.B, TT = sq.T, G = 3 * H;
-  const bool tiled = Tiled<T>::use(TT);
-  const Slices sl = make_slices(H, B * G * 2, tiled ? Tiled<T>::panel_units(1) : 8);
+  const bool tiled = TW::use(TT);
+  const T* w_hh = same_type<T>(w_hh_);
+  const Slices sl = make_slices(H, B * G * 2, tiled ? TW::panel_units(1) : 8);
   Buf<T> dh(grad_h_n, grad_h_n + B * H);
   StepGrads<T> sg(sq, dgh, G);  // dgh: (dxr, dxz, dhn), what the GEMM takes
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
-  const DhGemm<T> dh_gemm(tiled, w_hh, H, KG, B, sl);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), KG * H * int64_t(sizeof(T)), tiled, TT);
+  const DhGemm<T, TW, WT> dh_gemm(tiled, w_hh_, H, KG, B, sl);
+  const Split sp = make_split(sl, B, TW::block_rows(1), KG * H * int64_t(sizeof(WT)), tiled, TT);
   // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
   auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
                   typename StepGrads<T>::Cursor& cs) {
@@ -514,18 +519,19 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const T* w_hh
   else std::fill(dfirst, dfirst + B * G, T(0));
 }
 
-template <typename T>
-void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, bool relu,
+template <typename T, typename TW = Tiled<T>, typename WT = T>
+void rnn_backward(const T* grad_y, const T* grad_h_n, const WT* w_hh_, int64_t H, bool relu,
                   const Seq& sq, const T* y, T* grad_gx, T* grad_h0, T* dfirst) {
   const int64_t B = sq.B, TT = sq.T;
-  const bool tiled = Tiled<T>::use(TT);
-  const Slices sl = make_slices(H, B * H * 2, tiled ? Tiled<T>::panel_units(1) : 8);
+  const bool tiled = TW::use(TT);
+  const T* w_hh = same_type<T>(w_hh_);
+  const Slices sl = make_slices(H, B * H * 2, tiled ? TW::panel_units(1) : 8);
   Buf<T> dh(grad_h_n, grad_h_n + B * H);
   StepGrads<T> sg(sq, grad_gx, H);
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = H;
-  const DhGemm<T> dh_gemm(tiled, w_hh, H, KG, B, sl);
-  const Split sp = make_split(sl, B, Tiled<T>::block_rows(1), KG * H * int64_t(sizeof(T)), tiled, TT);
+  const DhGemm<T, TW, WT> dh_gemm(tiled, w_hh_, H, KG, B, sl);
+  const Split sp = make_split(sl, B, TW::block_rows(1), KG * H * int64_t(sizeof(WT)), tiled, TT);
   // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
   auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
                   typename StepGrads<T>::Cursor& cs) {

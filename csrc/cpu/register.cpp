@@ -152,9 +152,10 @@ std::tuple<Tensor, Tensor, Tensor> projection_backward_op(const Tensor& grad_, c
 }
 
 // ----------------------------------------------------------------------------- bfloat16 w_hh
-// The forwards accept a bfloat16 w_hh with float32 everything else: the modules' bfloat16
-// path (fusedrnn/modules.py), whose recurrent products then run on bfloat16 dot products
-// (kernels.h, *_forward_bf16). Their backward runs float32 on w_hh cast (autograd.cpp).
+// The sequence ops accept a bfloat16 w_hh with float32 everything else: the modules'
+// bfloat16 path (fusedrnn/modules.py), whose recurrent products then run on bfloat16 dot
+// products (kernels.h, *_forward_bf16, *_backward_bf16; elsewhere on w_hh cast to float32).
+// The weight gradient is float32 (autograd.cpp casts it to w_hh's dtype).
 // Whether w_hh is such a weight; checks that gx is float32.
 bool bf16_weight(const Tensor& w_hh, const Tensor& gx, const char* op) {
   if (!w_hh.defined() || w_hh.scalar_type() != at::kBFloat16) return false;
@@ -259,6 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
     const Tensor& y_, const Tensor& gates_, const Tensor& cells_) {
   const char* op = "fusedrnn::lstm_backward (cpu)";
   check_dtype(grad_y_, op);
+  const bool bf16w = bf16_weight(w_hh_, grad_y_, op);  // (then w_hh's dtype is its own)
   check_tensor(grad_y_, op, "grad_y", grad_y_, 3);
   check_tensor(gates_, op, "gates", grad_y_, 3);
   const int64_t T = gates_.size(0), B = gates_.size(1), G = gates_.size(2);
@@ -274,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
                                 std::make_tuple(&w_hh_, "w_hh", std::vector<int64_t>{G, P}),
                                 std::make_tuple(&y_, "y", std::vector<int64_t>{T, B, P}),
                                 std::make_tuple(&cells_, "cells", std::vector<int64_t>{T, B, H})}) {
-    check_tensor(*t, op, name, grad_y_, (int64_t)shape.size());
+    check_tensor(*t, op, name, bf16w && t == &w_hh_ ? w_hh_ : grad_y_, (int64_t)shape.size());
     check_shape(*t, op, name, shape);
   }
   if (w_hr.defined()) {
@@ -294,7 +296,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
     hr = new_output({T, B, H}, grad_y);
   }
   const Seq sq = make_seq(T, B, L, reverse);
-  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "fusedrnn_lstm_backward_cpu", [&] {
+  const bool done = bf16w && !w_hr.defined() &&
+                    cpu::lstm_backward_bf16(grad_y.data_ptr<float>(), grad_h_n.data_ptr<float>(),
+                                            grad_c_n.data_ptr<float>(), c0.data_ptr<float>(), bf16_bits(w_hh), H, sq,
+                                            gates.data_ptr<float>(), cells.data_ptr<float>(), grad_gx.data_ptr<float>(),
+                                            grad_h0.data_ptr<float>(), grad_c0.data_ptr<float>(),
+                                            dfirst.data_ptr<float>());
+  if (bf16w && !done) w_hh = bf16_to_float(w_hh, grad_y);
+  if (!done) AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "fusedrnn_lstm_backward_cpu", [&] {
     cpu::lstm_backward<scalar_t>(
         grad_y.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(), grad_c_n.data_ptr<scalar_t>(),
         c0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), w_hr.defined() ? w_hr.data_ptr<scalar_t>() : nullptr,
@@ -358,6 +367,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
     const Tensor& gates_, const Tensor& hn_) {
   const char* op = "fusedrnn::gru_backward (cpu)";
   check_dtype(grad_y_, op);
+  const bool bf16w = bf16_weight(w_hh_, grad_y_, op);  // (then w_hh's dtype is its own)
   check_tensor(grad_y_, op, "grad_y", grad_y_, 3);
   check_tensor(gates_, op, "gates", grad_y_, 3);
   const int64_t T = gates_.size(0), B = gates_.size(1), G = gates_.size(2);
@@ -369,7 +379,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
                                 std::make_tuple(&w_hh_, "w_hh", std::vector<int64_t>{G, H}),
                                 std::make_tuple(&y_, "y", std::vector<int64_t>{T, B, H}),
                                 std::make_tuple(&hn_, "hn", std::vector<int64_t>{T, B, H})}) {
-    check_tensor(*t, op, name, grad_y_, (int64_t)shape.size());
+    check_tensor(*t, op, name, bf16w && t == &w_hh_ ? w_hh_ : grad_y_, (int64_t)shape.size());
     check_shape(*t, op, name, shape);
   }
   Tensor b_hh = opt(b_hh_);
@@ -383,7 +393,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
   Tensor grad_gx = new_output({T, B, G}, grad_y), grad_h0 = new_output({B, H}, grad_y);
   Tensor dfirst = new_output({B, G}, grad_y), dgh = new_output({T, B, G}, grad_y);
   const Seq sq = make_seq(T, B, L, reverse);
-  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "fusedrnn_gru_backward_cpu", [&] {
+  const bool done = bf16w && cpu::gru_backward_bf16(grad_y.data_ptr<float>(), grad_h_n.data_ptr<float>(),
+                                                    h0.data_ptr<float>(), bf16_bits(w_hh), H, sq, y.data_ptr<float>(),
+                                                    gates.data_ptr<float>(), hn.data_ptr<float>(),
+                                                    grad_gx.data_ptr<float>(), grad_h0.data_ptr<float>(),
+                                                    dfirst.data_ptr<float>(), dgh.data_ptr<float>());
+  if (bf16w && !done) w_hh = bf16_to_float(w_hh, grad_y);
+  if (!done) AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "fusedrnn_gru_backward_cpu", [&] {
     cpu::gru_backward<scalar_t>(grad_y.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(),
                                 h0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), H, sq, y.data_ptr<scalar_t>(),
                                 gates.data_ptr<scalar_t>(), hn.data_ptr<scalar_t>(), grad_gx.data_ptr<scalar_t>(),
@@ -428,6 +444,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward_op(const Tensor& grad_y_, const 
                                                 bool relu, const Tensor& y_) {
   const char* op = "fusedrnn::rnn_backward (cpu)";
   check_dtype(grad_y_, op);
+  const bool bf16w = bf16_weight(w_hh_, grad_y_, op);  // (then w_hh's dtype is its own)
   check_tensor(grad_y_, op, "grad_y", grad_y_, 3);
   const int64_t T = grad_y_.size(0), B = grad_y_.size(1), H = grad_y_.size(2);
   TORCH_CHECK(H > 0, op, ": hidden_size must be positive");
@@ -435,7 +452,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward_op(const Tensor& grad_y_, const 
                                 std::make_tuple(&h0_, "h0", std::vector<int64_t>{B, H}),
                                 std::make_tuple(&w_hh_, "w_hh", std::vector<int64_t>{H, H}),
                                 std::make_tuple(&y_, "y", std::vector<int64_t>{T, B, H})}) {
-    check_tensor(*t, op, name, grad_y_, (int64_t)shape.size());
+    check_tensor(*t, op, name, bf16w && t == &w_hh_ ? w_hh_ : grad_y_, (int64_t)shape.size());
     check_shape(*t, op, name, shape);
   }
   Tensor L = check_lengths(lengths, op, T, B);
@@ -444,7 +461,12 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward_op(const Tensor& grad_y_, const 
   Tensor grad_gx = new_output({T, B, H}, grad_y), grad_h0 = new_output({B, H}, grad_y);
   Tensor dfirst = new_output({B, H}, grad_y);
   const Seq sq = make_seq(T, B, L, reverse);
-  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "fusedrnn_rnn_backward_cpu", [&] {
+  const bool done = bf16w && cpu::rnn_backward_bf16(grad_y.data_ptr<float>(), grad_h_n.data_ptr<float>(),
+                                                    bf16_bits(w_hh), H, relu, sq, y.data_ptr<float>(),
+                                                    grad_gx.data_ptr<float>(), grad_h0.data_ptr<float>(),
+                                                    dfirst.data_ptr<float>());
+  if (bf16w && !done) w_hh = bf16_to_float(w_hh, grad_y);
+  if (!done) AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "fusedrnn_rnn_backward_cpu", [&] {
     cpu::rnn_backward<scalar_t>(grad_y.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(),
                                 w_hh.data_ptr<scalar_t>(), H, relu, sq, y.data_ptr<scalar_t>(),
                                 grad_gx.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(),

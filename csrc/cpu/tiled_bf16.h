@@ -1,7 +1,7 @@
-// The forwards' recurrent GEMM with a bfloat16 recurrent weight, on AVX512-BF16 dot
-// products (vdpbf16ps): gh[B, N] = bf16(h) @ W^T, products of bfloat16 pairs summed in
-// float32. Included by kernels.cpp after TiledF (namespace avx2; it uses TiledF, ScratchBuffer,
-// Slices, run_slices, g_tiled). Same interface as TiledF for the forward steps of
+// The recurrent GEMMs with a bfloat16 recurrent weight, on AVX512-BF16 dot products
+// (vdpbf16ps): gh[B, N] = bf16(h) @ W^T, products of bfloat16 pairs summed in float32.
+// Included by kernels.cpp after TiledF (in its anonymous namespace; it uses TiledF,
+// ScratchBuffer, Slices, run_slices, g_tiled). Same interface as TiledF for the steps of
 // kernels_impl.h (rows_of, gemm_panel, the panel geometry), so the time loops, splits and
 // cell math are the float32 ones: only the GEMM's operands are bfloat16.
 //
@@ -10,7 +10,8 @@
 // 256-bit vectors); float32 compute of a bfloat16 module reached 0.49-0.69x of it in
 // inference. A bfloat16 weight is exact in this kernel; h is rounded to bfloat16 (round to
 // nearest even) before each step's product, as in torch.nn's bfloat16 modules, whose h is
-// bfloat16. Inference only (the forwards with train=False; register.cpp checks).
+// bfloat16. The backwards' recurrent GEMM (DhGemm in kernels_impl.h) runs on it too, with
+// W_hh^T packed and the pre-activation gradients rounded to bfloat16.
 //
 // Layout: the panels of TiledF (8*V output columns, gates interleaved per 8 units), with
 // k in pairs: for pair kk, lane l of vector v holds one 32-bit word with the weight's
@@ -38,16 +39,16 @@ struct TiledBF {
   std::unique_ptr<ScratchBuffer> A;  // per unit slice: B rows of lda2 words (h in bf16 pairs)
   int64_t B;
 
-  // W [ng*units, K] row-major bfloat16 bits (the forward's W_hh: sc = K, sk = 1); B: the
+  // value(col, k) = W[col * sc + k * sk] in bfloat16 bits, col = gate * units + unit: the
+  // forward's W_hh (sc = K, sk = 1) or the backward's W_hh^T (sc = 1, sk = units); B: the
   // batch (A's rows); sl: the unit slices (packed in parallel; one A buffer each).
   TiledBF(const uint16_t* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t B_,
           const Slices& sl)
       : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), K2((K_ + 1) / 2),
         npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)), lda2(K2 + 16),
         P(new ScratchBuffer(npanel * K2 * 8 * V)), A(new ScratchBuffer(sl.n * B_ * lda2 + 16)), B(B_) {
-    (void)sk;  // always 1: rows of W contiguous in k
     run_slices(sl, [&](int k) {
-      for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, p);
+      for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, sk, p);
     });
   }
   int64_t ldc() const { return npanel * 8 * V + 16; }  // as TiledF's
@@ -58,12 +59,30 @@ struct TiledBF {
   static uint32_t pair(const uint16_t* row, int64_t k, int64_t K) {
     return uint32_t(row[k]) | (k + 1 < K ? uint32_t(row[k + 1]) << 16 : 0u);
   }
-  void pack(const uint16_t* W, int64_t sc, int64_t p) {
+  void pack(const uint16_t* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng);
     uint32_t* out = panels() + p * K2 * 8 * V;
     for (int v = 0; v < V; ++v) {
       const int gate = ng == 1 ? 0 : v;
       const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
+      if (sk != 1) {  // columns contiguous (sc = 1, the backward's W_hh^T): interleave rows k, k+1
+        const uint16_t* w = W + (gate * units + u0) * sc;
+        for (int64_t kk = 0; kk < K2; ++kk) {
+          const int64_t k0 = 2 * kk, k1 = k0 + 1;
+          uint32_t* o = out + (kk * V + v) * 8;
+          if (sc == 1 && u0 + 8 <= units) {
+            const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k0 * sk));
+            const __m128i b = k1 < K ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k1 * sk)) : _mm_setzero_si128();
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(a, b));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4), _mm_unpackhi_epi16(a, b));
+          } else {
+            for (int l = 0; l < 8; ++l)
+              o[l] = u0 + l < units ? uint32_t(w[l * sc + k0 * sk]) | (k1 < K ? uint32_t(w[l * sc + k1 * sk]) << 16 : 0u)
+                                    : 0u;
+          }
+        }
+        continue;
+      }
       const uint16_t* row[8];
       for (int l = 0; l < 8; ++l) row[l] = u0 + l < units ? W + (gate * units + u0 + l) * sc : nullptr;
       int64_t kk = 0;
@@ -201,16 +220,22 @@ struct TiledBF {
     }
   }
 
-  // Panel p's columns of the padded gate buffer C [B, ldc()] = A @ W^T for B rows of A
-  // (from rows_of), k-blocked. The forwards' call only: `acc` and `exact` are false.
+  // Panel p's columns of C (+)= A @ W^T for Bn rows of A (from rows_of), k-blocked, as
+  // TiledF::gemm_panel: C the padded gate buffer [Bn, ldc()], or with `exact` a [Bn, units]
+  // matrix (leading dimension ldc, last panel possibly partial) through the contiguous
+  // scratch `tmp` (Bn x 8V floats).
   void gemm_panel(int64_t p, int64_t Bn, const uint32_t* a, int64_t lda, float* C, int64_t ldc, bool acc, bool exact,
-                  float*) const {
-    (void)exact;
+                  float* tmp) const {
     const int64_t w = 8 * V;
-    float* Ct = C + p * w;
+    const int64_t col = p * panel_units(ng), valid = exact ? std::min<int64_t>(w, units - col) : w;
+    float* Ct = exact ? tmp : C + p * w;
+    const int64_t ldt = exact ? w : ldc;
+    if (exact && acc)
+      for (int64_t b = 0; b < Bn; ++b)
+        for (int64_t j = 0; j < w; ++j) tmp[b * w + j] = j < valid ? C[b * ldc + col + j] : 0.f;
     const uint32_t* Pn = panels() + p * K2 * w;
     if (K2 == 0 && !acc)
-      for (int64_t b = 0; b < Bn; ++b) std::fill(Ct + b * ldc, Ct + b * ldc + w, 0.f);
+      for (int64_t b = 0; b < Bn; ++b) std::fill(Ct + b * ldt, Ct + b * ldt + w, 0.f);
     const bool pf = Bn >= 2 && npanel * K2 * w * 4 >= TiledF::kPrefetchMinBytes;
     const uint32_t* end = panels() + npanel * K2 * w;
     for (int64_t k0 = 0; k0 < K2; k0 += KC2) {
@@ -219,9 +244,11 @@ struct TiledBF {
       const uint32_t* nxt = Pn + (k0 + kc) * w;
       const uint32_t* next = pf && nxt < end ? nxt : nullptr;
       const int64_t nbytes = std::min<int64_t>(KC2 * w, end - nxt) * 4;
-      if (V == 4) rows<4>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldc, ac, next, nbytes);
-      else rows<3>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldc, ac, next, nbytes);
+      if (V == 4) rows<4>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldt, ac, next, nbytes);
+      else rows<3>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldt, ac, next, nbytes);
     }
+    if (exact)
+      for (int64_t b = 0; b < Bn; ++b) std::copy(tmp + b * w, tmp + b * w + valid, C + b * ldc + col);
   }
 };
 
