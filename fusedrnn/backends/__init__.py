@@ -297,11 +297,10 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 #   inference, two runs): LSTM 1.07-1.34x at batch 1, 0.96-1.09x at batch 8 (1.03-1.06x
 #   at hidden 1024), 0.88-1.00x at batch 32-64, where both run at the dot products' rate;
 #   GRU 1.07-4.6x and RNN 1.13-4.3x everywhere. They replace the float32 compute there.
-#   Training on them (the forward and the input projection's backward on bfloat16 dot
-#   products, the recurrence's backward and dW_hh in float32; --modes training --reps 5):
-#   LSTM 1.14-6.7x at batch <= 8, 1.11-1.33x at hidden 1024, 0.81-0.99x at batch 32-64
-#   with hidden 256-512; GRU and RNN 1.13-5.6x at batch <= 8 or batch x hidden <= 16384,
-#   0.88-1.00x above.
+#   Training on them (the forward, the recurrence's backward GEMM and the input
+#   projection's gradients on bfloat16 dot products, dW_hh and the cell math in float32;
+#   --modes training --reps 5): LSTM 1.31-9.1x at batch <= 8, 1.24-1.73x at hidden 1024,
+#   0.87-1.10x at batch 32-64 with hidden 256-512; GRU 1.07-5.6x and RNN 1.04-4.2x everywhere.
 # CPUs whose oneDNN has native low-precision matrix units (AMX; AVX512-FP16 for float16)
 # were not measured; auto keeps torch.nn there. A forced backend="cpu" always runs ours.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -358,7 +357,7 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
     elif call.cell == "lstm":
         ours = bf16_kernels and (call.batch <= 4 or (call.batch <= 8 and call.hidden_size >= 1024))
     elif grad:
-        ours = call.batch <= 8 or call.batch * call.hidden_size <= (16384 if bf16_kernels else 8192)
+        ours = bf16_kernels or call.batch <= 8 or call.batch * call.hidden_size <= 8192
     else:
         ours = bf16_kernels or work <= 2 ** 22
     if ours:
