@@ -86,16 +86,17 @@ def test_bf16_weight_errors():
 # (not relu: its derivative jumps at 0, so a pre-activation near 0 that bfloat16 rounding
 # moves across it changes the gradient by O(1); the float32 backward op is relu-tested elsewhere)
 @needs_bf16
+@pytest.mark.parametrize("T", [3, 11])  # (3: the kernels do not run, float32 on w_hh cast)
 @pytest.mark.parametrize("split", [1, 2], ids=["by-units", "by-rows"])
 @pytest.mark.parametrize("B", [1, 6, 9])
 @pytest.mark.parametrize("cell,H,P,bias,relu", [c for c in CASES if not c[-1]])
-def test_bf16_weight_backward_against_reference(cell, H, P, bias, relu, B, split, cpu_options):
+def test_bf16_weight_backward_against_reference(cell, H, P, bias, relu, B, split, T, cpu_options):
     """train=True with a bfloat16 w_hh: the backward op's recurrent GEMM on the bfloat16
     kernels too (W_hh^T packed, the pre-activation gradients rounded to bfloat16; with a
-    projection, float32 on w_hh cast), and w_hh's gradient comes back in bfloat16."""
+    projection, float32 on w_hh cast), and w_hh's gradient, one GEMM on torch's bfloat16
+    matmul, comes back in bfloat16."""
     backend_or_skip("reference", cell)
     cpu_options(-1, 1 << 8, split)
-    T = 11
     args = make_inputs(cell, T, B, H, P=P, lengths=True, bias=bias, relu=relu)
     iw = 3 if cell == "lstm" else 2
     w = args[iw].bfloat16()

@@ -42,11 +42,6 @@ void check_trained(AutogradContext* ctx, const char* op) {
               "train=True when a gradient is needed");
 }
 Tensor if_needed(const Tensor& g, bool need) { return need ? g : Tensor(); }
-// A bfloat16 w_hh (the bfloat16 path's sequence ops, register.cpp): the backward op
-// returns its gradient in float32; autograd wants it in w_hh's dtype.
-Tensor in_dtype_of(const Tensor& g, const Tensor& w) {
-  return g.defined() && g.scalar_type() != w.scalar_type() ? g.to(w.scalar_type()) : g;
-}
 
 // Calls a backward op from a backward(). The backward ops' own autograd (it refuses double
 // backward) is torch.library's Python wrapper, ~25 us a call (RNNCell H=64 B=4: the backward
@@ -242,7 +237,7 @@ struct LstmSeq : torch::autograd::Function<LstmSeq> {
                      s[0], s[1], s[2], opt(s[3]), opt(s[4]), ctx->saved_data["reverse"].toBool(), s[5],
                      s[6], s[7]);
     });
-    return {ggx, gh0, gc0, in_dtype_of(gwhh, s[2]), proj ? gwhr : Tensor(), Tensor(), Tensor(), Tensor()};
+    return {ggx, gh0, gc0, gwhh, proj ? gwhr : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -288,7 +283,7 @@ struct GruSeq : torch::autograd::Function<GruSeq> {
       return op.call(grad_or_zeros(grads[0], s[4]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
                      opt(s[3]), ctx->saved_data["reverse"].toBool(), s[4], s[5], s[6]);
     });
-    return {ggx, gh0, in_dtype_of(gwhh, s[1]), bias ? gbhh : Tensor(), Tensor(), Tensor(), Tensor()};
+    return {ggx, gh0, gwhh, bias ? gbhh : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -326,7 +321,7 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
       return op.call(grad_or_zeros(grads[0], s[3]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
                      ctx->saved_data["reverse"].toBool(), ctx->saved_data["relu"].toBool(), s[3]);
     });
-    return {ggx, gh0, in_dtype_of(gwhh, s[1]), Tensor(), Tensor(), Tensor()};
+    return {ggx, gh0, gwhh, Tensor(), Tensor(), Tensor()};
   }
 };
 

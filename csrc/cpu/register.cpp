@@ -87,6 +87,29 @@ Tensor weight_grad(const Tensor& dpre, const Tensor& dfirst, const Tensor& h0, c
   return gw;
 }
 
+// weight_grad for a bfloat16 w_hh, returned in bfloat16 (its dtype): the same sum as one
+// GEMM over bfloat16 copies of [dfirst; dpre shifted] and [h0; y shifted] on torch's
+// bfloat16 matmul (oneDNN's dot products, twice our float32 GEMM's rate), as torch.nn's
+// bfloat16 modules compute it.
+Tensor weight_grad_bf16(const Tensor& dpre, const Tensor& dfirst, const Tensor& h0, const Tensor& y, bool reverse) {
+  const int64_t T = dpre.size(0), B = dpre.size(1), G = dpre.size(2), P = y.size(2);
+  const bool first = T == 1 || !zero_product(dfirst, h0);
+  const int64_t rows = ((first ? 1 : 0) + std::max<int64_t>(T - 1, 0)) * B;
+  const auto bf16 = dpre.options().dtype(at::kBFloat16);
+  Tensor d = at::empty({rows, G}, bf16), h = at::empty({rows, P}, bf16);
+  int64_t r = 0;
+  if (first) {
+    d.narrow(0, 0, B).copy_(dfirst);
+    h.narrow(0, 0, B).copy_(h0);
+    r = B;
+  }
+  if (T > 1) {
+    d.narrow(0, r, (T - 1) * B).copy_((reverse ? dpre.narrow(0, 0, T - 1) : dpre.narrow(0, 1, T - 1)).reshape({-1, G}));
+    h.narrow(0, r, (T - 1) * B).copy_((reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1)).reshape({-1, P}));
+  }
+  return d.t().mm(h);
+}
+
 // ----------------------------------------------------------------------------- input projection
 // gx = x @ w^T + b over all rows of x (every time step) in one cpu::gemm, and its
 // gradients (fusedrnn/projection.py). x: [..., I], w: [G, I], b: [G] or none.
@@ -155,7 +178,7 @@ std::tuple<Tensor, Tensor, Tensor> projection_backward_op(const Tensor& grad_, c
 // The sequence ops accept a bfloat16 w_hh with float32 everything else: the modules'
 // bfloat16 path (fusedrnn/modules.py), whose recurrent products then run on bfloat16 dot
 // products (kernels.h, *_forward_bf16, *_backward_bf16; elsewhere on w_hh cast to float32).
-// The weight gradient is float32 (autograd.cpp casts it to w_hh's dtype).
+// w_hh's gradient comes back in bfloat16 (weight_grad_bf16).
 // Whether w_hh is such a weight; checks that gx is float32.
 bool bf16_weight(const Tensor& w_hh, const Tensor& gx, const char* op) {
   if (!w_hh.defined() || w_hh.scalar_type() != at::kBFloat16) return false;
@@ -311,7 +334,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
         grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(), dfirst.data_ptr<scalar_t>(),
         dhs.defined() ? dhs.data_ptr<scalar_t>() : nullptr, hr.defined() ? hr.data_ptr<scalar_t>() : nullptr);
   });
-  Tensor grad_w_hh = weight_grad(grad_gx, dfirst, h0, y, reverse);
+  Tensor grad_w_hh = (bf16w ? weight_grad_bf16 : weight_grad)(grad_gx, dfirst, h0, y, reverse);
   Tensor grad_w_hr = at::empty({0}, grad_y.options());
   if (w_hr.defined()) {
     grad_w_hr = new_output({P, H}, grad_y);
@@ -406,7 +429,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
                                 grad_h0.data_ptr<scalar_t>(), dfirst.data_ptr<scalar_t>(),
                                 dgh.data_ptr<scalar_t>());
   });
-  Tensor grad_w_hh = weight_grad(dgh, dfirst, h0, y, reverse);
+  Tensor grad_w_hh = (bf16w ? weight_grad_bf16 : weight_grad)(dgh, dfirst, h0, y, reverse);
   Tensor grad_b_hh = b_hh.defined() ? dgh.sum(at::IntArrayRef{0, 1}) : at::empty({0}, grad_y.options());
   return {grad_gx, grad_h0, grad_w_hh, grad_b_hh};
 }
@@ -472,7 +495,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward_op(const Tensor& grad_y_, const 
                                 grad_gx.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(),
                                 dfirst.data_ptr<scalar_t>());
   });
-  Tensor grad_w_hh = weight_grad(grad_gx, dfirst, h0, y, reverse);
+  Tensor grad_w_hh = (bf16w ? weight_grad_bf16 : weight_grad)(grad_gx, dfirst, h0, y, reverse);
   return {grad_gx, grad_h0, grad_w_hh};
 }
 
