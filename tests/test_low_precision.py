@@ -136,14 +136,14 @@ def test_auto_rule_for_low_precision(cell, dtype, batch, hidden, grad, sequence,
 
 # bfloat16 where the cpu backend's bfloat16 dot products run (bf16_kernels):
 # (cell, batch, hidden, grad) -> ours? Inference: LSTM at batch <= 4, or <= 8 from hidden
-# 1024; GRU, RNN always. Training: LSTM at batch <= 8 or hidden >= 1024 (or >= 768 up to
-# batch 16); GRU, RNN always.
+# 1024; GRU, RNN always. Training: LSTM below batch x hidden 16384 or from hidden 512;
+# GRU, RNN always.
 RULE_BF16_KERNELS = [("lstm", 1, 256, False, True), ("lstm", 4, 512, False, True), ("lstm", 8, 512, False, False),
                      ("lstm", 8, 1024, False, True), ("lstm", 32, 256, False, False),
                      ("lstm", 16, 1024, False, False), ("gru", 64, 1024, False, True),
                      ("rnn", 64, 1024, False, True), ("gru", 32, 512, False, True),
-                     ("lstm", 8, 512, True, True), ("lstm", 32, 512, True, False), ("lstm", 64, 1024, True, True),
-                     ("lstm", 16, 768, True, True), ("gru", 64, 256, True, True), ("gru", 64, 1024, True, True),
+                     ("lstm", 8, 512, True, True), ("lstm", 32, 512, True, True), ("lstm", 64, 1024, True, True),
+                     ("lstm", 64, 256, True, False), ("lstm", 32, 256, True, True), ("gru", 64, 256, True, True), ("gru", 64, 1024, True, True),
                      ("rnn", 32, 512, True, True), ("rnn", 64, 1024, True, True)]
 
 
