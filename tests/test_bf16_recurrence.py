@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="
 
 def _bf16_runs(T=9):
     from fusedrnn import _C
-    return _C.bf16_forward_runs(T)
+    return _C.bf16_kernels_run(T)
 
 
 needs_bf16 = pytest.mark.skipif("cpu" not in available_backends("cpu") or not _bf16_runs(),

@@ -1146,7 +1146,7 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
   const SeqV s(sq);
   FRNN_DISPATCH(rnn_forward, gx, h0, w_hh, H, relu, s, y, h_n);
 }
-bool bf16_forward_runs(int64_t steps) {
+bool bf16_kernels_run(int64_t steps) {
 #if FRNN_X86_SIMD
   return use_avx2() && TiledBF::use(steps);
 #else
@@ -1154,71 +1154,53 @@ bool bf16_forward_runs(int64_t steps) {
   return false;
 #endif
 }
+// fn's float32 kernel body on TiledBF (a bfloat16 w_hh), where it runs (bf16_kernels_run).
 #if FRNN_X86_SIMD
-#define FRNN_BF16_FORWARD(fn, ...)                                  \
-  if (!bf16_forward_runs(sq.T)) return false;                       \
-  avx2::fn<float, TiledBF, uint16_t>(gx, h0, __VA_ARGS__);    \
+#define FRNN_BF16(fn, ...)                         \
+  if (!bf16_kernels_run(sq.T)) return false;      \
+  avx2::fn<float, TiledBF, uint16_t>(__VA_ARGS__); \
   return true
 #else
-#define FRNN_BF16_FORWARD(fn, ...) return false
+#define FRNN_BF16(fn, ...) return false
 #endif
 bool lstm_forward_bf16(const float* gx, const float* h0, const float* c0, const uint16_t* w_hh, const float* w_hr,
                        int64_t H, int64_t P, const Seq& sq, float* y, float* h_n, float* c_n, float* gates,
                        float* cells) {
   const SeqV s(sq);
-  FRNN_BF16_FORWARD(lstm_forward, c0, w_hh, w_hr, H, P, s, y, h_n, c_n, gates, cells);
+  FRNN_BF16(lstm_forward, gx, h0, c0, w_hh, w_hr, H, P, s, y, h_n, c_n, gates, cells);
 }
 bool gru_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, const float* b_hh, int64_t H,
                       const Seq& sq, float* y, float* h_n, float* gates, float* hn) {
   const SeqV s(sq);
-  FRNN_BF16_FORWARD(gru_forward, w_hh, b_hh, H, s, y, h_n, gates, hn);
+  FRNN_BF16(gru_forward, gx, h0, w_hh, b_hh, H, s, y, h_n, gates, hn);
 }
 bool rnn_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, int64_t H, bool relu, const Seq& sq,
                       float* y, float* h_n) {
   const SeqV s(sq);
-  FRNN_BF16_FORWARD(rnn_forward, w_hh, H, relu, s, y, h_n);
+  FRNN_BF16(rnn_forward, gx, h0, w_hh, H, relu, s, y, h_n);
 }
 bool lstm_backward_bf16(const float* grad_y, const float* grad_h_n, const float* grad_c_n, const float* c0,
                         const uint16_t* w_hh, int64_t H, const Seq& sq, const float* gates, const float* cells,
                         float* grad_gx, float* grad_h0, float* grad_c0, float* dfirst) {
   const SeqV s(sq);
-#if FRNN_X86_SIMD
-  if (!bf16_forward_runs(sq.T)) return false;
-  avx2::lstm_backward<float, TiledBF, uint16_t>(grad_y, grad_h_n, grad_c_n, c0, w_hh, nullptr, H, H, s, gates, cells,
-                                                grad_gx, grad_h0, grad_c0, dfirst, nullptr, nullptr);
-  return true;
-#else
-  return false;
-#endif
+  FRNN_BF16(lstm_backward, grad_y, grad_h_n, grad_c_n, c0, w_hh, nullptr, H, H, s, gates, cells, grad_gx, grad_h0,
+            grad_c0, dfirst, nullptr, nullptr);
 }
 bool gru_backward_bf16(const float* grad_y, const float* grad_h_n, const float* h0, const uint16_t* w_hh, int64_t H,
                        const Seq& sq, const float* y, const float* gates, const float* hn, float* grad_gx,
                        float* grad_h0, float* dfirst, float* dgh) {
   const SeqV s(sq);
-#if FRNN_X86_SIMD
-  if (!bf16_forward_runs(sq.T)) return false;
-  avx2::gru_backward<float, TiledBF, uint16_t>(grad_y, grad_h_n, h0, w_hh, H, s, y, gates, hn, grad_gx, grad_h0,
-                                               dfirst, dgh);
-  return true;
-#else
-  return false;
-#endif
+  FRNN_BF16(gru_backward, grad_y, grad_h_n, h0, w_hh, H, s, y, gates, hn, grad_gx, grad_h0, dfirst, dgh);
 }
 bool rnn_backward_bf16(const float* grad_y, const float* grad_h_n, const uint16_t* w_hh, int64_t H, bool relu,
                        const Seq& sq, const float* y, float* grad_gx, float* grad_h0, float* dfirst) {
   const SeqV s(sq);
-#if FRNN_X86_SIMD
-  if (!bf16_forward_runs(sq.T)) return false;
-  avx2::rnn_backward<float, TiledBF, uint16_t>(grad_y, grad_h_n, w_hh, H, relu, s, y, grad_gx, grad_h0, dfirst);
-  return true;
-#else
-  return false;
-#endif
+  FRNN_BF16(rnn_backward, grad_y, grad_h_n, w_hh, H, relu, s, y, grad_gx, grad_h0, dfirst);
 }
-#undef FRNN_BF16_FORWARD
+#undef FRNN_BF16
 bool gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* W, const float* bias, float* C) {
 #if FRNN_X86_SIMD
-  if (!bf16_forward_runs(TiledF::kMinSteps)) return false;
+  if (!bf16_kernels_run(TiledF::kMinSteps)) return false;
   gemm_bf16_panels(M, N, K, A, W, bias, C);
   return true;
 #else

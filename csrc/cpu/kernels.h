@@ -41,7 +41,7 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
 // 8 steps, FUSEDRNN_CPU_TILED=0): the caller then runs the float32 forward on the weight
 // cast to float32.
 // Whether they run for a sequence of `steps` steps.
-bool bf16_forward_runs(int64_t steps);
+bool bf16_kernels_run(int64_t steps);
 bool lstm_forward_bf16(const float* gx, const float* h0, const float* c0, const uint16_t* w_hh, const float* w_hr,
                        int64_t H, int64_t P, const Seq& sq, float* y, float* h_n, float* c_n, float* gates,
                        float* cells);
@@ -60,7 +60,7 @@ bool rnn_backward_bf16(const float* grad_y, const float* grad_h_n, const uint16_
                        const Seq& sq, const float* y, float* grad_gx, float* grad_h0, float* dfirst);
 // The bfloat16 path's input projection: C[M,N] = A[M,K] @ W[N,K]^T (+ bias[N] if not null),
 // A and W bfloat16 bits (row-major), C float32. False (nothing written) where the kernel
-// does not run (bf16_forward_runs(8) is false).
+// does not run (bf16_kernels_run(8) is false).
 bool gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* W, const float* bias, float* C);
 bool rnn_forward_bf16(const float* gx, const float* h0, const uint16_t* w_hh, int64_t H, bool relu, const Seq& sq,
                       float* y, float* h_n);

@@ -530,10 +530,10 @@ const bool scratch_set = [] {
   return true;
 }();
 PyObject* simd_path(PyObject*, PyObject*) { return PyUnicode_FromString(fusedrnn::cpu::simd_path()); }
-PyObject* bf16_forward_runs(PyObject*, PyObject* args) {
+PyObject* bf16_kernels_run(PyObject*, PyObject* args) {
   long long steps = 0;
   if (!PyArg_ParseTuple(args, "L", &steps)) return nullptr;
-  return PyBool_FromLong(fusedrnn::cpu::bf16_forward_runs((int64_t)steps));
+  return PyBool_FromLong(fusedrnn::cpu::bf16_kernels_run((int64_t)steps));
 }
 PyObject* pool_bytes(PyObject*, PyObject*) {
   return PyLong_FromSize_t(fusedrnn::cpu::OutputPool::get().pooled_bytes());
@@ -562,8 +562,8 @@ PyObject* set_options(PyObject*, PyObject* args) {
 }
 PyMethodDef methods[] = {
     {"simd_path", simd_path, METH_NOARGS, "elementwise code path in use: avx2 or baseline"},
-    {"bf16_forward_runs", bf16_forward_runs, METH_VARARGS,
-     "bf16_forward_runs(steps) -> whether the forward ops run a bfloat16 w_hh on AVX512-BF16 dot products "
+    {"bf16_kernels_run", bf16_kernels_run, METH_VARARGS,
+     "bf16_kernels_run(steps) -> whether the sequence ops run a bfloat16 w_hh on AVX512-BF16 dot products "
      "for a sequence of `steps` steps (else they cast it to float32)"},
     {"_pool_bytes", pool_bytes, METH_NOARGS,
      "bytes of freed op outputs the cpu output pool holds for reuse (FUSEDRNN_CPU_POOL_MB caps it)"},

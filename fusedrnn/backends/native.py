@@ -42,7 +42,7 @@ def _load_for(dispatch_key: str, module: str):
 
 # Whether the CPU kernels run a bfloat16 w_hh on AVX512-BF16 dot products, asked once when
 # the extension loads (torch.compile's Dynamo cannot trace the call). They need 8+ steps
-# (kernels.h: bf16_forward_runs; shorter sequences cast w_hh to float32 there).
+# (kernels.h: bf16_kernels_run; shorter sequences cast w_hh to float32 there).
 _BF16_KERNELS: list = []
 _BF16_MIN_STEPS = 8
 
@@ -50,7 +50,7 @@ _BF16_MIN_STEPS = 8
 def _load_cpu():
     why = _load_for("CPU", "fusedrnn._C")()
     if why is None:
-        _BF16_KERNELS.append(importlib.import_module("fusedrnn._C").bf16_forward_runs(_BF16_MIN_STEPS))
+        _BF16_KERNELS.append(importlib.import_module("fusedrnn._C").bf16_kernels_run(_BF16_MIN_STEPS))
     return why
 
 
