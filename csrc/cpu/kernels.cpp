@@ -628,37 +628,31 @@ struct TiledF {
     kernel<VV, R, 32>(K, A, lda, Pn, C, ldc, acc, pf, npf, init);
   }
   static bool wide() { return g_tiled.load(std::memory_order_relaxed) == 2; }
-  // C[B, 8VV] (+)= A[B, K] @ the panel block Pn (K x 8VV), in blocks of RM rows (WIDE:
-  // kernel32's taller blocks).
-  template <int VV, bool WIDE = false>
-  static void rows(int64_t B, int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
-                   bool acc, const float* next, int64_t next_bytes, const float* init = nullptr) {
-    static_assert(!WIDE || VV == 4, "kernel32's row blocks are for 4-vector panels");
-    constexpr int RM = WIDE ? 4 : VV == 4 ? 3 : 4;
+  // Runs block(R, b, pf, npf) over B rows in blocks of RM rows (R = RM as an
+  // std::integral_constant, then the tail): the rows [b, b + R) through the micro-kernel,
+  // with `pf`/`npf` its in-loop prefetch. A lone last row would run the 1-row kernel (a GEMV,
+  // bound by the weight loads, not the FMAs): end on two shorter blocks instead, e.g. 64 =
+  // 20 x 3 + 2 + 2. `next` (if not null): the weight block the caller runs next
+  // (next_bytes), prefetched while this one computes so that it arrives from L3/memory
+  // during FMAs rather than as a burst of misses at the start of the next block's first
+  // pass. With 4+ row blocks each block first prefetches its share; with fewer (B <
+  // kPrefetchMinRows) those bursts stall the few blocks there are (B=8: 10% slower), so each
+  // block instead prefetches one line per k step inside its loop until the next block is
+  // covered. In-process A/B of prefetching on/off, op T=32, 2 threads, 16 MB packed weight:
+  // LSTM H=1024 1.05-1.46x at B 2-11, RNN H=2048 1.4-1.5x at B 4-8. (TiledBF's rows too.)
+  template <int RM, typename Block>
+  static void row_blocks(int64_t B, int64_t K, const void* next, int64_t next_bytes, const Block& block) {
     int64_t full = B / RM, rem = B % RM;
-    // A lone last row would run the 1-row kernel (a GEMV, bound by the weight loads,
-    // not the FMAs): end on two shorter blocks instead, e.g. 64 = 20 x 3 + 2 + 2.
     if (rem == 1 && full > 0) --full, rem += RM;
-    int64_t b = 0;
-    // `next` (if not null): the weight block the caller runs next, prefetched while this
-    // one computes so that it arrives from L3/memory during FMAs rather than as a burst
-    // of misses at the start of the next block's first pass. With 4+ row blocks each
-    // block first prefetches its share; with fewer (B < kPrefetchMinRows) those bursts
-    // stall the few blocks there are (B=8: 10% slower), so each block instead
-    // prefetches one line per k step inside its loop until the next block is covered.
-    // In-process A/B of prefetching on/off, op T=32, 2 threads, 16 MB packed weight:
-    // LSTM H=1024 1.05-1.46x at B 2-11, RNN H=2048 1.4-1.5x at B 4-8.
-    const char* nx = reinterpret_cast<const char*>(next);
+    const char* nx = static_cast<const char*>(next);
     const int64_t lines = next ? next_bytes / 64 : 0;
     const bool in_loop = B < kPrefetchMinRows;
-    int64_t done = 0;  // lines prefetched so far (in-loop)
+    int64_t b = 0, done = 0;  // done: lines prefetched so far (in-loop)
     auto run = [&](auto r_const) {
-      constexpr int R = decltype(r_const)::value;
       const int64_t n = in_loop ? std::min(K, lines - done) : 0;
-      if constexpr (WIDE && R > 1) kernel32<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n, init);
-      else kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n, init);
+      block(r_const, b, nx + 64 * done, n);
       done += n;
-      b += R;
+      b += decltype(r_const)::value;
     };
     for (int64_t i = 0; i < full; ++i) {
       if (!in_loop)
@@ -681,19 +675,32 @@ struct TiledF {
       tail(rem);
     }
   }
+  // C[B, 8VV] (+)= A[B, K] @ the panel block Pn (K x 8VV), in blocks of RM rows (WIDE:
+  // kernel32's taller blocks); `next`: see row_blocks.
+  template <int VV, bool WIDE = false>
+  static void rows(int64_t B, int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
+                   bool acc, const float* next, int64_t next_bytes, const float* init = nullptr) {
+    static_assert(!WIDE || VV == 4, "kernel32's row blocks are for 4-vector panels");
+    constexpr int RM = WIDE ? 4 : VV == 4 ? 3 : 4;
+    row_blocks<RM>(B, K, next, next_bytes, [&](auto r_const, int64_t b, const char* pf, int64_t npf) {
+      constexpr int R = decltype(r_const)::value;
+      if constexpr (WIDE && R > 1) kernel32<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+      else kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+    });
+  }
   // Panel p's columns of C (+)= A @ W^T for all B rows, k-blocked. Without `exact`, C is
   // the padded gate buffer [B, ldc()] and the panel's columns are [8Vp, 8Vp+8V). With
   // `exact`, C is [B, units] (leading dimension ldc, last panel possibly partial) and
   // the micro-kernel works on the contiguous scratch `tmp` (B*8V floats, one per
   // thread) instead: rows of dL/dh are often a multiple of 4 KB apart.
-  // C [M, units]'s columns [col, col + valid) to and from a contiguous M x 8V scratch (zero-padded).
-  void to_tmp(int64_t M, const float* C, int64_t ldc, int64_t col, int64_t valid, float* tmp) const {
-    const int64_t w = 8 * V;
+  // C [M, units]'s columns [col, col + valid) to and from a contiguous M x w scratch (w = 8V,
+  // zero-padded).
+  static void to_tmp(int64_t M, const float* C, int64_t ldc, int64_t col, int64_t valid, float* tmp, int64_t w) {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = 0; j < w; ++j) tmp[m * w + j] = j < valid ? C[m * ldc + col + j] : 0.f;
   }
-  void from_tmp(int64_t M, const float* tmp, float* C, int64_t ldc, int64_t col, int64_t valid) const {
-    for (int64_t m = 0; m < M; ++m) std::copy(tmp + m * 8 * V, tmp + m * 8 * V + valid, C + m * ldc + col);
+  static void from_tmp(int64_t M, const float* tmp, float* C, int64_t ldc, int64_t col, int64_t valid, int64_t w) {
+    for (int64_t m = 0; m < M; ++m) std::copy(tmp + m * w, tmp + m * w + valid, C + m * ldc + col);
   }
   void gemm_panel(int64_t p, int64_t B, const float* A, int64_t lda, float* C, int64_t ldc, bool acc,
                   bool exact, float* tmp) const {
@@ -702,7 +709,7 @@ struct TiledF {
     const int64_t valid = exact ? std::min<int64_t>(w, units - col) : w;
     float* Ct = exact ? tmp : C + p * w;
     const int64_t ldt = exact ? w : ldc;
-    if (exact && acc) to_tmp(B, C, ldc, col, valid, tmp);
+    if (exact && acc) to_tmp(B, C, ldc, col, valid, tmp, w);
     const float* Pn = P->get() + p * K * w;
     if (K == 0 && !acc)
       for (int64_t b = 0; b < B; ++b) std::fill(Ct + b * ldt, Ct + b * ldt + w, 0.f);
@@ -722,7 +729,7 @@ struct TiledF {
       else if (V == 4) rows<4>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else rows<3>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
     }
-    if (exact) from_tmp(B, tmp, C, ldc, col, valid);
+    if (exact) from_tmp(B, tmp, C, ldc, col, valid, w);
   }
   // Panel p's columns of C (+)= A[:, :kc] @ (the panel's rows k0 .. k0+kc) for M rows of
   // C [M, units] (leading dimension ldc), plus bias[units] if not null and not acc; a
@@ -737,12 +744,12 @@ struct TiledF {
     if (bias && !acc) std::copy(bias + col, bias + col + valid, init);
     float* Ct = direct ? C + col : tmp;
     const int64_t ldt = direct ? ldc : w;
-    if (!direct && acc) to_tmp(M, C, ldc, col, valid, tmp);
+    if (!direct && acc) to_tmp(M, C, ldc, col, valid, tmp, w);
     const float* Pn = P->get() + (p * K + k0) * w;
     const float* in = bias && !acc ? init : nullptr;
     if (V == 4) rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
     else rows<3>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
-    if (!direct) from_tmp(M, tmp, C, ldc, col, valid);
+    if (!direct) from_tmp(M, tmp, C, ldc, col, valid, w);
   }
   int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
   int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }

@@ -182,42 +182,14 @@ struct TiledBF {
       for (int v = 0; v < VV; ++v) _mm256_storeu_ps(C + r * ldc + v * 8, c[r][v]);
   }
 
-  // C[B, 8VV] (+)= A[B, K2] @ the panel block Pn in blocks of 4 rows, ending on two
-  // blocks of 2-3 rather than a lone row (the GEMV kernel is bound by weight loads).
-  // `next`: the weight block the caller runs next, prefetched as TiledF::rows does.
+  // C[B, 8VV] (+)= A[B, K2] @ the panel block Pn in blocks of 4 rows (TiledF::row_blocks:
+  // the tail, and the prefetch of `next`).
   template <int VV>
   static void rows(int64_t B, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* Pn, float* C, int64_t ldc,
                    bool acc, const uint32_t* next, int64_t next_bytes, const float* init = nullptr) {
-    constexpr int RM = 4;
-    int64_t full = B / RM, rem = B % RM;
-    if (rem == 1 && full > 0) --full, rem += RM;
-    const char* nx = reinterpret_cast<const char*>(next);
-    const int64_t lines = next ? next_bytes / 64 : 0;
-    const bool in_loop = B < TiledF::kPrefetchMinRows;
-    int64_t b = 0, done = 0;
-    auto run = [&](auto r_const) {
-      constexpr int R = decltype(r_const)::value;
-      const int64_t n = in_loop ? std::min(K2, lines - done) : 0;
-      kernel<VV, R>(K2, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, nx + 64 * done, n, init);
-      done += n;
-      b += R;
-    };
-    for (int64_t i = 0; i < full; ++i) {
-      if (!in_loop)
-        for (int64_t l = i * lines / full; l < (i + 1) * lines / full; ++l) _mm_prefetch(nx + 64 * l, _MM_HINT_T0);
-      run(std::integral_constant<int, RM>());
-    }
-    auto tail = [&](int64_t r) {
-      if (r == 1) run(std::integral_constant<int, 1>());
-      if (r == 2) run(std::integral_constant<int, 2>());
-      if (r == 3) run(std::integral_constant<int, 3>());
-    };
-    if (rem == RM + 1) {
-      tail(3);
-      tail(2);
-    } else {
-      tail(rem);
-    }
+    TiledF::row_blocks<4>(B, K2, next, next_bytes, [&](auto r_const, int64_t b, const char* pf, int64_t npf) {
+      kernel<VV, decltype(r_const)::value>(K2, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+    });
   }
 
   // Panel p's columns of C (+)= A @ W^T for Bn rows of A (from rows_of), k-blocked, as
@@ -230,9 +202,7 @@ struct TiledBF {
     const int64_t col = p * panel_units(ng), valid = exact ? std::min<int64_t>(w, units - col) : w;
     float* Ct = exact ? tmp : C + p * w;
     const int64_t ldt = exact ? w : ldc;
-    if (exact && acc)
-      for (int64_t b = 0; b < Bn; ++b)
-        for (int64_t j = 0; j < w; ++j) tmp[b * w + j] = j < valid ? C[b * ldc + col + j] : 0.f;
+    if (exact && acc) TiledF::to_tmp(Bn, C, ldc, col, valid, tmp, w);
     const uint32_t* Pn = panels() + p * K2 * w;
     if (K2 == 0 && !acc)
       for (int64_t b = 0; b < Bn; ++b) std::fill(Ct + b * ldt, Ct + b * ldt + w, 0.f);
@@ -247,8 +217,7 @@ struct TiledBF {
       if (V == 4) rows<4>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldt, ac, next, nbytes);
       else rows<3>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldt, ac, next, nbytes);
     }
-    if (exact)
-      for (int64_t b = 0; b < Bn; ++b) std::copy(tmp + b * w, tmp + b * w + valid, C + b * ldc + col);
+    if (exact) TiledF::from_tmp(Bn, tmp, C, ldc, col, valid, w);
   }
 };
 
