@@ -92,32 +92,24 @@ def test_cpu_ops_script_runs(tmp_path):
     assert "cases slower than torch.nn (median): " in proc.stdout and "geomean speedup all" in proc.stdout
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_cpu_ops_script_low_precision(dtype):
-    """--dtype bfloat16 / float16: backend 'cpu' (float32 compute) against torch.nn's own
-    low-precision kernels; the script's own check that both agree passes, every case is
-    printed with the dtype in the header."""
-    proc = subprocess.run([sys.executable, "bench/cpu_ops.py", "--batch", "2", "--hidden", "16", "--seq", "5",
-                           "--reps", "3", "--threads", "1", "--dtype", dtype],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+# (extra arguments, what the header says): bfloat16 / float16 (backend 'cpu' against
+# torch.nn's own low-precision kernels; 5 steps: float32 compute), and float32 under
+# --matmul-precision medium (bfloat16 products; 9 steps: fusedrnn's bfloat16 kernels where
+# the CPU has them). The script's own check that both agree passes at the dtype's tolerance.
+LOW_PRECISION_RUNS = [(["--dtype", "bfloat16", "--seq", "5"], "input_size = hidden, bfloat16,"),
+                      (["--dtype", "float16", "--seq", "5"], "input_size = hidden, float16,"),
+                      (["--matmul-precision", "medium", "--seq", "9"], "float32, float32 matmul precision medium,")]
+
+
+@pytest.mark.parametrize("extra,header", LOW_PRECISION_RUNS, ids=["bf16", "fp16", "fp32-medium"])
+def test_cpu_ops_script_low_precision(extra, header):
+    """Every case printed, with the dtype and precision in the header."""
+    proc = subprocess.run([sys.executable, "bench/cpu_ops.py", "--batch", "2", "--hidden", "16", "--reps", "3",
+                           "--threads", "1", *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
     if "cpu backend unavailable" in proc.stderr:
         pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert f"input_size = hidden, {dtype}," in proc.stdout
-    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["lstm"], ["gru"], ["rnn"])]
-    assert len(rows) == 3 * 2 and all(float(r[6].rstrip("x")) > 0 for r in rows)
-
-
-def test_cpu_ops_script_float32_matmul_precision_medium():
-    """--matmul-precision medium: float32 on bfloat16 products (9 steps: fusedrnn's bfloat16
-    kernels where the CPU has them), the script's agreement check at bfloat16's tolerance."""
-    proc = subprocess.run([sys.executable, "bench/cpu_ops.py", "--batch", "2", "--hidden", "16", "--seq", "9",
-                           "--reps", "3", "--threads", "1", "--matmul-precision", "medium"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if "cpu backend unavailable" in proc.stderr:
-        pytest.skip(proc.stderr.strip())
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert "float32, float32 matmul precision medium," in proc.stdout
+    assert header in proc.stdout
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["lstm"], ["gru"], ["rnn"])]
     assert len(rows) == 3 * 2 and all(float(r[6].rstrip("x")) > 0 for r in rows)
 
