@@ -9,6 +9,12 @@ the CPU. The semantics are documented in fusedrnn/reference.py.
 
 The C++ side only registers implementations (TORCH_LIBRARY_IMPL): the schemas
 live here so the four backends cannot drift apart.
+
+One extension, the cpu kernels' only: their sequence ops also take a bfloat16 w_hh with
+everything else float32 (the modules' bfloat16 path and float32 under matmul precision
+"medium"; csrc/cpu/register.cpp): the recurrent products then run on bfloat16 dot products,
+with h (forward) and the pre-activation gradients (backward) rounded to bfloat16, within
+bfloat16's tolerance of the reference on the same weight; w_hh's gradient is bfloat16.
 """
 from __future__ import annotations
 
