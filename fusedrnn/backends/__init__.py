@@ -374,7 +374,7 @@ def float32_matmul_in_bf16() -> bool:
     torch.set_float32_matmul_precision("medium"), or torch.backends.mkldnn.matmul.fp32_precision
     = "bf16", which torch's own CPU matmuls then follow. The cpu backend's float32 sequences
     then run on its bfloat16 kernels too (Backend.bf16_recurrence). Not while torch.compile
-    traces (Dynamo cannot read the setting): exact float32 there."""
+    or torch.export traces (Dynamo cannot read the setting): exact float32 there."""
     if torch.compiler.is_compiling():
         return False
     try:  # (the property torch.backends.mkldnn.matmul.fp32_precision reads this: 0.9 us, the getter 0.1 us)
