@@ -287,8 +287,8 @@ class _FusedRNNBase(BackendChoice):
             return out
         backend, why = select(self.backend, call)
         # bfloat16 on a backend with bfloat16 recurrence kernels: x, the weights and the input
-        # projection stay bfloat16, the states and the cell math float32 (_sequence_layer; the
-        # backward runs float32); other low-precision calls compute in float32 (float32_for).
+        # projection stay bfloat16, the states and the cell math float32 (_sequence_layer);
+        # other low-precision calls compute in float32 (float32_for).
         # float32 too where the user allowed bfloat16 products for float32 matmuls
         # (float32_matmul_in_bf16: torch.set_float32_matmul_precision("medium")).
         bf16 = (backend.bf16_recurrence is not None and backend.bf16_recurrence(x.shape[0]) and (
@@ -300,8 +300,8 @@ class _FusedRNNBase(BackendChoice):
             training = self.training and torch.is_grad_enabled() and w.requires_grad
             nn_why = (torch_nn_faster_low_precision(call, backend, torch.is_grad_enabled() and (
                           x.requires_grad or w.requires_grad), True, bf16)
-                      or (None if bf16 else torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence),
-                                                            training, not x.requires_grad, self.num_layers))
+                      or torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), training,
+                                         not x.requires_grad, self.num_layers, bf16)
                       or torch_nn_instead_of_reference(call, backend.name, why))
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:

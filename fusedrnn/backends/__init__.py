@@ -232,14 +232,16 @@ def _onednn_lstm_uncompilable(call: Call) -> bool:
 
 
 def torch_nn_faster(call: Call, steps: int, packed: bool, training: bool = False, frozen_input: bool = False,
-                    layers: int = 1) -> Optional[str]:
+                    layers: int = 1, bf16_kernels: bool = False) -> Optional[str]:
     """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call of `steps`
     timesteps, or None (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then
     skips oneDNN). `training`: a module in training mode whose call autograd records;
     `frozen_input`: its input needs no gradient (a first layer fed raw features: fusedrnn
     then skips dx's GEMM, oneDNN does not); `layers`: num_layers (oneDNN's stacked
-    training measured slower than fusedrnn's)."""
-    if (training and (frozen_input or layers >= 2)) or _onednn_lstm_uncompilable(call):
+    training measured slower than fusedrnn's); `bf16_kernels`: the float32 call would run on
+    the bfloat16 kernels (matmul precision "medium", float32_matmul_in_bf16), where oneDNN's
+    float32 LSTM does not speed up and ours measured 1.46-2.09x faster."""
+    if (training and (frozen_input or layers >= 2)) or bf16_kernels or _onednn_lstm_uncompilable(call):
         return None
     if not (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
             and call.proj_size == 0 and not packed and call.batch >= TORCH_NN_MIN_BATCH

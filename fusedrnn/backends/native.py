@@ -43,19 +43,20 @@ def _load_for(dispatch_key: str, module: str):
 # Whether the CPU kernels run a bfloat16 w_hh on AVX512-BF16 dot products, asked once when
 # the extension loads (torch.compile's Dynamo cannot trace the call). They need 8+ steps
 # (kernels.h: bf16_kernels_run; shorter sequences cast w_hh to float32 there).
-_BF16_KERNELS: list = []
 _BF16_MIN_STEPS = 8
+_bf16_kernels = False
 
 
 def _load_cpu():
+    global _bf16_kernels
     why = _load_for("CPU", "fusedrnn._C")()
     if why is None:
-        _BF16_KERNELS.append(importlib.import_module("fusedrnn._C").bf16_kernels_run(_BF16_MIN_STEPS))
+        _bf16_kernels = importlib.import_module("fusedrnn._C").bf16_kernels_run(_BF16_MIN_STEPS)
     return why
 
 
 def _bf16_recurrence(steps: int) -> bool:
-    return steps >= _BF16_MIN_STEPS and bool(_BF16_KERNELS) and _BF16_KERNELS[-1]
+    return _bf16_kernels and steps >= _BF16_MIN_STEPS
 
 
 register(Backend(name="cpu", ops_backend="cpu", device_types=("cpu",),
