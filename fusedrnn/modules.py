@@ -70,7 +70,7 @@ class BackendChoice:
 
     def _forward_without_fused_ops(self, input, hx):
         """torch.nn's forward where fusedrnn's ops must not or cannot run: backend="torch.nn"
-        (e.g. for a double backward, which the ops do not support), or, with backend "auto",
+        (e.g. for a double backward outside the cpu backend), or, with backend "auto",
         where torch.func's grad-type transforms or forward-mode AD differentiate the call or
         torch.onnx.export captures it (fusedrnn/transforms.py: the ops cannot take part);
         another forced backend raises there. None otherwise."""

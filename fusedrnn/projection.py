@@ -2,7 +2,7 @@
 timesteps before the recurrence (as large as the recurrent GEMMs of the whole sequence).
 
 Every backend's op takes gx (fusedrnn/schema.py); this picks the GEMM that computes it.
-Layers the cpu backend runs in float32 use the op fusedrnn::projection: its
+Layers the cpu backend runs in float32 or float64 use the op fusedrnn::projection: its
 kernel (csrc/cpu/register.cpp, cpu::gemm) runs the recurrent micro-kernel blocked for
 cache, forward and backward (dx = grad @ w, dw = grad^T @ x), and its autograd is C++
 (csrc/cpu/autograd.cpp). Measured on a 2-core AMD
@@ -29,11 +29,16 @@ from torch import Tensor
 from . import ops
 
 
+# float64 too, though its GEMM is BLAS's as in F.linear: the sequence ops' double backward
+# recomputes gx from this op's inputs (fusedrnn/double_backward.py).
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
 def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = False) -> Tensor:
     """x [T, B, I] @ w [G, I]^T + b [G] -> [T, B, G], like F.linear. `native`: the layer's
     backend implements fusedrnn::projection (Backend.projection_op: the cpu backend)."""
-    if (native and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and (b is None or b.dtype == torch.float32)):
+    if (native and x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and w.dtype == x.dtype
+            and (b is None or b.dtype == x.dtype)):
         return torch.ops.fusedrnn.projection(x, w, b)
     return F.linear(x, w, b)
 

@@ -166,15 +166,6 @@ def test_backward_after_train_false_raises():
         h1.sum().backward()
 
 
-def test_double_backward_raises():
-    x, state, w_ih, w_hh, b_ih, b_hh = make("rnn", 2, 3, 4)
-    x.requires_grad_(True)
-    h1 = cell_ops.get("rnn")(x, state[0], w_ih, w_hh, b_ih, b_hh, False)
-    (g,) = torch.autograd.grad(h1.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        g.sum().backward()
-
-
 @pytest.mark.parametrize("bad,match", [
     ("w_ih rows", r"w_ih must have 4 \* hidden_size rows"),
     ("h shape", r"h must have shape \[2, 4\]"),

@@ -1,6 +1,6 @@
 """backend="torch.nn": the module runs torch.nn's own forward (fusedrnn's modules are
 torch.nn modules), for computations fusedrnn's ops do not support, such as a double
-backward (a gradient penalty); the double-backward error points to it."""
+backward (a gradient penalty) outside the cpu backend; the double-backward error points to it."""
 import pytest
 import torch
 from torch import nn
@@ -44,7 +44,9 @@ def test_torch_nn_backend_is_torch_nn_exactly_double_backward_included(kind, kw)
 
 @pytest.mark.parametrize("kind,kw", KINDS[:2] + KINDS[4:5], ids=["LSTM", "GRU", "GRUCell"])
 def test_double_backward_error_points_to_the_torch_nn_backend(kind, kw):
-    ours, ref = _pair(kind, kw, "auto")
+    """Where double backward is not supported (here the reference backend; the cpu backend
+    supports it: tests/test_double_backward.py), the error says what to do."""
+    ours, ref = _pair(kind, kw, "reference")
     shape = (3, 4) if kind.endswith("Cell") else (5, 3, 4)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):

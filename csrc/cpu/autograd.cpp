@@ -67,6 +67,35 @@ struct Needs {
   }
 };
 
+optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : c10::nullopt; }
+
+// ----------------------------------------------------------------------------- double backward
+// A backward called with create_graph=True runs with grad mode on. There the fused
+// backward kernels (first derivatives only) are replaced by fusedrnn::recurrence_vjp
+// (fusedrnn/double_backward.py): the layer recomputed by the reference from the op's
+// inputs, its vector-Jacobian product differentiable to any order. Its results, in this
+// order (an empty tensor where an input is absent or needs no gradient):
+enum VjpGrad { kGx, kX, kWih, kB, kH0, kC0, kWhh, kWhr, kBhh };
+using VjpSig = std::vector<Tensor>(c10::string_view, bool, bool, const optional<Tensor>&, const optional<Tensor>&,
+                                   const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
+                                   const optional<Tensor>&, const Tensor&, const optional<Tensor>&,
+                                   const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+                                   const optional<Tensor>&, const optional<Tensor>&);
+struct VjpArgs {
+  const char* cell;
+  bool relu = false, reverse = false;
+  Tensor x, w_ih, b, gx, h0, c0, w_hh, w_hr, b_hh, lengths, grad_y, grad_h_n, grad_c_n;
+};
+std::vector<Tensor> recurrence_vjp(const VjpArgs& a) {
+  static const auto op = op_handle<VjpSig>("fusedrnn::recurrence_vjp");
+  return op.call(a.cell, a.relu, a.reverse, opt(a.x), opt(a.w_ih), opt(a.b), opt(a.gx), a.h0, opt(a.c0), a.w_hh,
+                 opt(a.w_hr), opt(a.b_hh), opt(a.lengths), opt(a.grad_y), opt(a.grad_h_n), opt(a.grad_c_n));
+}
+// A gradient for `input` (a saved variable) if it needs one.
+Tensor grad_for(const Tensor& input, const Tensor& g) {
+  return input.defined() && input.requires_grad() ? g : Tensor();
+}
+
 // ----------------------------------------------------------------------------- LSTM
 using LstmSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                    const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
@@ -84,7 +113,7 @@ struct LstmCell : torch::autograd::Function<LstmCell> {
       at::AutoDispatchBelowADInplaceOrView guard;
       return op.call(x, h, c, w_ih, w_hh, b_ih, b_hh, train);
     }();
-    ctx->save_for_backward({x, h, c, w_ih, w_hh, gates, c1});
+    ctx->save_for_backward({x, h, c, w_ih, w_hh, gates, c1, b_ih.value_or(Tensor()), b_hh.value_or(Tensor())});
     ctx->saved_data["bias"] = has(b_ih);
     ctx->saved_data["train"] = train;
     ctx->mark_non_differentiable({gates});
@@ -97,6 +126,14 @@ struct LstmCell : torch::autograd::Function<LstmCell> {
     const auto s = ctx->get_saved_variables();
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 2, bias);
+    if (at::GradMode::is_enabled()) {  // create_graph: one step of the layer's double backward
+      const auto r = recurrence_vjp({"lstm", false, false, s[0].unsqueeze(0), s[3], bias ? s[7].add(s[8]) : Tensor(),
+                                     Tensor(), s[1], s[2], s[4], Tensor(), Tensor(), Tensor(), Tensor(), grads[0],
+                                     grads[1]});
+      const Tensor b = grad_for(bias ? s[7] : Tensor(), r[kB]);
+      return {grad_for(s[0], r[kX].squeeze(0)), grad_for(s[1], r[kH0]), grad_for(s[2], r[kC0]),
+              grad_for(s[3], r[kWih]), grad_for(s[4], r[kWhh]), b, bias ? grad_for(s[8], r[kB]) : Tensor(), Tensor()};
+    }
     auto [gx, gh, gc, gwih, gwhh, gb] = call_backward([&] {
       return op.call(or_zeros(grads[0], s[6]), or_zeros(grads[1], s[6]), s[0], s[1], s[2], s[3], s[4], bias, s[5],
                      s[6], n.h, n.x, n.w);
@@ -130,7 +167,7 @@ struct GruCell : torch::autograd::Function<GruCell> {
       at::AutoDispatchBelowADInplaceOrView guard;
       return op.call(x, h, w_ih, w_hh, b_ih, b_hh, train);
     }();
-    ctx->save_for_backward({x, h, w_ih, w_hh, h1, gates, hn});
+    ctx->save_for_backward({x, h, w_ih, w_hh, h1, gates, hn, b_ih.value_or(Tensor()), b_hh.value_or(Tensor())});
     ctx->saved_data["bias"] = has(b_ih);
     ctx->saved_data["train"] = train;
     ctx->mark_non_differentiable({gates, hn});
@@ -143,6 +180,12 @@ struct GruCell : torch::autograd::Function<GruCell> {
     const auto s = ctx->get_saved_variables();
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 1, bias);
+    if (at::GradMode::is_enabled()) {  // create_graph: one step of the layer's double backward
+      const auto r = recurrence_vjp({"gru", false, false, s[0].unsqueeze(0), s[2], s[7], Tensor(), s[1], Tensor(), s[3],
+                                     Tensor(), s[8], Tensor(), Tensor(), grads[0], Tensor()});
+      return {grad_for(s[0], r[kX].squeeze(0)), grad_for(s[1], r[kH0]), grad_for(s[2], r[kWih]),
+              grad_for(s[3], r[kWhh]), grad_for(s[7], r[kB]), grad_for(s[8], r[kBhh]), Tensor()};
+    }
     auto [gx, gh, gwih, gwhh, gbih, gbhh] = call_backward([&] {
       return op.call(or_zeros(grads[0], s[4]), s[0], s[1], s[2], s[3], bias, s[4], s[5], s[6], n.h, n.x, n.w);
     });
@@ -174,7 +217,7 @@ struct RnnCell : torch::autograd::Function<RnnCell> {
       at::AutoDispatchBelowADInplaceOrView guard;
       return op.call(x, h, w_ih, w_hh, b_ih, b_hh, relu);
     }();
-    ctx->save_for_backward({x, h, w_ih, w_hh, h1});
+    ctx->save_for_backward({x, h, w_ih, w_hh, h1, b_ih.value_or(Tensor()), b_hh.value_or(Tensor())});
     ctx->saved_data["bias"] = has(b_ih);
     ctx->saved_data["relu"] = relu;
     return h1;
@@ -185,6 +228,13 @@ struct RnnCell : torch::autograd::Function<RnnCell> {
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 1, bias);
     const bool relu = ctx->saved_data["relu"].toBool();
+    if (at::GradMode::is_enabled()) {  // create_graph: one step of the layer's double backward
+      const auto r = recurrence_vjp({"rnn", relu, false, s[0].unsqueeze(0), s[2], bias ? s[5].add(s[6]) : Tensor(),
+                                     Tensor(), s[1], Tensor(), s[3], Tensor(), Tensor(), Tensor(), Tensor(), grads[0],
+                                     Tensor()});
+      return {grad_for(s[0], r[kX].squeeze(0)), grad_for(s[1], r[kH0]), grad_for(s[2], r[kWih]),
+              grad_for(s[3], r[kWhh]), grad_for(s[5], r[kB]), grad_for(s[6], r[kB]), Tensor()};
+    }
     auto [gx, gh, gwih, gwhh, gb] = call_backward([&] {
       return op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], bias, relu, s[4], n.h, n.x, n.w);
     });
@@ -198,11 +248,63 @@ Tensor rnn_cell_autograd(const Tensor& x, const Tensor& h, const Tensor& w_ih, c
   return RnnCell::apply(x, h, w_ih, w_hh, b_ih, b_hh, relu);
 }
 
+// ----------------------------------------------------------------------------- input projection
+using ProjSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&);
+using ProjBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool, bool, bool);
+
+struct Projection : torch::autograd::Function<Projection> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
+    static const auto op = op_handle<ProjSig>("fusedrnn::projection");
+    Tensor out = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return op.call(x, w, b);
+    }();
+    ctx->save_for_backward({x, w, b.value_or(Tensor())});  // (b: for a double backward, gx_source)
+    ctx->saved_data["bias"] = has(b);
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<ProjBwdSig>("fusedrnn::projection_backward");
+    const auto s = ctx->get_saved_variables();
+    // (needs_input_grad counts only the defined tensor inputs: b's index exists only with b)
+    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1),
+               nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
+    if (at::GradMode::is_enabled()) {  // create_graph: the same formulas in differentiable ATen ops
+      const Tensor g = grads[0].reshape({-1, s[1].size(0)});
+      return {nx ? grads[0].matmul(s[1]) : Tensor(), nw ? g.t().mm(s[0].reshape({-1, s[1].size(1)})) : Tensor(),
+              nb ? g.sum(0) : Tensor()};
+    }
+    auto [gx, gw, gb] = call_backward([&] { return op.call(grads[0], s[0], s[1], nx, nw, nb); });
+    return {if_needed(gx, nx), if_needed(gw, nw), if_needed(gb, nb)};
+  }
+};
+
+Tensor projection_autograd(const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
+  return Projection::apply(x, w, b);
+}
+
+// What a create_graph backward of a sequence op recomputes gx from: the input
+// projection's inputs (x, w, b) when gx is fusedrnn::projection's output (the modules'
+// float32 and float64 layers), which that op's node keeps anyway, or gx itself when it is
+// a leaf. Nothing otherwise (then double backward raises: ops._no_double_backward).
+struct GxSource {
+  Tensor x, w, b, gx;
+};
+GxSource gx_source(const Tensor& gx) {
+  if (!gx.requires_grad()) return {};
+  const auto& fn = gx.grad_fn();
+  if (!fn) return {Tensor(), Tensor(), Tensor(), gx};
+  if (auto* node = dynamic_cast<torch::autograd::CppNode<Projection>*>(fn.get())) {
+    const auto s = node->ctx_.get_saved_variables();
+    return {s[0], s[1], s[2], Tensor()};
+  }
+  return {};
+}
+
 // ----------------------------------------------------------------------------- sequence ops
 // The same contract as the Python registration in fusedrnn/ops.py (_lstm_setup,
 // _lstm_backward, ...): the saved outputs (gates, cells, hn) are not differentiable, an
 // unused output's gradient is zeros, and train=False keeps nothing for a backward.
-optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : c10::nullopt; }
 
 using LstmSeqSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                       const Tensor&, const optional<Tensor>&,
@@ -220,7 +322,9 @@ struct LstmSeq : torch::autograd::Function<LstmSeq> {
       at::AutoDispatchBelowADInplaceOrView guard;
       return op.call(gx, h0, c0, w_hh, w_hr, lengths, reverse, train);
     }();
-    ctx->save_for_backward({h0, c0, w_hh, w_hr.value_or(Tensor()), lengths.value_or(Tensor()), y, gates, cells});
+    const GxSource src = gx_source(gx);
+    ctx->save_for_backward({h0, c0, w_hh, w_hr.value_or(Tensor()), lengths.value_or(Tensor()), y, gates, cells, src.x,
+                            src.w, src.b, src.gx});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["train"] = train;
     ctx->mark_non_differentiable({gates, cells});
@@ -230,8 +334,14 @@ struct LstmSeq : torch::autograd::Function<LstmSeq> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     check_trained(ctx, "lstm_forward");
     static const auto op = op_handle<LstmSeqBwdSig>("fusedrnn::lstm_backward");
-    const auto s = ctx->get_saved_variables();  // h0, c0, w_hh, w_hr, lengths, y, gates, cells
+    const auto s = ctx->get_saved_variables();  // h0, c0, w_hh, w_hr, lengths, y, gates, cells, GxSource
     const bool proj = s[3].defined();
+    if (at::GradMode::is_enabled() && (s[8].defined() || s[11].defined())) {
+      const auto r = recurrence_vjp({"lstm", false, ctx->saved_data["reverse"].toBool(), s[8], s[9], s[10], s[11], s[0],
+                                     s[1], s[2], s[3], Tensor(), s[4], grads[0], grads[1], grads[2]});
+      return {r[kGx], grad_for(s[0], r[kH0]), grad_for(s[1], r[kC0]), grad_for(s[2], r[kWhh]), grad_for(s[3], r[kWhr]),
+              Tensor(), Tensor(), Tensor()};
+    }
     auto [ggx, gh0, gc0, gwhh, gwhr] = call_backward([&] {
       return op.call(grad_or_zeros(grads[0], s[5]), grad_or_zeros(grads[1], s[0]), grad_or_zeros(grads[2], s[1]),
                      s[0], s[1], s[2], opt(s[3]), opt(s[4]), ctx->saved_data["reverse"].toBool(), s[5],
@@ -267,7 +377,9 @@ struct GruSeq : torch::autograd::Function<GruSeq> {
       at::AutoDispatchBelowADInplaceOrView guard;
       return op.call(gx, h0, w_hh, b_hh, lengths, reverse, train);
     }();
-    ctx->save_for_backward({h0, w_hh, b_hh.value_or(Tensor()), lengths.value_or(Tensor()), y, gates, hs});
+    const GxSource src = gx_source(gx);
+    ctx->save_for_backward({h0, w_hh, b_hh.value_or(Tensor()), lengths.value_or(Tensor()), y, gates, hs, src.x, src.w,
+                            src.b, src.gx});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["train"] = train;
     ctx->mark_non_differentiable({gates, hs});
@@ -277,8 +389,14 @@ struct GruSeq : torch::autograd::Function<GruSeq> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     check_trained(ctx, "gru_forward");
     static const auto op = op_handle<GruSeqBwdSig>("fusedrnn::gru_backward");
-    const auto s = ctx->get_saved_variables();  // h0, w_hh, b_hh, lengths, y, gates, hn
+    const auto s = ctx->get_saved_variables();  // h0, w_hh, b_hh, lengths, y, gates, hn, GxSource
     const bool bias = s[2].defined();
+    if (at::GradMode::is_enabled() && (s[7].defined() || s[10].defined())) {
+      const auto r = recurrence_vjp({"gru", false, ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9], s[10], s[0],
+                                     Tensor(), s[1], Tensor(), s[2], s[3], grads[0], grads[1]});
+      return {r[kGx], grad_for(s[0], r[kH0]), grad_for(s[1], r[kWhh]), grad_for(s[2], r[kBhh]), Tensor(), Tensor(),
+              Tensor()};
+    }
     auto [ggx, gh0, gwhh, gbhh] = call_backward([&] {
       return op.call(grad_or_zeros(grads[0], s[4]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
                      opt(s[3]), ctx->saved_data["reverse"].toBool(), s[4], s[5], s[6]);
@@ -308,7 +426,8 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
       at::AutoDispatchBelowADInplaceOrView guard;
       return op.call(gx, h0, w_hh, lengths, reverse, relu);
     }();
-    ctx->save_for_backward({h0, w_hh, lengths.value_or(Tensor()), y});
+    const GxSource src = gx_source(gx);
+    ctx->save_for_backward({h0, w_hh, lengths.value_or(Tensor()), y, src.x, src.w, src.b, src.gx});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["relu"] = relu;
     ctx->set_materialize_grads(false);
@@ -316,7 +435,13 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<RnnSeqBwdSig>("fusedrnn::rnn_backward");
-    const auto s = ctx->get_saved_variables();  // h0, w_hh, lengths, y
+    const auto s = ctx->get_saved_variables();  // h0, w_hh, lengths, y, GxSource
+    if (at::GradMode::is_enabled() && (s[4].defined() || s[7].defined())) {
+      const auto r = recurrence_vjp({"rnn", ctx->saved_data["relu"].toBool(), ctx->saved_data["reverse"].toBool(), s[4],
+                                     s[5], s[6], s[7], s[0], Tensor(), s[1], Tensor(), Tensor(), s[2], grads[0],
+                                     grads[1]});
+      return {r[kGx], grad_for(s[0], r[kH0]), grad_for(s[1], r[kWhh]), Tensor(), Tensor(), Tensor()};
+    }
     auto [ggx, gh0, gwhh] = call_backward([&] {
       return op.call(grad_or_zeros(grads[0], s[3]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
                      ctx->saved_data["reverse"].toBool(), ctx->saved_data["relu"].toBool(), s[3]);
@@ -329,36 +454,6 @@ std::tuple<Tensor, Tensor> rnn_forward_autograd(const Tensor& gx, const Tensor& 
                                                 const optional<Tensor>& lengths, bool reverse, bool relu) {
   auto r = RnnSeq::apply(gx, h0, w_hh, lengths, reverse, relu);
   return {r[0], r[1]};
-}
-
-// ----------------------------------------------------------------------------- input projection
-using ProjSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&);
-using ProjBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool, bool, bool);
-
-struct Projection : torch::autograd::Function<Projection> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
-    static const auto op = op_handle<ProjSig>("fusedrnn::projection");
-    Tensor out = [&] {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      return op.call(x, w, b);
-    }();
-    ctx->save_for_backward({x, w});
-    ctx->saved_data["bias"] = has(b);
-    return out;
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = op_handle<ProjBwdSig>("fusedrnn::projection_backward");
-    const auto s = ctx->get_saved_variables();
-    // (needs_input_grad counts only the defined tensor inputs: b's index exists only with b)
-    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1),
-               nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
-    auto [gx, gw, gb] = call_backward([&] { return op.call(grads[0], s[0], s[1], nx, nw, nb); });
-    return {if_needed(gx, nx), if_needed(gw, nw), if_needed(gb, nb)};
-  }
-};
-
-Tensor projection_autograd(const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
-  return Projection::apply(x, w, b);
 }
 
 }  // namespace

@@ -1,0 +1,71 @@
+"""Double backward (a gradient of a gradient: autograd.grad(..., create_graph=True), then a
+backward through its result, as in gradient penalties, MAML or Hessian-vector products)
+for the cpu backend's sequence and cell ops.
+
+The fused backward kernels compute first derivatives only. When a backward runs with
+create_graph=True, the C++ autograd of the cpu ops (csrc/cpu/autograd.cpp) calls
+fusedrnn::recurrence_vjp instead: it recomputes the layer with the reference
+(fusedrnn/reference.py, plain differentiable PyTorch ops) from the op's inputs and
+returns its vector-Jacobian product with create_graph=True, so the result can be
+differentiated again, to any order. The sequence op's input gx is recomputed from the
+input projection's inputs (x, w_ih, b), which its autograd node already keeps: nothing
+more is saved for this, and a backward without create_graph is unchanged.
+
+Where gx did not come from fusedrnn::projection (the bfloat16 path, other backends, a
+direct op call with a computed gx) double backward still raises (ops._no_double_backward).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops, reference
+
+SCHEMA = ("(str cell, bool relu, bool reverse, Tensor? x, Tensor? w_ih, Tensor? b, Tensor? gx, Tensor h0,"
+          " Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? b_hh, Tensor? lengths, Tensor? grad_y,"
+          " Tensor? grad_h_n, Tensor? grad_c_n) -> Tensor[]")
+# The order of recurrence_vjp's results: the gradient of each input (zeros where the input
+# does not reach the outputs), an empty tensor where the input is absent or needs no gradient.
+GRAD_ORDER = ("gx", "x", "w_ih", "b", "h0", "c0", "w_hh", "w_hr", "b_hh")
+
+
+def define() -> None:
+    """Declare fusedrnn::recurrence_vjp with its implementation (idempotent). The
+    implementation is registered as CompositeImplicitAutograd: it runs above autograd, so
+    autograd records the reference's ops and the results are differentiable."""
+    if not ops.define_schemas("recurrence_vjp", {"recurrence_vjp": SCHEMA}):
+        return
+    ops._LIB.impl("recurrence_vjp", recurrence_vjp, "CompositeImplicitAutograd")
+
+
+def recurrence_vjp(cell: str, relu: bool, reverse: bool, x: Optional[Tensor], w_ih: Optional[Tensor],
+                   b: Optional[Tensor], gx: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+                   w_hr: Optional[Tensor], b_hh: Optional[Tensor], lengths: Optional[Tensor],
+                   grad_y: Optional[Tensor], grad_h_n: Optional[Tensor],
+                   grad_c_n: Optional[Tensor]) -> list[Tensor]:
+    """The gradients (GRAD_ORDER) of <grad_y, y> + <grad_h_n, h_n> + <grad_c_n, c_n> for one
+    layer: gx = x @ w_ih^T + b (x [T, B, I]) or gx itself, then the reference recurrence of
+    `cell` (b_hh: GRU's recurrent bias). Differentiable (create_graph=True)."""
+    with torch.enable_grad():
+        if x is not None:
+            # (gx recomputed: a graph from x, w_ih and b, which the second backward follows)
+            gx = F.linear(x, w_ih, b)
+        if cell == "lstm":
+            outs = reference.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, False)[:3]
+        elif cell == "gru":
+            outs = reference.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, False)[:2]
+        else:
+            outs = reference.rnn_forward(gx, h0, w_hh, lengths, reverse, relu)
+        grads = (grad_y, grad_h_n, grad_c_n)[:len(outs)]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        named = dict(zip(GRAD_ORDER, (gx, x, w_ih, b, h0, c0, w_hh, w_hr, b_hh)))
+        wrt = [k for k, t in named.items() if t is not None and t.requires_grad]
+        got = dict.fromkeys(wrt)
+        if pairs and wrt:
+            got = dict(zip(wrt, torch.autograd.grad([o for o, _ in pairs], [named[k] for k in wrt],
+                                                    [g for _, g in pairs], create_graph=True, allow_unused=True)))
+    return [h0.new_empty(0) if k not in got else torch.zeros_like(named[k]) if got[k] is None else got[k]
+            for k in GRAD_ORDER]

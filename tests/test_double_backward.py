@@ -1,0 +1,193 @@
+"""Double backward on the cpu backend (fusedrnn/double_backward.py): a backward with
+create_graph=True recomputes the layer with the reference, so its result can be
+differentiated again. Checked with gradgradcheck in float64 at op level (gx a leaf, gx
+from fusedrnn::projection, the cell ops) and against torch.nn at module level (gradient
+penalties, second derivatives in the weights); where it is not supported it still raises."""
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from op_harness import backend_or_skip, make_inputs
+
+import fusedrnn
+
+pytestmark = pytest.mark.usefixtures("_cpu_backend")
+
+
+@pytest.fixture
+def _cpu_backend():
+    backend_or_skip("cpu")
+
+
+def _f64_leaves(args):
+    return tuple(a.double().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
+def _diff(cell, outs):
+    return outs[:3] if cell == "lstm" else outs[:2]
+
+
+SEQ_CASES = [("lstm", {}), ("lstm", {"P": 2}), ("lstm", {"lengths": True, "reverse": True}),
+             ("gru", {}), ("gru", {"bias": False, "lengths": True}), ("rnn", {}),
+             ("rnn", {"relu": True, "reverse": True})]
+
+
+@pytest.mark.parametrize("cell,kw", SEQ_CASES, ids=[f"{c}-{'-'.join(k) or 'plain'}" for c, k in SEQ_CASES])
+def test_gradgradcheck_sequence_op(cell, kw):
+    """gx a leaf: the op's create_graph backward differentiates the reference from gx itself."""
+    args = _f64_leaves(make_inputs(cell, 4, 3, 3, **kw))
+    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+    pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def f(*ts):
+        full = list(args)
+        for i, t in zip(pos, ts):
+            full[i] = t
+        return _diff(cell, op(*full))
+    assert torch.autograd.gradgradcheck(f, [args[i] for i in pos])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_gradgradcheck_projection_then_sequence_op(cell):
+    """gx = fusedrnn::projection(x, w_ih, b), as in the modules: the second derivatives reach
+    x, w_ih and b through the projection's recomputed output."""
+    T, B, I, H = 4, 2, 3, 3
+    args = _f64_leaves(make_inputs(cell, T, B, H))
+    G = args[0].shape[-1]
+    x, w_ih, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((T, B, I), (G, I), (G,)))
+    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+    wi = 3 if cell == "lstm" else 2  # (w_hh's position)
+
+    def f(x, w_ih, b, h0, w_hh):
+        full = list(args)
+        full[0], full[1], full[wi] = torch.ops.fusedrnn.projection(x, w_ih, b), h0, w_hh
+        return _diff(cell, op(*full))
+    assert torch.autograd.gradgradcheck(f, (x, w_ih, b, args[1], args[wi]))
+
+
+def test_gradgradcheck_projection():
+    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((3, 2, 5), (8, 5), (8,)))
+    assert torch.autograd.gradgradcheck(lambda *t: torch.ops.fusedrnn.projection(*t).sin(), (x, w, b))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradgradcheck_cell_op(cell, bias):
+    B, I, H = 2, 3, 4
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[cell] * H
+    shapes = [(B, I), (B, H)] + ([(B, H)] if cell == "lstm" else []) + [(G, I), (G, H)] + ([(G,), (G,)] if bias else [])
+    ts = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    op = getattr(torch.ops.fusedrnn, f"{cell}_cell")
+    n = 4 if cell == "lstm" else 3
+
+    def f(*t):
+        b = list(t[n + 1:]) if bias else [None, None]
+        out = op(*t[:n + 1], *b, cell != "rnn")  # (the last argument: train, or the RNN's relu)
+        return out[:2] if cell == "lstm" else out[0] if cell == "gru" else out
+    assert torch.autograd.gradgradcheck(f, ts)
+
+
+def _penalty(module, x, hx=None, packed_lengths=None):
+    """|d(sum y sin y)/dx|^2 differentiated in the weights: a gradient of a gradient."""
+    inp = pack_padded_sequence(x, packed_lengths, enforce_sorted=False) if packed_lengths is not None else x
+    out = module(inp) if hx is None else module(inp, hx)
+    y = out[0] if isinstance(out, tuple) else out
+    y = y.data if isinstance(y, torch.nn.utils.rnn.PackedSequence) else y
+    (gx,) = torch.autograd.grad((y * y.sin()).sum(), x, create_graph=True)
+    return torch.autograd.grad(gx.square().sum(), list(module.parameters()), allow_unused=True)
+
+
+MODULE_CASES = [("LSTM", {}), ("LSTM", {"num_layers": 2, "proj_size": 3, "bidirectional": True}),
+                ("GRU", {"bias": False, "batch_first": True}), ("GRU", {"num_layers": 2, "bidirectional": True}),
+                ("RNN", {"nonlinearity": "relu"}), ("RNN", {"num_layers": 2}),
+                ("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {"bias": False})]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind,kw", MODULE_CASES, ids=[f"{k}-{'-'.join(kw) or 'plain'}" for k, kw in MODULE_CASES])
+def test_gradient_penalty_matches_torch_nn(kind, kw, dtype):
+    ours = getattr(fusedrnn, kind)(4, 6, backend="cpu", **kw).to(dtype)
+    ref = getattr(nn, kind)(4, 6, **kw).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    shape = (3, 4) if kind.endswith("Cell") else (3, 9, 4) if kw.get("batch_first") else (9, 3, 4)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    for a, b in zip(_penalty(ours, x), _penalty(ref, x)):
+        torch.testing.assert_close(a, b, **tol)
+    assert ours.last_backend == "cpu"
+
+
+def test_gradient_penalty_packed_with_hx_matches_torch_nn():
+    ours = fusedrnn.LSTM(4, 5, backend="cpu").double()
+    ref = nn.LSTM(4, 5).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(8, 3, 4, dtype=torch.float64, requires_grad=True)
+    hx = (torch.randn(1, 3, 5, dtype=torch.float64), torch.randn(1, 3, 5, dtype=torch.float64))
+    lengths = torch.tensor([8, 3, 5])
+    for a, b in zip(_penalty(ours, x, hx, lengths), _penalty(ref, x, hx, lengths)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_second_derivative_in_the_weights_matches_torch_nn(kind):
+    """As in MAML or a Hessian-vector product: the gradient in the weights, then its norm's
+    gradient (the weights' second derivatives; the input needs no gradient)."""
+    ours = getattr(fusedrnn, kind)(3, 5, backend="auto").double()
+    ref = getattr(nn, kind)(3, 5).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(10, 2, 3, dtype=torch.float64)
+    results = []
+    for m in (ours, ref):
+        g = torch.autograd.grad(m(x)[0].tanh().sum(), list(m.parameters()), create_graph=True)
+        results.append(torch.autograd.grad(sum(t.square().sum() for t in g), list(m.parameters())))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert ours.last_backend == "cpu"
+
+
+def _profiled_ops(fn):
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return {e.name for e in prof.function_events}
+
+
+def test_first_order_backward_does_not_recompute():
+    """Without create_graph the fused backward kernels run; only create_graph recomputes."""
+    m = fusedrnn.GRU(4, 5, backend="cpu")
+    x = torch.randn(7, 2, 4, requires_grad=True)
+    names = _profiled_ops(lambda: m(x)[0].sum().backward())
+    assert "fusedrnn::gru_backward" in names and "fusedrnn::recurrence_vjp" not in names
+    names = _profiled_ops(lambda: torch.autograd.grad(m(x)[0].sum(), x, create_graph=True))
+    assert "fusedrnn::recurrence_vjp" in names and "fusedrnn::gru_backward" not in names
+
+
+def test_gx_is_not_kept_alive():
+    """The sequence op keeps the projection's inputs for a double backward, not gx itself."""
+    x, w, b = (torch.randn(*s, requires_grad=True) for s in ((5, 2, 3), (12, 3), (12,)))
+    gx = torch.ops.fusedrnn.projection(x, w, b)
+    ref = weakref.ref(gx)
+    y = torch.ops.fusedrnn.lstm_forward(gx, torch.randn(2, 3), torch.randn(2, 3), torch.randn(12, 3), None, None,
+                                        False, True)[0]
+    del gx
+    assert ref() is None
+    y.sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_still_raises_where_unsupported():
+    """A sequence op whose gx is neither a leaf nor the projection's output (here gx = 2 * a),
+    and the reference backend: the double backward raises, pointing to backend 'torch.nn'."""
+    args = _f64_leaves(make_inputs("gru", 4, 2, 3))
+    y = torch.ops.fusedrnn.gru_forward(args[0] * 2, *args[1:])[0]
+    (g,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
+        g.sum().backward()
+    m = fusedrnn.LSTM(3, 4, backend="reference").double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x)[0].square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
+        g.sum().backward()
