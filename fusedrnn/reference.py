@@ -99,9 +99,25 @@ def _matmul_t(a: Tensor, b: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- LSTM
-def _inference(train: bool, *saved: Tensor) -> tuple[Tensor, ...]:
-    """The saved tensors as the contract returns them: themselves, or empty when not train."""
-    return saved if train else tuple(s.new_empty(0) for s in saved)
+def _stack(rows: list[Tensor], like: Tensor, width: int) -> Tensor:
+    """[T, B, width] from the per-step rows (T = 0: empty). Rows collected and stacked rather
+    than written into a preallocated tensor (and the inputs' rows taken by unbind, not
+    x[t]): autograd differentiates this reference (the cpu backend's double backward,
+    fusedrnn/double_backward.py), and the backward of each row write or x[t] fills a
+    whole [T, B, width] gradient (O(T^2) work: a GRU penalty step at T=32 took 2.5x as long)."""
+    return torch.stack(rows) if rows else like.new_zeros(0, like.shape[1], width)
+
+
+def _where(m: Tensor | None, new, old):
+    """new at the real steps (mask m [B, 1]), old at the padded ones; m None: all real (no
+    op for autograd to differentiate: see _stack)."""
+    return new if m is None else torch.where(m, new, old)
+
+
+def _results(reverse, lengths, train: bool, ys: Tensor, *saved: Tensor) -> tuple[Tensor, ...]:
+    """y and the saved tensors in the caller's time order; the saved ones empty when not train."""
+    y, *saved = _orient(reverse, lengths, ys, *(saved if train else ()))
+    return (y, *saved) if train else (y, ys.new_empty(0), ys.new_empty(0))
 
 
 def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
@@ -113,24 +129,25 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
     (gx,) = _orient(reverse, lengths, gx)
     mask = active_mask(lengths, T, B, gx.device)
     h, c = h0, c0
-    # Preallocated (not stacked from lists) so that T = 0 works too.
-    ys, gates, cells = gx.new_zeros(T, B, h0.shape[1]), torch.zeros_like(gx), gx.new_zeros(T, B, H)
-    for t in range(T):
-        a = gx[t] + h @ w_hh.t()
+    ys, gates, cells = [], [], []
+    for t, gx_t in enumerate(gx.unbind(0)):  # (unbind, not gx[t]: see _stack)
+        a = gx_t + h @ w_hh.t()
         i, f, g, o = a.split(H, dim=1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c_new = f * c + i * g
         h_new = o * torch.tanh(c_new)
         if w_hr is not None:
             h_new = h_new @ w_hr.t()
-        m = mask[t, :, None]
-        h = torch.where(m, h_new, h)
-        c = torch.where(m, c_new, c)
-        ys[t] = torch.where(m, h_new, 0)
-        gates[t] = torch.where(m, torch.cat([i, f, g, o], 1), 0)
-        cells[t] = torch.where(m, c_new, 0)
-    y, gates, cells = _orient(reverse, lengths, ys, gates, cells)
-    return (y.to(out_dtype), h.to(out_dtype), c.to(out_dtype)) + _inference(train, gates, cells)
+        m = None if lengths is None else mask[t, :, None]
+        h = _where(m, h_new, h)
+        c = _where(m, c_new, c)
+        ys.append(_where(m, h_new, 0))
+        if train:
+            gates.append(_where(m, torch.cat([i, f, g, o], 1), 0))
+            cells.append(_where(m, c_new, 0))
+    y, gates, cells = _results(reverse, lengths, train, _stack(ys, gx, h0.shape[1]), _stack(gates, gx, G),
+                               _stack(cells, gx, H))
+    return y.to(out_dtype), h.to(out_dtype), c.to(out_dtype), gates, cells
 
 
 def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
@@ -186,24 +203,25 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, train=True):
     (gx,) = _orient(reverse, lengths, gx)
     mask = active_mask(lengths, T, B, gx.device)
     h = h0
-    ys, gates, hns = gx.new_zeros(T, B, H), torch.zeros_like(gx), gx.new_zeros(T, B, H)
-    for t in range(T):
+    ys, gates, hns = [], [], []
+    for t, gx_t in enumerate(gx.unbind(0)):
         gh = h @ w_hh.t()
         if b_hh is not None:
             gh = gh + b_hh
-        xr, xz, xn = gx[t].split(H, dim=1)
+        xr, xz, xn = gx_t.split(H, dim=1)
         hr, hz, hn = gh.split(H, dim=1)
         r = torch.sigmoid(xr + hr)
         z = torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)
         h_new = (1 - z) * n + z * h
-        m = mask[t, :, None]
-        h = torch.where(m, h_new, h)
-        ys[t] = torch.where(m, h_new, 0)
-        gates[t] = torch.where(m, torch.cat([r, z, n], 1), 0)
-        hns[t] = torch.where(m, hn, 0)
-    y, gates, hns = _orient(reverse, lengths, ys, gates, hns)
-    return (y.to(out_dtype), h.to(out_dtype)) + _inference(train, gates, hns)
+        m = None if lengths is None else mask[t, :, None]
+        h = _where(m, h_new, h)
+        ys.append(_where(m, h_new, 0))
+        if train:
+            gates.append(_where(m, torch.cat([r, z, n], 1), 0))
+            hns.append(_where(m, hn, 0))
+    y, gates, hns = _results(reverse, lengths, train, _stack(ys, gx, H), _stack(gates, gx, G), _stack(hns, gx, H))
+    return y.to(out_dtype), h.to(out_dtype), gates, hns
 
 
 def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn):
@@ -244,13 +262,13 @@ def rnn_forward(gx, h0, w_hh, lengths, reverse, relu):
     mask = active_mask(lengths, T, B, gx.device)
     act = torch.relu if relu else torch.tanh
     h = h0
-    ys = torch.zeros_like(gx)
-    for t in range(T):
-        h_new = act(gx[t] + h @ w_hh.t())
-        m = mask[t, :, None]
-        h = torch.where(m, h_new, h)
-        ys[t] = torch.where(m, h_new, 0)
-    (y,) = _orient(reverse, lengths, ys)
+    ys = []
+    for t, gx_t in enumerate(gx.unbind(0)):
+        h_new = act(gx_t + h @ w_hh.t())
+        m = None if lengths is None else mask[t, :, None]
+        h = _where(m, h_new, h)
+        ys.append(_where(m, h_new, 0))
+    (y,) = _orient(reverse, lengths, _stack(ys, gx, H))
     return y.to(out_dtype), h.to(out_dtype)
 
 
