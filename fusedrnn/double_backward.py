@@ -12,7 +12,9 @@ input projection's inputs (x, w_ih, b), which its autograd node already keeps: n
 more is saved for this, and a backward without create_graph is unchanged.
 
 Where gx did not come from fusedrnn::projection (the bfloat16 path, other backends, a
-direct op call with a computed gx) double backward still raises (ops._no_double_backward).
+direct op call with a computed gx) or needs no gradient (a layer whose x, w_ih and biases
+all need none: keeping gx for a double backward would cost its memory in every training
+step), double backward still raises (ops._no_double_backward).
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ from torch import Tensor
 
 from . import ops, reference
 
-SCHEMA = ("(str cell, bool relu, bool reverse, Tensor? x, Tensor? w_ih, Tensor? b, Tensor? gx, Tensor h0,"
+SCHEMA = ("(str cell, bool[] needs, bool relu, bool reverse, Tensor? x, Tensor? w_ih, Tensor? b, Tensor? gx, Tensor h0,"
           " Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? b_hh, Tensor? lengths, Tensor? grad_y,"
           " Tensor? grad_h_n, Tensor? grad_c_n) -> Tensor[]")
-# The order of recurrence_vjp's results: the gradient of each input (zeros where the input
-# does not reach the outputs), an empty tensor where the input is absent or needs no gradient.
+# The order of recurrence_vjp's results and of its `needs`: the gradient of each input where
+# needed (zeros where the input does not reach the outputs), else an empty tensor. Only the
+# needed ones are computed: a penalty's grad(y, x, create_graph=True) needs no weight gradient.
 GRAD_ORDER = ("gx", "x", "w_ih", "b", "h0", "c0", "w_hh", "w_hr", "b_hh")
 
 
@@ -41,7 +44,7 @@ def define() -> None:
     ops._LIB.impl("recurrence_vjp", recurrence_vjp, "CompositeImplicitAutograd")
 
 
-def recurrence_vjp(cell: str, relu: bool, reverse: bool, x: Optional[Tensor], w_ih: Optional[Tensor],
+def recurrence_vjp(cell: str, needs: list[bool], relu: bool, reverse: bool, x: Optional[Tensor], w_ih: Optional[Tensor],
                    b: Optional[Tensor], gx: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
                    w_hr: Optional[Tensor], b_hh: Optional[Tensor], lengths: Optional[Tensor],
                    grad_y: Optional[Tensor], grad_h_n: Optional[Tensor],
@@ -62,7 +65,7 @@ def recurrence_vjp(cell: str, relu: bool, reverse: bool, x: Optional[Tensor], w_
         grads = (grad_y, grad_h_n, grad_c_n)[:len(outs)]
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
         named = dict(zip(GRAD_ORDER, (gx, x, w_ih, b, h0, c0, w_hh, w_hr, b_hh)))
-        wrt = [k for k, t in named.items() if t is not None and t.requires_grad]
+        wrt = [k for k, need in zip(GRAD_ORDER, needs) if need and named[k] is not None and named[k].requires_grad]
         got = dict.fromkeys(wrt)
         if pairs and wrt:
             got = dict(zip(wrt, torch.autograd.grad([o for o, _ in pairs], [named[k] for k in wrt],

@@ -99,13 +99,27 @@ def _matmul_t(a: Tensor, b: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- LSTM
+class _StackRows(torch.autograd.Function):
+    """torch.stack(rows) whose backward is one unbind of the gradient. torch.stack's backward
+    selects each row, and under a double backward each select's own backward fills a whole
+    [T, B, width] gradient: O(T^2) work."""
+
+    @staticmethod
+    def forward(ctx, *rows):
+        return torch.stack(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.unbind(0)
+
+
 def _stack(rows: list[Tensor], like: Tensor, width: int) -> Tensor:
     """[T, B, width] from the per-step rows (T = 0: empty). Rows collected and stacked rather
     than written into a preallocated tensor (and the inputs' rows taken by unbind, not
     x[t]): autograd differentiates this reference (the cpu backend's double backward,
     fusedrnn/double_backward.py), and the backward of each row write or x[t] fills a
     whole [T, B, width] gradient (O(T^2) work: a GRU penalty step at T=32 took 2.5x as long)."""
-    return torch.stack(rows) if rows else like.new_zeros(0, like.shape[1], width)
+    return _StackRows.apply(*rows) if rows else like.new_zeros(0, like.shape[1], width)
 
 
 def _where(m: Tensor | None, new, old):
@@ -130,10 +144,12 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
     mask = active_mask(lengths, T, B, gx.device)
     h, c = h0, c0
     ys, gates, cells = [], [], []
-    for t, gx_t in enumerate(gx.unbind(0)):  # (unbind, not gx[t]: see _stack)
-        a = gx_t + h @ w_hh.t()
-        i, f, g, o = a.split(H, dim=1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    # (Few ops per step: autograd differentiates this loop in the double backward, where
+    # each op's overhead counts. unbind, not gx[t]: see _stack.)
+    for t, gx_t in enumerate(gx.unbind(0)):
+        a = torch.addmm(gx_t, h, w_hh.t())
+        i, f, _, o = torch.sigmoid(a).split(H, dim=1)
+        g = torch.tanh(a[:, 2 * H:3 * H])
         c_new = f * c + i * g
         h_new = o * torch.tanh(c_new)
         if w_hr is not None:
@@ -204,16 +220,12 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, train=True):
     mask = active_mask(lengths, T, B, gx.device)
     h = h0
     ys, gates, hns = [], [], []
-    for t, gx_t in enumerate(gx.unbind(0)):
-        gh = h @ w_hh.t()
-        if b_hh is not None:
-            gh = gh + b_hh
-        xr, xz, xn = gx_t.split(H, dim=1)
-        hr, hz, hn = gh.split(H, dim=1)
-        r = torch.sigmoid(xr + hr)
-        z = torch.sigmoid(xz + hz)
-        n = torch.tanh(xn + r * hn)
-        h_new = (1 - z) * n + z * h
+    for t, gx_t in enumerate(gx.unbind(0)):  # (few ops per step: see lstm_forward)
+        gh = h @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h, w_hh.t())
+        r, z = torch.sigmoid(gx_t[:, :2 * H] + gh[:, :2 * H]).split(H, dim=1)
+        hn = gh[:, 2 * H:]
+        n = torch.tanh(gx_t[:, 2 * H:] + r * hn)
+        h_new = n + z * (h - n)  # = (1 - z) * n + z * h
         m = None if lengths is None else mask[t, :, None]
         h = _where(m, h_new, h)
         ys.append(_where(m, h_new, 0))
@@ -264,7 +276,7 @@ def rnn_forward(gx, h0, w_hh, lengths, reverse, relu):
     h = h0
     ys = []
     for t, gx_t in enumerate(gx.unbind(0)):
-        h_new = act(gx_t + h @ w_hh.t())
+        h_new = act(torch.addmm(gx_t, h, w_hh.t()))
         m = None if lengths is None else mask[t, :, None]
         h = _where(m, h_new, h)
         ys.append(_where(m, h_new, 0))

@@ -51,6 +51,26 @@ def test_gradgradcheck_sequence_op(cell, kw):
     assert torch.autograd.gradgradcheck(f, [args[i] for i in pos])
 
 
+@pytest.mark.parametrize("cell,kw,which", [("lstm", {"P": 2}, (0, 2, 4)), ("lstm", {}, (0, 3)), ("gru", {}, (0, 1, 3)),
+                                           ("rnn", {}, (0, 1))])
+def test_gradgradcheck_sequence_op_some_inputs(cell, kw, which):
+    """Only some inputs need gradients (the create_graph backward computes only those). gx
+    is among them: a gx that needs none is not kept for a double backward (see
+    test_still_raises_where_unsupported)."""
+    args = list(_f64_leaves(make_inputs(cell, 4, 3, 3, **kw)))
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and i not in which:
+            args[i] = a.detach()
+    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+
+    def f(*ts):
+        full = list(args)
+        for i, t in zip(which, ts):
+            full[i] = t
+        return _diff(cell, op(*full))
+    assert torch.autograd.gradgradcheck(f, [args[i] for i in which])
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_gradgradcheck_projection_then_sequence_op(cell):
     """gx = fusedrnn::projection(x, w_ih, b), as in the modules: the second derivatives reach
@@ -180,10 +200,16 @@ def test_gx_is_not_kept_alive():
 
 def test_still_raises_where_unsupported():
     """A sequence op whose gx is neither a leaf nor the projection's output (here gx = 2 * a),
-    and the reference backend: the double backward raises, pointing to backend 'torch.nn'."""
+    or needs no gradient (keeping it for a double backward would cost its memory in every
+    training step), and the reference backend: the double backward raises, pointing to
+    backend 'torch.nn'."""
     args = _f64_leaves(make_inputs("gru", 4, 2, 3))
     y = torch.ops.fusedrnn.gru_forward(args[0] * 2, *args[1:])[0]
     (g,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
+        g.sum().backward()
+    y = torch.ops.fusedrnn.gru_forward(args[0].detach(), *args[1:])[0]
+    (g,) = torch.autograd.grad(y.square().sum(), args[1], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
         g.sum().backward()
     m = fusedrnn.LSTM(3, 4, backend="reference").double()

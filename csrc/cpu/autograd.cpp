@@ -16,6 +16,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <array>
+
 namespace fusedrnn {
 namespace cpu {
 namespace {
@@ -74,26 +76,27 @@ optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t)
 // backward kernels (first derivatives only) are replaced by fusedrnn::recurrence_vjp
 // (fusedrnn/double_backward.py): the layer recomputed by the reference from the op's
 // inputs, its vector-Jacobian product differentiable to any order. Its results, in this
-// order (an empty tensor where an input is absent or needs no gradient):
-enum VjpGrad { kGx, kX, kWih, kB, kH0, kC0, kWhh, kWhr, kBhh };
-using VjpSig = std::vector<Tensor>(c10::string_view, bool, bool, const optional<Tensor>&, const optional<Tensor>&,
+// order (an empty tensor where an input is absent or not in `needs`, same order):
+enum VjpGrad { kGx, kX, kWih, kB, kH0, kC0, kWhh, kWhr, kBhh, kNumGrads };
+using VjpSig = std::vector<Tensor>(c10::string_view, c10::ArrayRef<bool>, bool, bool, const optional<Tensor>&,
+                                   const optional<Tensor>&,
                                    const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
                                    const optional<Tensor>&, const Tensor&, const optional<Tensor>&,
                                    const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
                                    const optional<Tensor>&, const optional<Tensor>&);
 struct VjpArgs {
   const char* cell;
+  std::array<bool, kNumGrads> needs;  // (what the backward was asked for: no other gradient is computed)
   bool relu = false, reverse = false;
   Tensor x, w_ih, b, gx, h0, c0, w_hh, w_hr, b_hh, lengths, grad_y, grad_h_n, grad_c_n;
 };
 std::vector<Tensor> recurrence_vjp(const VjpArgs& a) {
   static const auto op = op_handle<VjpSig>("fusedrnn::recurrence_vjp");
-  return op.call(a.cell, a.relu, a.reverse, opt(a.x), opt(a.w_ih), opt(a.b), opt(a.gx), a.h0, opt(a.c0), a.w_hh,
-                 opt(a.w_hr), opt(a.b_hh), opt(a.lengths), opt(a.grad_y), opt(a.grad_h_n), opt(a.grad_c_n));
-}
-// A gradient for `input` (a saved variable) if it needs one.
-Tensor grad_for(const Tensor& input, const Tensor& g) {
-  return input.defined() && input.requires_grad() ? g : Tensor();
+  auto r = op.call(a.cell, a.needs, a.relu, a.reverse, opt(a.x), opt(a.w_ih), opt(a.b), opt(a.gx), a.h0, opt(a.c0),
+                   a.w_hh, opt(a.w_hr), opt(a.b_hh), opt(a.lengths), opt(a.grad_y), opt(a.grad_h_n), opt(a.grad_c_n));
+  for (int k = 0; k < kNumGrads; ++k)
+    if (!a.needs[k]) r[k] = Tensor();  // (autograd takes no gradient, not even an empty one, for an unneeded input)
+  return r;
 }
 
 // ----------------------------------------------------------------------------- LSTM
@@ -127,12 +130,14 @@ struct LstmCell : torch::autograd::Function<LstmCell> {
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 2, bias);
     if (at::GradMode::is_enabled()) {  // create_graph: one step of the layer's double backward
-      const auto r = recurrence_vjp({"lstm", false, false, s[0].unsqueeze(0), s[3], bias ? s[7].add(s[8]) : Tensor(),
-                                     Tensor(), s[1], s[2], s[4], Tensor(), Tensor(), Tensor(), Tensor(), grads[0],
-                                     grads[1]});
-      const Tensor b = grad_for(bias ? s[7] : Tensor(), r[kB]);
-      return {grad_for(s[0], r[kX].squeeze(0)), grad_for(s[1], r[kH0]), grad_for(s[2], r[kC0]),
-              grad_for(s[3], r[kWih]), grad_for(s[4], r[kWhh]), b, bias ? grad_for(s[8], r[kB]) : Tensor(), Tensor()};
+      const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, c, w_ih, w_hh, b_ih, b_hh
+      const auto r = recurrence_vjp({"lstm",
+                                     {false, need(0), need(3), bias && (need(5) || need(6)), need(1), need(2), need(4),
+                                      false, false},
+                                     false, false, s[0].unsqueeze(0), s[3], bias ? s[7].add(s[8]) : Tensor(), Tensor(),
+                                     s[1], s[2], s[4], Tensor(), Tensor(), Tensor(), Tensor(), grads[0], grads[1]});
+      return {r[kX].defined() ? r[kX].squeeze(0) : Tensor(), r[kH0], r[kC0], r[kWih], r[kWhh],
+              bias && need(5) ? r[kB] : Tensor(), bias && need(6) ? r[kB] : Tensor(), Tensor()};
     }
     auto [gx, gh, gc, gwih, gwhh, gb] = call_backward([&] {
       return op.call(or_zeros(grads[0], s[6]), or_zeros(grads[1], s[6]), s[0], s[1], s[2], s[3], s[4], bias, s[5],
@@ -181,10 +186,13 @@ struct GruCell : torch::autograd::Function<GruCell> {
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 1, bias);
     if (at::GradMode::is_enabled()) {  // create_graph: one step of the layer's double backward
-      const auto r = recurrence_vjp({"gru", false, false, s[0].unsqueeze(0), s[2], s[7], Tensor(), s[1], Tensor(), s[3],
+      const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
+      const auto r = recurrence_vjp({"gru",
+                                     {false, need(0), need(2), bias && need(4), need(1), false, need(3), false,
+                                      bias && need(5)},
+                                     false, false, s[0].unsqueeze(0), s[2], s[7], Tensor(), s[1], Tensor(), s[3],
                                      Tensor(), s[8], Tensor(), Tensor(), grads[0], Tensor()});
-      return {grad_for(s[0], r[kX].squeeze(0)), grad_for(s[1], r[kH0]), grad_for(s[2], r[kWih]),
-              grad_for(s[3], r[kWhh]), grad_for(s[7], r[kB]), grad_for(s[8], r[kBhh]), Tensor()};
+      return {r[kX].defined() ? r[kX].squeeze(0) : Tensor(), r[kH0], r[kWih], r[kWhh], r[kB], r[kBhh], Tensor()};
     }
     auto [gx, gh, gwih, gwhh, gbih, gbhh] = call_backward([&] {
       return op.call(or_zeros(grads[0], s[4]), s[0], s[1], s[2], s[3], bias, s[4], s[5], s[6], n.h, n.x, n.w);
@@ -229,11 +237,14 @@ struct RnnCell : torch::autograd::Function<RnnCell> {
     const Needs n(ctx, 1, bias);
     const bool relu = ctx->saved_data["relu"].toBool();
     if (at::GradMode::is_enabled()) {  // create_graph: one step of the layer's double backward
-      const auto r = recurrence_vjp({"rnn", relu, false, s[0].unsqueeze(0), s[2], bias ? s[5].add(s[6]) : Tensor(),
-                                     Tensor(), s[1], Tensor(), s[3], Tensor(), Tensor(), Tensor(), Tensor(), grads[0],
-                                     Tensor()});
-      return {grad_for(s[0], r[kX].squeeze(0)), grad_for(s[1], r[kH0]), grad_for(s[2], r[kWih]),
-              grad_for(s[3], r[kWhh]), grad_for(s[5], r[kB]), grad_for(s[6], r[kB]), Tensor()};
+      const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
+      const auto r = recurrence_vjp({"rnn",
+                                     {false, need(0), need(2), bias && (need(4) || need(5)), need(1), false, need(3),
+                                      false, false},
+                                     relu, false, s[0].unsqueeze(0), s[2], bias ? s[5].add(s[6]) : Tensor(), Tensor(),
+                                     s[1], Tensor(), s[3], Tensor(), Tensor(), Tensor(), Tensor(), grads[0], Tensor()});
+      return {r[kX].defined() ? r[kX].squeeze(0) : Tensor(), r[kH0], r[kWih], r[kWhh],
+              bias && need(4) ? r[kB] : Tensor(), bias && need(5) ? r[kB] : Tensor(), Tensor()};
     }
     auto [gx, gh, gwih, gwhh, gb] = call_backward([&] {
       return op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], bias, relu, s[4], n.h, n.x, n.w);
@@ -337,9 +348,12 @@ struct LstmSeq : torch::autograd::Function<LstmSeq> {
     const auto s = ctx->get_saved_variables();  // h0, c0, w_hh, w_hr, lengths, y, gates, cells, GxSource
     const bool proj = s[3].defined();
     if (at::GradMode::is_enabled() && (s[8].defined() || s[11].defined())) {
-      const auto r = recurrence_vjp({"lstm", false, ctx->saved_data["reverse"].toBool(), s[8], s[9], s[10], s[11], s[0],
-                                     s[1], s[2], s[3], Tensor(), s[4], grads[0], grads[1], grads[2]});
-      return {r[kGx], grad_for(s[0], r[kH0]), grad_for(s[1], r[kC0]), grad_for(s[2], r[kWhh]), grad_for(s[3], r[kWhr]),
+      const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, c0, w_hh, w_hr
+      const auto r = recurrence_vjp({"lstm",
+                                     {need(0), false, false, false, need(1), need(2), need(3), proj && need(4), false},
+                                     false, ctx->saved_data["reverse"].toBool(), s[8], s[9], s[10], s[11], s[0], s[1],
+                                     s[2], s[3], Tensor(), s[4], grads[0], grads[1], grads[2]});
+      return {r[kGx], r[kH0], r[kC0], r[kWhh], r[kWhr],
               Tensor(), Tensor(), Tensor()};
     }
     auto [ggx, gh0, gc0, gwhh, gwhr] = call_backward([&] {
@@ -392,9 +406,12 @@ struct GruSeq : torch::autograd::Function<GruSeq> {
     const auto s = ctx->get_saved_variables();  // h0, w_hh, b_hh, lengths, y, gates, hn, GxSource
     const bool bias = s[2].defined();
     if (at::GradMode::is_enabled() && (s[7].defined() || s[10].defined())) {
-      const auto r = recurrence_vjp({"gru", false, ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9], s[10], s[0],
+      const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, w_hh, b_hh
+      const auto r = recurrence_vjp({"gru",
+                                     {need(0), false, false, false, need(1), false, need(2), false, bias && need(3)},
+                                     false, ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9], s[10], s[0],
                                      Tensor(), s[1], Tensor(), s[2], s[3], grads[0], grads[1]});
-      return {r[kGx], grad_for(s[0], r[kH0]), grad_for(s[1], r[kWhh]), grad_for(s[2], r[kBhh]), Tensor(), Tensor(),
+      return {r[kGx], r[kH0], r[kWhh], r[kBhh], Tensor(), Tensor(),
               Tensor()};
     }
     auto [ggx, gh0, gwhh, gbhh] = call_backward([&] {
@@ -437,10 +454,11 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
     static const auto op = op_handle<RnnSeqBwdSig>("fusedrnn::rnn_backward");
     const auto s = ctx->get_saved_variables();  // h0, w_hh, lengths, y, GxSource
     if (at::GradMode::is_enabled() && (s[4].defined() || s[7].defined())) {
-      const auto r = recurrence_vjp({"rnn", ctx->saved_data["relu"].toBool(), ctx->saved_data["reverse"].toBool(), s[4],
-                                     s[5], s[6], s[7], s[0], Tensor(), s[1], Tensor(), Tensor(), s[2], grads[0],
-                                     grads[1]});
-      return {r[kGx], grad_for(s[0], r[kH0]), grad_for(s[1], r[kWhh]), Tensor(), Tensor(), Tensor()};
+      const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, w_hh
+      const auto r = recurrence_vjp({"rnn", {need(0), false, false, false, need(1), false, need(2), false, false},
+                                     ctx->saved_data["relu"].toBool(), ctx->saved_data["reverse"].toBool(), s[4], s[5],
+                                     s[6], s[7], s[0], Tensor(), s[1], Tensor(), Tensor(), s[2], grads[0], grads[1]});
+      return {r[kGx], r[kH0], r[kWhh], Tensor(), Tensor(), Tensor()};
     }
     auto [ggx, gh0, gwhh] = call_backward([&] {
       return op.call(grad_or_zeros(grads[0], s[3]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
