@@ -99,10 +99,9 @@ def _no_double_backward(ctx, *grads):
                        "autograd.grad(..., create_graph=True) then backward) is supported only by the cpu "
                        "backend's float32 and float64 modules and ops (fusedrnn/double_backward.py), not by "
                        "this one (another backend, the bfloat16 path, or a sequence op whose gx needs no "
-                       "gradient or is neither fusedrnn::projection's output nor a leaf); for that computation "
-                       "set the module's backend "
-                       "to 'torch.nn' (module.backend = 'torch.nn', or fusedrnn.convert(model, "
-                       "backend='torch.nn')), which runs torch.nn's own forward")
+                       "gradient or is neither fusedrnn::projection's output nor a leaf); for that "
+                       "computation set the module's backend to 'torch.nn' (module.backend = 'torch.nn', or "
+                       "fusedrnn.convert(model, backend='torch.nn')), which runs torch.nn's own forward")
 
 
 def _empty(ref: torch.Tensor) -> torch.Tensor:

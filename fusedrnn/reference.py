@@ -118,7 +118,7 @@ def _stack(rows: list[Tensor], like: Tensor, width: int) -> Tensor:
     than written into a preallocated tensor (and the inputs' rows taken by unbind, not
     x[t]): autograd differentiates this reference (the cpu backend's double backward,
     fusedrnn/double_backward.py), and the backward of each row write or x[t] fills a
-    whole [T, B, width] gradient (O(T^2) work: a GRU penalty step at T=32 took 2.5x as long)."""
+    whole [T, B, width] gradient (O(T^2) work; bench/MEASUREMENTS.md, "Double backward")."""
     return _StackRows.apply(*rows) if rows else like.new_zeros(0, like.shape[1], width)
 
 
