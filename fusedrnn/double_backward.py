@@ -1,6 +1,7 @@
 """Double backward (a gradient of a gradient: autograd.grad(..., create_graph=True), then a
 backward through its result, as in gradient penalties, MAML or Hessian-vector products)
-for the cpu backend's sequence and cell ops.
+for the cpu backend's sequence ops. (Its cell ops recompute torch.nn's own cell in C++
+instead: cell_double_backward in csrc/cpu/autograd.cpp.)
 
 The fused backward kernels compute first derivatives only. When a backward runs with
 create_graph=True, the C++ autograd of the cpu ops (csrc/cpu/autograd.cpp) calls
@@ -32,7 +33,7 @@ SCHEMA = ("(str cell, bool[] needs, bool relu, bool reverse, Tensor? x, Tensor? 
 # The order of recurrence_vjp's results and of its `needs`: the gradient of each input where
 # needed (zeros where the input does not reach the outputs), else an empty tensor. Only the
 # needed ones are computed: a penalty's grad(y, x, create_graph=True) needs no weight gradient.
-GRAD_ORDER = ("gx", "x", "w_ih", "b", "h0", "c0", "w_hh", "w_hr", "b_hh")
+GRAD_ORDER = ("gx", "h0", "c0", "w_hh", "w_hr", "b_hh")
 
 
 def define() -> None:
@@ -64,7 +65,7 @@ def recurrence_vjp(cell: str, needs: list[bool], relu: bool, reverse: bool, x: O
             outs = reference.rnn_forward(gx, h0, w_hh, lengths, reverse, relu)
         grads = (grad_y, grad_h_n, grad_c_n)[:len(outs)]
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        named = dict(zip(GRAD_ORDER, (gx, x, w_ih, b, h0, c0, w_hh, w_hr, b_hh)))
+        named = dict(zip(GRAD_ORDER, (gx, h0, c0, w_hh, w_hr, b_hh)))
         wrt = [k for k, need in zip(GRAD_ORDER, needs) if need and named[k] is not None and named[k].requires_grad]
         got = dict.fromkeys(wrt)
         if pairs and wrt:

@@ -31,6 +31,24 @@ def _diff(cell, outs):
     return outs[:3] if cell == "lstm" else outs[:2]
 
 
+def _check(f, inputs):
+    """The create_graph backward's gradients equal the fused backward's (gradgradcheck alone
+    would pass a wrong recompute: it checks the second derivative against the first as that
+    same backward computes it), then gradgradcheck."""
+    outs = f(*inputs)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    ws = [torch.randn_like(o) for o in outs]
+
+    def loss():
+        got = f(*inputs)
+        return sum((o * w).sum() for o, w in zip(got if isinstance(got, (tuple, list)) else (got,), ws))
+    fused = torch.autograd.grad(loss(), inputs)
+    recomputed = torch.autograd.grad(loss(), inputs, create_graph=True)
+    for a, b in zip(fused, recomputed):
+        torch.testing.assert_close(b, a)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
 SEQ_CASES = [("lstm", {}), ("lstm", {"P": 2}), ("lstm", {"lengths": True, "reverse": True}),
              ("gru", {}), ("gru", {"bias": False, "lengths": True}), ("rnn", {}),
              ("rnn", {"relu": True, "reverse": True})]
@@ -48,7 +66,7 @@ def test_gradgradcheck_sequence_op(cell, kw):
         for i, t in zip(pos, ts):
             full[i] = t
         return _diff(cell, op(*full))
-    assert torch.autograd.gradgradcheck(f, [args[i] for i in pos])
+    _check(f, [args[i] for i in pos])
 
 
 @pytest.mark.parametrize("cell,kw,which", [("lstm", {"P": 2}, (0, 2, 4)), ("lstm", {}, (0, 3)), ("gru", {}, (0, 1, 3)),
@@ -68,7 +86,7 @@ def test_gradgradcheck_sequence_op_some_inputs(cell, kw, which):
         for i, t in zip(which, ts):
             full[i] = t
         return _diff(cell, op(*full))
-    assert torch.autograd.gradgradcheck(f, [args[i] for i in which])
+    _check(f, [args[i] for i in which])
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -86,17 +104,19 @@ def test_gradgradcheck_projection_then_sequence_op(cell):
         full = list(args)
         full[0], full[1], full[wi] = torch.ops.fusedrnn.projection(x, w_ih, b), h0, w_hh
         return _diff(cell, op(*full))
-    assert torch.autograd.gradgradcheck(f, (x, w_ih, b, args[1], args[wi]))
+    _check(f, (x, w_ih, b, args[1], args[wi]))
 
 
 def test_gradgradcheck_projection():
     x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((3, 2, 5), (8, 5), (8,)))
-    assert torch.autograd.gradgradcheck(lambda *t: torch.ops.fusedrnn.projection(*t).sin(), (x, w, b))
+    _check(lambda *t: torch.ops.fusedrnn.projection(*t).sin(), (x, w, b))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "rnn_relu"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradgradcheck_cell_op(cell, bias):
+    """The cell ops' create_graph backward recomputes torch.nn's cell (ATen's lstm_cell etc.)."""
+    cell, relu = cell.split("_")[0], cell.endswith("relu")
     B, I, H = 2, 3, 4
     G = {"lstm": 4, "gru": 3, "rnn": 1}[cell] * H
     shapes = [(B, I), (B, H)] + ([(B, H)] if cell == "lstm" else []) + [(G, I), (G, H)] + ([(G,), (G,)] if bias else [])
@@ -106,9 +126,9 @@ def test_gradgradcheck_cell_op(cell, bias):
 
     def f(*t):
         b = list(t[n + 1:]) if bias else [None, None]
-        out = op(*t[:n + 1], *b, cell != "rnn")  # (the last argument: train, or the RNN's relu)
+        out = op(*t[:n + 1], *b, relu if cell == "rnn" else True)  # (the last argument: train, or the RNN's relu)
         return out[:2] if cell == "lstm" else out[0] if cell == "gru" else out
-    assert torch.autograd.gradgradcheck(f, ts)
+    _check(f, ts)
 
 
 def _penalty(module, x, hx=None, packed_lengths=None):

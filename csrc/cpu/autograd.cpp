@@ -13,6 +13,12 @@
 // is the only TU with the autograd headers. (The backward ops' own autograd, which
 // refuses double backward, is registered in Python.)
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/gru_cell.h>
+#include <ATen/ops/lstm_cell.h>
+#include <ATen/ops/rnn_relu_cell.h>
+#include <ATen/ops/rnn_tanh_cell.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -73,11 +79,13 @@ optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t)
 
 // ----------------------------------------------------------------------------- double backward
 // A backward called with create_graph=True runs with grad mode on. There the fused
-// backward kernels (first derivatives only) are replaced by fusedrnn::recurrence_vjp
-// (fusedrnn/double_backward.py): the layer recomputed by the reference from the op's
-// inputs, its vector-Jacobian product differentiable to any order. Its results, in this
-// order (an empty tensor where an input is absent or not in `needs`, same order):
-enum VjpGrad { kGx, kX, kWih, kB, kH0, kC0, kWhh, kWhr, kBhh, kNumGrads };
+// backward kernels (first derivatives only) are replaced by a recomputation in
+// differentiable ops, differentiated with create_graph (so to any order): for the sequence
+// ops fusedrnn::recurrence_vjp (fusedrnn/double_backward.py: the layer recomputed by the
+// reference), for the cell ops torch.nn's own cell (cell_double_backward below). The
+// former's results, in this order (an empty tensor where an input is absent or not in
+// `needs`, same order):
+enum VjpGrad { kGx, kH0, kC0, kWhh, kWhr, kBhh, kNumGrads };
 using VjpSig = std::vector<Tensor>(c10::string_view, c10::ArrayRef<bool>, bool, bool, const optional<Tensor>&,
                                    const optional<Tensor>&,
                                    const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
@@ -97,6 +105,24 @@ std::vector<Tensor> recurrence_vjp(const VjpArgs& a) {
   for (int k = 0; k < kNumGrads; ++k)
     if (!a.needs[k]) r[k] = Tensor();  // (autograd takes no gradient, not even an empty one, for an unneeded input)
   return r;
+}
+
+// A cell op's create_graph backward: `outs` = torch.nn's cell (ATen's lstm_cell etc.)
+// recomputed from the saved inputs, differentiated for the inputs in `need` (zeros where
+// an input does not reach the outputs; undefined where not needed). In C++ (no Python per
+// step: a cell is called once per step).
+variable_list cell_double_backward(const variable_list& outs, const variable_list& grads, const variable_list& inputs,
+                                   const std::vector<bool>& need) {
+  variable_list o, g, in, res(inputs.size());
+  std::vector<size_t> idx;
+  for (size_t i = 0; i < outs.size(); ++i)
+    if (grads[i].defined()) o.push_back(outs[i]), g.push_back(grads[i]);
+  for (size_t k = 0; k < inputs.size(); ++k)
+    if (need[k]) in.push_back(inputs[k]), idx.push_back(k);
+  if (o.empty() || in.empty()) return res;
+  const auto r = torch::autograd::grad(o, in, g, /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
+  for (size_t j = 0; j < idx.size(); ++j) res[idx[j]] = r[j].defined() ? r[j] : at::zeros_like(in[j]);
+  return res;
 }
 
 // ----------------------------------------------------------------------------- LSTM
@@ -129,15 +155,13 @@ struct LstmCell : torch::autograd::Function<LstmCell> {
     const auto s = ctx->get_saved_variables();
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 2, bias);
-    if (at::GradMode::is_enabled()) {  // create_graph: one step of the layer's double backward
+    if (at::GradMode::is_enabled()) {  // create_graph: see cell_double_backward
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, c, w_ih, w_hh, b_ih, b_hh
-      const auto r = recurrence_vjp({"lstm",
-                                     {false, need(0), need(3), bias && (need(5) || need(6)), need(1), need(2), need(4),
-                                      false, false},
-                                     false, false, s[0].unsqueeze(0), s[3], bias ? s[7].add(s[8]) : Tensor(), Tensor(),
-                                     s[1], s[2], s[4], Tensor(), Tensor(), Tensor(), Tensor(), grads[0], grads[1]});
-      return {r[kX].defined() ? r[kX].squeeze(0) : Tensor(), r[kH0], r[kC0], r[kWih], r[kWhh],
-              bias && need(5) ? r[kB] : Tensor(), bias && need(6) ? r[kB] : Tensor(), Tensor()};
+      const auto [h1, c1] = at::lstm_cell(s[0], {s[1], s[2]}, s[3], s[4], opt(s[7]), opt(s[8]));
+      auto r = cell_double_backward({h1, c1}, {grads[0], grads[1]}, {s[0], s[1], s[2], s[3], s[4], s[7], s[8]},
+                                    {need(0), need(1), need(2), need(3), need(4), bias && need(5), bias && need(6)});
+      r.emplace_back();  // (train)
+      return r;
     }
     auto [gx, gh, gc, gwih, gwhh, gb] = call_backward([&] {
       return op.call(or_zeros(grads[0], s[6]), or_zeros(grads[1], s[6]), s[0], s[1], s[2], s[3], s[4], bias, s[5],
@@ -185,14 +209,13 @@ struct GruCell : torch::autograd::Function<GruCell> {
     const auto s = ctx->get_saved_variables();
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 1, bias);
-    if (at::GradMode::is_enabled()) {  // create_graph: one step of the layer's double backward
+    if (at::GradMode::is_enabled()) {  // create_graph: see cell_double_backward
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
-      const auto r = recurrence_vjp({"gru",
-                                     {false, need(0), need(2), bias && need(4), need(1), false, need(3), false,
-                                      bias && need(5)},
-                                     false, false, s[0].unsqueeze(0), s[2], s[7], Tensor(), s[1], Tensor(), s[3],
-                                     Tensor(), s[8], Tensor(), Tensor(), grads[0], Tensor()});
-      return {r[kX].defined() ? r[kX].squeeze(0) : Tensor(), r[kH0], r[kWih], r[kWhh], r[kB], r[kBhh], Tensor()};
+      const Tensor h1 = at::gru_cell(s[0], s[1], s[2], s[3], opt(s[7]), opt(s[8]));
+      auto r = cell_double_backward({h1}, {grads[0]}, {s[0], s[1], s[2], s[3], s[7], s[8]},
+                                    {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
+      r.emplace_back();  // (train)
+      return r;
     }
     auto [gx, gh, gwih, gwhh, gbih, gbhh] = call_backward([&] {
       return op.call(or_zeros(grads[0], s[4]), s[0], s[1], s[2], s[3], bias, s[4], s[5], s[6], n.h, n.x, n.w);
@@ -236,15 +259,13 @@ struct RnnCell : torch::autograd::Function<RnnCell> {
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 1, bias);
     const bool relu = ctx->saved_data["relu"].toBool();
-    if (at::GradMode::is_enabled()) {  // create_graph: one step of the layer's double backward
+    if (at::GradMode::is_enabled()) {  // create_graph: see cell_double_backward
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
-      const auto r = recurrence_vjp({"rnn",
-                                     {false, need(0), need(2), bias && (need(4) || need(5)), need(1), false, need(3),
-                                      false, false},
-                                     relu, false, s[0].unsqueeze(0), s[2], bias ? s[5].add(s[6]) : Tensor(), Tensor(),
-                                     s[1], Tensor(), s[3], Tensor(), Tensor(), Tensor(), Tensor(), grads[0], Tensor()});
-      return {r[kX].defined() ? r[kX].squeeze(0) : Tensor(), r[kH0], r[kWih], r[kWhh],
-              bias && need(4) ? r[kB] : Tensor(), bias && need(5) ? r[kB] : Tensor(), Tensor()};
+      const Tensor h1 = (relu ? at::rnn_relu_cell : at::rnn_tanh_cell)(s[0], s[1], s[2], s[3], opt(s[5]), opt(s[6]));
+      auto r = cell_double_backward({h1}, {grads[0]}, {s[0], s[1], s[2], s[3], s[5], s[6]},
+                                    {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
+      r.emplace_back();  // (relu)
+      return r;
     }
     auto [gx, gh, gwih, gwhh, gb] = call_backward([&] {
       return op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], bias, relu, s[4], n.h, n.x, n.w);
@@ -350,7 +371,7 @@ struct LstmSeq : torch::autograd::Function<LstmSeq> {
     if (at::GradMode::is_enabled() && (s[8].defined() || s[11].defined())) {
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, c0, w_hh, w_hr
       const auto r = recurrence_vjp({"lstm",
-                                     {need(0), false, false, false, need(1), need(2), need(3), proj && need(4), false},
+                                     {need(0), need(1), need(2), need(3), proj && need(4), false},
                                      false, ctx->saved_data["reverse"].toBool(), s[8], s[9], s[10], s[11], s[0], s[1],
                                      s[2], s[3], Tensor(), s[4], grads[0], grads[1], grads[2]});
       return {r[kGx], r[kH0], r[kC0], r[kWhh], r[kWhr],
@@ -408,7 +429,7 @@ struct GruSeq : torch::autograd::Function<GruSeq> {
     if (at::GradMode::is_enabled() && (s[7].defined() || s[10].defined())) {
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, w_hh, b_hh
       const auto r = recurrence_vjp({"gru",
-                                     {need(0), false, false, false, need(1), false, need(2), false, bias && need(3)},
+                                     {need(0), need(1), false, need(2), false, bias && need(3)},
                                      false, ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9], s[10], s[0],
                                      Tensor(), s[1], Tensor(), s[2], s[3], grads[0], grads[1]});
       return {r[kGx], r[kH0], r[kWhh], r[kBhh], Tensor(), Tensor(),
@@ -455,7 +476,7 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
     const auto s = ctx->get_saved_variables();  // h0, w_hh, lengths, y, GxSource
     if (at::GradMode::is_enabled() && (s[4].defined() || s[7].defined())) {
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, w_hh
-      const auto r = recurrence_vjp({"rnn", {need(0), false, false, false, need(1), false, need(2), false, false},
+      const auto r = recurrence_vjp({"rnn", {need(0), need(1), false, need(2), false, false},
                                      ctx->saved_data["relu"].toBool(), ctx->saved_data["reverse"].toBool(), s[4], s[5],
                                      s[6], s[7], s[0], Tensor(), s[1], Tensor(), Tensor(), s[2], grads[0], grads[1]});
       return {r[kGx], r[kH0], r[kWhh], Tensor(), Tensor(), Tensor()};
