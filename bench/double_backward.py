@@ -1,9 +1,11 @@
 """CPU benchmark of a double backward: a gradient-penalty training step through fusedrnn's
 modules (backend="cpu") against torch.nn's.
 
-    python bench/double_backward.py [--cells lstm,gru,rnn] [--shapes 64x8,256x32] [--seq 32] [--rounds 7]
+    python bench/double_backward.py [--cells lstm,gru,rnn,lstmcell,grucell,rnncell] [--shapes 64x8,256x32]
+                                    [--seq 32] [--rounds 7]
 
-A shape is HIDDENxBATCH (input_size = hidden). One step: y = rnn(x); g = d(sum y^2)/dx with
+A shape is HIDDENxBATCH (input_size = hidden). The cells (lstmcell, ...) run the sequence one
+cell call per step, as step-by-step code does. One step: y = rnn(x); g = d(sum y^2)/dx with
 create_graph=True; then the backward of |g|^2 + sum y into the weights (a gradient of a
 gradient: fusedrnn recomputes each layer with the reference there, fusedrnn/double_backward.py).
 Same weights and inputs for both; interleaved rounds of blocks of steps, median per step.
@@ -23,12 +25,24 @@ import fusedrnn  # noqa: E402
 from bench.cells import time_block  # noqa: E402
 from bench.env import cpu_name  # noqa: E402
 
-CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN", "lstmcell": "LSTMCell", "grucell": "GRUCell",
+           "rnncell": "RNNCell"}
+
+
+def run(model, x):
+    """y [T, B, H]: the module over the sequence, or a cell called once per step."""
+    if not type(model).__name__.endswith("Cell"):
+        return model(x)[0]
+    state, ys = None, []
+    for x_t in x.unbind(0):
+        state = model(x_t, state)
+        ys.append(state[0] if isinstance(state, tuple) else state)
+    return torch.stack(ys)
 
 
 def penalty_step(model, x):
     def step():
-        y = model(x)[0]
+        y = run(model, x)
         (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         (g.square().sum() + y.sum()).backward()
     return step
@@ -58,7 +72,7 @@ def bench(cell: str, H: int, B: int, T: int, rounds: int, block_s: float) -> tup
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cells", default="lstm,gru,rnn")
+    p.add_argument("--cells", default="lstm,gru,rnn,lstmcell,grucell,rnncell")
     p.add_argument("--shapes", default="64x8,128x16,256x32", help="HIDDENxBATCH,...")
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--rounds", type=int, default=7)
@@ -67,12 +81,12 @@ def main():
     print(f"device: {cpu_name()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
           f"torch {torch.__version__}; gradient-penalty step, float32, seq_len {a.seq}, "
           f"median of {a.rounds} interleaved rounds")
-    print(f"{'cell':5s} {'hidden':>6s} {'batch':>5s} {'torch.nn ms':>12s} {'fusedrnn ms':>12s} {'speedup':>8s}")
+    print(f"{'cell':8s} {'hidden':>6s} {'batch':>5s} {'torch.nn ms':>12s} {'fusedrnn ms':>12s} {'speedup':>8s}")
     for cell in a.cells.split(","):
         for shape in a.shapes.split(","):
             H, B = (int(v) for v in shape.lower().split("x"))
             t_ref, t_mine = bench(cell, H, B, a.seq, a.rounds, a.block_ms / 1e3)
-            print(f"{CLASSES[cell]:5s} {H:6d} {B:5d} {t_ref * 1e3:12.2f} {t_mine * 1e3:12.2f} {t_ref / t_mine:7.2f}x",
+            print(f"{CLASSES[cell]:8s} {H:6d} {B:5d} {t_ref * 1e3:12.2f} {t_mine * 1e3:12.2f} {t_ref / t_mine:7.2f}x",
                   flush=True)
 
 

@@ -54,6 +54,13 @@ def recurrence_vjp(cell: str, needs: list[bool], relu: bool, reverse: bool, x: O
     layer: gx = x @ w_ih^T + b (x [T, B, I]) or gx itself, then the reference recurrence of
     `cell` (b_hh: GRU's recurrent bias). Differentiable (create_graph=True)."""
     with torch.enable_grad():
+        # Fresh aliases of the inputs: the nested autograd.grad below then stops at nodes only
+        # this recomputation reaches. On the inputs themselves it would also run every node
+        # upstream that leads to one of their grad_fns (e.g. earlier chunks of a sequence
+        # split from one tensor, carrying the state), each running its own create_graph
+        # recomputation: exponential work.
+        x, w_ih, b, gx, h0, c0, w_hh, w_hr, b_hh = (None if t is None else t.view_as(t) for t in
+                                                    (x, w_ih, b, gx, h0, c0, w_hh, w_hr, b_hh))
         if x is not None:
             # (gx recomputed: a graph from x, w_ih and b, which the second backward follows)
             gx = F.linear(x, w_ih, b)

@@ -145,14 +145,15 @@ def test_cells_script_reports_every_case():
 
 
 def test_double_backward_script_reports_every_case():
-    """bench/double_backward.py (a gradient-penalty step) at tiny sizes: one row per cell and
-    shape, each with positive finite times and a speedup."""
+    """bench/double_backward.py (a gradient-penalty step) at tiny sizes: one row per module
+    (sequence modules and cells) and shape, each with positive finite times and a speedup."""
     proc = subprocess.run([sys.executable, "bench/double_backward.py", "--shapes", "8x2", "--seq", "5",
                            "--rounds", "1", "--block-ms", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.split()[:1] and ln.split()[0] in ("LSTM", "GRU", "RNN")]
-    assert len(rows) == 3, proc.stdout
+    kinds = ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.split()[:1] and ln.split()[0] in kinds]
+    assert len(rows) == 6, proc.stdout
     for r in rows:
         t_ref, t_mine = float(r[3]), float(r[4])
         assert math.isfinite(t_ref) and math.isfinite(t_mine) and t_ref > 0 and t_mine > 0, r

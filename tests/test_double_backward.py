@@ -189,10 +189,14 @@ def test_second_derivative_in_the_weights_matches_torch_nn(kind):
     assert ours.last_backend == "cpu"
 
 
-def _profiled_ops(fn):
+def _events(fn):
     with torch.autograd.profiler.profile() as prof:
         fn()
-    return {e.name for e in prof.function_events}
+    return prof.function_events
+
+
+def _profiled_ops(fn):
+    return {e.name for e in _events(fn)}
 
 
 def test_first_order_backward_does_not_recompute():
@@ -237,3 +241,40 @@ def test_still_raises_where_unsupported():
     (g,) = torch.autograd.grad(m(x)[0].square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("kind,aten_cell", [("LSTMCell", "aten::lstm_cell"), ("GRUCell", "aten::gru_cell"),
+                                            ("RNNCell", "aten::rnn_tanh_cell")])
+def test_cells_over_unbind_recompute_once_per_step(kind, aten_cell):
+    """`for x_t in x` (one UnbindBackward for every step): each step's create_graph backward
+    recomputes its own step only. (On the saved inputs themselves the nested grad ran every
+    earlier step's node again, each with its own nested grad: 2^T recomputations.)"""
+    T = 8
+    m = getattr(fusedrnn, kind)(3, 4, backend="cpu")
+    x = torch.randn(T, 2, 3, requires_grad=True)
+
+    def penalty():
+        state, ys = None, []
+        for x_t in x:
+            state = m(x_t, state)
+            ys.append(state[0] if isinstance(state, tuple) else state)
+        (g,) = torch.autograd.grad(torch.stack(ys).square().sum(), x, create_graph=True)
+        g.square().sum().backward()
+    assert sum(1 for e in _events(penalty) if e.name == aten_cell) == T
+
+
+def test_chunks_carrying_the_state_recompute_once_per_chunk():
+    """Chunks of one tensor, the state carried from chunk to chunk, the weights' gradients
+    asked for (their AccumulateGrad is reached from every chunk): one recurrence_vjp per
+    chunk (see test_cells_over_unbind_recompute_once_per_step)."""
+    m = fusedrnn.GRU(3, 4, backend="cpu")
+    x = torch.randn(24, 2, 3, requires_grad=True)
+
+    def penalty():
+        h, ys = None, []
+        for xc in x.split(3):
+            y, h = m(xc, h)
+            ys.append(y)
+        gs = torch.autograd.grad(torch.cat(ys).square().sum(), [x, *m.parameters()], create_graph=True)
+        sum(g.square().sum() for g in gs).backward()
+    assert sum(1 for e in _events(penalty) if e.name == "fusedrnn::recurrence_vjp") == 8

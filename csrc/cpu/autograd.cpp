@@ -107,12 +107,27 @@ std::vector<Tensor> recurrence_vjp(const VjpArgs& a) {
   return r;
 }
 
-// A cell op's create_graph backward: `outs` = torch.nn's cell (ATen's lstm_cell etc.)
-// recomputed from the saved inputs, differentiated for the inputs in `need` (zeros where
-// an input does not reach the outputs; undefined where not needed). In C++ (no Python per
-// step: a cell is called once per step).
-variable_list cell_double_backward(const variable_list& outs, const variable_list& grads, const variable_list& inputs,
+// Fresh aliases of the inputs of a create_graph backward's recomputation (undefined stays
+// undefined): the nested autograd::grad below then stops at nodes only the recomputation
+// reaches. On the inputs themselves it would also run every node upstream that leads to
+// one of their grad_fns, e.g. the earlier steps of a loop over x.unbind(0) (one
+// UnbindBackward for all x_t; likewise a weight's AccumulateGrad), each of which runs its
+// own nested grad in create_graph mode: 2^T recomputations.
+variable_list aliases(const variable_list& ts) {
+  variable_list a;
+  for (const Tensor& t : ts) a.push_back(t.defined() ? t.view_as(t) : t);
+  return a;
+}
+
+// A cell op's create_graph backward: `cell(inputs)` = torch.nn's cell (ATen's lstm_cell
+// etc.) recomputed from aliases of the saved inputs, differentiated for the inputs in
+// `need` (zeros where an input does not reach the outputs; undefined where not needed). In
+// C++ (no Python per step: a cell is called once per step).
+template <typename Cell>
+variable_list cell_double_backward(const Cell& cell, const variable_list& grads, const variable_list& saved,
                                    const std::vector<bool>& need) {
+  const variable_list inputs = aliases(saved);
+  const variable_list outs = cell(inputs);
   variable_list o, g, in, res(inputs.size());
   std::vector<size_t> idx;
   for (size_t i = 0; i < outs.size(); ++i)
@@ -157,9 +172,13 @@ struct LstmCell : torch::autograd::Function<LstmCell> {
     const Needs n(ctx, 2, bias);
     if (at::GradMode::is_enabled()) {  // create_graph: see cell_double_backward
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, c, w_ih, w_hh, b_ih, b_hh
-      const auto [h1, c1] = at::lstm_cell(s[0], {s[1], s[2]}, s[3], s[4], opt(s[7]), opt(s[8]));
-      auto r = cell_double_backward({h1, c1}, {grads[0], grads[1]}, {s[0], s[1], s[2], s[3], s[4], s[7], s[8]},
-                                    {need(0), need(1), need(2), need(3), need(4), bias && need(5), bias && need(6)});
+      auto r = cell_double_backward(
+          [](const variable_list& a) {
+            const auto [h1, c1] = at::lstm_cell(a[0], {a[1], a[2]}, a[3], a[4], opt(a[5]), opt(a[6]));
+            return variable_list{h1, c1};
+          },
+          {grads[0], grads[1]}, {s[0], s[1], s[2], s[3], s[4], s[7], s[8]},
+          {need(0), need(1), need(2), need(3), need(4), bias && need(5), bias && need(6)});
       r.emplace_back();  // (train)
       return r;
     }
@@ -211,9 +230,10 @@ struct GruCell : torch::autograd::Function<GruCell> {
     const Needs n(ctx, 1, bias);
     if (at::GradMode::is_enabled()) {  // create_graph: see cell_double_backward
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
-      const Tensor h1 = at::gru_cell(s[0], s[1], s[2], s[3], opt(s[7]), opt(s[8]));
-      auto r = cell_double_backward({h1}, {grads[0]}, {s[0], s[1], s[2], s[3], s[7], s[8]},
-                                    {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
+      auto r = cell_double_backward(
+          [](const variable_list& a) { return variable_list{at::gru_cell(a[0], a[1], a[2], a[3], opt(a[4]), opt(a[5]))}; },
+          {grads[0]}, {s[0], s[1], s[2], s[3], s[7], s[8]},
+          {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
       r.emplace_back();  // (train)
       return r;
     }
@@ -261,9 +281,13 @@ struct RnnCell : torch::autograd::Function<RnnCell> {
     const bool relu = ctx->saved_data["relu"].toBool();
     if (at::GradMode::is_enabled()) {  // create_graph: see cell_double_backward
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
-      const Tensor h1 = (relu ? at::rnn_relu_cell : at::rnn_tanh_cell)(s[0], s[1], s[2], s[3], opt(s[5]), opt(s[6]));
-      auto r = cell_double_backward({h1}, {grads[0]}, {s[0], s[1], s[2], s[3], s[5], s[6]},
-                                    {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
+      auto r = cell_double_backward(
+          [relu](const variable_list& a) {
+            return variable_list{(relu ? at::rnn_relu_cell : at::rnn_tanh_cell)(a[0], a[1], a[2], a[3], opt(a[4]),
+                                                                                opt(a[5]))};
+          },
+          {grads[0]}, {s[0], s[1], s[2], s[3], s[5], s[6]},
+          {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
       r.emplace_back();  // (relu)
       return r;
     }
