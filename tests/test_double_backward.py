@@ -31,6 +31,19 @@ def _diff(cell, outs):
     return outs[:3] if cell == "lstm" else outs[:2]
 
 
+def _op_of(cell, args, positions):
+    """`cell`'s forward op as a function of its arguments at `positions` (the others fixed),
+    returning the differentiable results."""
+    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+
+    def f(*ts):
+        full = list(args)
+        for i, t in zip(positions, ts):
+            full[i] = t
+        return _diff(cell, op(*full))
+    return f
+
+
 def _check(f, inputs):
     """The create_graph backward's gradients equal the fused backward's (gradgradcheck alone
     would pass a wrong recompute: it checks the second derivative against the first as that
@@ -58,15 +71,8 @@ SEQ_CASES = [("lstm", {}), ("lstm", {"P": 2}), ("lstm", {"lengths": True, "rever
 def test_gradgradcheck_sequence_op(cell, kw):
     """gx a leaf: the op's create_graph backward differentiates the reference from gx itself."""
     args = _f64_leaves(make_inputs(cell, 4, 3, 3, **kw))
-    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
     pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def f(*ts):
-        full = list(args)
-        for i, t in zip(pos, ts):
-            full[i] = t
-        return _diff(cell, op(*full))
-    _check(f, [args[i] for i in pos])
+    _check(_op_of(cell, args, pos), [args[i] for i in pos])
 
 
 @pytest.mark.parametrize("cell,kw,which", [("lstm", {"P": 2}, (0, 2, 4)), ("lstm", {}, (0, 3)), ("gru", {}, (0, 1, 3)),
@@ -79,14 +85,7 @@ def test_gradgradcheck_sequence_op_some_inputs(cell, kw, which):
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor) and i not in which:
             args[i] = a.detach()
-    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
-
-    def f(*ts):
-        full = list(args)
-        for i, t in zip(which, ts):
-            full[i] = t
-        return _diff(cell, op(*full))
-    _check(f, [args[i] for i in which])
+    _check(_op_of(cell, args, which), [args[i] for i in which])
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -97,14 +96,10 @@ def test_gradgradcheck_projection_then_sequence_op(cell):
     args = _f64_leaves(make_inputs(cell, T, B, H))
     G = args[0].shape[-1]
     x, w_ih, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((T, B, I), (G, I), (G,)))
-    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
     wi = 3 if cell == "lstm" else 2  # (w_hh's position)
-
-    def f(x, w_ih, b, h0, w_hh):
-        full = list(args)
-        full[0], full[1], full[wi] = torch.ops.fusedrnn.projection(x, w_ih, b), h0, w_hh
-        return _diff(cell, op(*full))
-    _check(f, (x, w_ih, b, args[1], args[wi]))
+    op = _op_of(cell, args, (0, 1, wi))
+    _check(lambda x, w_ih, b, h0, w_hh: op(torch.ops.fusedrnn.projection(x, w_ih, b), h0, w_hh),
+           (x, w_ih, b, args[1], args[wi]))
 
 
 def test_gradgradcheck_projection():
