@@ -86,12 +86,10 @@ optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t)
 // former's results, in this order (an empty tensor where an input is absent or not in
 // `needs`, same order):
 enum VjpGrad { kGx, kH0, kC0, kWhh, kWhr, kBhh, kNumGrads };
-using VjpSig = std::vector<Tensor>(c10::string_view, c10::ArrayRef<bool>, bool, bool, const optional<Tensor>&,
-                                   const optional<Tensor>&,
-                                   const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
-                                   const optional<Tensor>&, const Tensor&, const optional<Tensor>&,
-                                   const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-                                   const optional<Tensor>&, const optional<Tensor>&);
+using OptT = const optional<Tensor>&;
+using VjpSig = std::vector<Tensor>(c10::string_view cell, c10::ArrayRef<bool> needs, bool relu, bool reverse,
+                                   OptT x, OptT w_ih, OptT b, OptT gx, const Tensor& h0, OptT c0, const Tensor& w_hh,
+                                   OptT w_hr, OptT b_hh, OptT lengths, OptT grad_y, OptT grad_h_n, OptT grad_c_n);
 struct VjpArgs {
   const char* cell;
   std::array<bool, kNumGrads> needs;  // (what the backward was asked for: no other gradient is computed)
