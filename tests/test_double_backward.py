@@ -238,6 +238,21 @@ def test_still_raises_where_unsupported():
         g.sum().backward()
 
 
+def test_bfloat16_kernels_path_raises():
+    """The bfloat16 kernels' path (bfloat16 modules, and float32 under matmul precision
+    "medium", on AVX512-BF16 CPUs) keeps refusing double backward: its projection is not
+    fusedrnn::projection."""
+    from fusedrnn.backends import native
+    if not native._bf16_recurrence(10):
+        pytest.skip("the bfloat16 kernels do not run on this CPU")
+    m = fusedrnn.GRU(8, 8, backend="cpu").bfloat16()
+    x = torch.randn(10, 2, 8, dtype=torch.bfloat16, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x)[0].float().square().sum(), x, create_graph=True)
+    assert "bfloat16 products" in m.last_backend_reason
+    with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
+        g.float().square().sum().backward()
+
+
 @pytest.mark.parametrize("kind,aten_cell", [("LSTMCell", "aten::lstm_cell"), ("GRUCell", "aten::gru_cell"),
                                             ("RNNCell", "aten::rnn_tanh_cell")])
 def test_cells_over_unbind_recompute_once_per_step(kind, aten_cell):
