@@ -199,9 +199,9 @@ def test_first_order_backward_does_not_recompute():
     m = fusedrnn.GRU(4, 5, backend="cpu")
     x = torch.randn(7, 2, 4, requires_grad=True)
     names = _profiled_ops(lambda: m(x)[0].sum().backward())
-    assert "fusedrnn::gru_backward" in names and "fusedrnn::recurrence_vjp" not in names
+    assert "fusedrnn::gru_backward" in names and "fusedrnn::recurrence_recompute" not in names
     names = _profiled_ops(lambda: torch.autograd.grad(m(x)[0].sum(), x, create_graph=True))
-    assert "fusedrnn::recurrence_vjp" in names and "fusedrnn::gru_backward" not in names
+    assert "fusedrnn::recurrence_recompute" in names and "fusedrnn::gru_backward" not in names
 
 
 def test_gx_is_not_kept_alive():
@@ -275,7 +275,7 @@ def test_cells_over_unbind_recompute_once_per_step(kind, aten_cell):
 
 def test_chunks_carrying_the_state_recompute_once_per_chunk():
     """Chunks of one tensor, the state carried from chunk to chunk, the weights' gradients
-    asked for (their AccumulateGrad is reached from every chunk): one recurrence_vjp per
+    asked for (their AccumulateGrad is reached from every chunk): one recurrence_recompute per
     chunk (see test_cells_over_unbind_recompute_once_per_step)."""
     m = fusedrnn.GRU(3, 4, backend="cpu")
     x = torch.randn(24, 2, 3, requires_grad=True)
@@ -287,4 +287,4 @@ def test_chunks_carrying_the_state_recompute_once_per_chunk():
             ys.append(y)
         gs = torch.autograd.grad(torch.cat(ys).square().sum(), [x, *m.parameters()], create_graph=True)
         sum(g.square().sum() for g in gs).backward()
-    assert sum(1 for e in _events(penalty) if e.name == "fusedrnn::recurrence_vjp") == 8
+    assert sum(1 for e in _events(penalty) if e.name == "fusedrnn::recurrence_recompute") == 8

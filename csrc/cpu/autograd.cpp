@@ -14,6 +14,7 @@
 // refuses double backward, is registered in Python.)
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/gru_cell.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/lstm_cell.h>
 #include <ATen/ops/rnn_relu_cell.h>
 #include <ATen/ops/rnn_tanh_cell.h>
@@ -21,8 +22,6 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
-
-#include <array>
 
 namespace fusedrnn {
 namespace cpu {
@@ -80,62 +79,53 @@ optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t)
 // ----------------------------------------------------------------------------- double backward
 // A backward called with create_graph=True runs with grad mode on. There the fused
 // backward kernels (first derivatives only) are replaced by a recomputation in
-// differentiable ops, differentiated with create_graph (so to any order): for the sequence
-// ops fusedrnn::recurrence_vjp (fusedrnn/double_backward.py: the layer recomputed by the
-// reference), for the cell ops torch.nn's own cell (cell_double_backward below). The
-// former's results, in this order (an empty tensor where an input is absent or not in
-// `needs`, same order):
-enum VjpGrad { kGx, kH0, kC0, kWhh, kWhr, kBhh, kNumGrads };
-using OptT = const optional<Tensor>&;
-using VjpSig = std::vector<Tensor>(c10::string_view cell, c10::ArrayRef<bool> needs, bool relu, bool reverse,
-                                   OptT x, OptT w_ih, OptT b, OptT gx, const Tensor& h0, OptT c0, const Tensor& w_hh,
-                                   OptT w_hr, OptT b_hh, OptT lengths, OptT grad_y, OptT grad_h_n, OptT grad_c_n);
-struct VjpArgs {
-  const char* cell;
-  std::array<bool, kNumGrads> needs;  // (what the backward was asked for: no other gradient is computed)
-  bool relu = false, reverse = false;
-  Tensor x, w_ih, b, gx, h0, c0, w_hh, w_hr, b_hh, lengths, grad_y, grad_h_n, grad_c_n;
-};
-std::vector<Tensor> recurrence_vjp(const VjpArgs& a) {
-  static const auto op = op_handle<VjpSig>("fusedrnn::recurrence_vjp");
-  auto r = op.call(a.cell, a.needs, a.relu, a.reverse, opt(a.x), opt(a.w_ih), opt(a.b), opt(a.gx), a.h0, opt(a.c0),
-                   a.w_hh, opt(a.w_hr), opt(a.b_hh), opt(a.lengths), opt(a.grad_y), opt(a.grad_h_n), opt(a.grad_c_n));
-  for (int k = 0; k < kNumGrads; ++k)
-    if (!a.needs[k]) r[k] = Tensor();  // (autograd takes no gradient, not even an empty one, for an unneeded input)
-  return r;
-}
+// differentiable ops from aliases of the saved inputs, differentiated with create_graph (so
+// to any order; double_backward below): the cell ops recompute torch.nn's own cell
+// (ATen's lstm_cell etc.), the sequence ops the reference recurrence
+// (fusedrnn::recurrence_recompute, fusedrnn/double_backward.py) on gx = x @ w_ih^T + b.
 
-// Fresh aliases of the inputs of a create_graph backward's recomputation (undefined stays
-// undefined): the nested autograd::grad below then stops at nodes only the recomputation
-// reaches. On the inputs themselves it would also run every node upstream that leads to
-// one of their grad_fns, e.g. the earlier steps of a loop over x.unbind(0) (one
-// UnbindBackward for all x_t; likewise a weight's AccumulateGrad), each of which runs its
-// own nested grad in create_graph mode: 2^T recomputations.
+// Fresh aliases of the inputs of a recomputation (undefined stays undefined): the nested
+// autograd::grad below then stops at nodes only the recomputation reaches. On the inputs
+// themselves it would also run every node upstream that leads to one of their grad_fns,
+// e.g. the earlier steps of a loop over x.unbind(0) (one UnbindBackward for all x_t;
+// likewise a weight's AccumulateGrad), each of which runs its own nested grad in
+// create_graph mode: 2^T recomputations.
 variable_list aliases(const variable_list& ts) {
   variable_list a;
   for (const Tensor& t : ts) a.push_back(t.defined() ? t.view_as(t) : t);
   return a;
 }
 
-// A cell op's create_graph backward: `cell(inputs)` = torch.nn's cell (ATen's lstm_cell
-// etc.) recomputed from aliases of the saved inputs, differentiated for the inputs in
-// `need` (zeros where an input does not reach the outputs; undefined where not needed). In
-// C++ (no Python per step: a cell is called once per step).
-template <typename Cell>
-variable_list cell_double_backward(const Cell& cell, const variable_list& grads, const variable_list& saved,
-                                   const std::vector<bool>& need) {
-  const variable_list inputs = aliases(saved);
-  const variable_list outs = cell(inputs);
-  variable_list o, g, in, res(inputs.size());
+// The gradients of sum_i <grads[i], outs[i]> for the tensors `wrt` in `need`, with
+// create_graph (zeros where one does not reach the outputs; undefined where not needed:
+// autograd takes no gradient, not even an empty one, for an input that needs none).
+variable_list double_backward(const variable_list& outs, const variable_list& grads, const variable_list& wrt,
+                              const std::vector<bool>& need) {
+  variable_list o, g, in, res(wrt.size());
   std::vector<size_t> idx;
   for (size_t i = 0; i < outs.size(); ++i)
     if (grads[i].defined()) o.push_back(outs[i]), g.push_back(grads[i]);
-  for (size_t k = 0; k < inputs.size(); ++k)
-    if (need[k]) in.push_back(inputs[k]), idx.push_back(k);
+  for (size_t k = 0; k < wrt.size(); ++k)
+    if (need[k]) in.push_back(wrt[k]), idx.push_back(k);
   if (o.empty() || in.empty()) return res;
   const auto r = torch::autograd::grad(o, in, g, /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
   for (size_t j = 0; j < idx.size(); ++j) res[idx[j]] = r[j].defined() ? r[j] : at::zeros_like(in[j]);
   return res;
+}
+
+// A sequence op's recomputation from the aliases `a` of {x, w_ih, b, gx, h0, c0, w_hh,
+// w_hr, b_hh} (GxSource's and the op's inputs; absent ones undefined): gx = x @ w_ih^T + b
+// (or gx itself, a leaf), then the reference recurrence. Returns {y, h_n[, c_n]} and, in
+// `gx_out`, the recomputed gx (the op's own input, whose gradient the op returns).
+using RecomputeSig = std::vector<Tensor>(c10::string_view cell, bool relu, bool reverse, const Tensor& gx,
+                                         const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_hh,
+                                         const optional<Tensor>& w_hr, const optional<Tensor>& b_hh,
+                                         const optional<Tensor>& lengths);
+variable_list recompute_sequence(const char* cell, bool relu, bool reverse, const variable_list& a,
+                                 const Tensor& lengths, Tensor& gx_out) {
+  static const auto op = op_handle<RecomputeSig>("fusedrnn::recurrence_recompute");
+  gx_out = a[0].defined() ? at::linear(a[0], a[1], opt(a[2])) : a[3];
+  return op.call(cell, relu, reverse, gx_out, a[4], opt(a[5]), a[6], opt(a[7]), opt(a[8]), opt(lengths));
 }
 
 // ----------------------------------------------------------------------------- LSTM
@@ -168,15 +158,12 @@ struct LstmCell : torch::autograd::Function<LstmCell> {
     const auto s = ctx->get_saved_variables();
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 2, bias);
-    if (at::GradMode::is_enabled()) {  // create_graph: see cell_double_backward
+    if (at::GradMode::is_enabled()) {  // create_graph: see double_backward
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, c, w_ih, w_hh, b_ih, b_hh
-      auto r = cell_double_backward(
-          [](const variable_list& a) {
-            const auto [h1, c1] = at::lstm_cell(a[0], {a[1], a[2]}, a[3], a[4], opt(a[5]), opt(a[6]));
-            return variable_list{h1, c1};
-          },
-          {grads[0], grads[1]}, {s[0], s[1], s[2], s[3], s[4], s[7], s[8]},
-          {need(0), need(1), need(2), need(3), need(4), bias && need(5), bias && need(6)});
+      const variable_list a = aliases({s[0], s[1], s[2], s[3], s[4], s[7], s[8]});
+      const auto [h1, c1] = at::lstm_cell(a[0], {a[1], a[2]}, a[3], a[4], opt(a[5]), opt(a[6]));
+      auto r = double_backward({h1, c1}, {grads[0], grads[1]}, a,
+                               {need(0), need(1), need(2), need(3), need(4), bias && need(5), bias && need(6)});
       r.emplace_back();  // (train)
       return r;
     }
@@ -226,12 +213,11 @@ struct GruCell : torch::autograd::Function<GruCell> {
     const auto s = ctx->get_saved_variables();
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 1, bias);
-    if (at::GradMode::is_enabled()) {  // create_graph: see cell_double_backward
+    if (at::GradMode::is_enabled()) {  // create_graph: see double_backward
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
-      auto r = cell_double_backward(
-          [](const variable_list& a) { return variable_list{at::gru_cell(a[0], a[1], a[2], a[3], opt(a[4]), opt(a[5]))}; },
-          {grads[0]}, {s[0], s[1], s[2], s[3], s[7], s[8]},
-          {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
+      const variable_list a = aliases({s[0], s[1], s[2], s[3], s[7], s[8]});
+      auto r = double_backward({at::gru_cell(a[0], a[1], a[2], a[3], opt(a[4]), opt(a[5]))}, {grads[0]}, a,
+                               {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
       r.emplace_back();  // (train)
       return r;
     }
@@ -277,15 +263,12 @@ struct RnnCell : torch::autograd::Function<RnnCell> {
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 1, bias);
     const bool relu = ctx->saved_data["relu"].toBool();
-    if (at::GradMode::is_enabled()) {  // create_graph: see cell_double_backward
+    if (at::GradMode::is_enabled()) {  // create_graph: see double_backward
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
-      auto r = cell_double_backward(
-          [relu](const variable_list& a) {
-            return variable_list{(relu ? at::rnn_relu_cell : at::rnn_tanh_cell)(a[0], a[1], a[2], a[3], opt(a[4]),
-                                                                                opt(a[5]))};
-          },
-          {grads[0]}, {s[0], s[1], s[2], s[3], s[5], s[6]},
-          {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
+      const variable_list a = aliases({s[0], s[1], s[2], s[3], s[5], s[6]});
+      const Tensor h1 = (relu ? at::rnn_relu_cell : at::rnn_tanh_cell)(a[0], a[1], a[2], a[3], opt(a[4]), opt(a[5]));
+      auto r = double_backward({h1}, {grads[0]}, a,
+                               {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
       r.emplace_back();  // (relu)
       return r;
     }
@@ -392,12 +375,13 @@ struct LstmSeq : torch::autograd::Function<LstmSeq> {
     const bool proj = s[3].defined();
     if (at::GradMode::is_enabled() && (s[8].defined() || s[11].defined())) {
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, c0, w_hh, w_hr
-      const auto r = recurrence_vjp({"lstm",
-                                     {need(0), need(1), need(2), need(3), proj && need(4), false},
-                                     false, ctx->saved_data["reverse"].toBool(), s[8], s[9], s[10], s[11], s[0], s[1],
-                                     s[2], s[3], Tensor(), s[4], grads[0], grads[1], grads[2]});
-      return {r[kGx], r[kH0], r[kC0], r[kWhh], r[kWhr],
-              Tensor(), Tensor(), Tensor()};
+      const variable_list a = aliases({s[8], s[9], s[10], s[11], s[0], s[1], s[2], s[3], Tensor()});
+      Tensor gx;
+      const auto outs = recompute_sequence("lstm", false, ctx->saved_data["reverse"].toBool(), a, s[4], gx);
+      auto r = double_backward(outs, {grads[0], grads[1], grads[2]}, {gx, a[4], a[5], a[6], a[7]},
+                               {need(0), need(1), need(2), need(3), proj && need(4)});
+      r.resize(8);  // (lengths, reverse, train)
+      return r;
     }
     auto [ggx, gh0, gc0, gwhh, gwhr] = call_backward([&] {
       return op.call(grad_or_zeros(grads[0], s[5]), grad_or_zeros(grads[1], s[0]), grad_or_zeros(grads[2], s[1]),
@@ -450,12 +434,13 @@ struct GruSeq : torch::autograd::Function<GruSeq> {
     const bool bias = s[2].defined();
     if (at::GradMode::is_enabled() && (s[7].defined() || s[10].defined())) {
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, w_hh, b_hh
-      const auto r = recurrence_vjp({"gru",
-                                     {need(0), need(1), false, need(2), false, bias && need(3)},
-                                     false, ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9], s[10], s[0],
-                                     Tensor(), s[1], Tensor(), s[2], s[3], grads[0], grads[1]});
-      return {r[kGx], r[kH0], r[kWhh], r[kBhh], Tensor(), Tensor(),
-              Tensor()};
+      const variable_list a = aliases({s[7], s[8], s[9], s[10], s[0], Tensor(), s[1], Tensor(), s[2]});
+      Tensor gx;
+      const auto outs = recompute_sequence("gru", false, ctx->saved_data["reverse"].toBool(), a, s[3], gx);
+      auto r = double_backward(outs, {grads[0], grads[1]}, {gx, a[4], a[6], a[8]},
+                               {need(0), need(1), need(2), bias && need(3)});
+      r.resize(7);  // (lengths, reverse, train)
+      return r;
     }
     auto [ggx, gh0, gwhh, gbhh] = call_backward([&] {
       return op.call(grad_or_zeros(grads[0], s[4]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
@@ -498,10 +483,13 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
     const auto s = ctx->get_saved_variables();  // h0, w_hh, lengths, y, GxSource
     if (at::GradMode::is_enabled() && (s[4].defined() || s[7].defined())) {
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, w_hh
-      const auto r = recurrence_vjp({"rnn", {need(0), need(1), false, need(2), false, false},
-                                     ctx->saved_data["relu"].toBool(), ctx->saved_data["reverse"].toBool(), s[4], s[5],
-                                     s[6], s[7], s[0], Tensor(), s[1], Tensor(), Tensor(), s[2], grads[0], grads[1]});
-      return {r[kGx], r[kH0], r[kWhh], Tensor(), Tensor(), Tensor()};
+      const variable_list a = aliases({s[4], s[5], s[6], s[7], s[0], Tensor(), s[1], Tensor(), Tensor()});
+      Tensor gx;
+      const auto outs = recompute_sequence("rnn", ctx->saved_data["relu"].toBool(),
+                                           ctx->saved_data["reverse"].toBool(), a, s[2], gx);
+      auto r = double_backward(outs, {grads[0], grads[1]}, {gx, a[4], a[6]}, {need(0), need(1), need(2)});
+      r.resize(6);  // (lengths, reverse, relu)
+      return r;
     }
     auto [ggx, gh0, gwhh] = call_backward([&] {
       return op.call(grad_or_zeros(grads[0], s[3]), grad_or_zeros(grads[1], s[0]), s[0], s[1], opt(s[2]),
