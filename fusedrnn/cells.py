@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import Proxy
 
@@ -17,6 +16,7 @@ from . import autocast as AC
 from . import validation as V
 from .backends import Call, select, torch_nn_faster_low_precision, torch_nn_instead_of_reference
 from .modules import BackendChoice, below_autograd_if_no_grad, records_grad
+from .projection import input_projection
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable
@@ -93,10 +93,11 @@ class _FusedCellBase(BackendChoice):
 
     def _sequence_op_step(self, fwd, x, hs, w_ih, w_hh, b_ih, b_hh):
         """The input projection, then the backend's sequence op with T = 1."""
+        x = x.unsqueeze(0)  # (projected as [1, B, I]: the op's double backward finds gx's source, projection.py)
         if self._cell == "gru":
-            gx = F.linear(x, w_ih, b_ih).unsqueeze(0)
+            gx = input_projection(x, w_ih, b_ih)
             return [fwd(gx, hs[0], w_hh, b_hh, None, False, records_grad(gx, hs[0], w_hh, b_hh))[1]]
-        gx = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh).unsqueeze(0)
+        gx = input_projection(x, w_ih, None if b_ih is None else b_ih + b_hh)
         if self._cell == "lstm":
             train = records_grad(gx, hs[0], hs[1], w_hh)
             return list(fwd(gx, hs[0], hs[1], w_hh, None, None, False, train)[1:3])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from . import double_backward as DB
 from .reference import compute_dtype
 from .schema import CELLS, SCHEMAS, SUFFIX, op_name
 
@@ -96,11 +97,13 @@ def _no_setup(ctx, inputs, output):
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("fusedrnn: double backward (a gradient of a gradient through an RNN, e.g. "
-                       "autograd.grad(..., create_graph=True) then backward) is supported only by the cpu "
-                       "backend's float32 and float64 modules and ops (fusedrnn/double_backward.py), not by "
-                       "this one (another backend, the bfloat16 path, or a sequence op whose gx needs no "
-                       "gradient or is neither fusedrnn::projection's output nor a leaf); for that "
-                       "computation set the module's backend to 'torch.nn' (module.backend = 'torch.nn', or "
+                       "autograd.grad(..., create_graph=True) then backward) is not supported here: it needs a "
+                       "recomputation of the layer from its input projection's inputs or from gx itself "
+                       "(fusedrnn/double_backward.py), and this call has neither: the bfloat16 kernels' path, "
+                       "a layer whose input, w_ih and biases all need no gradient, a layer run under "
+                       "torch.jit.trace or torch.compile, or a sequence op called with a gx that is "
+                       "neither a leaf nor fusedrnn's input projection's output; for that computation set the "
+                       "module's backend to 'torch.nn' (module.backend = 'torch.nn', or "
                        "fusedrnn.convert(model, backend='torch.nn')), which runs torch.nn's own forward")
 
 
@@ -162,14 +165,19 @@ def _check_trained(ctx, op: str) -> None:
 def _lstm_setup(ctx, inputs, output):
     gx, h0, c0, w_hh, w_hr, lengths, reverse, train = inputs  # (torch.library fills in defaults)
     y, _, _, gates, cells = output
-    ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, y, gates, cells)
+    ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, y, gates, cells, *DB.gx_source(gx))
     ctx.reverse, ctx.train = reverse, train
     _setup_outputs(ctx, gates, cells)
 
 
 def _lstm_backward(ctx, bwd_op, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     _check_trained(ctx, "lstm_forward")
-    h0, c0, w_hh, w_hr, lengths, y, gates, cells = ctx.saved_tensors
+    h0, c0, w_hh, w_hr, lengths, y, gates, cells, *src = ctx.saved_tensors
+    if torch.is_grad_enabled() and DB.has_source(src):  # create_graph (fusedrnn/double_backward.py)
+        n = ctx.needs_input_grad
+        g = DB.sequence_grads("lstm", False, ctx.reverse, src, (h0, c0, w_hh, w_hr, None), lengths,
+                              (grad_y, grad_h_n, grad_c_n), (*n[:5], False))
+        return (*g[:5], None, None, None)
     grad_y, grad_h_n, grad_c_n = (_grad_or_zeros(g, like) for g, like in
                                   ((grad_y, y), (grad_h_n, h0), (grad_c_n, c0)))
     g_gx, g_h0, g_c0, g_whh, g_whr = bwd_op(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
@@ -180,14 +188,19 @@ def _lstm_backward(ctx, bwd_op, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_c
 def _gru_setup(ctx, inputs, output):
     gx, h0, w_hh, b_hh, lengths, reverse, train = inputs
     y, _, gates, hn = output
-    ctx.save_for_backward(h0, w_hh, b_hh, lengths, y, gates, hn)
+    ctx.save_for_backward(h0, w_hh, b_hh, lengths, y, gates, hn, *DB.gx_source(gx))
     ctx.reverse, ctx.train = reverse, train
     _setup_outputs(ctx, gates, hn)
 
 
 def _gru_backward(ctx, bwd_op, grad_y, grad_h_n, _grad_gates, _grad_hn):
     _check_trained(ctx, "gru_forward")
-    h0, w_hh, b_hh, lengths, y, gates, hn = ctx.saved_tensors
+    h0, w_hh, b_hh, lengths, y, gates, hn, *src = ctx.saved_tensors
+    if torch.is_grad_enabled() and DB.has_source(src):
+        n = ctx.needs_input_grad
+        g = DB.sequence_grads("gru", False, ctx.reverse, src, (h0, None, w_hh, None, b_hh), lengths,
+                              (grad_y, grad_h_n), (n[0], n[1], False, n[2], False, n[3]))
+        return g[0], g[1], g[3], g[5], None, None, None
     grad_y, grad_h_n = _grad_or_zeros(grad_y, y), _grad_or_zeros(grad_h_n, h0)
     g_gx, g_h0, g_whh, g_bhh = bwd_op(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, ctx.reverse, y, gates, hn)
     return g_gx, g_h0, g_whh, (g_bhh if b_hh is not None else None), None, None, None
@@ -196,13 +209,18 @@ def _gru_backward(ctx, bwd_op, grad_y, grad_h_n, _grad_gates, _grad_hn):
 def _rnn_setup(ctx, inputs, output):
     gx, h0, w_hh, lengths, reverse, relu = inputs
     y, _ = output
-    ctx.save_for_backward(h0, w_hh, lengths, y)
+    ctx.save_for_backward(h0, w_hh, lengths, y, *DB.gx_source(gx))
     ctx.reverse, ctx.relu = reverse, relu
     _setup_outputs(ctx)
 
 
 def _rnn_backward(ctx, bwd_op, grad_y, grad_h_n):
-    h0, w_hh, lengths, y = ctx.saved_tensors
+    h0, w_hh, lengths, y, *src = ctx.saved_tensors
+    if torch.is_grad_enabled() and DB.has_source(src):
+        n = ctx.needs_input_grad
+        g = DB.sequence_grads("rnn", ctx.relu, ctx.reverse, src, (h0, None, w_hh, None, None), lengths,
+                              (grad_y, grad_h_n), (n[0], n[1], False, n[2], False, False))
+        return g[0], g[1], g[3], None, None, None
     grad_y, grad_h_n = _grad_or_zeros(grad_y, y), _grad_or_zeros(grad_h_n, h0)
     g_gx, g_h0, g_whh = bwd_op(grad_y, grad_h_n, h0, w_hh, lengths, ctx.reverse, ctx.relu, y)
     return g_gx, g_h0, g_whh, None, None, None

@@ -1,8 +1,11 @@
-"""Double backward on the cpu backend (fusedrnn/double_backward.py): a backward with
-create_graph=True recomputes the layer with the reference, so its result can be
-differentiated again. Checked with gradgradcheck in float64 at op level (gx a leaf, gx
-from fusedrnn::projection, the cell ops) and against torch.nn at module level (gradient
-penalties, second derivatives in the weights); where it is not supported it still raises."""
+"""Double backward (fusedrnn/double_backward.py): a backward with create_graph=True
+recomputes the layer with the reference, so its result can be differentiated again. On the
+cpu backend (C++ autograd): gradgradcheck in float64 at op level (gx a leaf, gx from
+fusedrnn::projection, the cell ops) and against torch.nn at module level (gradient
+penalties, second derivatives in the weights). On the backends whose ops have Python
+autograd (reference, Triton under the interpreter, CUDA kernels under emulation): the same
+at op level (gradgradcheck where float64 runs, else the reference backend's second
+derivatives) and against torch.nn at module level. Where it is not supported it still raises."""
 import weakref
 
 import pytest
@@ -13,13 +16,24 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from op_harness import backend_or_skip, make_inputs
 
 import fusedrnn
+from fusedrnn import double_backward
+from fusedrnn.backends import registry
+from fusedrnn.projection import Linear
 
-pytestmark = pytest.mark.usefixtures("_cpu_backend")
+# The backends whose ops have Python autograd (fusedrnn/ops.py), as run on CPU tensors here.
+PYTHON_AUTOGRAD = [pytest.param("reference"), pytest.param("triton", marks=pytest.mark.interpreter),
+                   pytest.param("emulated", marks=pytest.mark.emulated)]
 
 
-@pytest.fixture
-def _cpu_backend():
-    backend_or_skip("cpu")
+@pytest.fixture(autouse=True)
+def _backend_available(request):
+    """The test's `backend` parameter (the cpu backend where it has none), or a skip."""
+    callspec = getattr(request.node, "callspec", None)
+    backend_or_skip(callspec.params.get("backend", "cpu") if callspec else "cpu")
+
+
+def _dtype(backend):
+    return torch.float64 if backend in ("cpu", "reference") else torch.float32
 
 
 def _f64_leaves(args):
@@ -31,10 +45,10 @@ def _diff(cell, outs):
     return outs[:3] if cell == "lstm" else outs[:2]
 
 
-def _op_of(cell, args, positions):
-    """`cell`'s forward op as a function of its arguments at `positions` (the others fixed),
-    returning the differentiable results."""
-    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+def _op_of(cell, args, positions, backend="cpu"):
+    """`cell`'s forward op of `backend` as a function of its arguments at `positions` (the
+    others fixed), returning the differentiable results."""
+    op = registry()[backend].op(cell, "forward")
 
     def f(*ts):
         full = list(args)
@@ -220,8 +234,7 @@ def test_gx_is_not_kept_alive():
 def test_still_raises_where_unsupported():
     """A sequence op whose gx is neither a leaf nor the projection's output (here gx = 2 * a),
     or needs no gradient (keeping it for a double backward would cost its memory in every
-    training step), and the reference backend: the double backward raises, pointing to
-    backend 'torch.nn'."""
+    training step): the double backward raises, pointing to backend 'torch.nn'."""
     args = _f64_leaves(make_inputs("gru", 4, 2, 3))
     y = torch.ops.fusedrnn.gru_forward(args[0] * 2, *args[1:])[0]
     (g,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
@@ -229,11 +242,6 @@ def test_still_raises_where_unsupported():
         g.sum().backward()
     y = torch.ops.fusedrnn.gru_forward(args[0].detach(), *args[1:])[0]
     (g,) = torch.autograd.grad(y.square().sum(), args[1], create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
-        g.sum().backward()
-    m = fusedrnn.LSTM(3, 4, backend="reference").double()
-    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(m(x)[0].square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
         g.sum().backward()
 
@@ -288,3 +296,193 @@ def test_chunks_carrying_the_state_recompute_once_per_chunk():
         gs = torch.autograd.grad(torch.cat(ys).square().sum(), [x, *m.parameters()], create_graph=True)
         sum(g.square().sum() for g in gs).backward()
     assert sum(1 for e in _events(penalty) if e.name == "fusedrnn::recurrence_recompute") == 8
+
+
+# ----------------------------------------------------------------------------- Python autograd
+# The ops of the reference, Triton, CUDA and emulated backends (fusedrnn/ops.py), and their
+# modules, whose input projection is projection.Linear.
+def _hvp(f, inputs, vs, ws):
+    """The second derivatives as a Hessian-vector product: d/d inputs of <d<f, ws>/d inputs, vs>."""
+    outs = f(*inputs)
+    (gs) = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, ws)), inputs, create_graph=True)
+    return torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vs)), inputs, allow_unused=True)
+
+
+def _check_python_autograd(backend, cell, args, positions):
+    """gradgradcheck where the backend runs float64; else the create_graph gradients equal
+    the fused backward's and the second derivatives equal the reference backend's."""
+    inputs = [args[i] for i in positions]
+    if _dtype(backend) == torch.float64:
+        return _check(_op_of(cell, args, positions, backend), inputs)
+    f, f_ref = _op_of(cell, args, positions, backend), _op_of(cell, args, positions, "reference")
+    ws = [torch.randn_like(o) for o in f(*inputs)]
+    vs = [torch.randn_like(t) for t in inputs]
+    fused = torch.autograd.grad(sum((o * w).sum() for o, w in zip(f(*inputs), ws)), inputs)
+    recomputed = torch.autograd.grad(sum((o * w).sum() for o, w in zip(f(*inputs), ws)), inputs, create_graph=True)
+    for a, b in zip(fused, recomputed):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+    for a, b in zip(_hvp(f, inputs, vs, ws), _hvp(f_ref, inputs, vs, ws)):
+        assert a is not None
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def _leaves(args, dtype):
+    return tuple(a.to(dtype).requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
+@pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
+@pytest.mark.parametrize("cell,kw", SEQ_CASES, ids=[f"{c}-{'-'.join(k) or 'plain'}" for c, k in SEQ_CASES])
+def test_python_autograd_sequence_op(backend, cell, kw):
+    """gx a leaf: the create_graph backward recomputes the reference from gx itself."""
+    args = _leaves(make_inputs(cell, 4, 3, 3, **kw), _dtype(backend))
+    _check_python_autograd(backend, cell, args, [i for i, a in enumerate(args)
+                                                 if isinstance(a, torch.Tensor) and a.requires_grad])
+
+
+@pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
+@pytest.mark.parametrize("cell,kw,which", [("lstm", {"P": 2}, (0, 2, 4)), ("gru", {}, (0, 1, 3)), ("rnn", {}, (0, 2))])
+def test_python_autograd_sequence_op_some_inputs(backend, cell, kw, which):
+    args = list(_leaves(make_inputs(cell, 4, 3, 3, **kw), _dtype(backend)))
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and i not in which:
+            args[i] = a.detach()
+    _check_python_autograd(backend, cell, args, which)
+
+
+@pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_python_autograd_projection_then_sequence_op(backend, cell):
+    """gx = projection.Linear(x, w_ih, b), as in these backends' modules: the second
+    derivatives reach x, w_ih and b through the recomputed projection."""
+    T, B, I, H = 4, 2, 3, 3
+    dtype = _dtype(backend)
+    args = _leaves(make_inputs(cell, T, B, H), dtype)
+    G = args[0].shape[-1]
+    wi = 3 if cell == "lstm" else 2  # (w_hh's position)
+    x, w_ih, b = (torch.randn(*s, dtype=dtype, requires_grad=True) for s in ((T, B, I), (G, I), (G,)))
+    full = (x, w_ih, b, args[1], args[wi])
+    op = _op_of(cell, args, (0, 1, wi), backend)
+    f = lambda x, w_ih, b, h0, w_hh: op(Linear.apply(x, w_ih, b), h0, w_hh)  # noqa: E731
+    if dtype == torch.float64:
+        return _check(f, full)
+    ref = _op_of(cell, args, (0, 1, wi), "reference")
+    f_ref = lambda x, w_ih, b, h0, w_hh: ref(Linear.apply(x, w_ih, b), h0, w_hh)  # noqa: E731
+    ws = [torch.randn_like(o) for o in f(*full)]
+    vs = [torch.randn_like(t) for t in full]
+    for a, b in zip(_hvp(f, full, vs, ws), _hvp(f_ref, full, vs, ws)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_gradgradcheck_linear():
+    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((3, 2, 5), (8, 5), (8,)))
+    assert torch.autograd.gradgradcheck(lambda *t: Linear.apply(*t).sin(), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w: Linear.apply(x, w, None).sin(), (x, w))
+
+
+@pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
+@pytest.mark.parametrize("kind,kw", MODULE_CASES, ids=[f"{k}-{'-'.join(kw) or 'plain'}" for k, kw in MODULE_CASES])
+def test_python_autograd_gradient_penalty_matches_torch_nn(backend, kind, kw):
+    dtype = _dtype(backend)
+    ours = getattr(fusedrnn, kind)(4, 6, backend=backend, **kw).to(dtype)
+    ref = getattr(nn, kind)(4, 6, **kw).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    shape = (3, 4) if kind.endswith("Cell") else (3, 7, 4) if kw.get("batch_first") else (7, 3, 4)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    for a, b in zip(_penalty(ours, x), _penalty(ref, x)):
+        torch.testing.assert_close(a, b, **tol)
+    assert ours.last_backend == backend
+
+
+@pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
+def test_python_autograd_packed_with_hx_and_weight_second_derivatives(backend):
+    """A PackedSequence with hx, and (as in MAML) the weights' second derivatives."""
+    dtype = _dtype(backend)
+    ours = fusedrnn.LSTM(4, 5, backend=backend).to(dtype)
+    ref = nn.LSTM(4, 5).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(8, 3, 4, dtype=dtype, requires_grad=True)
+    hx = (torch.randn(1, 3, 5, dtype=dtype), torch.randn(1, 3, 5, dtype=dtype))
+    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    for a, b in zip(_penalty(ours, x, hx, torch.tensor([8, 3, 5])), _penalty(ref, x, hx, torch.tensor([8, 3, 5]))):
+        torch.testing.assert_close(a, b, **tol)
+    results = []
+    for m in (ours, ref):
+        g = torch.autograd.grad(m(x.detach())[0].tanh().sum(), list(m.parameters()), create_graph=True)
+        results.append(torch.autograd.grad(sum(t.square().sum() for t in g), list(m.parameters())))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def _count_recomputes(monkeypatch):
+    calls = []
+    real = double_backward.recurrence_recompute
+    monkeypatch.setattr(double_backward, "recurrence_recompute", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_python_autograd_recomputes_only_with_create_graph(backend, monkeypatch):
+    """Without create_graph the backward op runs; only create_graph recomputes, once per
+    layer, also for cells over x.unbind(0) (once per step: the nested grad runs on aliases,
+    see csrc/cpu/autograd.cpp) and for chunks carrying the state."""
+    calls = _count_recomputes(monkeypatch)
+    m = fusedrnn.GRU(4, 5, backend=backend)
+    x = torch.randn(7, 2, 4, requires_grad=True)
+    m(x)[0].sum().backward()
+    assert not calls
+    torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)
+    assert len(calls) == 1
+    cell, T = fusedrnn.LSTMCell(3, 4, backend=backend), 6
+    x = torch.randn(T, 2, 3, requires_grad=True)
+    calls.clear()
+    state, ys = None, []
+    for x_t in x:
+        state = cell(x_t, state)
+        ys.append(state[0])
+    (g,) = torch.autograd.grad(torch.stack(ys).square().sum(), x, create_graph=True)
+    g.square().sum().backward()
+    assert len(calls) == T
+    calls.clear()
+    h, ys = None, []
+    for xc in torch.randn(12, 2, 4, requires_grad=True).split(3):
+        y, h = m(xc, h)
+        ys.append(y)
+    gs = torch.autograd.grad(torch.cat(ys).square().sum(), list(m.parameters()), create_graph=True)
+    sum(g.square().sum() for g in gs).backward()
+    assert len(calls) == 4
+
+
+def test_python_autograd_keeps_the_projections_inputs_not_gx():
+    be = registry()["reference"]
+    x, w, b = (torch.randn(*s, requires_grad=True) for s in ((5, 2, 3), (12, 3), (12,)))
+    gx = Linear.apply(x, w, b)
+    ref = weakref.ref(gx)
+    y = be.op("lstm", "forward")(gx, torch.randn(2, 3), torch.randn(2, 3), torch.randn(12, 3), None, None, False,
+                                 True)[0]
+    del gx
+    assert ref() is None
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    g.square().sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
+def test_python_autograd_still_raises_where_unsupported(backend):
+    """gx computed by something else than the projection (an op call with gx = 2 * a), and a
+    layer whose input projection needs no gradient (x, w_ih and biases frozen: gx is not
+    kept): the double backward raises, pointing to backend 'torch.nn'."""
+    dtype = _dtype(backend)
+    args = _leaves(make_inputs("gru", 4, 2, 3), dtype)
+    y = registry()[backend].op("gru", "forward")(args[0] * 2, *args[1:])[0]
+    (g,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
+        g.sum().backward()
+    m = fusedrnn.LSTM(3, 4, backend=backend).to(dtype)
+    for name in ("weight_ih_l0", "bias_ih_l0", "bias_hh_l0"):
+        getattr(m, name).requires_grad_(False)
+    (g,) = torch.autograd.grad(m(torch.randn(5, 2, 3, dtype=dtype))[0].square().sum(), m.weight_hh_l0,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
+        g.sum().backward()
