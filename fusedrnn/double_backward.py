@@ -13,8 +13,8 @@ create_graph is unchanged), then call fusedrnn::recurrence_recompute below: the 
 recurrence (fusedrnn/reference.py, plain differentiable PyTorch ops).
 
 The other backends' ops have Python autograd (fusedrnn/ops.py); sequence_grads below is
-the same mechanism for them: their modules' input projection is projection.Linear, an
-F.linear whose node keeps x, w and b where gx_source finds them.
+the same mechanism for them: their modules' input projection (projection.input_projection,
+F.linear) leaves x, w and b on gx, where gx_source finds them.
 
 Where gx did not come from either projection (the bfloat16 path, a direct op call with a
 computed gx) or needs no gradient (a layer whose x, w_ih and biases all need none: keeping
@@ -65,8 +65,10 @@ _NO_SOURCE = (None, None, None, None)
 
 def gx_source(gx: Tensor) -> tuple:
     """What a sequence op keeps to recompute gx in a create_graph backward: (x, w, b, None)
-    when gx is projection.Linear's output (its node keeps them anyway), (None, None, None,
-    gx) when gx is a leaf that needs a gradient; nothing (all None) otherwise."""
+    when gx is input_projection's F.linear output (references: w and b are parameters, and
+    x, the layer's input, is kept by F.linear's node or the previous layer's op),
+    (None, None, None, gx) when gx is a leaf that needs a gradient; nothing (all None)
+    otherwise."""
     if not gx.requires_grad:
         return _NO_SOURCE
     if gx.grad_fn is None:

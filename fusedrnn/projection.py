@@ -16,8 +16,7 @@ too since the autograd moved to C++ (2026-11-30, against F.linear, interleaved, 
 alone with autograd): forward + backward 1.12-1.26x from 2^8 to 2^25 multiply-adds
 (e.g. T=32 B=1 H=256: 485 against 560 us), forward under no_grad 1.0-1.15x. (Before,
 torch.library's Python autograd wrapper made F.linear faster below 2^24.)
-Elsewhere (other backends, dtypes and devices): F.linear, in a node of its own (Linear) where
-a gradient is recorded, for the sequence ops' double backward.
+Elsewhere (other backends, dtypes and devices): F.linear.
 """
 from __future__ import annotations
 
@@ -41,47 +40,23 @@ def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = F
     if (native and x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and w.dtype == x.dtype
             and (b is None or b.dtype == x.dtype)):
         return torch.ops.fusedrnn.projection(x, w, b)
-    if _records(x, w, b) and not (torch.jit.is_tracing() or torch.compiler.is_compiling()
-                                  or torch.is_autocast_enabled(x.device.type)):
-        return Linear.apply(x, w, b)
-    return F.linear(x, w, b)
+    gx = F.linear(x, w, b)
+    if gx.requires_grad and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        # For the backends whose ops have Python autograd (fusedrnn/ops.py: reference,
+        # Triton, CUDA, emulated): a sequence op's double backward recomputes gx from these
+        # (projection_inputs), as the cpu backend does from fusedrnn::projection's C++ node,
+        # so that gx itself is not kept (fusedrnn/double_backward.py). An attribute of the
+        # tensor, not an autograd.Function of our own: that cost ~60 us per call (a cell step).
+        setattr(gx, _INPUTS, (x, w, b))
+    return gx
 
 
-def _records(*ts: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
-class Linear(torch.autograd.Function):
-    """F.linear for the backends whose ops have Python autograd (fusedrnn/ops.py: reference,
-    Triton, CUDA, emulated), in a node of its own: a sequence op's double backward finds the
-    projection's inputs in it (projection_inputs) and recomputes gx from them, as the cpu
-    backend does from fusedrnn::projection's C++ node, so that gx itself is not kept
-    (fusedrnn/double_backward.py). Its backward is written in differentiable ops: it can be
-    differentiated again. Not used while tracing or compiling (F.linear there), nor under
-    autocast (the modules turn autocast off before projecting: fusedrnn/autocast.py)."""
-    generate_vmap_rule = True  # (torch.func.vmap over a module, e.g. an ensemble: forward is F.linear)
-
-    @staticmethod
-    def forward(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        return F.linear(x, w, b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)  # x, w, b: what F.linear's own nodes keep
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w, b = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1])
-        return (grad @ w if need_x else None, g.t() @ x.reshape(-1, x.shape[-1]) if need_w else None,
-                g.sum(0) if need_b and b is not None else None)
+_INPUTS = "_fusedrnn_projection_inputs"
 
 
 def projection_inputs(gx: Tensor) -> Optional[tuple]:
-    """(x, w, b) when gx is Linear's output, else None."""
-    fn = gx.grad_fn
-    return tuple(fn.saved_tensors) if isinstance(fn, Linear._backward_cls) else None
+    """(x, w, b) when gx is input_projection's F.linear output, else None."""
+    return getattr(gx, _INPUTS, None)
 
 
 # ----------------------------------------------------------------------------- the op

@@ -18,7 +18,7 @@ from op_harness import backend_or_skip, make_inputs
 import fusedrnn
 from fusedrnn import double_backward
 from fusedrnn.backends import registry
-from fusedrnn.projection import Linear
+from fusedrnn.projection import input_projection
 
 # The backends whose ops have Python autograd (fusedrnn/ops.py), as run on CPU tensors here.
 PYTHON_AUTOGRAD = [pytest.param("reference"), pytest.param("triton", marks=pytest.mark.interpreter),
@@ -300,7 +300,7 @@ def test_chunks_carrying_the_state_recompute_once_per_chunk():
 
 # ----------------------------------------------------------------------------- Python autograd
 # The ops of the reference, Triton, CUDA and emulated backends (fusedrnn/ops.py), and their
-# modules, whose input projection is projection.Linear.
+# modules, whose input projection (projection.input_projection) is F.linear.
 def _hvp(f, inputs, vs, ws):
     """The second derivatives as a Hessian-vector product: d/d inputs of <d<f, ws>/d inputs, vs>."""
     outs = f(*inputs)
@@ -353,7 +353,7 @@ def test_python_autograd_sequence_op_some_inputs(backend, cell, kw, which):
 @pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_python_autograd_projection_then_sequence_op(backend, cell):
-    """gx = projection.Linear(x, w_ih, b), as in these backends' modules: the second
+    """gx = input_projection(x, w_ih, b), as in these backends' modules: the second
     derivatives reach x, w_ih and b through the recomputed projection."""
     T, B, I, H = 4, 2, 3, 3
     dtype = _dtype(backend)
@@ -363,21 +363,15 @@ def test_python_autograd_projection_then_sequence_op(backend, cell):
     x, w_ih, b = (torch.randn(*s, dtype=dtype, requires_grad=True) for s in ((T, B, I), (G, I), (G,)))
     full = (x, w_ih, b, args[1], args[wi])
     op = _op_of(cell, args, (0, 1, wi), backend)
-    f = lambda x, w_ih, b, h0, w_hh: op(Linear.apply(x, w_ih, b), h0, w_hh)  # noqa: E731
+    f = lambda x, w_ih, b, h0, w_hh: op(input_projection(x, w_ih, b), h0, w_hh)  # noqa: E731
     if dtype == torch.float64:
         return _check(f, full)
     ref = _op_of(cell, args, (0, 1, wi), "reference")
-    f_ref = lambda x, w_ih, b, h0, w_hh: ref(Linear.apply(x, w_ih, b), h0, w_hh)  # noqa: E731
+    f_ref = lambda x, w_ih, b, h0, w_hh: ref(input_projection(x, w_ih, b), h0, w_hh)  # noqa: E731
     ws = [torch.randn_like(o) for o in f(*full)]
     vs = [torch.randn_like(t) for t in full]
     for a, b in zip(_hvp(f, full, vs, ws), _hvp(f_ref, full, vs, ws)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
-
-
-def test_gradgradcheck_linear():
-    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((3, 2, 5), (8, 5), (8,)))
-    assert torch.autograd.gradgradcheck(lambda *t: Linear.apply(*t).sin(), (x, w, b))
-    assert torch.autograd.gradgradcheck(lambda x, w: Linear.apply(x, w, None).sin(), (x, w))
 
 
 @pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
@@ -457,7 +451,7 @@ def test_python_autograd_recomputes_only_with_create_graph(backend, monkeypatch)
 def test_python_autograd_keeps_the_projections_inputs_not_gx():
     be = registry()["reference"]
     x, w, b = (torch.randn(*s, requires_grad=True) for s in ((5, 2, 3), (12, 3), (12,)))
-    gx = Linear.apply(x, w, b)
+    gx = input_projection(x, w, b)
     ref = weakref.ref(gx)
     y = be.op("lstm", "forward")(gx, torch.randn(2, 3), torch.randn(2, 3), torch.randn(12, 3), None, None, False,
                                  True)[0]
