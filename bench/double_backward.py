@@ -1,8 +1,12 @@
-"""CPU benchmark of a double backward: a gradient-penalty training step through fusedrnn's
-modules (backend="cpu") against torch.nn's.
+"""Benchmark of a double backward: a gradient-penalty training step through fusedrnn's
+modules against torch.nn's.
 
     python bench/double_backward.py [--cells lstm,gru,rnn,lstmcell,grucell,rnncell] [--shapes 64x8,256x32]
-                                    [--seq 32] [--rounds 7]
+                                    [--seq 32] [--rounds 7] [--device cpu|cuda] [--backend NAME]
+
+--backend defaults to "cpu" on the CPU and "auto" elsewhere. On CUDA torch.nn's cuDNN RNNs
+refuse double backward, so torch.nn runs with cuDNN disabled (its native kernels), as a
+user of torch.nn must.
 
 A shape is HIDDENxBATCH (input_size = hidden). The cells (lstmcell, ...) run the sequence one
 cell call per step, as step-by-step code does. One step: y = rnn(x); g = d(sum y^2)/dx with
@@ -14,16 +18,17 @@ Speedup = torch.nn / fusedrnn.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fusedrnn  # noqa: E402
-from bench.cells import time_block  # noqa: E402
-from bench.env import cpu_name  # noqa: E402
+from bench.env import describe_device, device_info  # noqa: E402
 
 CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN", "lstmcell": "LSTMCell", "grucell": "GRUCell",
            "rnncell": "RNNCell"}
@@ -48,26 +53,50 @@ def penalty_step(model, x):
     return step
 
 
-def bench(cell: str, H: int, B: int, T: int, rounds: int, block_s: float) -> tuple[float, float]:
+def time_block(step, n: int, leaves, device: torch.device) -> float:
+    for t in leaves:
+        t.grad = None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def torch_nn_context(device: torch.device):
+    """cuDNN off for torch.nn on CUDA: its RNNs refuse double backward."""
+    return torch.backends.cudnn.flags(enabled=False) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def bench(cell: str, H: int, B: int, T: int, rounds: int, block_s: float, device: torch.device,
+          backend: str) -> tuple[float, float, str]:
+    """(torch.nn's and fusedrnn's median seconds per step, the backend fusedrnn ran)."""
     torch.manual_seed(0)
-    ref = getattr(torch.nn, CLASSES[cell])(H, H)
-    mine = getattr(fusedrnn, CLASSES[cell])(H, H, backend="cpu")
+    ref = getattr(torch.nn, CLASSES[cell])(H, H).to(device)
+    mine = getattr(fusedrnn, CLASSES[cell])(H, H, backend=backend).to(device)
     mine.load_state_dict(ref.state_dict())
-    x = torch.randn(T, B, H, requires_grad=True)
+    x = torch.randn(T, B, H, device=device, requires_grad=True)
     leaves = [x] + list(ref.parameters()) + list(mine.parameters())
-    steps = {"ref": penalty_step(ref, x), "mine": penalty_step(mine, x)}
+    ref_step, mine_step = penalty_step(ref, x), penalty_step(mine, x)
+
+    def ref_in_context():
+        with torch_nn_context(device):
+            ref_step()
+    steps = {"ref": ref_in_context, "mine": mine_step}
     grads = {}
     for k, f in steps.items():  # the benchmark must compare equal computations
-        time_block(f, 1, leaves)
+        time_block(f, 1, leaves, device)
         grads[k] = [p.grad.clone() for p in (ref if k == "ref" else mine).parameters()]
     for a, b in zip(grads["ref"], grads["mine"]):
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), f"{cell} H={H} B={B}: gradients differ"
-    n = max(1, int(block_s / time_block(steps["ref"], 1, leaves)))  # steps per block: about block_s
+    n = max(1, int(block_s / time_block(steps["ref"], 1, leaves, device)))  # steps per block: about block_s
     times = {"ref": [], "mine": []}
     for r in range(rounds):
         for k in ("ref", "mine")[:: 1 if r % 2 == 0 else -1]:
-            times[k].append(time_block(steps[k], n, leaves))
-    return statistics.median(times["ref"]), statistics.median(times["mine"])
+            times[k].append(time_block(steps[k], n, leaves, device))
+    return statistics.median(times["ref"]), statistics.median(times["mine"]), mine.last_backend
 
 
 def main():
@@ -77,18 +106,21 @@ def main():
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--block-ms", type=float, default=100.0, help="time per block of steps of one implementation")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default=None, help='fusedrnn backend (default: "cpu" on the CPU, else "auto")')
     a = p.parse_args()
-    print(f"device: {cpu_name()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
-          f"torch {torch.__version__}; gradient-penalty step, float32, seq_len {a.seq}, "
-          f"median of {a.rounds} interleaved rounds")
-    print(f"{'cell':8s} {'hidden':>6s} {'batch':>5s} {'torch.nn ms':>12s} {'fusedrnn ms':>12s} {'speedup':>8s}")
+    device = torch.device(a.device)
+    backend = a.backend or ("cpu" if device.type == "cpu" else "auto")
+    print(f"device: {describe_device(device_info(device))}, torch {torch.__version__}; gradient-penalty step, "
+          f"float32, seq_len {a.seq}, median of {a.rounds} interleaved rounds; fusedrnn backend {backend!r}"
+          + ("; torch.nn with cuDNN off (cuDNN refuses double backward)" if device.type == "cuda" else ""))
+    print(f"{'cell':8s} {'hidden':>6s} {'batch':>5s} {'torch.nn ms':>12s} {'fusedrnn ms':>12s} {'speedup':>8s} ran")
     for cell in a.cells.split(","):
         for shape in a.shapes.split(","):
             H, B = (int(v) for v in shape.lower().split("x"))
-            t_ref, t_mine = bench(cell, H, B, a.seq, a.rounds, a.block_ms / 1e3)
-            print(f"{CLASSES[cell]:8s} {H:6d} {B:5d} {t_ref * 1e3:12.2f} {t_mine * 1e3:12.2f} {t_ref / t_mine:7.2f}x",
-                  flush=True)
-
+            t_ref, t_mine, ran = bench(cell, H, B, a.seq, a.rounds, a.block_ms / 1e3, device, backend)
+            print(f"{CLASSES[cell]:8s} {H:6d} {B:5d} {t_ref * 1e3:12.2f} {t_mine * 1e3:12.2f} {t_ref / t_mine:7.2f}x "
+                  f"{ran}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -157,4 +157,5 @@ def test_double_backward_script_reports_every_case():
     for r in rows:
         t_ref, t_mine = float(r[3]), float(r[4])
         assert math.isfinite(t_ref) and math.isfinite(t_mine) and t_ref > 0 and t_mine > 0, r
-        assert r[5].endswith("x"), r
+        assert r[5].endswith("x") and r[6] == "cpu", r
+    assert proc.stdout.startswith("device: CPU: "), proc.stdout

@@ -43,3 +43,38 @@ def _call(cell, cfg, dtype):
     from fusedrnn.backends import Call
     return Call(cell=cell, device=torch.device("cuda"), dtype=dtype, hidden_size=cfg["hidden_size"],
                 proj_size=cfg.get("proj_size", 0), batch=7)
+
+
+DOUBLE_BACKWARD_CASES = [("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(proj_size=40)),
+                         ("GRU", dict(batch_first=True)), ("RNN", dict(nonlinearity="relu")), ("GRUCell", {})]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind,kw", DOUBLE_BACKWARD_CASES, ids=[f"{k}-{'-'.join(kw) or 'plain'}"
+                                                                for k, kw in DOUBLE_BACKWARD_CASES])
+def test_gpu_double_backward_matches_torch_nn(backend, kind, kw, device="cuda"):
+    """A gradient penalty (fusedrnn/double_backward.py) against torch.nn with cuDNN off:
+    torch.nn's cuDNN RNNs refuse double backward."""
+    import fusedrnn
+    cfg = dict(hidden_size=96, proj_size=kw.get("proj_size", 0))
+    why = registry()[backend].refuses(_call(kind.replace("Cell", "").lower(), cfg, torch.float32).
+                                      _replace(device=torch.device(device)))
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    torch.manual_seed(0)
+    ours = getattr(fusedrnn, kind)(17, 96, backend=backend, **kw).to(device)
+    ref = getattr(torch.nn, kind)(17, 96, **kw).to(device)
+    ref.load_state_dict(ours.state_dict())
+    shape = (7, 17) if kind.endswith("Cell") else (7, 33, 17) if kw.get("batch_first") else (33, 7, 17)
+    x = torch.randn(*shape, device=device, requires_grad=True)
+
+    def penalty(m):
+        out = m(x)
+        y = out[0] if isinstance(out, tuple) else out
+        (g,) = torch.autograd.grad((y * y.sin()).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), [x, *m.parameters()])
+    with torch.backends.cudnn.flags(enabled=False):
+        want = penalty(ref)
+    for a, b in zip(penalty(ours), want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    assert ours.last_backend == backend
