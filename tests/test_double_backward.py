@@ -501,3 +501,27 @@ def test_half_precision_gradient_penalty_matches_torch_nn(backend, dtype, kind):
     for a, b in zip(_penalty(ours, x), _penalty(ref, x)):
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2 * b.float().abs().max().item(), rtol=3e-2)
     assert ours.last_backend == backend
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu"), *PYTHON_AUTOGRAD])
+@pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
+def test_autograd_functional_hessian_and_hvp_match_torch_nn(backend, kind):
+    """torch.autograd.functional's hessian (vectorized: the second backward runs batched
+    gradients) and hvp, in the input, against torch.nn."""
+    from torch.autograd.functional import hessian, hvp
+    dtype = _dtype(backend)
+    ours = getattr(fusedrnn, kind)(3, 4, backend=backend).to(dtype)
+    ref = getattr(nn, kind)(3, 4).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(*((2, 3) if kind.endswith("Cell") else (5, 2, 3)), dtype=dtype)
+    v = torch.randn_like(x)
+    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+
+    def f(m):
+        def loss(t):
+            out = m(t)
+            return (out[0] if isinstance(out, tuple) else out).sin().sum()
+        return loss
+    torch.testing.assert_close(hessian(f(ours), x, vectorize=True), hessian(f(ref), x, vectorize=True), **tol)
+    torch.testing.assert_close(hvp(f(ours), x, v)[1], hvp(f(ref), x, v)[1], **tol)
+    assert ours.last_backend == backend
