@@ -393,3 +393,57 @@ def test_output_pool_survives_fork_while_another_thread_holds_it():
             pytest.fail("the forked child hung in its first pooled allocation")
         time.sleep(0.05)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+
+
+def _sorted_lengths(T, B):
+    """Non-increasing lengths (a PackedSequence's order) below T, zeros included: the
+    kernels skip the GEMM rows of the sequences that have ended, and the last steps have
+    none running."""
+    L = torch.randint(0, T, (B,))
+    L[0], L[-1] = T - 1, 0
+    return L.sort(descending=True).values
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("tiled,split", [(2, 1), (2, 2), (1, 2), (0, 1), (0, 2)],
+                         ids=["tiled32", "tiled32-rows", "tiled-rows", "blas", "blas-rows"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_sorted_lengths_skip_ended_rows(variant, tiled, split, reverse, cpu_options):
+    """Non-increasing lengths (Seq::active): forward and every gradient against the
+    reference, on every path, with h0 = 0 too (the first step's single GEMM row), and the
+    split by rows balanced by the sums of lengths."""
+    cell, P, flag = variant
+    cpu_options(tiled, 1, split)
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    for B, zero_h0 in ((1, False), (5, False), (13, False), (13, True)):
+        args = list(make_inputs(cell, 9, B, 44, P=24 if P else 0, dtype=torch.float32, reverse=reverse,
+                                **_kw(cell, flag)))
+        args[-3 if cell == "rnn" else -2] = _sorted_lengths(9, B) if B > 1 else torch.tensor([5])
+        if zero_h0:
+            args[1] = torch.zeros_like(args[1])
+        check_against_reference("cpu", cell, tuple(args))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+def test_sorted_lengths_split_by_rows_matches_split_by_units(variant, cpu_options):
+    """With non-increasing lengths the split by rows (bounds at equal sums of lengths)
+    matches the split by units in every output and gradient, to float32 rounding: not
+    bit for bit, since the rows still running form other micro-kernel row blocks in each
+    (see test_split_does_not_change_results)."""
+    cell, P, flag = variant
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    op = registry()["cpu"].op(cell, "forward")
+    args = list(make_inputs(cell, 11, 24, 72, P=P, dtype=torch.float32, **_kw(cell, flag)))
+    args[-3 if cell == "rnn" else -2] = _sorted_lengths(11, 24)
+    seeds, results = None, []
+    for split in (1, 2):
+        cpu_options(-1, 1, split)
+        a = tuple(x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                  for x in args)
+        outs = op(*a)[:3 if cell == "lstm" else 2]
+        seeds = seeds or [torch.randn_like(o) for o in outs]
+        leaves = [x for x in a if isinstance(x, torch.Tensor) and x.requires_grad]
+        results.append(list(outs) + list(torch.autograd.grad(outs, leaves, seeds)))
+    for i, (u, r) in enumerate(zip(*results)):
+        assert torch.isfinite(u).all() and torch.isfinite(r).all(), f"result {i}: non-finite (unwritten?)"
+        torch.testing.assert_close(r, u, atol=2e-6, rtol=1e-5, msg=f"result {i}: split by rows against units")

@@ -72,3 +72,45 @@ def test_single_step_runs_the_cell_op(cell, cfg, input_kind, hx_given, monkeypat
     compare_modules(cell, "cpu", cfg, input_kind, hx_given, T=1)
     D = 2 if cfg["bidirectional"] else 1
     assert len(calls) == (0 if cfg.get("proj_size") else cfg["num_layers"] * D)
+
+
+PACKED_INFERENCE = [("lstm", dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True)),
+                    ("lstm", dict(bias=False)), ("gru", dict(num_layers=3, bidirectional=True)),
+                    ("rnn", dict(nonlinearity="relu", num_layers=2))]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("emulated", marks=pytest.mark.emulated)])
+@pytest.mark.parametrize("grad_mode", ["no_grad", "frozen"])
+@pytest.mark.parametrize("cell,cfg", PACKED_INFERENCE, ids=[f"{c}-{'-'.join(k)}" for c, k in PACKED_INFERENCE])
+def test_packed_inference_matches_torch_nn(backend, grad_mode, cell, cfg):
+    """A PackedSequence of unequal lengths where nothing records a gradient (under no_grad,
+    or with frozen weights and input): the input projection computes only the rows that
+    hold data (modules.py, _sequence_layer), in sorted and unsorted packing, with hx."""
+    import contextlib
+
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from module_harness import make_hx, make_pair
+    _require(backend)
+    dtype = torch.float64 if backend != "emulated" else torch.float32
+    cfg = dict(input_size=5, hidden_size=6, **cfg)
+    ref, ours = make_pair(cell, backend, dtype=dtype, **cfg)
+    for p in (*ref.parameters(), *ours.parameters()):
+        p.requires_grad_(grad_mode != "frozen")
+    B, T = 7, 9
+    x = torch.randn(B, T, 5, dtype=dtype) if cfg.get("batch_first") else torch.randn(T, B, 5, dtype=dtype)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[2] = T
+    hx = make_hx(cell, cfg, B, dtype=dtype)
+    hx = tuple(h.detach() for h in hx) if isinstance(hx, tuple) else hx.detach()
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
+    for enforce_sorted in (False, True):
+        L = lengths.sort(descending=True).values if enforce_sorted else lengths
+        packed = pack_padded_sequence(x, L, batch_first=cfg.get("batch_first", False), enforce_sorted=enforce_sorted)
+        with torch.no_grad() if grad_mode == "no_grad" else contextlib.nullcontext():
+            (y, st), (y_ref, st_ref) = ours(packed, hx), ref(packed, hx)
+        assert ours.last_backend == backend, ours.last_backend_reason
+        torch.testing.assert_close(y.data, y_ref.data, **tol)
+        assert torch.equal(y.batch_sizes, y_ref.batch_sizes)
+        for a, b in zip(st if isinstance(st, tuple) else (st,), st_ref if isinstance(st_ref, tuple) else (st_ref,)):
+            torch.testing.assert_close(a, b, **tol)

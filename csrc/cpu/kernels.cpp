@@ -262,7 +262,8 @@ struct Split {
 // T=4 (units then skip packing the weight) 0.81-1.09x, mostly below 1.
 constexpr int64_t kRowsMaxWeightBytes = 16 << 20;  // summed over the threads
 constexpr int64_t kRowsMinBlas = 16;
-Split make_split(const Slices& units, int64_t B, int64_t R, int64_t weight_bytes, bool tiled, int64_t steps) {
+Split make_split(const Slices& units, int64_t B, int64_t R, int64_t weight_bytes, bool tiled, int64_t steps,
+                 const Seq* sq) {
   Split sp;
   sp.units = units;
   const int mode = g_split.load(std::memory_order_relaxed);
@@ -280,6 +281,17 @@ Split make_split(const Slices& units, int64_t B, int64_t R, int64_t weight_bytes
   if (rows) {
     sp.rows.n = (int)std::min<int64_t>(n, B);
     for (int k = 0; k <= sp.rows.n; ++k) sp.rows.bound[k] = B * k / sp.rows.n;
+    if (sq && sq->active) {  // rows that end early skip their GEMM rows: equal sums of lengths
+      int64_t total = 0, sum = 0;
+      for (int64_t b = 0; b < B; ++b) total += sq->lengths[b];
+      const int64_t n = sp.rows.n;
+      for (int64_t b = 0, k = 1; b < B && k < n; ++b) {
+        sum += sq->lengths[b];
+        while (k < n && sum * n >= total * k) sp.rows.bound[k++] = b + 1;
+      }
+      for (int64_t k = 1; k < n; ++k)  // (each thread at least one row)
+        sp.rows.bound[k] = std::clamp<int64_t>(sp.rows.bound[k], sp.rows.bound[k - 1] + 1, B - (n - k));
+    }
   }
   return sp;
 }
@@ -340,9 +352,10 @@ struct FirstStep {
   bool zero;
   template <typename T>
   FirstStep(const T* h0, int64_t n) : zero(all_zero(h0, n)) {}
-  // How many of rows [b0, b1) step s's GEMM computes, and which row's result row b reads.
-  int64_t gemm_rows(int64_t s, int64_t b0, int64_t b1) const {
-    return zero && s == 0 ? std::min<int64_t>(1, b1 - b0) : b1 - b0;  // (batch 0: none)
+  // How many of the n running rows (Seq::rows) step s's GEMM computes, and which row's
+  // result row b reads.
+  int64_t gemm_rows(int64_t s, int64_t n) const {
+    return zero && s == 0 ? std::min<int64_t>(1, n) : n;  // (batch 0: none)
   }
   int64_t row(int64_t s, int64_t b0, int64_t b) const { return zero && s == 0 ? b0 : b; }
 };

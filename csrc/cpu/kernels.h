@@ -18,6 +18,15 @@ struct Seq {
   int64_t B;
   const int64_t* lengths;  // [B] or nullptr
   bool reverse;
+  // With non-increasing lengths (a PackedSequence in its sorted order): active[s], s in
+  // [0, T], the rows still running at step s (those with length > s: a prefix of the
+  // batch). Null otherwise. The recurrent GEMMs skip the rows that have ended, as
+  // torch.nn's packed path does (PyTorch's batch_sizes).
+  const int64_t* active = nullptr;
+  // How many of rows [b0, b1) are still running at step s (all of them without `active`).
+  int64_t rows(int64_t s, int64_t b0, int64_t b1) const {
+    return active ? std::max<int64_t>(0, std::min(active[s], b1) - b0) : b1 - b0;
+  }
 };
 
 // Forward ops: write every element of y/h_n/c_n/gates/cells (and hn for GRU).

@@ -26,7 +26,7 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const WT* w_hh_, const 
   const Slices slp = make_slices(P, B * H);
   std::unique_ptr<TW> tw(tiled ? new TW(w_hh_, P, 1, 4, H, P, B, sl) : nullptr);
   const Split sp = make_split(sl, B, TW::block_rows(4), G * P * int64_t(sizeof(WT)) + P * H * proj * int64_t(sizeof(T)),
-                              tiled, TT);
+                              tiled, TT, &sq);
   const GateWeights<T> w(w_hh, 4, H, P, sl, tiled || sp.by_rows() ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> gh(B * ldg), ha(B * P), hb(B * P), c(B * H), hr(proj ? B * H : 0);
@@ -69,7 +69,7 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const WT* w_hh_, const 
   // With projection, after step s's cell math: h_t = hr @ W_hr^T (columns [p0, p0 + np) of
   // rows [b0, b1)), and y.
   auto project = [&](int64_t s, int64_t p0, int64_t np, int64_t b0, int64_t b1, const T* hcur, T* hnext) {
-    gemm_nt<T>(b1 - b0, np, H, hr.data() + b0 * H, H, w_hr + p0 * H, H, hnext + b0 * P + p0, P, T(0));
+    gemm_nt<T>(sq.rows(s, b0, b1), np, H, hr.data() + b0 * H, H, w_hr + p0 * H, H, hnext + b0 * P + p0, P, T(0));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t L = sq.len(b);
       if (s < L) {
@@ -85,7 +85,7 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const WT* w_hh_, const 
   auto step = [&](int k, int64_t s, int64_t j0, int64_t j1, int64_t b0, int64_t b1, PingPong<T>& hs) {
       const T* hcur = hs.cur;
       T* hnext = hs.next;
-      const int64_t nr = first.gemm_rows(s, b0, b1);
+      const int64_t nr = first.gemm_rows(s, sq.rows(s, b0, b1));  // (rows that ended: skipped)
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
@@ -133,7 +133,7 @@ void gru_forward(const T* gx, const T* h0, const WT* w_hh_, const T* b_hh, int64
   const T* w_hh = same_type<T>(w_hh_);
   const Slices sl = make_slices(H, B * 3 * H, TW::panel_units(3));
   std::unique_ptr<TW> tw(tiled ? new TW(w_hh_, H, 1, 3, H, H, B, sl) : nullptr);
-  const Split sp = make_split(sl, B, TW::block_rows(3), G * H * int64_t(sizeof(WT)), tiled, TT);
+  const Split sp = make_split(sl, B, TW::block_rows(3), G * H * int64_t(sizeof(WT)), tiled, TT, &sq);
   const GateWeights<T> w(w_hh, 3, H, H, sl, tiled || sp.by_rows() ? 0 : TT);
   const int64_t ldg = tiled ? tw->ldc() : G;
   Buf<T> bz(b_hh ? 0 : G, T(0)), gh(B * ldg), ha(B * H), hb(B * H);
@@ -175,7 +175,7 @@ void gru_forward(const T* gx, const T* h0, const WT* w_hh_, const T* b_hh, int64
   auto step = [&](int k, int64_t s, int64_t j0, int64_t j1, int64_t b0, int64_t b1, PingPong<T>& hs) {
       const T* hcur = hs.cur;
       T* hnext = hs.next;
-      const int64_t nr = first.gemm_rows(s, b0, b1);
+      const int64_t nr = first.gemm_rows(s, sq.rows(s, b0, b1));  // (rows that ended: skipped)
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
@@ -214,7 +214,7 @@ void rnn_forward(const T* gx, const T* h0, const WT* w_hh_, int64_t H, bool relu
   const T* w_hh = same_type<T>(w_hh_);
   const Slices sl = make_slices(H, B * H, TW::panel_units(1));
   std::unique_ptr<TW> tw(tiled ? new TW(w_hh_, H, 1, 1, H, H, B, sl) : nullptr);
-  const Split sp = make_split(sl, B, TW::block_rows(1), H * H * int64_t(sizeof(WT)), tiled, TT);
+  const Split sp = make_split(sl, B, TW::block_rows(1), H * H * int64_t(sizeof(WT)), tiled, TT, &sq);
   const int64_t ldg = tiled ? tw->ldc() : H;
   Buf<T> gh(B * ldg), ha(B * H), hb(B * H);
   std::copy(h0, h0 + B * H, ha.data());
@@ -244,7 +244,7 @@ void rnn_forward(const T* gx, const T* h0, const WT* w_hh_, int64_t H, bool relu
   auto step = [&](int k, int64_t s, int64_t j0, int64_t j1, int64_t b0, int64_t b1, PingPong<T>& hs) {
       const T* hcur = hs.cur;
       T* hnext = hs.next;
-      const int64_t nr = first.gemm_rows(s, b0, b1);
+      const int64_t nr = first.gemm_rows(s, sq.rows(s, b0, b1));  // (rows that ended: skipped)
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in gx/y).
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
@@ -339,11 +339,11 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
   const int64_t KG = G;
   const DhGemm<T, TW, WT> dh_gemm(tiled, w_hh_, H, KG, B, sl);
   const Split sp = make_split(sl, B, TW::block_rows(1), G * P * int64_t(sizeof(WT)) + P * H * proj * int64_t(sizeof(T)),
-                              tiled, TT);
+                              tiled, TT, &sq);
   // With projection, before step s: dL/dh_t (columns [p0, p0 + np) of rows [b0, b1)) -> dht.
   auto project_back = [&](int64_t s, int64_t p0, int64_t np, int64_t b0, int64_t b1, const T* dnext) {
         if (s < TT - 1)
-          gemm_nn<T>(b1 - b0, np, G, dnext + b0 * G, G, w_hh + p0, P, dh.data() + b0 * P + p0, P, T(1));
+          gemm_nn<T>(sq.rows(s + 1, b0, b1), np, G, dnext + b0 * G, G, w_hh + p0, P, dh.data() + b0 * P + p0, P, T(1));
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t L = sq.len(b);
           T* d = dh.data() + b * P + p0;
@@ -374,10 +374,11 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
       const int64_t s = TT - 1 - i, nu = j1 - j0;
       if (proj) {
         if (sp.by_rows()) project_back(s, 0, P, b0, b1, cs.next);  // (by units: before the step)
-        gemm_nn<T>(b1 - b0, nu, P, dht.data() + b0 * P, P, w_hr + j0, H, dhr.data() + b0 * H + j0, H, T(0));
-      } else if (s < TT - 1) {
-        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next, dh.data());
-        else gemm_nn<T>(b1 - b0, nu, G, cs.next + b0 * G, G, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
+        gemm_nn<T>(sq.rows(s, b0, b1), nu, P, dht.data() + b0 * P, P, w_hr + j0, H, dhr.data() + b0 * H + j0, H, T(0));
+      } else if (s < TT - 1) {  // (rows that had ended at step s + 1 have dpre = 0: skipped)
+        const int64_t nr = sq.rows(s + 1, b0, b1);
+        if (tiled) dh_gemm(k, j0, j1, b0, b0 + nr, cs.next, dh.data());
+        else gemm_nn<T>(nr, nu, G, cs.next + b0 * G, G, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t L = sq.len(b);
@@ -462,14 +463,15 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const WT* w_h
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = G;
   const DhGemm<T, TW, WT> dh_gemm(tiled, w_hh_, H, KG, B, sl);
-  const Split sp = make_split(sl, B, TW::block_rows(1), KG * H * int64_t(sizeof(WT)), tiled, TT);
+  const Split sp = make_split(sl, B, TW::block_rows(1), KG * H * int64_t(sizeof(WT)), tiled, TT, &sq);
   // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
   auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
                   typename StepGrads<T>::Cursor& cs) {
       const int64_t s = TT - 1 - i, nu = j1 - j0;
-      if (s < TT - 1) {
-        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next, dh.data());
-        else gemm_nn<T>(b1 - b0, nu, G, cs.next + b0 * G, G, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
+      if (s < TT - 1) {  // (rows that had ended at step s + 1 have dpre = 0: skipped)
+        const int64_t nr = sq.rows(s + 1, b0, b1);
+        if (tiled) dh_gemm(k, j0, j1, b0, b0 + nr, cs.next, dh.data());
+        else gemm_nn<T>(nr, nu, G, cs.next + b0 * G, G, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t L = sq.len(b);
@@ -531,14 +533,15 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const WT* w_hh_, int64_t H
   typename StepGrads<T>::Cursor st = sg.cursor();
   const int64_t KG = H;
   const DhGemm<T, TW, WT> dh_gemm(tiled, w_hh_, H, KG, B, sl);
-  const Split sp = make_split(sl, B, TW::block_rows(1), KG * H * int64_t(sizeof(WT)), tiled, TT);
+  const Split sp = make_split(sl, B, TW::block_rows(1), KG * H * int64_t(sizeof(WT)), tiled, TT, &sq);
   // Step s for units [j0, j0 + nu) of rows [b0, b1) (slice k).
   auto step = [&](int k, int64_t i, int64_t j0, int64_t j1, int64_t b0, int64_t b1,
                   typename StepGrads<T>::Cursor& cs) {
       const int64_t s = TT - 1 - i, nu = j1 - j0;
-      if (s < TT - 1) {
-        if (tiled) dh_gemm(k, j0, j1, b0, b1, cs.next, dh.data());
-        else gemm_nn<T>(b1 - b0, nu, H, cs.next + b0 * H, H, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
+      if (s < TT - 1) {  // (rows that had ended at step s + 1 have dpre = 0: skipped)
+        const int64_t nr = sq.rows(s + 1, b0, b1);
+        if (tiled) dh_gemm(k, j0, j1, b0, b0 + nr, cs.next, dh.data());
+        else gemm_nn<T>(nr, nu, H, cs.next + b0 * H, H, w_hh + j0, H, dh.data() + b0 * H + j0, H, T(1));
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t L = sq.len(b);

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -42,9 +43,26 @@ Tensor check_lengths(const optional<Tensor>& lengths, const char* op, int64_t T,
   return Lc;
 }
 
-Seq make_seq(int64_t T, int64_t B, const Tensor& L, bool reverse) {
-  return Seq{T, B, L.defined() ? L.data_ptr<int64_t>() : nullptr, reverse};
-}
+// The kernels' view of a call's sequences (Seq), with the storage of Seq::active: built
+// when the lengths are non-increasing, as the modules pass a PackedSequence's.
+struct SeqArgs {
+  std::vector<int64_t> active;
+  Seq sq;
+  SeqArgs(int64_t T, int64_t B, const Tensor& L, bool reverse)
+      : sq{T, B, L.defined() ? L.data_ptr<int64_t>() : nullptr, reverse} {
+    const int64_t* len = sq.lengths;
+    if (!len || B == 0 || !std::is_sorted(len, len + B, std::greater<int64_t>())) return;
+    active.resize(T + 1);
+    int64_t b = B;
+    for (int64_t s = 0; s <= T; ++s) {
+      while (b > 0 && len[b - 1] <= s) --b;
+      active[s] = b;
+    }
+    sq.active = active.data();
+  }
+  SeqArgs(const SeqArgs&) = delete;
+  SeqArgs& operator=(const SeqArgs&) = delete;
+};
 
 // out [M, N] (+)= a^T @ b for contiguous a [K, M] and b [K, N] (the first dims flattened):
 // a weight's gradient summed over K rows of time steps (cpu::gemm reads a^T in place).
@@ -254,7 +272,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
   Tensor y = new_output({T, B, P}, gx), h_n = new_output({B, P}, gx), c_n = new_output({B, H}, gx);
   // Inference (train=False) neither allocates nor writes the saved tensors.
   Tensor gates = saved_output({T, B, G}, gx, train), cells = saved_output({T, B, H}, gx, train);
-  const Seq sq = make_seq(T, B, L, reverse);
+  const SeqArgs seq(T, B, L, reverse);
+  const Seq& sq = seq.sq;
   if (bf16w && cpu::lstm_forward_bf16(gx.data_ptr<float>(), h0.data_ptr<float>(), c0.data_ptr<float>(),
                                       bf16_bits(w_hh), w_hr.defined() ? w_hr.data_ptr<float>() : nullptr, H, P, sq,
                                       y.data_ptr<float>(), h_n.data_ptr<float>(), c_n.data_ptr<float>(),
@@ -312,7 +331,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
     dhs = new_output({T, B, P}, grad_y);
     hr = new_output({T, B, H}, grad_y);
   }
-  const Seq sq = make_seq(T, B, L, reverse);
+  const SeqArgs seq(T, B, L, reverse);
+  const Seq& sq = seq.sq;
   const bool done = bf16w && !w_hr.defined() &&
                     cpu::lstm_backward_bf16(grad_y.data_ptr<float>(), grad_h_n.data_ptr<float>(),
                                             grad_c_n.data_ptr<float>(), c0.data_ptr<float>(), bf16_bits(w_hh), H, sq,
@@ -362,7 +382,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_op(
   Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
   Tensor y = new_output({T, B, H}, gx), h_n = new_output({B, H}, gx);
   Tensor gates = saved_output({T, B, G}, gx, train), hn = saved_output({T, B, H}, gx, train);
-  const Seq sq = make_seq(T, B, L, reverse);
+  const SeqArgs seq(T, B, L, reverse);
+  const Seq& sq = seq.sq;
   if (bf16w && cpu::gru_forward_bf16(gx.data_ptr<float>(), h0.data_ptr<float>(), bf16_bits(w_hh),
                                      b_hh.defined() ? b_hh.data_ptr<float>() : nullptr, H, sq, y.data_ptr<float>(),
                                      h_n.data_ptr<float>(), train ? gates.data_ptr<float>() : nullptr,
@@ -409,7 +430,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
   Tensor w_hh = w_hh_.contiguous(), y = y_.contiguous(), gates = gates_.contiguous(), hn = hn_.contiguous();
   Tensor grad_gx = new_output({T, B, G}, grad_y), grad_h0 = new_output({B, H}, grad_y);
   Tensor dfirst = new_output({B, G}, grad_y), dgh = new_output({T, B, G}, grad_y);
-  const Seq sq = make_seq(T, B, L, reverse);
+  const SeqArgs seq(T, B, L, reverse);
+  const Seq& sq = seq.sq;
   const bool done = bf16w && cpu::gru_backward_bf16(grad_y.data_ptr<float>(), grad_h_n.data_ptr<float>(),
                                                     h0.data_ptr<float>(), bf16_bits(w_hh), H, sq, y.data_ptr<float>(),
                                                     gates.data_ptr<float>(), hn.data_ptr<float>(),
@@ -444,7 +466,8 @@ std::tuple<Tensor, Tensor> rnn_forward_op(const Tensor& gx_, const Tensor& h0_, 
   Tensor L = check_lengths(lengths, op, T, B);
   Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
   Tensor y = new_output({T, B, H}, gx), h_n = new_output({B, H}, gx);
-  const Seq sq = make_seq(T, B, L, reverse);
+  const SeqArgs seq(T, B, L, reverse);
+  const Seq& sq = seq.sq;
   if (bf16w && cpu::rnn_forward_bf16(gx.data_ptr<float>(), h0.data_ptr<float>(), bf16_bits(w_hh), H, relu, sq,
                                      y.data_ptr<float>(), h_n.data_ptr<float>()))
     return {y, h_n};
@@ -477,7 +500,8 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward_op(const Tensor& grad_y_, const 
   Tensor w_hh = w_hh_.contiguous(), y = y_.contiguous();
   Tensor grad_gx = new_output({T, B, H}, grad_y), grad_h0 = new_output({B, H}, grad_y);
   Tensor dfirst = new_output({B, H}, grad_y);
-  const Seq sq = make_seq(T, B, L, reverse);
+  const SeqArgs seq(T, B, L, reverse);
+  const Seq& sq = seq.sq;
   const bool done = bf16w && cpu::rnn_backward_bf16(grad_y.data_ptr<float>(), grad_h_n.data_ptr<float>(),
                                                     bf16_bits(w_hh), H, relu, sq, y.data_ptr<float>(),
                                                     grad_gx.data_ptr<float>(), grad_h0.data_ptr<float>(),
