@@ -17,13 +17,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fusedrnn  # noqa: E402
 from bench.env import cpu_name  # noqa: E402
+from bench.timing import time_block  # noqa: E402
 
 CLASSES = {"lstm": "LSTMCell", "gru": "GRUCell", "rnn": "RNNCell"}
 
@@ -48,15 +48,6 @@ def make_case(cell: str, H: int, B: int, train: bool):
         return step
     return step_fn(ref), step_fn(mine), [x, h] + ([hx[1]] if cell == "lstm" else []) + \
         list(ref.parameters()) + list(mine.parameters())
-
-
-def time_block(step, n: int, leaves) -> float:
-    for t in leaves:
-        t.grad = None
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - t0) / n
 
 
 def bench(cell: str, H: int, B: int, train: bool, rounds: int, block_s: float) -> tuple[float, float]:

@@ -22,13 +22,13 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fusedrnn  # noqa: E402
 from bench.env import describe_device, device_info  # noqa: E402
+from bench.timing import time_block  # noqa: E402
 
 CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN", "lstmcell": "LSTMCell", "grucell": "GRUCell",
            "rnncell": "RNNCell"}
@@ -51,18 +51,6 @@ def penalty_step(model, x):
         (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         (g.square().sum() + y.sum()).backward()
     return step
-
-
-def time_block(step, n: int, leaves, device: torch.device) -> float:
-    for t in leaves:
-        t.grad = None
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    sync()
-    return (time.perf_counter() - t0) / n
 
 
 def torch_nn_context(device: torch.device):

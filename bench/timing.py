@@ -31,6 +31,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_block(step: Callable[[], object], n: int, leaves: Sequence[torch.Tensor],
+               device: torch.device = torch.device("cpu")) -> float:
+    """Seconds per call of `step` over a block of n calls (gradients of `leaves` cleared
+    first; the device synchronized around the block). For the scripts that interleave
+    blocks of two implementations (bench/cells.py, double_backward.py, packed.py)."""
+    for t in leaves:
+        t.grad = None
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
 class _Clock:
     """Times one call in milliseconds on `device`."""
 

@@ -159,3 +159,18 @@ def test_double_backward_script_reports_every_case():
         assert math.isfinite(t_ref) and math.isfinite(t_mine) and t_ref > 0 and t_mine > 0, r
         assert r[5].endswith("x") and r[6] == "cpu", r
     assert proc.stdout.startswith("device: CPU: "), proc.stdout
+
+
+def test_packed_script_reports_every_case():
+    """bench/packed.py (PackedSequence batches) at tiny sizes: one row per cell, mode and
+    shape, each with positive finite times, a speedup and the backend that ran."""
+    proc = subprocess.run([sys.executable, "bench/packed.py", "--shapes", "8x3", "--seq", "6", "--rounds", "1",
+                           "--block-ms", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("device: CPU: "), proc.stdout
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.split()[:1] and ln.split()[0] in ("LSTM", "GRU", "RNN")]
+    assert len(rows) == 3 * 2, proc.stdout
+    for r in rows:
+        t_ref, t_mine = float(r[4]), float(r[5])
+        assert math.isfinite(t_ref) and math.isfinite(t_mine) and t_ref > 0 and t_mine > 0, r
+        assert r[6].endswith("x") and r[7] == "cpu", r
