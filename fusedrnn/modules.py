@@ -361,14 +361,7 @@ class _FusedRNNBase(BackendChoice):
         def project(b):
             if bf16:
                 return torch.ops.fusedrnn.projection_bf16(layer_in, w_ih, b)
-            if rows is not None and not records_grad(layer_in, w_ih, b):
-                # Inference on a PackedSequence: the GEMM of the rows that hold data only (the
-                # ops never read gx at the padding). Not when gradients are recorded: the
-                # double backward finds the projection's inputs on gx (projection.py).
-                T, B = layer_in.shape[:2]
-                packed = input_projection(layer_in.reshape(T * B, -1).index_select(0, rows), w_ih, b, native)
-                return packed.new_zeros(T * B, packed.shape[-1]).index_copy_(0, rows, packed).view(T, B, -1)
-            return input_projection(layer_in, w_ih, b, native)
+            return input_projection(layer_in, w_ih, b, native, rows)  # (a PackedSequence: its rows only)
 
         if self._cell == "gru":
             # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).

@@ -20,6 +20,7 @@ Elsewhere (other backends, dtypes and devices): F.linear.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -34,12 +35,22 @@ from . import ops
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
-def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = False) -> Tensor:
+def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = False,
+                     rows: Optional[Tensor] = None) -> Tensor:
     """x [T, B, I] @ w [G, I]^T + b [G] -> [T, B, G], like F.linear. `native`: the layer's
-    backend implements fusedrnn::projection (Backend.projection_op: the cpu backend)."""
+    backend implements fusedrnn::projection (Backend.projection_op: the cpu backend).
+    `rows`: the rows of x (as [T * B, I]) that hold data, a PackedSequence's (the sequence
+    ops never read gx elsewhere): only those are computed, the others are 0. (Except where
+    F.linear runs with a gradient recorded: a double backward finds its inputs on gx.)"""
     if (native and x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and w.dtype == x.dtype
             and (b is None or b.dtype == x.dtype)):
+        if rows is not None:
+            return torch.ops.fusedrnn.projection_rows(x, w, b, rows)
         return torch.ops.fusedrnn.projection(x, w, b)
+    if rows is not None and not _records(x, w, b):
+        M = math.prod(x.shape[:-1])
+        packed = F.linear(x.reshape(M, x.shape[-1]).index_select(0, rows), w, b)
+        return packed.new_zeros(M, packed.shape[-1]).index_copy_(0, rows, packed).view(*x.shape[:-1], -1)
     gx = F.linear(x, w, b)
     if gx.requires_grad and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
         # For the backends whose ops have Python autograd (fusedrnn/ops.py: reference,
@@ -54,6 +65,10 @@ def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = F
 _INPUTS = "_fusedrnn_projection_inputs"
 
 
+def _records(*ts: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def projection_inputs(gx: Tensor) -> Optional[tuple]:
     """(x, w, b) when gx is input_projection's F.linear output, else None."""
     return getattr(gx, _INPUTS, None)
@@ -66,6 +81,8 @@ SCHEMAS = {
                            " -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)",
     # bfloat16 x and w, float32 b -> float32 (the bfloat16 path of the modules)
     "projection_bf16": "(Tensor x, Tensor w, Tensor? b) -> Tensor",
+    # only the rows `rows` of x (as [M, I]), the others 0: a PackedSequence's rows that hold data
+    "projection_rows": "(Tensor x, Tensor w, Tensor? b, Tensor rows) -> Tensor",
 }
 
 
@@ -77,6 +94,7 @@ def define() -> None:
     torch.library.register_fake("fusedrnn::projection", _projection_fake, lib=ops._LIB)
     torch.library.register_fake("fusedrnn::projection_backward", _projection_backward_fake, lib=ops._LIB)
     torch.library.register_fake("fusedrnn::projection_bf16", _projection_bf16_fake, lib=ops._LIB)
+    torch.library.register_fake("fusedrnn::projection_rows", _projection_rows_fake, lib=ops._LIB)
     torch.library.register_autograd("fusedrnn::projection", _backward, setup_context=_setup, lib=ops._LIB)
     torch.library.register_autograd("fusedrnn::projection_bf16", _bf16_backward, setup_context=_setup,
                                     lib=ops._LIB)
@@ -85,6 +103,10 @@ def define() -> None:
 
 
 def _projection_fake(x, w, b):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _projection_rows_fake(x, w, b, rows):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 

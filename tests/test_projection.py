@@ -204,3 +204,49 @@ def test_f_linear_elsewhere():
     assert _projection_calls(lambda: fusedrnn.GRU(96, 96, backend="reference")(x)) == 0
     assert _projection_calls(lambda: fusedrnn.GRU(8, 8, backend="cpu")(small)) == 1
     assert _projection_calls(lambda: fusedrnn.GRU(8, 8, backend="cpu").double()(small.double())) == 1
+
+
+# ----------------------------------------------------------------------------- projection_rows
+def _rows_case(dtype=torch.float64, bias=True):
+    """A padded [T, B, I] PackedSequence layout and its rows holding data (sorted lengths)."""
+    T, B, I, G = 6, 5, 7, 12
+    lengths = torch.tensor([6, 4, 4, 2, 0])
+    rows = (torch.arange(T * B).view(T, B))[torch.arange(T).unsqueeze(1) < lengths].contiguous()
+    x, w, b = _args((T, B, I), G, bias, dtype=dtype)
+    return x, w, b, rows
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_projection_rows_computes_only_its_rows(bias):
+    """fusedrnn::projection_rows (a PackedSequence's projection): F.linear on its rows,
+    zeros elsewhere; gradients likewise (dx 0 on the other rows)."""
+    x, w, b, rows = _rows_case(torch.float32, bias)
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    got = torch.ops.fusedrnn.projection_rows(x, w, b, rows)
+    mask = torch.zeros(x.shape[0] * x.shape[1], dtype=torch.bool)
+    mask[rows] = True
+    mask = mask.view(*x.shape[:2], 1)
+    want = torch.where(mask, F.linear(x, w, b), 0.0)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    for a, e in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_projection_rows_gradcheck_and_gradgradcheck(bias):
+    x, w, b, rows = _rows_case(torch.float64, bias)
+    ts = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    f = (lambda x, w, b: torch.ops.fusedrnn.projection_rows(x, w, b, rows).sin()) if bias else \
+        (lambda x, w: torch.ops.fusedrnn.projection_rows(x, w, None, rows).sin())
+    assert torch.autograd.gradcheck(f, ts)
+    assert torch.autograd.gradgradcheck(f, ts)
+
+
+def test_projection_rows_opcheck_and_errors():
+    x, w, b, rows = _rows_case(torch.float32)
+    torch.library.opcheck(torch.ops.fusedrnn.projection_rows.default, (x.requires_grad_(), w.requires_grad_(), b, rows))
+    with pytest.raises(RuntimeError, match=r"rows must be in \[0, 30\)"):
+        torch.ops.fusedrnn.projection_rows(x, w, b, torch.tensor([0, 30]))
+    with pytest.raises(RuntimeError, match="rows must be a 1-D int64 CPU tensor"):
+        torch.ops.fusedrnn.projection_rows(x, w, b, rows.int())

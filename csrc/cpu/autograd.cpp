@@ -320,6 +320,44 @@ Tensor projection_autograd(const Tensor& x, const Tensor& w, const optional<Tens
   return Projection::apply(x, w, b);
 }
 
+// fusedrnn::projection_rows: the projection of some rows of x (a PackedSequence's rows
+// that hold data), the other rows of gx 0. The same gradients on those rows (dx 0 on the
+// others); with create_graph in differentiable ATen ops.
+using ProjRowsSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&);
+struct ProjectionRows : torch::autograd::Function<ProjectionRows> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const optional<Tensor>& b,
+                        const Tensor& rows) {
+    static const auto op = op_handle<ProjRowsSig>("fusedrnn::projection_rows");
+    Tensor out = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return op.call(x, w, b, rows);
+    }();
+    ctx->save_for_backward({x, w, b.value_or(Tensor()), rows});  // (x, w, b: gx_source)
+    ctx->saved_data["bias"] = has(b);
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<ProjBwdSig>("fusedrnn::projection_backward");
+    const auto s = ctx->get_saved_variables();
+    const Tensor &x = s[0], &w = s[1], &rows = s[3];
+    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1),
+               nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
+    const int64_t G = w.size(0), I = w.size(1);  // (w's sizes: x's may be symbolic under opcheck)
+    const Tensor g = grads[0].reshape({-1, G}).index_select(0, rows), xr = x.reshape({-1, I}).index_select(0, rows);
+    auto scatter = [&](const Tensor& dxr) {
+      return at::zeros_like(x, at::MemoryFormat::Contiguous).view({-1, I}).index_copy(0, rows, dxr).view_as(x);
+    };
+    if (at::GradMode::is_enabled())  // create_graph
+      return {nx ? scatter(g.mm(w)) : Tensor(), nw ? g.t().mm(xr) : Tensor(), nb ? g.sum(0) : Tensor(), Tensor()};
+    auto [gxr, gw, gb] = call_backward([&] { return op.call(g, xr, w, nx, nw, nb); });
+    return {nx ? scatter(gxr) : Tensor(), if_needed(gw, nw), if_needed(gb, nb), Tensor()};
+  }
+};
+
+Tensor projection_rows_autograd(const Tensor& x, const Tensor& w, const optional<Tensor>& b, const Tensor& rows) {
+  return ProjectionRows::apply(x, w, b, rows);
+}
+
 // What a create_graph backward of a sequence op recomputes gx from: the input
 // projection's inputs (x, w, b) when gx is fusedrnn::projection's output (the modules'
 // float32 and float64 layers), which that op's node keeps anyway, or gx itself when it is
@@ -332,6 +370,11 @@ GxSource gx_source(const Tensor& gx) {
   const auto& fn = gx.grad_fn();
   if (!fn) return {Tensor(), Tensor(), Tensor(), gx};
   if (auto* node = dynamic_cast<torch::autograd::CppNode<Projection>*>(fn.get())) {
+    const auto s = node->ctx_.get_saved_variables();
+    return {s[0], s[1], s[2], Tensor()};
+  }
+  if (auto* node = dynamic_cast<torch::autograd::CppNode<ProjectionRows>*>(fn.get())) {
+    // (recomputed over all rows: the ops never read gx at the others)
     const auto s = node->ctx_.get_saved_variables();
     return {s[0], s[1], s[2], Tensor()};
   }
@@ -518,6 +561,7 @@ TORCH_LIBRARY_IMPL(fusedrnn, AutogradCPU, m) {
   m.impl("gru_forward", &gru_forward_autograd);
   m.impl("rnn_forward", &rnn_forward_autograd);
   m.impl("projection", &projection_autograd);
+  m.impl("projection_rows", &projection_rows_autograd);
 }
 
 }  // namespace cpu

@@ -191,6 +191,32 @@ std::tuple<Tensor, Tensor, Tensor> projection_backward_op(const Tensor& grad_, c
   return {gx, gw, gb};
 }
 
+// gx = x @ w^T + b for the rows `rows` of x (seen as [M, I]) only; gx's other rows are 0.
+// A PackedSequence's padded rows (fusedrnn/modules.py: _pad_sorted's rows): the GEMM of
+// the rows that hold data. Its autograd (csrc/cpu/autograd.cpp, ProjectionRows) does the
+// backward from projection_backward on the same rows.
+void check_rows(const Tensor& rows, int64_t M, const char* op) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.dim() == 1, op,
+              ": rows must be a 1-D int64 CPU tensor, got ", rows.scalar_type(), " ", rows.sizes(), " on ",
+              rows.device());
+  TORCH_CHECK(rows.numel() == 0 || (rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < M), op,
+              ": rows must be in [0, ", M, ")");
+}
+
+Tensor projection_rows_op(const Tensor& x, const Tensor& w, const optional<Tensor>& b, const Tensor& rows) {
+  const char* op = "fusedrnn::projection_rows (cpu)";
+  check_projection(x, w, op);
+  const int64_t I = x.size(-1), G = w.size(0), M = rows_of(x);
+  check_rows(rows, M, op);
+  const Tensor packed = projection_op(x.reshape({M, I}).index_select(0, rows), w, b);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = G;
+  Tensor out = new_output(shape, x);
+  out.zero_();
+  out.view({M, G}).index_copy_(0, rows, packed);
+  return out;
+}
+
 // ----------------------------------------------------------------------------- bfloat16 w_hh
 // The sequence ops accept a bfloat16 w_hh with float32 everything else: the modules'
 // bfloat16 path (fusedrnn/modules.py), whose recurrent products then run on bfloat16 dot
@@ -528,6 +554,7 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("rnn_backward", &rnn_backward_op);
   m.impl("projection", &projection_op);
   m.impl("projection_backward", &projection_backward_op);
+  m.impl("projection_rows", &projection_rows_op);
   m.impl("projection_bf16", &projection_bf16_op);
 }
 
