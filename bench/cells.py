@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fusedrnn  # noqa: E402
 from bench.env import cpu_name  # noqa: E402
-from bench.timing import time_block  # noqa: E402
+from bench.timing import interleaved_blocks, time_block  # noqa: E402
 
 CLASSES = {"lstm": "LSTMCell", "gru": "GRUCell", "rnn": "RNNCell"}
 
@@ -57,13 +56,7 @@ def bench(cell: str, H: int, B: int, train: bool, rounds: int, block_s: float) -
     with ctx:
         for f in (ref, mine):
             time_block(f, 3, leaves)  # warm-up
-        n = max(3, int(block_s / time_block(ref, 3, leaves)))  # calls per block: about block_s seconds
-        times = {"ref": [], "mine": []}
-        for r in range(rounds):
-            order = [("ref", ref), ("mine", mine)][:: 1 if r % 2 == 0 else -1]
-            for k, f in order:
-                times[k].append(time_block(f, n, leaves))
-    return statistics.median(times["ref"]), statistics.median(times["mine"])
+        return interleaved_blocks(ref, mine, leaves, rounds=rounds, block_s=block_s, min_calls=3)
 
 
 def main():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 
 import torch
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fusedrnn  # noqa: E402
 from bench.env import describe_device, device_info  # noqa: E402
-from bench.timing import time_block  # noqa: E402
+from bench.timing import interleaved_blocks, time_block  # noqa: E402
 
 CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN", "lstmcell": "LSTMCell", "grucell": "GRUCell",
            "rnncell": "RNNCell"}
@@ -79,12 +78,8 @@ def bench(cell: str, H: int, B: int, T: int, rounds: int, block_s: float, device
         grads[k] = [p.grad.clone() for p in (ref if k == "ref" else mine).parameters()]
     for a, b in zip(grads["ref"], grads["mine"]):
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), f"{cell} H={H} B={B}: gradients differ"
-    n = max(1, int(block_s / time_block(steps["ref"], 1, leaves, device)))  # steps per block: about block_s
-    times = {"ref": [], "mine": []}
-    for r in range(rounds):
-        for k in ("ref", "mine")[:: 1 if r % 2 == 0 else -1]:
-            times[k].append(time_block(steps[k], n, leaves, device))
-    return statistics.median(times["ref"]), statistics.median(times["mine"]), mine.last_backend
+    return (*interleaved_blocks(steps["ref"], steps["mine"], leaves, rounds=rounds, block_s=block_s, device=device),
+            mine.last_backend)
 
 
 def main():

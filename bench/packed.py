@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 
 import torch
@@ -31,7 +30,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fusedrnn  # noqa: E402
 from bench.env import describe_device, device_info  # noqa: E402
-from bench.timing import time_block  # noqa: E402
+from bench.timing import interleaved_blocks  # noqa: E402
 
 CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 
@@ -62,12 +61,9 @@ def bench(cell: str, H: int, B: int, T: int, min_frac: float, train: bool, round
         if train:
             for a, b in zip(ref.parameters(), mine.parameters()):
                 assert torch.allclose(a.grad, b.grad, atol=1e-3, rtol=1e-3), f"{cell} H={H} B={B}: gradients differ"
-        n = max(1, int(block_s / time_block(steps["ref"], 1, leaves, device)))  # calls per block: about block_s
-        times = {"ref": [], "mine": []}
-        for r in range(rounds):
-            for k in ("ref", "mine")[:: 1 if r % 2 == 0 else -1]:
-                times[k].append(time_block(steps[k], n, leaves, device))
-    return statistics.median(times["ref"]), statistics.median(times["mine"]), mine.last_backend
+        t_ref, t_mine = interleaved_blocks(steps["ref"], steps["mine"], leaves, rounds=rounds, block_s=block_s,
+                                           device=device)
+    return t_ref, t_mine, mine.last_backend
 
 
 def main():

@@ -46,6 +46,20 @@ def time_block(step: Callable[[], object], n: int, leaves: Sequence[torch.Tensor
     return (time.perf_counter() - t0) / n
 
 
+def interleaved_blocks(ref: Callable[[], object], mine: Callable[[], object], leaves: Sequence[torch.Tensor], *,
+                       rounds: int, block_s: float, min_calls: int = 1,
+                       device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+    """(ref's, mine's) median seconds per call over `rounds` rounds of one block each, the
+    order alternating from round to round; a block is about block_s seconds of calls (sized
+    on ref, at least min_calls)."""
+    n = max(min_calls, int(block_s / time_block(ref, min_calls, leaves, device)))
+    times: dict = {ref: [], mine: []}
+    for r in range(rounds):
+        for f in (ref, mine)[:: 1 if r % 2 == 0 else -1]:
+            times[f].append(time_block(f, n, leaves, device))
+    return statistics.median(times[ref]), statistics.median(times[mine])
+
+
 class _Clock:
     """Times one call in milliseconds on `device`."""
 

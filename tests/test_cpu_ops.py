@@ -249,6 +249,23 @@ def test_zero_h0_weight_grad_keeps_non_finite_gradients(variant):
     assert torch.equal(got[0].isnan(), got[1].isnan())
 
 
+def _results_by_split(cell, args, cpu_options):
+    """[outputs + all gradients] of the forward op on `args` (float32, on 2+ threads), with
+    the time loop split by units, then by rows (the same random output gradients)."""
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    op = registry()["cpu"].op(cell, "forward")
+    seeds, results = None, []
+    for split in (1, 2):
+        cpu_options(-1, 1, split)
+        a = tuple(x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                  for x in args)
+        outs = op(*a)[:3 if cell == "lstm" else 2]
+        seeds = seeds or [torch.randn_like(o) for o in outs]
+        leaves = [x for x in a if isinstance(x, torch.Tensor) and x.requires_grad]
+        results.append(list(outs) + list(torch.autograd.grad(outs, leaves, seeds)))
+    return results
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (False, True), (True, True)],
                          ids=["full", "rev", "lengths-rev"])
@@ -259,21 +276,9 @@ def test_split_does_not_change_results(variant, lengths, reverse, cpu_options):
     or on make_split's choice. B=24 on 2 threads: 12 rows each (4-row blocks, tiled32) or
     3 + 3 + 3 + 3 (16 registers)."""
     cell, P, flag = variant
-    torch.set_num_threads(max(2, torch.get_num_threads()))
-    op = registry()["cpu"].op(cell, "forward")
     args = make_inputs(cell, 11, 24, 72, P=P, dtype=torch.float32, lengths=lengths, reverse=reverse,
                        **_kw(cell, flag))
-    seeds = None
-    results = []
-    for split in (1, 2):
-        cpu_options(-1, 1, split)
-        a = tuple(x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                  for x in args)
-        outs = op(*a)[:3 if cell == "lstm" else 2]
-        seeds = seeds or [torch.randn_like(o) for o in outs]
-        leaves = [x for x in a if isinstance(x, torch.Tensor) and x.requires_grad]
-        results.append(list(outs) + list(torch.autograd.grad(outs, leaves, seeds)))
-    for i, (u, r) in enumerate(zip(*results)):
+    for i, (u, r) in enumerate(zip(*_results_by_split(cell, args, cpu_options))):
         assert torch.isfinite(u).all() and torch.isfinite(r).all(), f"result {i}: non-finite (unwritten?)"
         assert torch.equal(u, r), f"result {i}: split by rows differs from split by units by {(u - r).abs().max()}"
 
@@ -431,19 +436,8 @@ def test_sorted_lengths_split_by_rows_matches_split_by_units(variant, cpu_option
     bit for bit, since the rows still running form other micro-kernel row blocks in each
     (see test_split_does_not_change_results)."""
     cell, P, flag = variant
-    torch.set_num_threads(max(2, torch.get_num_threads()))
-    op = registry()["cpu"].op(cell, "forward")
     args = list(make_inputs(cell, 11, 24, 72, P=P, dtype=torch.float32, **_kw(cell, flag)))
     args[-3 if cell == "rnn" else -2] = _sorted_lengths(11, 24)
-    seeds, results = None, []
-    for split in (1, 2):
-        cpu_options(-1, 1, split)
-        a = tuple(x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                  for x in args)
-        outs = op(*a)[:3 if cell == "lstm" else 2]
-        seeds = seeds or [torch.randn_like(o) for o in outs]
-        leaves = [x for x in a if isinstance(x, torch.Tensor) and x.requires_grad]
-        results.append(list(outs) + list(torch.autograd.grad(outs, leaves, seeds)))
-    for i, (u, r) in enumerate(zip(*results)):
+    for i, (u, r) in enumerate(zip(*_results_by_split(cell, args, cpu_options))):
         assert torch.isfinite(u).all() and torch.isfinite(r).all(), f"result {i}: non-finite (unwritten?)"
         torch.testing.assert_close(r, u, atol=2e-6, rtol=1e-5, msg=f"result {i}: split by rows against units")

@@ -159,7 +159,12 @@ MODULE_CASES = [("LSTM", {}), ("LSTM", {"num_layers": 2, "proj_size": 3, "bidire
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind,kw", MODULE_CASES, ids=[f"{k}-{'-'.join(kw) or 'plain'}" for k, kw in MODULE_CASES])
 def test_gradient_penalty_matches_torch_nn(kind, kw, dtype):
-    ours = getattr(fusedrnn, kind)(4, 6, backend="cpu", **kw).to(dtype)
+    _check_penalty("cpu", kind, kw, dtype)
+
+
+def _check_penalty(backend, kind, kw, dtype):
+    """A module's gradient penalty (_penalty) on `backend` against torch.nn's."""
+    ours = getattr(fusedrnn, kind)(4, 6, backend=backend, **kw).to(dtype)
     ref = getattr(nn, kind)(4, 6, **kw).to(dtype)
     ref.load_state_dict(ours.state_dict())
     shape = (3, 4) if kind.endswith("Cell") else (3, 9, 4) if kw.get("batch_first") else (9, 3, 4)
@@ -167,7 +172,7 @@ def test_gradient_penalty_matches_torch_nn(kind, kw, dtype):
     tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
     for a, b in zip(_penalty(ours, x), _penalty(ref, x)):
         torch.testing.assert_close(a, b, **tol)
-    assert ours.last_backend == "cpu"
+    assert ours.last_backend == backend
 
 
 def test_gradient_penalty_packed_with_hx_matches_torch_nn():
@@ -377,16 +382,7 @@ def test_python_autograd_projection_then_sequence_op(backend, cell):
 @pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
 @pytest.mark.parametrize("kind,kw", MODULE_CASES, ids=[f"{k}-{'-'.join(kw) or 'plain'}" for k, kw in MODULE_CASES])
 def test_python_autograd_gradient_penalty_matches_torch_nn(backend, kind, kw):
-    dtype = _dtype(backend)
-    ours = getattr(fusedrnn, kind)(4, 6, backend=backend, **kw).to(dtype)
-    ref = getattr(nn, kind)(4, 6, **kw).to(dtype)
-    ref.load_state_dict(ours.state_dict())
-    shape = (3, 4) if kind.endswith("Cell") else (3, 7, 4) if kw.get("batch_first") else (7, 3, 4)
-    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
-    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
-    for a, b in zip(_penalty(ours, x), _penalty(ref, x)):
-        torch.testing.assert_close(a, b, **tol)
-    assert ours.last_backend == backend
+    _check_penalty(backend, kind, kw, _dtype(backend))
 
 
 @pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
