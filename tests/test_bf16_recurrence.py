@@ -42,16 +42,33 @@ CASES = [("lstm", 64, 0, True, False), ("lstm", 37, 21, True, False), ("gru", 37
          ("gru", 64, 0, False, False), ("rnn", 40, 0, True, False), ("rnn", 37, 0, True, True)]
 
 
+def _with_lengths(args, cell, sorted_lengths):
+    """The op arguments with their lengths sorted, longest first (a PackedSequence's order),
+    if asked (and one of length 0 where the batch has 2+ rows)."""
+    if not sorted_lengths:
+        return args
+    args = list(args)
+    i = -3 if cell == "rnn" else -2
+    L = args[i].sort(descending=True).values
+    if L.numel() > 1:
+        L[-1] = 0
+    args[i] = L
+    return tuple(args)
+
+
 @needs_bf16
 @pytest.mark.parametrize("split", [1, 2], ids=["by-units", "by-rows"])
 @pytest.mark.parametrize("B", [1, 6, 9])  # (the micro-kernel's row blocks: 1, 4 + 2, 4 + 3 + 2)
-@pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True)])
+@pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True), ("sorted", False), ("sorted", True)])
 @pytest.mark.parametrize("cell,H,P,bias,relu", CASES)
 def test_bf16_weight_forward_against_reference(cell, H, P, bias, relu, lengths, reverse, B, split, cpu_options):
+    """lengths "sorted": non-increasing (a PackedSequence's), where the kernels skip the
+    rows that have ended (Seq::active)."""
     backend_or_skip("reference", cell)
     cpu_options(-1, 1 << 8, split)  # (small min_work: these small shapes still run on 2 threads)
     T = 11
-    args = make_inputs(cell, T, B, H, P=P, lengths=lengths, reverse=reverse, bias=bias, relu=relu)
+    args = _with_lengths(make_inputs(cell, T, B, H, P=P, lengths=bool(lengths), reverse=reverse, bias=bias,
+                                     relu=relu), cell, lengths == "sorted")
     w = args[3 if cell == "lstm" else 2].bfloat16()
     got = _forward("cpu", cell, args, w)
     # The spec on the same (bfloat16) weight in float64: the kernel's only other rounding is
@@ -89,15 +106,16 @@ def test_bf16_weight_errors():
 @pytest.mark.parametrize("T", [3, 11])  # (3: the kernels do not run, float32 on w_hh cast)
 @pytest.mark.parametrize("split", [1, 2], ids=["by-units", "by-rows"])
 @pytest.mark.parametrize("B", [1, 6, 9])
+@pytest.mark.parametrize("sorted_lengths", [False, True], ids=["lengths", "sorted-lengths"])
 @pytest.mark.parametrize("cell,H,P,bias,relu", [c for c in CASES if not c[-1]])
-def test_bf16_weight_backward_against_reference(cell, H, P, bias, relu, B, split, T, cpu_options):
+def test_bf16_weight_backward_against_reference(cell, H, P, bias, relu, B, split, T, sorted_lengths, cpu_options):
     """train=True with a bfloat16 w_hh: the backward op's recurrent GEMM on the bfloat16
     kernels too (W_hh^T packed, the pre-activation gradients rounded to bfloat16; with a
     projection, float32 on w_hh cast), and w_hh's gradient, one GEMM on torch's bfloat16
     matmul, comes back in bfloat16."""
     backend_or_skip("reference", cell)
     cpu_options(-1, 1 << 8, split)
-    args = make_inputs(cell, T, B, H, P=P, lengths=True, bias=bias, relu=relu)
+    args = _with_lengths(make_inputs(cell, T, B, H, P=P, lengths=True, bias=bias, relu=relu), cell, sorted_lengths)
     iw = 3 if cell == "lstm" else 2
     w = args[iw].bfloat16()
 
