@@ -15,7 +15,8 @@ from torch.fx import Proxy
 from . import autocast as AC
 from . import validation as V
 from .backends import Call, select, torch_nn_faster_low_precision, torch_nn_instead_of_reference
-from .modules import BackendChoice, below_autograd_if_no_grad, records_grad
+from .modules import BackendChoice, below_autograd_if_no_grad
+from .ops import records_grad
 from .projection import input_projection
 
 

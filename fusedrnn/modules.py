@@ -20,6 +20,7 @@ from . import autocast as AC
 from . import validation as V
 from .backends import (TORCH_NN, Call, float32_matmul_in_bf16, load_for, select, torch_nn_cannot, torch_nn_faster,
                        torch_nn_faster_low_precision, torch_nn_for_device, torch_nn_instead_of_reference)
+from .ops import records_grad
 from .projection import input_projection
 from .transforms import differentiating_transform, onnx_export, refuse
 
@@ -144,17 +145,6 @@ def below_autograd_if_no_grad():
 def _cast_back(finish, dtype):
     """finish(y, states) with y and the states cast to `dtype` first (float32_for)."""
     return lambda y, states: finish(y.to(dtype), [h.to(dtype) for h in states])
-
-
-def records_grad(*tensors) -> bool:
-    """Whether autograd records an op on these inputs. If not, the forward ops run with
-    train=False: they keep no saved tensors (gates, cells) for a backward. Under
-    torch.jit.trace always True: a traced graph holds the flag as a constant, which must
-    not depend on the grad mode of the tracing call (trace's own check re-runs the module
-    under another one, and a graph traced for inference would refuse a backward)."""
-    if torch.jit.is_tracing():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _pad_sorted(data: Tensor, batch_sizes: Tensor):

@@ -30,6 +30,17 @@ def get_op(cell: str, direction: str, backend: str):
     return getattr(torch.ops.fusedrnn, op_name(cell, direction, backend)).default
 
 
+def records_grad(*tensors) -> bool:
+    """Whether autograd records an op on these inputs. If not, the forward ops run with
+    train=False: they keep no saved tensors (gates, cells) for a backward. Under
+    torch.jit.trace always True: a traced graph holds the flag as a constant, which must
+    not depend on the grad mode of the tracing call (trace's own check re-runs the module
+    under another one, and a graph traced for inference would refuse a backward)."""
+    if torch.jit.is_tracing():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def define_schemas(key: str, schemas: dict[str, str], suffix: str = "") -> bool:
     """Declare the ops `schemas` (name -> schema, each name + `suffix`) in the fusedrnn
     namespace, once per process and `key`: True when this call declared them."""

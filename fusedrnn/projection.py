@@ -47,7 +47,7 @@ def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = F
         if rows is not None:
             return torch.ops.fusedrnn.projection_rows(x, w, b, rows)
         return torch.ops.fusedrnn.projection(x, w, b)
-    if rows is not None and not _records(x, w, b):
+    if rows is not None and not ops.records_grad(x, w, b):
         M = math.prod(x.shape[:-1])
         packed = F.linear(x.reshape(M, x.shape[-1]).index_select(0, rows), w, b)
         return packed.new_zeros(M, packed.shape[-1]).index_copy_(0, rows, packed).view(*x.shape[:-1], -1)
@@ -63,10 +63,6 @@ def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = F
 
 
 _INPUTS = "_fusedrnn_projection_inputs"
-
-
-def _records(*ts: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def projection_inputs(gx: Tensor) -> Optional[tuple]:

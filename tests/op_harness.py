@@ -34,7 +34,8 @@ def backend_or_skip(name: str, cell: str = "lstm"):
 
 def make_inputs(cell, T, B, H, *, P=0, dtype=torch.float32, device="cpu", lengths=False,
                 reverse=False, bias=True, relu=False):
-    """Forward-op arguments (as a tuple in schema order) for one random case."""
+    """Forward-op arguments (as a tuple in schema order) for one random case. lengths: False
+    (none), True (random, one of length T) or "sorted" (non-increasing, all below T)."""
     G = GATES[cell] * H
     Pd = P or H
     scale = 1.0 / (Pd ** 0.5)
@@ -46,7 +47,16 @@ def make_inputs(cell, T, B, H, *, P=0, dtype=torch.float32, device="cpu", length
     h0 = rnd(B, Pd, s=0.5)
     w_hh = rnd(G, Pd, s=scale)
     L = None
-    if lengths:
+    if lengths == "sorted":
+        # Non-increasing, as a PackedSequence's (the cpu kernels then skip the rows that have
+        # ended, Seq::active): below T, the longest T - 1 and (B >= 2) one of length 0, so
+        # the last step has no row running.
+        L = torch.randint(0, T, (B,))
+        L[0] = T - 1
+        if B > 1:
+            L[-1] = 0
+        L = L.sort(descending=True).values.to(device)
+    elif lengths:
         L = torch.randint(1, T + 1, (B,))
         L[torch.randint(0, B, (1,))] = T  # at least one full-length sequence
         L = L.to(device)

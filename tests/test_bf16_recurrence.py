@@ -42,20 +42,6 @@ CASES = [("lstm", 64, 0, True, False), ("lstm", 37, 21, True, False), ("gru", 37
          ("gru", 64, 0, False, False), ("rnn", 40, 0, True, False), ("rnn", 37, 0, True, True)]
 
 
-def _with_lengths(args, cell, sorted_lengths):
-    """The op arguments with their lengths sorted, longest first (a PackedSequence's order),
-    if asked (and one of length 0 where the batch has 2+ rows)."""
-    if not sorted_lengths:
-        return args
-    args = list(args)
-    i = -3 if cell == "rnn" else -2
-    L = args[i].sort(descending=True).values
-    if L.numel() > 1:
-        L[-1] = 0
-    args[i] = L
-    return tuple(args)
-
-
 @needs_bf16
 @pytest.mark.parametrize("split", [1, 2], ids=["by-units", "by-rows"])
 @pytest.mark.parametrize("B", [1, 6, 9])  # (the micro-kernel's row blocks: 1, 4 + 2, 4 + 3 + 2)
@@ -67,8 +53,7 @@ def test_bf16_weight_forward_against_reference(cell, H, P, bias, relu, lengths, 
     backend_or_skip("reference", cell)
     cpu_options(-1, 1 << 8, split)  # (small min_work: these small shapes still run on 2 threads)
     T = 11
-    args = _with_lengths(make_inputs(cell, T, B, H, P=P, lengths=bool(lengths), reverse=reverse, bias=bias,
-                                     relu=relu), cell, lengths == "sorted")
+    args = make_inputs(cell, T, B, H, P=P, lengths=lengths, reverse=reverse, bias=bias, relu=relu)
     w = args[3 if cell == "lstm" else 2].bfloat16()
     got = _forward("cpu", cell, args, w)
     # The spec on the same (bfloat16) weight in float64: the kernel's only other rounding is
@@ -115,7 +100,7 @@ def test_bf16_weight_backward_against_reference(cell, H, P, bias, relu, B, split
     matmul, comes back in bfloat16."""
     backend_or_skip("reference", cell)
     cpu_options(-1, 1 << 8, split)
-    args = _with_lengths(make_inputs(cell, T, B, H, P=P, lengths=True, bias=bias, relu=relu), cell, sorted_lengths)
+    args = make_inputs(cell, T, B, H, P=P, lengths="sorted" if sorted_lengths else True, bias=bias, relu=relu)
     iw = 3 if cell == "lstm" else 2
     w = args[iw].bfloat16()
 

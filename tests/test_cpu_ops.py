@@ -400,15 +400,6 @@ def test_output_pool_survives_fork_while_another_thread_holds_it():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
 
 
-def _sorted_lengths(T, B):
-    """Non-increasing lengths (a PackedSequence's order) below T, zeros included: the
-    kernels skip the GEMM rows of the sequences that have ended, and the last steps have
-    none running."""
-    L = torch.randint(0, T, (B,))
-    L[0], L[-1] = T - 1, 0
-    return L.sort(descending=True).values
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 @pytest.mark.parametrize("tiled,split", [(2, 1), (2, 2), (1, 2), (0, 1), (0, 2)],
                          ids=["tiled32", "tiled32-rows", "tiled-rows", "blas", "blas-rows"])
@@ -421,9 +412,8 @@ def test_sorted_lengths_skip_ended_rows(variant, tiled, split, reverse, cpu_opti
     cpu_options(tiled, 1, split)
     torch.set_num_threads(max(2, torch.get_num_threads()))
     for B, zero_h0 in ((1, False), (5, False), (13, False), (13, True)):
-        args = list(make_inputs(cell, 9, B, 44, P=24 if P else 0, dtype=torch.float32, reverse=reverse,
-                                **_kw(cell, flag)))
-        args[-3 if cell == "rnn" else -2] = _sorted_lengths(9, B) if B > 1 else torch.tensor([5])
+        args = list(make_inputs(cell, 9, B, 44, P=24 if P else 0, dtype=torch.float32, lengths="sorted",
+                                reverse=reverse, **_kw(cell, flag)))
         if zero_h0:
             args[1] = torch.zeros_like(args[1])
         check_against_reference("cpu", cell, tuple(args))
@@ -436,8 +426,7 @@ def test_sorted_lengths_split_by_rows_matches_split_by_units(variant, cpu_option
     bit for bit, since the rows still running form other micro-kernel row blocks in each
     (see test_split_does_not_change_results)."""
     cell, P, flag = variant
-    args = list(make_inputs(cell, 11, 24, 72, P=P, dtype=torch.float32, **_kw(cell, flag)))
-    args[-3 if cell == "rnn" else -2] = _sorted_lengths(11, 24)
+    args = make_inputs(cell, 11, 24, 72, P=P, dtype=torch.float32, lengths="sorted", **_kw(cell, flag))
     for i, (u, r) in enumerate(zip(*_results_by_split(cell, args, cpu_options))):
         assert torch.isfinite(u).all() and torch.isfinite(r).all(), f"result {i}: non-finite (unwritten?)"
         torch.testing.assert_close(r, u, atol=2e-6, rtol=1e-5, msg=f"result {i}: split by rows against units")

@@ -369,13 +369,13 @@ GxSource gx_source(const Tensor& gx) {
   if (!gx.requires_grad()) return {};
   const auto& fn = gx.grad_fn();
   if (!fn) return {Tensor(), Tensor(), Tensor(), gx};
-  if (auto* node = dynamic_cast<torch::autograd::CppNode<Projection>*>(fn.get())) {
-    const auto s = node->ctx_.get_saved_variables();
-    return {s[0], s[1], s[2], Tensor()};
-  }
-  if (auto* node = dynamic_cast<torch::autograd::CppNode<ProjectionRows>*>(fn.get())) {
-    // (recomputed over all rows: the ops never read gx at the others)
-    const auto s = node->ctx_.get_saved_variables();
+  // Both projections save x, w, b first (projection_rows' gx is recomputed over all rows:
+  // the ops never read gx at the others).
+  torch::autograd::AutogradContext* ctx = nullptr;
+  if (auto* node = dynamic_cast<torch::autograd::CppNode<Projection>*>(fn.get())) ctx = &node->ctx_;
+  else if (auto* node = dynamic_cast<torch::autograd::CppNode<ProjectionRows>*>(fn.get())) ctx = &node->ctx_;
+  if (ctx) {
+    const auto s = ctx->get_saved_variables();
     return {s[0], s[1], s[2], Tensor()};
   }
   return {};
