@@ -16,10 +16,11 @@ The other backends' ops have Python autograd (fusedrnn/ops.py); sequence_grads b
 the same mechanism for them: their modules' input projection (projection.input_projection,
 F.linear) leaves x, w and b on gx, where gx_source finds them.
 
-Where gx did not come from either projection (the bfloat16 path, a direct op call with a
-computed gx) or needs no gradient (a layer whose x, w_ih and biases all need none: keeping
-gx for a double backward would cost its memory in every training step), double backward
-still raises (ops._no_double_backward).
+A layer whose x, w_ih and biases all need no gradient has no projection node: there the
+projection notes its inputs (C++: FrozenProjection in csrc/cpu/autograd.cpp; Python: the
+same attribute on gx), rather than the op keeping gx itself, which would cost its memory
+in every training step. Where gx did not come from either projection (the bfloat16 path,
+a direct op call with a computed gx), double backward still raises (ops._no_double_backward).
 """
 from __future__ import annotations
 
@@ -65,15 +66,13 @@ _NO_SOURCE = (None, None, None, None)
 
 def gx_source(gx: Tensor) -> tuple:
     """What a sequence op keeps to recompute gx in a create_graph backward: (x, w, b, None)
-    when gx is input_projection's F.linear output (references: w and b are parameters, and
-    x, the layer's input, is kept by F.linear's node or the previous layer's op),
-    (None, None, None, gx) when gx is a leaf that needs a gradient; nothing (all None)
-    otherwise."""
-    if not gx.requires_grad:
-        return _NO_SOURCE
-    if gx.grad_fn is None:
-        return None, None, None, gx
+    when gx is input_projection's F.linear output, whether or not it needs a gradient
+    (references: w and b are parameters or a bias sum, and x, the layer's input, is kept by
+    F.linear's node or the previous layer's op), (None, None, None, gx) when gx is a leaf
+    that needs a gradient; nothing (all None) otherwise."""
     src = projection.projection_inputs(gx)
+    if gx.requires_grad and gx.grad_fn is None:
+        return None, None, None, gx
     return _NO_SOURCE if src is None else (*src, None)
 
 

@@ -111,8 +111,7 @@ def _no_double_backward(ctx, *grads):
                        "autograd.grad(..., create_graph=True) then backward) is not supported here: it needs a "
                        "recomputation of the layer from its input projection's inputs or from gx itself "
                        "(fusedrnn/double_backward.py), and this call has neither: the bfloat16 kernels' path, "
-                       "a layer whose input, w_ih and biases all need no gradient, a layer run under "
-                       "torch.jit.trace or torch.compile, or a sequence op called with a gx that is "
+                       "a layer run under torch.jit.trace or torch.compile, or a sequence op called with a gx that is "
                        "neither a leaf nor fusedrnn's input projection's output; for that computation set the "
                        "module's backend to 'torch.nn' (module.backend = 'torch.nn', or "
                        "fusedrnn.convert(model, backend='torch.nn')), which runs torch.nn's own forward")

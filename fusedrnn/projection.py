@@ -50,14 +50,19 @@ def input_projection(x: Tensor, w: Tensor, b: Optional[Tensor], native: bool = F
     if rows is not None and not ops.records_grad(x, w, b):
         M = math.prod(x.shape[:-1])
         packed = F.linear(x.reshape(M, x.shape[-1]).index_select(0, rows), w, b)
-        return packed.new_zeros(M, packed.shape[-1]).index_copy_(0, rows, packed).view(*x.shape[:-1], -1)
-    gx = F.linear(x, w, b)
-    if gx.requires_grad and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        gx = packed.new_zeros(M, packed.shape[-1]).index_copy_(0, rows, packed).view(*x.shape[:-1], -1)
+    else:
+        gx = F.linear(x, w, b)
+    if torch.is_grad_enabled() and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
         # For the backends whose ops have Python autograd (fusedrnn/ops.py: reference,
         # Triton, CUDA, emulated): a sequence op's double backward recomputes gx from these
         # (projection_inputs), as the cpu backend does from fusedrnn::projection's C++ node,
-        # so that gx itself is not kept (fusedrnn/double_backward.py). An attribute of the
-        # tensor, not an autograd.Function of our own: that cost ~60 us per call (a cell step).
+        # so that gx itself is not kept (fusedrnn/double_backward.py). Also where gx needs no
+        # gradient (x, w and b frozen) while the recurrence may (w_hh, h0): references only,
+        # x being the layer's input (the cpu backend's C++ notes them: FrozenProjection). (With
+        # rows, gx is 0 at the other rows; the recomputation's F.linear is not, but the
+        # sequence ops never read them.) An attribute of the tensor, not an
+        # autograd.Function of our own: that cost ~60 us per call (a cell step).
         setattr(gx, _INPUTS, (x, w, b))
     return gx
 

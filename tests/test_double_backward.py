@@ -93,8 +93,9 @@ def test_gradgradcheck_sequence_op(cell, kw):
                                            ("rnn", {}, (0, 1))])
 def test_gradgradcheck_sequence_op_some_inputs(cell, kw, which):
     """Only some inputs need gradients (the create_graph backward computes only those). gx
-    is among them: a gx that needs none is not kept for a double backward (see
-    test_still_raises_where_unsupported)."""
+    is among them: a gx that needs none and did not come from the projection is not kept for
+    a double backward (see test_still_raises_where_unsupported; a frozen projection's is
+    recomputed: test_frozen_input_projection_matches_torch_nn)."""
     args = list(_f64_leaves(make_inputs(cell, 4, 3, 3, **kw)))
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor) and i not in which:
@@ -238,17 +239,98 @@ def test_gx_is_not_kept_alive():
 
 def test_still_raises_where_unsupported():
     """A sequence op whose gx is neither a leaf nor the projection's output (here gx = 2 * a),
-    or needs no gradient (keeping it for a double backward would cost its memory in every
-    training step): the double backward raises, pointing to backend 'torch.nn'."""
+    or needs no gradient and is not a frozen projection's output (keeping it for a double
+    backward would cost its memory in every training step; here also right after a frozen
+    projection of another gx, whose note must not be taken for this one): the double
+    backward raises, pointing to backend 'torch.nn'."""
     args = _f64_leaves(make_inputs("gru", 4, 2, 3))
     y = torch.ops.fusedrnn.gru_forward(args[0] * 2, *args[1:])[0]
     (g,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
         g.sum().backward()
-    y = torch.ops.fusedrnn.gru_forward(args[0].detach(), *args[1:])[0]
-    (g,) = torch.autograd.grad(y.square().sum(), args[1], create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
-        g.sum().backward()
+    for frozen_projection_before in (False, True):
+        if frozen_projection_before:
+            torch.ops.fusedrnn.projection(torch.randn(4, 2, 5, dtype=torch.float64),
+                                          torch.randn(9, 5, dtype=torch.float64), None)
+        y = torch.ops.fusedrnn.gru_forward(args[0].detach(), *args[1:])[0]
+        (g,) = torch.autograd.grad(y.square().sum(), args[1], create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
+            g.sum().backward()
+
+
+FROZEN_CASES = [("LSTM", {"num_layers": 2, "proj_size": 3, "bidirectional": True}), ("LSTM", {"packed": True}),
+                ("GRU", {"num_layers": 2}), ("GRU", {"bidirectional": True, "packed": True}),
+                ("RNN", {"bias": False}), ("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {"nonlinearity": "relu"})]
+
+
+def _first(t):
+    return t[0] if isinstance(t, tuple) else t
+
+
+def _frozen_projection_hessian(module, x, h0=None, lengths=None):
+    """d/d(w_hh, h0) of |d(sum y^2)/d(w_hh, h0)|^2 with the input projection frozen: x,
+    w_ih and the biases gx adds need no gradient (GRU's b_hh is in its recurrence), as when
+    fine-tuning only the recurrent weights or a learned initial state."""
+    gru = "GRU" in type(module).__name__
+    for name, p in module.named_parameters():
+        p.requires_grad_(name.startswith("weight_hh") or (gru and name.startswith("bias_hh")))
+    ws = [p for p in module.parameters() if p.requires_grad] + ([] if h0 is None else [_first(h0)])
+    inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
+    y = _first(module(inp) if h0 is None else module(inp, h0))
+    y = y.data if isinstance(y, torch.nn.utils.rnn.PackedSequence) else y
+    gs = torch.autograd.grad(y.square().sum(), ws, create_graph=True)
+    return torch.autograd.grad(sum((g * g.cos()).sum() for g in gs), ws)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu")] + PYTHON_AUTOGRAD)
+@pytest.mark.parametrize("kind,kw", FROZEN_CASES, ids=[f"{k}-{'-'.join(kw) or 'plain'}" for k, kw in FROZEN_CASES])
+def test_frozen_input_projection_matches_torch_nn(backend, kind, kw):
+    """A layer whose x, w_ih and biases all need no gradient has no projection node: the
+    projection notes its inputs (csrc/cpu/autograd.cpp FrozenProjection; Python: gx's
+    attribute) and the create_graph backward recomputes gx from them, as a constant."""
+    kw = dict(kw)
+    packed = kw.pop("packed", False)
+    dtype = _dtype(backend)
+    ours = getattr(fusedrnn, kind)(4, 6, backend=backend, **kw).to(dtype)
+    ref = getattr(nn, kind)(4, 6, **kw).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    cell = kind.endswith("Cell")
+    x = torch.randn(*((3, 4) if cell else (7, 3, 4)), dtype=dtype)
+    D = (2 if kw.get("bidirectional") else 1) * kw.get("num_layers", 1)
+    h0 = torch.randn(*((3,) if cell else (D, 3)), kw.get("proj_size", 6), dtype=dtype, requires_grad=True)
+    if kind.startswith("LSTM"):
+        h0 = (h0, torch.randn(*h0.shape[:-1], 6, dtype=dtype))
+    lengths = torch.tensor([7, 2, 5]) if packed else None
+    got = _frozen_projection_hessian(ours, x, h0, lengths)
+    for a, b in zip(got, _frozen_projection_hessian(ref, x, h0, lengths)):
+        # (float32: relative to the largest entry; ReLU's second derivatives reach 1e3-1e4)
+        tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else \
+            dict(atol=2e-5 + 1e-5 * b.abs().max().item(), rtol=1e-4)
+        torch.testing.assert_close(a, b, **tol)
+    assert ours.last_backend == backend and all(g.abs().sum() > 0 for g in got)
+
+
+def test_frozen_projection_note_keeps_neither_gx_nor_x_alive():
+    """The frozen projection's note (FrozenProjection) references gx weakly, and a sequence
+    op clears it: x, referenced by it, lives only as long as the op's node needs it."""
+    x, w = torch.randn(5, 2, 3), torch.randn(12, 3)
+    h0 = torch.randn(2, 3, requires_grad=True)
+    gx = torch.ops.fusedrnn.projection(x, w, None)
+    ref_gx, ref_x = weakref.ref(gx), weakref.ref(x)
+    y = torch.ops.fusedrnn.lstm_forward(gx, h0, torch.randn(2, 3), torch.randn(12, 3), None, None, False, True)[0]
+    del gx, x
+    assert ref_gx() is None and ref_x() is not None  # (the op's node keeps x for a double backward)
+    (g,) = torch.autograd.grad(y.square().sum(), h0, create_graph=True)
+    g.square().sum().backward()
+    assert h0.grad is not None and h0.grad.abs().sum() > 0
+    del y, g
+    assert ref_x() is None
+    x = torch.randn(5, 2, 3)
+    ref_x = weakref.ref(x)
+    torch.ops.fusedrnn.projection(x, w, None)  # on its own: noted until the next sequence op
+    del x
+    torch.ops.fusedrnn.rnn_forward(torch.randn(5, 2, 3), torch.randn(2, 3), torch.randn(3, 3), None, False, False)
+    assert ref_x() is None
 
 
 def test_bfloat16_kernels_path_raises():
@@ -460,20 +542,18 @@ def test_python_autograd_keeps_the_projections_inputs_not_gx():
 
 @pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
 def test_python_autograd_still_raises_where_unsupported(backend):
-    """gx computed by something else than the projection (an op call with gx = 2 * a), and a
-    layer whose input projection needs no gradient (x, w_ih and biases frozen: gx is not
-    kept): the double backward raises, pointing to backend 'torch.nn'."""
+    """gx computed by something else than the projection (an op call with gx = 2 * a), or a
+    gx that needs no gradient and is not the projection's output (gx is not kept): the
+    double backward raises, pointing to backend 'torch.nn'."""
     dtype = _dtype(backend)
     args = _leaves(make_inputs("gru", 4, 2, 3), dtype)
-    y = registry()[backend].op("gru", "forward")(args[0] * 2, *args[1:])[0]
+    op = registry()[backend].op("gru", "forward")
+    y = op(args[0] * 2, *args[1:])[0]
     (g,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
         g.sum().backward()
-    m = fusedrnn.LSTM(3, 4, backend=backend).to(dtype)
-    for name in ("weight_ih_l0", "bias_ih_l0", "bias_hh_l0"):
-        getattr(m, name).requires_grad_(False)
-    (g,) = torch.autograd.grad(m(torch.randn(5, 2, 3, dtype=dtype))[0].square().sum(), m.weight_hh_l0,
-                               create_graph=True)
+    y = op(args[0].detach(), *args[1:])[0]
+    (g,) = torch.autograd.grad(y.square().sum(), args[1], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
         g.sum().backward()
 

@@ -1,7 +1,7 @@
 """backend="torch.nn": the module runs torch.nn's own forward (fusedrnn's modules are
 torch.nn modules), for computations fusedrnn's ops do not support, such as a double
-backward through a layer whose input projection needs no gradient; the double-backward
-error points to it."""
+backward through a layer traced by torch.jit.trace on a backend with Python autograd; the
+double-backward error points to it."""
 import pytest
 import torch
 from torch import nn
@@ -43,28 +43,24 @@ def test_torch_nn_backend_is_torch_nn_exactly_double_backward_included(kind, kw)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _frozen_projection_hessian(module, x):
-    """d/dW_hh of |d(sum y^2)/dW_hh|^2 with the input projection frozen (x, w_ih and the
-    biases it adds need no gradient): fusedrnn keeps nothing to recompute gx from there."""
-    gru = "GRU" in type(module).__name__  # (GRU's b_hh is not in gx)
-    for name, p in module.named_parameters():
-        p.requires_grad_(name.startswith("weight_hh") or (gru and name.startswith("bias_hh")))
-    ws = [p for name, p in module.named_parameters() if name.startswith("weight_hh")]
-    gs = torch.autograd.grad(_first(module(x)).square().sum(), ws, create_graph=True)
-    return torch.autograd.grad(sum(g.square().sum() for g in gs), ws)
+def _traced_gradient_penalty(module, x):
+    """_gradient_penalty through torch.jit.trace(module) (the traced graph shares the
+    module's parameters)."""
+    return _gradient_penalty(torch.jit.trace(module, (x,), check_trace=False), x)
 
 
 @pytest.mark.parametrize("kind,kw", KINDS[:2] + KINDS[4:5], ids=["LSTM", "GRU", "GRUCell"])
 def test_double_backward_error_points_to_the_torch_nn_backend(kind, kw):
-    """Where double backward is not supported (here a frozen input projection; elsewhere it
-    is: tests/test_double_backward.py), the error says what to do."""
+    """Where double backward is not supported (here the reference backend under
+    torch.jit.trace, whose input projection leaves no inputs to recompute gx from;
+    elsewhere it is: tests/test_double_backward.py), the error says what to do."""
     ours, ref = _pair(kind, kw, "reference")
     shape = (3, 4) if kind.endswith("Cell") else (5, 3, 4)
-    x = torch.randn(*shape, dtype=torch.float64)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
-        _frozen_projection_hessian(ours, x)
+        _traced_gradient_penalty(ours, x)
     ours.backend = "torch.nn"  # as the message says
-    for a, b in zip(_frozen_projection_hessian(ours, x), _frozen_projection_hessian(ref, x)):
+    for a, b in zip(_traced_gradient_penalty(ours, x), _traced_gradient_penalty(ref, x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -23,6 +23,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <utility>
+
 namespace fusedrnn {
 namespace cpu {
 namespace {
@@ -289,6 +291,30 @@ Tensor rnn_cell_autograd(const Tensor& x, const Tensor& h, const Tensor& w_ih, c
 using ProjSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&);
 using ProjBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool, bool, bool);
 
+// A layer whose input projection needs no gradient (x, w_ih and the biases in gx all
+// frozen, e.g. fine-tuning only w_hh or a learned h0) gets no projection node, so the
+// sequence op could not find what to recompute gx from in a create_graph backward.
+// Keeping gx for that would cost its memory in every training step; instead the
+// projection notes its inputs here (references: x is the layer's input, w and b the
+// layer's weights or a bias sum) and the sequence op called next in this thread on that
+// gx takes them (gx_source). Any sequence op clears the note, so a projection called on
+// its own keeps its inputs alive only until the thread's next projection or sequence op;
+// gx is referenced weakly, only to recognize it.
+struct FrozenProjection {
+  c10::optional<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> gx;
+  Tensor x, w, b;
+};
+thread_local FrozenProjection frozen_projection;
+
+// (Called after Function::apply, which runs forward with grad mode off.)
+void note_frozen_projection(const Tensor& gx, const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
+  if (at::GradMode::is_enabled() && !gx.requires_grad())
+    frozen_projection = {c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(gx.getIntrusivePtr()),
+                         x, w, b.value_or(Tensor())};
+  else
+    frozen_projection = {};
+}
+
 struct Projection : torch::autograd::Function<Projection> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
     static const auto op = op_handle<ProjSig>("fusedrnn::projection");
@@ -317,7 +343,9 @@ struct Projection : torch::autograd::Function<Projection> {
 };
 
 Tensor projection_autograd(const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
-  return Projection::apply(x, w, b);
+  Tensor gx = Projection::apply(x, w, b);
+  note_frozen_projection(gx, x, w, b);
+  return gx;
 }
 
 // fusedrnn::projection_rows: the projection of some rows of x (a PackedSequence's rows
@@ -355,18 +383,25 @@ struct ProjectionRows : torch::autograd::Function<ProjectionRows> {
 };
 
 Tensor projection_rows_autograd(const Tensor& x, const Tensor& w, const optional<Tensor>& b, const Tensor& rows) {
-  return ProjectionRows::apply(x, w, b, rows);
+  Tensor gx = ProjectionRows::apply(x, w, b, rows);
+  note_frozen_projection(gx, x, w, b);
+  return gx;
 }
 
 // What a create_graph backward of a sequence op recomputes gx from: the input
 // projection's inputs (x, w, b) when gx is fusedrnn::projection's output (the modules'
-// float32 and float64 layers), which that op's node keeps anyway, or gx itself when it is
-// a leaf. Nothing otherwise (then double backward raises: ops._no_double_backward).
+// float32 and float64 layers), which that op's node keeps anyway (or, where that needs no
+// gradient, FrozenProjection's note), or gx itself when it is a leaf. Nothing otherwise
+// (then double backward raises: ops._no_double_backward).
 struct GxSource {
   Tensor x, w, b, gx;
 };
 GxSource gx_source(const Tensor& gx) {
-  if (!gx.requires_grad()) return {};
+  const FrozenProjection frozen = std::exchange(frozen_projection, FrozenProjection{});
+  if (!gx.requires_grad()) {
+    if (frozen.gx && frozen.gx->_unsafe_get_target() == gx.unsafeGetTensorImpl()) return {frozen.x, frozen.w, frozen.b};
+    return {};
+  }
   const auto& fn = gx.grad_fn();
   if (!fn) return {Tensor(), Tensor(), Tensor(), gx};
   // Both projections save x, w, b first (projection_rows' gx is recomputed over all rows:
