@@ -109,7 +109,7 @@ def test_units_taken_by_another_thread(shape, G):
              "grad^T @ x": lambda: torch.ops.fusedrnn.projection_backward(grad, x, w, False, True, True)[1:]}
     for name, gemm in gemms.items():
         want = gemm()
-        before = _C._gemm_test_delay(30_000)
+        before = _C._gemm_test_delay(2_000_000)  # (held until another thread takes a unit)
         try:
             got = gemm()
         finally:

@@ -848,15 +848,26 @@ void run_stealing(const Slices& sl, int64_t nb, const Setup& setup, const Run& r
   std::unique_ptr<std::atomic<bool>[]> taken(new std::atomic<bool>[sl.n * nb]), ready(new std::atomic<bool>[sl.n]);
   for (int64_t u = 0; u < sl.n * nb; ++u) taken[u].store(false, std::memory_order_relaxed);
   for (int t = 0; t < sl.n; ++t) ready[t].store(false, std::memory_order_relaxed);
+  // Test hook (gemm_test_delay): the last thread acts preempted. It waits before its own
+  // units until another thread has taken its last unit (the first one stolen), and the
+  // others wait for its setup before they look for units to take; each wait at most
+  // test_us. (A fixed sleep of the last thread was flaky on a loaded host: it could start
+  // only after the others had finished and found nothing ready to take.)
+  const int test_us = nb > 0 ? g_test_delay_us.load(std::memory_order_relaxed) : 0;
+  const auto test_wait = [&](const std::atomic<bool>& flag) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(test_us);
+    while (!flag.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < end)
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+  };
   run_slices(sl, [&](int t) {
     setup(t);
     ready[t].store(true, std::memory_order_release);
-    if (const int us = g_test_delay_us.load(std::memory_order_relaxed); us > 0 && t == sl.n - 1)
-      std::this_thread::sleep_for(std::chrono::microseconds(us));  // (a preempted thread, for tests)
+    if (test_us > 0 && t == sl.n - 1) test_wait(taken[t * nb + nb - 1]);
     for (int64_t j = 0; j < nb; ++j)
       if (!taken[t * nb + j].exchange(true, std::memory_order_relaxed)) run(t, j);
     for (int o = 1; o < sl.n; ++o) {
       const int v = (t + o) % sl.n;
+      if (test_us > 0 && v == sl.n - 1) test_wait(ready[v]);
       if (!ready[v].load(std::memory_order_acquire)) continue;  // (v has not started: leave it its units)
       for (int64_t j = nb - 1; j >= 0; --j)
         if (!taken[v * nb + j].exchange(true, std::memory_order_relaxed)) {

@@ -150,9 +150,9 @@ const char* simd_path();
 void set_options(int tiled, int64_t min_work, int split, int* old_tiled, int64_t* old_min_work, int* old_split);
 
 // Test hook of the float32 GEMMs' work stealing: from now on the last thread of each GEMM
-// sleeps `us` microseconds (0: not) before its own work, as if preempted, so that the
-// others take its units. Returns how many units a thread other than their owner has run
-// since the process started.
+// waits before its own work, as if preempted, until another thread has taken one of its
+// units or `us` microseconds have passed (0: no wait). Returns how many units a thread
+// other than their owner has run since the process started.
 int64_t gemm_test_delay(int us);
 
 }  // namespace cpu

@@ -634,8 +634,8 @@ PyMethodDef methods[] = {
      "_pool_hold_lock_for_test(ms): a background thread holds the output pool's lock for ms milliseconds"},
     {"_gemm_test_delay", gemm_test_delay, METH_VARARGS,
      "_gemm_test_delay(us) -> units run by another thread than their owner so far: from now on the last "
-     "thread of each float32 GEMM (projection, dx, weight gradients) sleeps us microseconds before its own "
-     "work (0: not), so that the others take it. For tests."},
+     "thread of each float32 GEMM (projection, dx, weight gradients) waits before its own work until another "
+     "thread has taken one of its units, at most us microseconds (0: not). For tests."},
     {"_set_options", set_options, METH_VARARGS,
      "_set_options(tiled, min_work, split=-1) -> previous (tiled, min_work, split): float32 GEMM kernels: "
      "BLAS (0), packed-panel AVX2 micro-kernels (1), those with the recurrent steps in AVX-512's 32 "
