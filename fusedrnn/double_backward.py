@@ -19,8 +19,9 @@ F.linear) leaves x, w and b on gx, where gx_source finds them.
 A layer whose x, w_ih and biases all need no gradient has no projection node: there the
 projection notes its inputs (C++: FrozenProjection in csrc/cpu/autograd.cpp; Python: the
 same attribute on gx), rather than the op keeping gx itself, which would cost its memory
-in every training step. Where gx did not come from either projection (the bfloat16 path,
-a direct op call with a computed gx), double backward still raises (ops._no_double_backward).
+in every training step. Where gx did not come from a projection (a direct op call with a
+computed gx; a layer traced by torch.jit.trace or torch.compile on a backend with Python
+autograd), double backward still raises (ops._no_double_backward).
 """
 from __future__ import annotations
 
@@ -50,7 +51,10 @@ def recurrence_recompute(cell: str, relu: bool, reverse: bool, gx: Tensor, h0: T
                          w_hh: Tensor, w_hr: Optional[Tensor], b_hh: Optional[Tensor],
                          lengths: Optional[Tensor]) -> list[Tensor]:
     """[y, h_n] (LSTM: [y, h_n, c_n]) of the reference recurrence of `cell` on gx (b_hh:
-    GRU's recurrent bias), in differentiable ops."""
+    GRU's recurrent bias), in differentiable ops. A bfloat16 w_hh (the bfloat16 kernels'
+    path: float32 gx and states) is cast to float32: its products are exact there, as in
+    the kernels' dot products."""
+    w_hh = w_hh.to(gx.dtype)
     if cell == "lstm":
         return list(reference.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, False)[:3])
     if cell == "gru":

@@ -97,8 +97,6 @@ def define() -> None:
     torch.library.register_fake("fusedrnn::projection_bf16", _projection_bf16_fake, lib=ops._LIB)
     torch.library.register_fake("fusedrnn::projection_rows", _projection_rows_fake, lib=ops._LIB)
     torch.library.register_autograd("fusedrnn::projection", _backward, setup_context=_setup, lib=ops._LIB)
-    torch.library.register_autograd("fusedrnn::projection_bf16", _bf16_backward, setup_context=_setup,
-                                    lib=ops._LIB)
     torch.library.register_autograd("fusedrnn::projection_backward", ops._no_double_backward,
                                     setup_context=ops._no_setup, lib=ops._LIB)
 
@@ -125,19 +123,6 @@ def _setup(ctx, inputs, output):
     x, w, b = inputs
     ctx.save_for_backward(x, w)
     ctx.has_b = b is not None
-
-
-def _bf16_backward(ctx, grad):
-    """projection_bf16's backward, as torch.nn's bfloat16 modules compute it: the incoming
-    gradient rounded to bfloat16 and torch's bfloat16 matmuls (oneDNN's dot products, ~2x
-    our float32 GEMMs), the gradients of x and w in bfloat16, b's (float32) summed in float32."""
-    x, w = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad
-    g = grad.reshape(-1, grad.shape[-1])
-    g16 = g.to(torch.bfloat16)
-    gx = (g16 @ w).reshape(x.shape) if need_x else None
-    gw = g16.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
-    return gx, gw, g.sum(0) if need_b and ctx.has_b else None
 
 
 def _backward(ctx, grad):

@@ -333,19 +333,42 @@ def test_frozen_projection_note_keeps_neither_gx_nor_x_alive():
     assert ref_x() is None
 
 
-def test_bfloat16_kernels_path_raises():
+BF16_CASES = [("LSTM", {}), ("LSTM", {"proj_size": 5, "bidirectional": True}), ("GRU", {"num_layers": 2}),
+              ("RNN", {"bias": False})]
+
+
+@pytest.fixture
+def matmul_precision():
+    """torch.set_float32_matmul_precision for one test, restored after."""
+    old = torch.backends.mkldnn.matmul.fp32_precision
+    yield torch.set_float32_matmul_precision
+    torch.backends.mkldnn.matmul.fp32_precision = old
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32-medium"])
+@pytest.mark.parametrize("kind,kw", BF16_CASES, ids=[f"{k}-{'-'.join(kw) or 'plain'}" for k, kw in BF16_CASES])
+def test_bfloat16_kernels_path_gradient_penalty(kind, kw, dtype, matmul_precision):
     """The bfloat16 kernels' path (bfloat16 modules, and float32 under matmul precision
-    "medium", on AVX512-BF16 CPUs) keeps refusing double backward: its projection is not
-    fusedrnn::projection."""
+    "medium", on AVX512-BF16 CPUs): its projection (fusedrnn::projection_bf16) has C++
+    autograd like the float32 one, so the create_graph backward recomputes gx from its
+    bfloat16 x and w and the recurrence from the bfloat16 w_hh, in float32. Against torch.nn
+    in float64 on the same (rounded) weights and input, within bfloat16's tolerance."""
     from fusedrnn.backends import native
     if not native._bf16_recurrence(10):
         pytest.skip("the bfloat16 kernels do not run on this CPU")
-    m = fusedrnn.GRU(8, 8, backend="cpu").bfloat16()
-    x = torch.randn(10, 2, 8, dtype=torch.bfloat16, requires_grad=True)
-    (g,) = torch.autograd.grad(m(x)[0].float().square().sum(), x, create_graph=True)
-    assert "bfloat16 products" in m.last_backend_reason
-    with pytest.raises(RuntimeError, match="double backward.*backend to 'torch.nn'"):
-        g.float().square().sum().backward()
+    ours = getattr(fusedrnn, kind)(8, 12, backend="cpu", **kw).to(dtype)
+    exact = getattr(nn, kind)(8, 12, **kw).double()
+    exact.load_state_dict(ours.state_dict())
+    x = torch.randn(10, 3, 8).to(dtype)
+    if dtype == torch.float32:
+        matmul_precision("medium")
+    got = _penalty(ours, x.clone().requires_grad_())
+    assert "bfloat16 products" in ours.last_backend_reason
+    want = _penalty(exact, x.double().requires_grad_())
+    for (name, _), a, b in zip(ours.named_parameters(), got, want):
+        assert a.dtype == dtype, name
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.double(), b, rtol=5e-2, atol=3e-2 * scale, msg=name)
 
 
 @pytest.mark.parametrize("kind,aten_cell", [("LSTMCell", "aten::lstm_cell"), ("GRUCell", "aten::gru_cell"),
@@ -564,8 +587,8 @@ def test_python_autograd_still_raises_where_unsupported(backend):
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_half_precision_gradient_penalty_matches_torch_nn(backend, dtype, kind):
     """float16 and bfloat16 modules (computed in float32, as the op contract says): within
-    the dtype's tolerance of torch.nn. (The cpu backend's bfloat16 kernels' path refuses
-    double backward: test_bfloat16_kernels_path_raises.)"""
+    the dtype's tolerance of torch.nn. (The cpu backend's bfloat16 kernels' path:
+    test_bfloat16_kernels_path_gradient_penalty.)"""
     from fusedrnn.backends import native
     if backend == "cpu" and dtype == torch.bfloat16 and native._bf16_recurrence(7):
         pytest.skip("bfloat16 runs on the bfloat16 kernels on this CPU")

@@ -126,7 +126,9 @@ using RecomputeSig = std::vector<Tensor>(c10::string_view cell, bool relu, bool 
 variable_list recompute_sequence(const char* cell, bool relu, bool reverse, const variable_list& a,
                                  const Tensor& lengths, Tensor& gx_out) {
   static const auto op = op_handle<RecomputeSig>("fusedrnn::recurrence_recompute");
-  gx_out = a[0].defined() ? at::linear(a[0], a[1], opt(a[2])) : a[3];
+  // (bfloat16 x and w, projection_bf16's: their products are exact in float32, as there)
+  const auto up = [](const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; };
+  gx_out = a[0].defined() ? at::linear(up(a[0]), up(a[1]), opt(a[2])) : a[3];
   return op.call(cell, relu, reverse, gx_out, a[4], opt(a[5]), a[6], opt(a[7]), opt(a[8]), opt(lengths));
 }
 
@@ -348,6 +350,41 @@ Tensor projection_autograd(const Tensor& x, const Tensor& w, const optional<Tens
   return gx;
 }
 
+// fusedrnn::projection_bf16 (the bfloat16 kernels' path: bfloat16 x and w, float32 b ->
+// float32 gx). Its backward as torch.nn's bfloat16 modules compute it: the incoming
+// gradient rounded to bfloat16 and torch's bfloat16 matmuls (oneDNN's dot products, ~2x our
+// float32 GEMMs), the gradients of x and w in bfloat16, b's summed in float32. In C++, as
+// the projection's, so that a sequence op's double backward finds x, w, b (gx_source), and
+// without torch.library's Python wrapper. With create_graph the same ATen ops are
+// differentiable.
+struct ProjectionBf16 : torch::autograd::Function<ProjectionBf16> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
+    static const auto op = op_handle<ProjSig>("fusedrnn::projection_bf16");
+    Tensor out = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return op.call(x, w, b);
+    }();
+    ctx->save_for_backward({x, w, b.value_or(Tensor())});  // (b: gx_source)
+    ctx->saved_data["bias"] = has(b);
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Tensor &x = s[0], &w = s[1];
+    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1),
+               nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
+    const Tensor g = grads[0].reshape({-1, w.size(0)}), g16 = g.to(at::kBFloat16);
+    return {nx ? g16.mm(w).view_as(x) : Tensor(), nw ? g16.t().mm(x.reshape({-1, w.size(1)})) : Tensor(),
+            nb ? g.sum(0) : Tensor()};
+  }
+};
+
+Tensor projection_bf16_autograd(const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
+  Tensor gx = ProjectionBf16::apply(x, w, b);
+  note_frozen_projection(gx, x, w, b);
+  return gx;
+}
+
 // fusedrnn::projection_rows: the projection of some rows of x (a PackedSequence's rows
 // that hold data), the other rows of gx 0. The same gradients on those rows (dx 0 on the
 // others); with create_graph in differentiable ATen ops.
@@ -390,7 +427,8 @@ Tensor projection_rows_autograd(const Tensor& x, const Tensor& w, const optional
 
 // What a create_graph backward of a sequence op recomputes gx from: the input
 // projection's inputs (x, w, b) when gx is fusedrnn::projection's output (the modules'
-// float32 and float64 layers), which that op's node keeps anyway (or, where that needs no
+// float32 and float64 layers; or projection_rows' or projection_bf16's, the bfloat16
+// kernels' path), which that op's node keeps anyway (or, where that needs no
 // gradient, FrozenProjection's note), or gx itself when it is a leaf. Nothing otherwise
 // (then double backward raises: ops._no_double_backward).
 struct GxSource {
@@ -404,11 +442,12 @@ GxSource gx_source(const Tensor& gx) {
   }
   const auto& fn = gx.grad_fn();
   if (!fn) return {Tensor(), Tensor(), Tensor(), gx};
-  // Both projections save x, w, b first (projection_rows' gx is recomputed over all rows:
+  // The projections save x, w, b first (projection_rows' gx is recomputed over all rows:
   // the ops never read gx at the others).
   torch::autograd::AutogradContext* ctx = nullptr;
   if (auto* node = dynamic_cast<torch::autograd::CppNode<Projection>*>(fn.get())) ctx = &node->ctx_;
   else if (auto* node = dynamic_cast<torch::autograd::CppNode<ProjectionRows>*>(fn.get())) ctx = &node->ctx_;
+  else if (auto* node = dynamic_cast<torch::autograd::CppNode<ProjectionBf16>*>(fn.get())) ctx = &node->ctx_;
   if (ctx) {
     const auto s = ctx->get_saved_variables();
     return {s[0], s[1], s[2], Tensor()};
@@ -597,6 +636,7 @@ TORCH_LIBRARY_IMPL(fusedrnn, AutogradCPU, m) {
   m.impl("rnn_forward", &rnn_forward_autograd);
   m.impl("projection", &projection_autograd);
   m.impl("projection_rows", &projection_rows_autograd);
+  m.impl("projection_bf16", &projection_bf16_autograd);
 }
 
 }  // namespace cpu

@@ -252,8 +252,8 @@ Tensor bf16_to_float(const Tensor& w, const Tensor& like) {
   return out;
 }
 
-// The bfloat16 path's input projection (fusedrnn/projection.py, which registers its
-// autograd): bfloat16 x [..., I] and w [G, I], float32 b [G] or none -> float32 [..., G]
+// The bfloat16 path's input projection (fusedrnn/projection.py; its autograd:
+// ProjectionBf16 in autograd.cpp): bfloat16 x [..., I] and w [G, I], float32 b [G] or none -> float32 [..., G]
 // (kernels.h, gemm_bf16).
 Tensor projection_bf16_op(const Tensor& x_, const Tensor& w_, const optional<Tensor>& b_) {
   const char* op = "fusedrnn::projection_bf16 (cpu)";
