@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -29,10 +30,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_interp)
 
 
+# Random inputs per test, reproducible per test id: a CRC of the id (Python's hash() of a
+# str is salted per process, so a failure it drew could not be drawn again), mixed with
+# FUSEDRNN_TEST_SEED (default 0) to draw another set, e.g. in a loop of soak runs.
+TEST_SEED = int(os.environ.get("FUSEDRNN_TEST_SEED", "0"))
+
+
+def pytest_report_header(config):
+    return f"fusedrnn: FUSEDRNN_TEST_SEED={TEST_SEED} (inputs drawn per test id and this seed)"
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # Fresh random inputs per test, reproducible per test id.
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) ^ TEST_SEED * 0x9E3779B1) % (2**31))
 
 
 @pytest.fixture
