@@ -424,7 +424,7 @@ struct SavedRows {
 // below). This generic version is never used: use() is false.
 template <typename T>
 struct TiledStub {
-  static bool use(int64_t) { return false; }
+  static bool use(int64_t, int64_t) { return false; }
   static int64_t panel_units(int) { return 8; }
   static int64_t block_rows(int) { return 4; }
   TiledStub(const T*, int64_t, int64_t, int, int64_t, int64_t, int64_t, const Slices&) {}
@@ -470,11 +470,21 @@ namespace {
 // [8Vp, 8Vp+8V). The output C is either a padded gate buffer (ldc = npanel*8V) or,
 // with `exact`, a [B, units] matrix whose last panel may be partial.
 struct TiledF {
-  static constexpr int64_t kMinSteps = 8;  // shorter sequences: BLAS on the unpacked weight
+  // Shorter sequences run BLAS on the unpacked weight (packing it costs a pass over it),
+  // except from 2 steps where the weight [G*H, K] has at most kShortMaxWeights elements:
+  // there the per-step BLAS calls (one per gate) cost more than the packing. Measured
+  // in-process, 2026-11-30, Zen 4 (bench/MEASUREMENTS.md): T 2-7, H <= 128, the forward op
+  // 0.98-3.3x (B >= 4 at H = 32: 1.6-3.3x), a module's training step 0.98-1.17x; at H = 256
+  // training steps were 0.69-0.98x slower packed, so those stay on BLAS.
+  static constexpr int64_t kMinSteps = 8;
+  static constexpr int64_t kShortMaxWeights = 65536;
   static constexpr int64_t KC = 128;       // k-block: a 4-vector panel block is 16 KB (L1)
   static constexpr int64_t kPrefetchMinBytes = 8 << 20;  // packed weight size (see gemm_panel)
   static constexpr int64_t kPrefetchMinRows = 12;  // 4+ row blocks: bursts; fewer rows: in the k loop
-  static bool use(int64_t steps) { return steps >= kMinSteps && g_tiled.load(std::memory_order_relaxed); }
+  static bool use(int64_t steps, int64_t weights) {
+    return (steps >= kMinSteps || (steps >= 2 && weights <= kShortMaxWeights)) &&
+           g_tiled.load(std::memory_order_relaxed);
+  }
   static int64_t panel_units(int ng) { return ng == 1 ? 32 : 8; }
   // Rows per micro-kernel block in the recurrent steps (rows() below).
   static int64_t block_rows(int ng) { return ng == 3 || wide() ? 4 : 3; }
@@ -1179,7 +1189,7 @@ void rnn_forward(const T* gx, const T* h0, const T* w_hh, int64_t H, bool relu, 
 }
 bool bf16_kernels_run(int64_t steps) {
 #if FRNN_X86_SIMD
-  return use_avx2() && TiledBF::use(steps);
+  return use_avx2() && TiledBF::use(steps, 0);
 #else
   (void)steps;
   return false;

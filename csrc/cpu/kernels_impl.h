@@ -20,7 +20,7 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const WT* w_hh_, const 
                   T* y, T* h_n, T* c_n, T* gates, T* cells) {
   const int64_t B = sq.B, TT = sq.T, G = 4 * H;
   const bool proj = w_hr != nullptr;
-  const bool tiled = TW::use(TT);
+  const bool tiled = TW::use(TT, G * P);
   const T* w_hh = same_type<T>(w_hh_);  // null for a bfloat16 weight (TiledBF: always tiled)
   const Slices sl = make_slices(H, B * 4 * P, TW::panel_units(4));
   const Slices slp = make_slices(P, B * H);
@@ -129,7 +129,7 @@ template <typename T, typename TW = Tiled<T>, typename WT = T>
 void gru_forward(const T* gx, const T* h0, const WT* w_hh_, const T* b_hh, int64_t H, const Seq& sq,
                  T* y, T* h_n, T* gates, T* hn) {
   const int64_t B = sq.B, TT = sq.T, G = 3 * H;
-  const bool tiled = TW::use(TT);
+  const bool tiled = TW::use(TT, G * H);
   const T* w_hh = same_type<T>(w_hh_);
   const Slices sl = make_slices(H, B * 3 * H, TW::panel_units(3));
   std::unique_ptr<TW> tw(tiled ? new TW(w_hh_, H, 1, 3, H, H, B, sl) : nullptr);
@@ -210,7 +210,7 @@ template <typename T, typename TW = Tiled<T>, typename WT = T>
 void rnn_forward(const T* gx, const T* h0, const WT* w_hh_, int64_t H, bool relu, const Seq& sq,
                  T* y, T* h_n) {
   const int64_t B = sq.B, TT = sq.T;
-  const bool tiled = TW::use(TT);
+  const bool tiled = TW::use(TT, H * H);
   const T* w_hh = same_type<T>(w_hh_);
   const Slices sl = make_slices(H, B * H, TW::panel_units(1));
   std::unique_ptr<TW> tw(tiled ? new TW(w_hh_, H, 1, 1, H, H, B, sl) : nullptr);
@@ -328,7 +328,7 @@ void lstm_backward(const T* grad_y, const T* grad_h_n, const T* grad_c_n, const 
                    T* grad_gx, T* grad_h0, T* grad_c0, T* dfirst, T* dhs, T* hr) {
   const int64_t B = sq.B, TT = sq.T, G = 4 * H;
   const bool proj = w_hr != nullptr;
-  const bool tiled = !proj && TW::use(TT);
+  const bool tiled = !proj && TW::use(TT, G * P);
   const T* w_hh = same_type<T>(w_hh_);  // null for a bfloat16 weight (TiledBF: always tiled)
   const Slices sl = make_slices(H, B * G * (proj ? 1 : 2), tiled ? TW::panel_units(1) : 8);
   const Slices slp = make_slices(P, B * G);
@@ -455,7 +455,7 @@ void gru_backward(const T* grad_y, const T* grad_h_n, const T* h0, const WT* w_h
                   const Seq& sq, const T* y, const T* gates, const T* hn,
                   T* grad_gx, T* grad_h0, T* dfirst, T* dgh) {
   const int64_t B = sq.B, TT = sq.T, G = 3 * H;
-  const bool tiled = TW::use(TT);
+  const bool tiled = TW::use(TT, G * H);
   const T* w_hh = same_type<T>(w_hh_);
   const Slices sl = make_slices(H, B * G * 2, tiled ? TW::panel_units(1) : 8);
   Buf<T> dh(grad_h_n, grad_h_n + B * H);
@@ -525,7 +525,7 @@ template <typename T, typename TW = Tiled<T>, typename WT = T>
 void rnn_backward(const T* grad_y, const T* grad_h_n, const WT* w_hh_, int64_t H, bool relu,
                   const Seq& sq, const T* y, T* grad_gx, T* grad_h0, T* dfirst) {
   const int64_t B = sq.B, TT = sq.T;
-  const bool tiled = TW::use(TT);
+  const bool tiled = TW::use(TT, H * H);
   const T* w_hh = same_type<T>(w_hh_);
   const Slices sl = make_slices(H, B * H * 2, tiled ? TW::panel_units(1) : 8);
   Buf<T> dh(grad_h_n, grad_h_n + B * H);

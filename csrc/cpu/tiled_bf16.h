@@ -27,7 +27,7 @@ struct TiledBF {
                             __builtin_cpu_supports("avx512bf16");
     return yes;
   }
-  static bool use(int64_t steps) {
+  static bool use(int64_t steps, int64_t /*weights*/) {  // (from kMinSteps only, as the module's choice)
     return steps >= TiledF::kMinSteps && g_tiled.load(std::memory_order_relaxed) && supported();
   }
   static int64_t panel_units(int ng) { return TiledF::panel_units(ng); }
