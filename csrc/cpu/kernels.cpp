@@ -163,13 +163,19 @@ struct Slices {
 // a barrier at its end) costs more than it saves. Measured on the 2-core VM, idle, 25
 // interleaved calls, T=32: 2^14 against the former 2^18 made the LSTM module 1.4-1.7x
 // faster at batch 1 (H 256-1024: one thread streamed the whole W_hh from L3 every
-// step) and GRU/RNN equal or faster at B 1-64; 2^12 gained nothing more. On a loaded
-// machine a barrier can wait a whole time slice for a preempted thread: raise it there.
-// FUSEDRNN_CPU_MIN_WORK sets the initial value; set_options() changes it (tests).
+// step) and GRU/RNN equal or faster at B 1-64; 2^12 gained nothing more. Then 2^16
+// (2026-11-30, the VM quiet, modules in-process, 5 interleaved rounds, T=32, B 1-32,
+// H 64-256, inference and training, 54 cases): geomean 1.054x against 2^14, up to 1.84x
+// (GRU B=4 H=64 inference; LSTM B=4 H=64 1.73x, B=1 H=128 1.31x), slower in one case
+// (RNN B=16 H=64 inference 0.87x); 2^17 and 2^18 lost more (down to 0.77x). A step of
+// 2^17 multiply-adds takes ~2.5 us on one core, about what a parallel region cost there.
+// On a loaded machine a barrier can wait a whole time slice for a preempted thread:
+// raise it there. FUSEDRNN_CPU_MIN_WORK sets the initial value; set_options() changes it
+// (tests).
 std::atomic<int64_t> g_min_work{[] {
   const char* e = std::getenv("FUSEDRNN_CPU_MIN_WORK");
   const long long x = e ? std::atoll(e) : 0;
-  return x > 0 ? (int64_t)x : (int64_t)(1 << 14);
+  return x > 0 ? (int64_t)x : (int64_t)(1 << 16);
 }()};
 // How float32 on AVX2 runs the recurrent GEMMs and cpu::gemm: 0 = BLAS, 1 = the
 // packed-panel micro-kernels (TiledF below) in the 16 AVX2 registers, 2 = the same, with
