@@ -317,16 +317,23 @@ void note_frozen_projection(const Tensor& gx, const Tensor& x, const Tensor& w, 
     frozen_projection = {};
 }
 
+// The forward of Projection and ProjectionBf16: the op below autograd, x, w, b saved (b
+// only for a double backward: gx_source).
+Tensor project_saving_inputs(AutogradContext* ctx, const c10::TypedOperatorHandle<ProjSig>& op, const Tensor& x,
+                             const Tensor& w, const optional<Tensor>& b) {
+  Tensor out = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, w, b);
+  }();
+  ctx->save_for_backward({x, w, b.value_or(Tensor())});
+  ctx->saved_data["bias"] = has(b);
+  return out;
+}
+
 struct Projection : torch::autograd::Function<Projection> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
     static const auto op = op_handle<ProjSig>("fusedrnn::projection");
-    Tensor out = [&] {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      return op.call(x, w, b);
-    }();
-    ctx->save_for_backward({x, w, b.value_or(Tensor())});  // (b: for a double backward, gx_source)
-    ctx->saved_data["bias"] = has(b);
-    return out;
+    return project_saving_inputs(ctx, op, x, w, b);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<ProjBwdSig>("fusedrnn::projection_backward");
@@ -360,13 +367,7 @@ Tensor projection_autograd(const Tensor& x, const Tensor& w, const optional<Tens
 struct ProjectionBf16 : torch::autograd::Function<ProjectionBf16> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
     static const auto op = op_handle<ProjSig>("fusedrnn::projection_bf16");
-    Tensor out = [&] {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      return op.call(x, w, b);
-    }();
-    ctx->save_for_backward({x, w, b.value_or(Tensor())});  // (b: gx_source)
-    ctx->saved_data["bias"] = has(b);
-    return out;
+    return project_saving_inputs(ctx, op, x, w, b);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
