@@ -317,6 +317,14 @@ void note_frozen_projection(const Tensor& gx, const Tensor& x, const Tensor& w, 
     frozen_projection = {};
 }
 
+// x @ w^T + b's gradients in differentiable ATen ops (the projections' create_graph
+// backward, and ProjectionBf16's always), for g [M, G] and x2 [M, I]: {dx [M, I], dw, db}
+// where needed. The GEMMs take gm: g itself, or g rounded to bfloat16 (ProjectionBf16).
+variable_list linear_grads(const Tensor& g, const Tensor& gm, const Tensor& x2, const Tensor& w, bool nx, bool nw,
+                           bool nb) {
+  return {nx ? gm.mm(w) : Tensor(), nw ? gm.t().mm(x2) : Tensor(), nb ? g.sum(0) : Tensor()};
+}
+
 // The forward of Projection and ProjectionBf16: the op below autograd, x, w, b saved (b
 // only for a double backward: gx_source).
 Tensor project_saving_inputs(AutogradContext* ctx, const c10::TypedOperatorHandle<ProjSig>& op, const Tensor& x,
@@ -343,8 +351,9 @@ struct Projection : torch::autograd::Function<Projection> {
                nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
     if (at::GradMode::is_enabled()) {  // create_graph: the same formulas in differentiable ATen ops
       const Tensor g = grads[0].reshape({-1, s[1].size(0)});
-      return {nx ? grads[0].matmul(s[1]) : Tensor(), nw ? g.t().mm(s[0].reshape({-1, s[1].size(1)})) : Tensor(),
-              nb ? g.sum(0) : Tensor()};
+      auto r = linear_grads(g, g, s[0].reshape({-1, s[1].size(1)}), s[1], nx, nw, nb);
+      if (nx) r[0] = r[0].view_as(s[0]);
+      return r;
     }
     auto [gx, gw, gb] = call_backward([&] { return op.call(grads[0], s[0], s[1], nx, nw, nb); });
     return {if_needed(gx, nx), if_needed(gw, nw), if_needed(gb, nb)};
@@ -374,9 +383,10 @@ struct ProjectionBf16 : torch::autograd::Function<ProjectionBf16> {
     const Tensor &x = s[0], &w = s[1];
     const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1),
                nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
-    const Tensor g = grads[0].reshape({-1, w.size(0)}), g16 = g.to(at::kBFloat16);
-    return {nx ? g16.mm(w).view_as(x) : Tensor(), nw ? g16.t().mm(x.reshape({-1, w.size(1)})) : Tensor(),
-            nb ? g.sum(0) : Tensor()};
+    const Tensor g = grads[0].reshape({-1, w.size(0)});
+    auto r = linear_grads(g, g.to(at::kBFloat16), x.reshape({-1, w.size(1)}), w, nx, nw, nb);
+    if (nx) r[0] = r[0].view_as(x);
+    return r;
   }
 };
 
@@ -413,8 +423,10 @@ struct ProjectionRows : torch::autograd::Function<ProjectionRows> {
     auto scatter = [&](const Tensor& dxr) {
       return at::zeros_like(x, at::MemoryFormat::Contiguous).view({-1, I}).index_copy(0, rows, dxr).view_as(x);
     };
-    if (at::GradMode::is_enabled())  // create_graph
-      return {nx ? scatter(g.mm(w)) : Tensor(), nw ? g.t().mm(xr) : Tensor(), nb ? g.sum(0) : Tensor(), Tensor()};
+    if (at::GradMode::is_enabled()) {  // create_graph
+      auto r = linear_grads(g, g, xr, w, nx, nw, nb);
+      return {nx ? scatter(r[0]) : Tensor(), r[1], r[2], Tensor()};
+    }
     auto [gxr, gw, gb] = call_backward([&] { return op.call(g, xr, w, nx, nw, nb); });
     return {nx ? scatter(gxr) : Tensor(), if_needed(gw, nw), if_needed(gb, nb), Tensor()};
   }
