@@ -13,7 +13,6 @@ dispatcher, autograd) counts as much as the kernels.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fusedrnn  # noqa: E402
+from bench import side_by_side  # noqa: E402
 from bench.env import cpu_name  # noqa: E402
 from bench.timing import interleaved_blocks, time_block  # noqa: E402
 
@@ -60,12 +60,9 @@ def bench(cell: str, H: int, B: int, train: bool, rounds: int, block_s: float) -
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cells", default="lstm,gru,rnn")
-    p.add_argument("--shapes", default="64x4,256x8,512x8,1024x32", help="HIDDENxBATCH,...")
+    p = side_by_side.parser(__doc__, cells="lstm,gru,rnn", shapes="64x4,256x8,512x8,1024x32", block_ms=50.0,
+                            devices=False)
     p.add_argument("--modes", default="inference,training")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--block-ms", type=float, default=50.0, help="time per block of calls of one implementation")
     a = p.parse_args()
     print(f"device: {cpu_name()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
           f"torch {torch.__version__}; one step per call, float32, median of {a.rounds} interleaved rounds")
@@ -73,8 +70,7 @@ def main():
           f"{'speedup':>8s}")
     for mode in a.modes.split(","):
         for cell in a.cells.split(","):
-            for shape in a.shapes.split(","):
-                H, B = (int(v) for v in shape.lower().split("x"))
+            for H, B in side_by_side.shapes(a.shapes):
                 t_ref, t_mine = bench(cell, H, B, mode == "training", a.rounds, a.block_ms / 1e3)
                 print(f"{CLASSES[cell]:10s} {mode:10s} {H:6d} {B:5d} {t_ref * 1e6:12.1f} {t_mine * 1e6:12.1f} "
                       f"{t_ref / t_mine:7.2f}x", flush=True)

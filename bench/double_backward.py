@@ -17,7 +17,6 @@ Speedup = torch.nn / fusedrnn.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fusedrnn  # noqa: E402
+from bench import side_by_side  # noqa: E402
 from bench.env import describe_device, device_info  # noqa: E402
 from bench.timing import interleaved_blocks, time_block  # noqa: E402
 
@@ -83,24 +83,17 @@ def bench(cell: str, H: int, B: int, T: int, rounds: int, block_s: float, device
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cells", default="lstm,gru,rnn,lstmcell,grucell,rnncell")
-    p.add_argument("--shapes", default="64x8,128x16,256x32", help="HIDDENxBATCH,...")
+    p = side_by_side.parser(__doc__, cells="lstm,gru,rnn,lstmcell,grucell,rnncell", shapes="64x8,128x16,256x32",
+                            block_ms=100.0)
     p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--block-ms", type=float, default=100.0, help="time per block of steps of one implementation")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default=None, help='fusedrnn backend (default: "cpu" on the CPU, else "auto")')
     a = p.parse_args()
-    device = torch.device(a.device)
-    backend = a.backend or ("cpu" if device.type == "cpu" else "auto")
+    device, backend = side_by_side.device_and_backend(a)
     print(f"device: {describe_device(device_info(device))}, torch {torch.__version__}; gradient-penalty step, "
           f"float32, seq_len {a.seq}, median of {a.rounds} interleaved rounds; fusedrnn backend {backend!r}"
           + ("; torch.nn with cuDNN off (cuDNN refuses double backward)" if device.type == "cuda" else ""))
     print(f"{'cell':8s} {'hidden':>6s} {'batch':>5s} {'torch.nn ms':>12s} {'fusedrnn ms':>12s} {'speedup':>8s} ran")
     for cell in a.cells.split(","):
-        for shape in a.shapes.split(","):
-            H, B = (int(v) for v in shape.lower().split("x"))
+        for H, B in side_by_side.shapes(a.shapes):
             t_ref, t_mine, ran = bench(cell, H, B, a.seq, a.rounds, a.block_ms / 1e3, device, backend)
             print(f"{CLASSES[cell]:8s} {H:6d} {B:5d} {t_ref * 1e3:12.2f} {t_mine * 1e3:12.2f} {t_ref / t_mine:7.2f}x "
                   f"{ran}", flush=True)

@@ -19,7 +19,6 @@ on the CPU without oneDNN; fusedrnn's cpu kernels skip the ended rows' GEMM work
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -29,6 +28,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fusedrnn  # noqa: E402
+from bench import side_by_side  # noqa: E402
 from bench.env import describe_device, device_info  # noqa: E402
 from bench.timing import interleaved_blocks  # noqa: E402
 
@@ -67,19 +67,12 @@ def bench(cell: str, H: int, B: int, T: int, min_frac: float, train: bool, round
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cells", default="lstm,gru,rnn")
-    p.add_argument("--shapes", default="256x8,256x32,512x32,512x64", help="HIDDENxBATCH,...")
+    p = side_by_side.parser(__doc__, cells="lstm,gru,rnn", shapes="256x8,256x32,512x32,512x64", block_ms=100.0)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--min-frac", type=float, default=0.25, help="shortest length as a fraction of --seq")
     p.add_argument("--modes", default="inference,training")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--block-ms", type=float, default=100.0, help="time per block of calls of one implementation")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default=None, help='fusedrnn backend (default: "cpu" on the CPU, else "auto")')
     a = p.parse_args()
-    device = torch.device(a.device)
-    backend = a.backend or ("cpu" if device.type == "cpu" else "auto")
+    device, backend = side_by_side.device_and_backend(a)
     print(f"device: {describe_device(device_info(device))}, torch {torch.__version__}; PackedSequence, float32, "
           f"seq_len {a.seq}, lengths uniform in [{max(1, int(a.min_frac * a.seq))}, {a.seq}], median of {a.rounds} "
           f"interleaved rounds; fusedrnn backend {backend!r}")
@@ -87,8 +80,7 @@ def main():
           f"{'speedup':>8s} ran")
     for cell in a.cells.split(","):
         for mode in a.modes.split(","):
-            for shape in a.shapes.split(","):
-                H, B = (int(v) for v in shape.lower().split("x"))
+            for H, B in side_by_side.shapes(a.shapes):
                 t_ref, t_mine, ran = bench(cell, H, B, a.seq, a.min_frac, mode == "training", a.rounds,
                                            a.block_ms / 1e3, device, backend)
                 print(f"{CLASSES[cell]:5s} {mode:9s} {H:6d} {B:5d} {t_ref * 1e3:12.2f} {t_mine * 1e3:12.2f} "
