@@ -17,6 +17,7 @@ from torch.fx import Proxy
 from torch.nn.utils.rnn import PackedSequence
 
 from . import autocast as AC
+from . import packed
 from . import validation as V
 from .backends import (TORCH_NN, Call, float32_matmul_in_bf16, load_for, select, torch_nn_cannot, torch_nn_faster,
                        torch_nn_faster_low_precision, torch_nn_for_device, torch_nn_instead_of_reference)
@@ -147,21 +148,6 @@ def _cast_back(finish, dtype):
     return lambda y, states: finish(y.to(dtype), [h.to(dtype) for h in states])
 
 
-def _pad_sorted(data: Tensor, batch_sizes: Tensor):
-    """A PackedSequence's data [N, I] padded to [T, B, I] in its own (sorted) batch order,
-    its lengths (int64, CPU, non-increasing), and `rows`: the padded row (t * B + b) of each
-    packed row, on data's device. One index_copy (its backward: one index_select), where
-    pad_packed_sequence copies step by step: autograd then records T slice copies, and its
-    backward clones the whole padded gradient at each (57 ms at T = B = 64, I = 512,
-    against 0.44 ms for its forward)."""
-    T, B = batch_sizes.numel(), int(batch_sizes[0]) if batch_sizes.numel() else 0
-    valid = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]: step t of sequence b
-    lengths = valid.sum(0)
-    rows = torch.arange(T * B).view(T, B)[valid].to(data.device)
-    x = data.new_zeros(T * B, data.shape[-1]).index_copy(0, rows, data).view(T, B, -1)
-    return x, lengths, rows
-
-
 class _FusedRNNBase(BackendChoice):
     """Shared forward of the three sequence modules; `_cell` is "lstm", "gru" or "rnn"."""
 
@@ -175,7 +161,7 @@ class _FusedRNNBase(BackendChoice):
         Returns (x, lengths, rows, hs, finish) where hs is the list of initial states
         ([h0] or [h0, c0], each [L*D, B, *]), finish(y, states) builds the module's
         return value and rows (a PackedSequence's sequences of unequal lengths, else None)
-        are the padded rows t * B + b that hold data (_pad_sorted).
+        are the padded rows t * B + b that hold data (packed.pad).
         """
         lstm = self._cell == "lstm"
         D = 2 if self.bidirectional else 1
@@ -185,11 +171,9 @@ class _FusedRNNBase(BackendChoice):
             V.require_tensor(data, self._torch_name, "input")
             V.check_input_dtype(self, data)
             self.check_input(data, batch_sizes)
-            # Padded in the packed order (longest first), as torch.nn's packed path runs:
-            # the lengths do not increase, so the cpu kernels skip the rows that have ended
-            # (Seq::active in csrc/cpu/kernels.h), and y packs without a gather. The states
-            # are permuted into that order and back, as torch.nn permutes them.
-            x, lengths, rows = _pad_sorted(data, batch_sizes)
+            # Padded in the packed order (fusedrnn/packed.py). The states are permuted into
+            # that order and back, as torch.nn permutes them.
+            x, lengths, rows = packed.pad(data, batch_sizes)
             B = x.shape[1]
             hs = self._initial_states(hx, x, B, D, P, lstm)
             self.check_forward_args(data, tuple(hs) if lstm else hs[0], batch_sizes)
@@ -198,16 +182,14 @@ class _FusedRNNBase(BackendChoice):
                 hs = [h.index_select(1, sorted_idx) for h in hs]
 
             def finish(y, states):
-                out = PackedSequence(y.reshape(-1, y.shape[-1]).index_select(0, rows), batch_sizes, sorted_idx,
+                y = y.reshape(-1, y.shape[-1])
+                out = PackedSequence(y if rows is None else y.index_select(0, rows), batch_sizes, sorted_idx,
                                      unsorted_idx)
                 if unsorted_idx is not None:
                     states = [s.index_select(1, unsorted_idx) for s in states]
                 return out, (tuple(states) if lstm else states[0])
 
-            # All full-length: no lengths needed (the kernels' fast path).
-            if bool((lengths == x.shape[0]).all()):
-                return x, None, None, hs, finish
-            return x, lengths.to(x.device), rows, hs, finish
+            return x, None if lengths is None else lengths.to(x.device), rows, hs, finish
 
         V.require_tensor(input, self._torch_name, "input")
         V.check_input_dim(self._torch_name, input)

@@ -10,7 +10,7 @@ import importlib
 
 import torch
 
-from .. import cell_ops, double_backward, ops, projection
+from .. import cell_ops, double_backward, ops, packed, projection
 from . import Backend, register
 
 
@@ -18,6 +18,7 @@ def _load_extension(module: str):
     ops.define("cpu")  # the schemas the C++ kernels implement (TORCH_LIBRARY_IMPL only)
     cell_ops.define()
     projection.define()
+    packed.define()
     double_backward.define()  # (called by the C++ autograd's create_graph backward)
     return importlib.import_module(module)
 
