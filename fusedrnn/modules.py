@@ -352,6 +352,16 @@ class _FusedRNNBase(BackendChoice):
             new = [h_n]
         return y, new
 
+    def _dropout(self, y, rows):
+        """Dropout between layers on the tensor torch.nn drops out, so that the same seed
+        draws the same mask: the layer's output [T, B, D * H], or a PackedSequence's rows
+        [N, D * H] (its padded rows stay 0: the next layer never reads them)."""
+        if rows is None:  # (a PackedSequence of full-length sequences: y's rows are its rows, in order)
+            return F.dropout(y, self.dropout, training=True)
+        flat = y.reshape(-1, y.shape[-1])
+        kept = F.dropout(flat.index_select(0, rows), self.dropout, training=True)
+        return torch.zeros_like(flat).index_copy(0, rows, kept).view_as(y)
+
     def _layers(self, fwd, step, x, lengths, hs, finish, names, cast, native, rows):
         D = 2 if self.bidirectional else 1
         finals: list[list[Tensor]] = [[] for _ in hs]
@@ -376,7 +386,7 @@ class _FusedRNNBase(BackendChoice):
                     f.append(s)
             layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
             if self.dropout and self.training and layer < self.num_layers - 1:
-                layer_in = F.dropout(layer_in, self.dropout, training=True)
+                layer_in = self._dropout(layer_in, rows)
         return finish(layer_in, [f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f, 0) for f in finals])
 
 

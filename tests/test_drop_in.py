@@ -122,6 +122,44 @@ def test_convert_top_level_and_keeps_dtype():
     assert isinstance(c, fusedrnn.GRU) and c.backend == "reference" and c.weight_hh_l0.dtype == torch.float64
 
 
+DROPOUT_INPUTS = ["batched", "packed_sorted", "packed_unsorted", "packed_full"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("emulated", marks=pytest.mark.emulated)])
+@pytest.mark.parametrize("input_kind", DROPOUT_INPUTS)
+@pytest.mark.parametrize("cell,kw", [("lstm", {"proj_size": 3}), ("gru", {"batch_first": True}), ("rnn", {})])
+def test_dropout_same_seed_same_mask_as_torch_nn(cell, kw, input_kind, backend):
+    """Training with dropout between layers: under the same seed fusedrnn draws torch.nn's
+    masks (the same tensor dropped out: the layer's output, or a PackedSequence's rows), so
+    outputs and every gradient match torch.nn's, not only their distribution."""
+    from module_harness import make_input, make_pair
+    from op_harness import backend_or_skip
+    from torch.nn.utils.rnn import pack_padded_sequence
+    backend_or_skip(backend, cell)
+    dtype = torch.float32 if backend == "emulated" else torch.float64
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+    cfg = dict(input_size=3, hidden_size=5, num_layers=3, bidirectional=True, dropout=0.5, **kw)
+    ref, ours = make_pair(cell, backend, dtype=dtype, **cfg)
+    ref.train(), ours.train()
+    if input_kind == "packed_full":
+        bf = cfg.get("batch_first", False)
+        x = torch.randn(*((4, 6) if bf else (6, 4)), 3, dtype=dtype, requires_grad=True)
+        inp = pack_padded_sequence(x, torch.full((4,), 6), batch_first=bf)
+    else:
+        inp, x, _ = make_input(input_kind, cfg, T=7, B=5, dtype=dtype)
+    outs = []
+    for m in (ref, ours):
+        torch.manual_seed(1234)
+        y, _ = m(inp)
+        y = y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y
+        outs.append([y] + list(torch.autograd.grad(y.sin().sum(), [x, *m.parameters()], retain_graph=True)))
+    torch.manual_seed(4321)
+    y = ours(inp)[0]
+    assert not torch.allclose(y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y, outs[1][0])  # masks matter
+    for i, (want, got) in enumerate(zip(*outs)):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"tensor {i} (0: output, 1: dx, then weights): {m}")
+
+
 @pytest.mark.parametrize("torch_cls,fused_cls", [(nn.LSTM, fusedrnn.LSTM), (nn.GRU, fusedrnn.GRU), (nn.RNN, fusedrnn.RNN)])
 def test_dropout_p1_is_deterministic_and_matches(torch_cls, fused_cls):
     # p = 1 drops every activation between layers: both must then agree exactly, in training.
