@@ -17,7 +17,8 @@ Environment switches:
   FUSEDRNN_REQUIRE_EXT=1    fail the install if a compiled part fails to build (CI sets it;
                             by default a failed build leaves a working pure-Python install).
   FUSEDRNN_EXTENSIONS=_C,_emulated   build only these (for quick rebuilds while developing).
-  TORCH_CUDA_ARCH_LIST      defaults to "8.0;9.0+PTX" when building CUDA.
+  TORCH_CUDA_ARCH_LIST      defaults to "7.5;8.0;9.0+PTX" plus the architecture of each GPU
+                            visible at build time, when building CUDA (see default_cuda_archs).
 """
 import glob
 import os
@@ -55,6 +56,24 @@ def _want_cuda():
     return home
 
 
+# Turing (7.5: T4) and later under CUDA 13; 8.0 cubins run on 8.6/8.7/8.9 (A10, RTX 30xx/40xx,
+# L4) too, and 9.0's PTX compiles for newer GPUs at load time. Elsewhere the cuda backend
+# refuses the call and says so (fusedrnn/backends/native.py, kernel_image_missing).
+DEFAULT_CUDA_ARCHS = ["7.5", "8.0", "9.0+PTX"]
+
+
+def default_cuda_archs():
+    """DEFAULT_CUDA_ARCHS plus the architecture of each GPU visible now (torch's own default
+    would be those alone, and with no GPU it crashes)."""
+    archs = list(DEFAULT_CUDA_ARCHS)
+    try:
+        import torch
+        local = {"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    except Exception:  # (no driver, no torch CUDA build: the defaults)
+        local = set()
+    return ";".join(sorted(local - {a.split("+")[0] for a in archs}) + archs)
+
+
 def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -66,7 +85,8 @@ def extensions():
     if cuda_home:
         # torch.utils.cpp_extension reads CUDA_HOME when imported: set it first.
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_archs()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     optional = not _env_flag("FUSEDRNN_REQUIRE_EXT")

@@ -160,6 +160,21 @@ def test_half_falls_back_to_simt_when_the_tensor_core_layout_does_not_fit(cell, 
     assert "SIMT fp32 FMAs (the tensor-core layout does not fit)" in E.last_algo(), E.last_algo()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_half_on_simt_where_the_gpu_has_no_tensor_core_mma(cell, dtype):
+    """A GPU below compute capability 8.0 (a T4: 7.5) has no mma.m16n8k16 for fp16/bf16:
+    the persistent kernels plan the SIMT layout there even when the tensor-core one fits
+    (the tensor-core kernel compiled for such a GPU traps), with the same results."""
+    E.set_pretend_device(4, 100 * 1024, 7)
+    check_kernel("emulated", cell, _inputs(cell, 3, 3, 20, dtype, lengths=True, reverse=True))
+    assert E.last_algo().startswith(f"{cell} backward: persistent"), E.last_algo()
+    assert "SIMT fp32 FMAs (tensor cores: mma.m16n8k16 needs compute capability 8.0+)" in E.last_algo(), E.last_algo()
+    E.set_pretend_device(4, 100 * 1024, 8)
+    check_kernel("emulated", cell, _inputs(cell, 3, 3, 20, dtype, lengths=True, reverse=True))
+    assert "tensor cores (mma.m16n8k16" in E.last_algo(), E.last_algo()
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_auto_chooses_and_says_why(cell):
     """auto: persistent when the W_hh slices fit the (pretend) device, per-step otherwise

@@ -90,6 +90,7 @@ struct AlgoState {
   Algo algo = Algo::Auto;
   std::string last = "none yet";
   int pretend_sms = 4, pretend_smem = 100 * 1024;  // the emulation's device
+  int pretend_cc_major = 8;                          // its compute capability (major)
 };
 inline bool parse_algo(const char* name, Algo& out) {
   if (!std::strcmp(name, "auto")) out = Algo::Auto;
@@ -129,13 +130,21 @@ inline std::string last_algo() {
   std::lock_guard<std::mutex> l(algo_state().m);
   return algo_state().last;
 }
-// Emulation only: the SM count and shared memory per block (bytes) of the pretend device.
-inline void set_pretend_device(int sms, int smem_per_block) {
+// Emulation only: the SM count, shared memory per block (bytes) and compute capability
+// (major) of the pretend device.
+inline void set_pretend_device(int sms, int smem_per_block, int cc_major = 8) {
   if (sms < 1 || smem_per_block < 1024) throw std::invalid_argument("fusedrnn: pretend device needs >= 1 SM and >= 1 KB");
   std::lock_guard<std::mutex> l(algo_state().m);
   algo_state().pretend_sms = sms;
   algo_state().pretend_smem = smem_per_block;
+  algo_state().pretend_cc_major = cc_major;
 }
+
+// CUDA build only: why this build has no kernel code that `device` can run (empty if it
+// has): a GPU older than every architecture of TORCH_CUDA_ARCH_LIST at build time, with no
+// PTX it can compile either. The backend then refuses calls on that device with this
+// reason (fusedrnn/backends/native.py), rather than failing at the first launch.
+std::string kernel_image_missing(int device);
 
 // `stream` is a cudaStream_t in the CUDA build (ignored by the emulation).
 void rnn_forward(const RnnForwardArgs& a, void* stream);

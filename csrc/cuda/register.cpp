@@ -23,7 +23,8 @@ TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
 }
 
 // Importing the module runs the registration above. Python API: the algorithm switch
-// (csrc/cuda/api.h; fusedrnn.backends.native.set_cuda_algo / last_cuda_algo).
+// (csrc/cuda/api.h; fusedrnn.backends.native.set_cuda_algo / last_cuda_algo) and whether
+// the build runs on a device (kernel_image_missing).
 static PyObject* frnn_set_algo(PyObject*, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8(arg);
   if (!name) return nullptr;
@@ -41,7 +42,14 @@ static PyObject* frnn_get_algo(PyObject*, PyObject*) {
 static PyObject* frnn_last_algo(PyObject*, PyObject*) {
   return PyUnicode_FromString(fusedrnn::cuda::last_algo().c_str());
 }
+static PyObject* frnn_kernel_image_missing(PyObject*, PyObject* arg) {
+  const long dev = PyLong_AsLong(arg);
+  if (dev == -1 && PyErr_Occurred()) return nullptr;
+  return PyUnicode_FromString(fusedrnn::cuda::kernel_image_missing(static_cast<int>(dev)).c_str());
+}
 static PyMethodDef frnn_methods[] = {
+    {"kernel_image_missing", frnn_kernel_image_missing, METH_O,
+     "why this build cannot run on CUDA device N (compute capability), or '' if it can"},
     {"set_algo", frnn_set_algo, METH_O, "'auto' | 'per_step' | 'persistent'"},
     {"get_algo", frnn_get_algo, METH_NOARGS, "the current algorithm switch"},
     {"last_algo", frnn_last_algo, METH_NOARGS, "the algorithm the latest call chose, and why"},

@@ -118,11 +118,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_algo", [] { return std::string(fusedrnn::cuda::algo_name(fusedrnn::cuda::get_algo())); });
   m.def("last_algo", &fusedrnn::cuda::last_algo, "the algorithm the latest call chose, and why");
   m.def("set_pretend_device", &fusedrnn::cuda::set_pretend_device,
-        "SM count and shared memory per block (bytes) of the device the emulation plans for",
-        pybind11::arg("sms"), pybind11::arg("smem_per_block"));
+        "SM count, shared memory per block (bytes) and compute capability (major) of the device the emulation "
+        "plans for", pybind11::arg("sms"), pybind11::arg("smem_per_block"), pybind11::arg("cc_major") = 8);
   m.def("get_pretend_device", [] {
     std::lock_guard<std::mutex> l(fusedrnn::cuda::algo_state().m);
-    return std::make_tuple(fusedrnn::cuda::algo_state().pretend_sms, fusedrnn::cuda::algo_state().pretend_smem);
+    const auto& s = fusedrnn::cuda::algo_state();
+    return std::make_tuple(s.pretend_sms, s.pretend_smem, s.pretend_cc_major);
   });
   m.def("set_drop_grid_sync", &emu_selftest::set_drop_grid_sync, "make every grid.sync() a no-op (mutation tests)");
   m.def("set_schedule", &emu_selftest::set_schedule, "mode: 0 alternate, 1 reversed, 2 forward, 3 random; seed",

@@ -7,11 +7,12 @@ kernel by the tensors' device. Each backend is usable only if its extension was 
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import torch
 
 from .. import cell_ops, double_backward, ops, packed, projection
-from . import Backend, register
+from . import Backend, Call, register
 
 
 def _load_extension(module: str):
@@ -65,9 +66,25 @@ register(Backend(name="cpu", ops_backend="cpu", device_types=("cpu",),
                  dtypes=(torch.float64, torch.float32), load=_load_cpu,
                  cell_ops=True, projection_op=True, float32_for=(torch.float16, torch.bfloat16),
                  bf16_recurrence=_bf16_recurrence))
+# Per CUDA device: why fusedrnn._C_cuda cannot run there ("" if it can), asked once. The
+# build holds kernel code for TORCH_CUDA_ARCH_LIST's architectures (setup.py); on an older
+# GPU (e.g. a T4, 7.5, under the default list of an install without a GPU) the first launch
+# would fail with "no kernel image is available": the backend refuses the call instead, so
+# that auto goes on to the next backend.
+_KERNEL_IMAGE: dict[int, str] = {}
+
+
+def _cuda_refuses(call: Call) -> Optional[str]:
+    index = call.device.index if call.device.index is not None else torch.cuda.current_device()
+    why = _KERNEL_IMAGE.get(index)
+    if why is None:
+        why = _KERNEL_IMAGE[index] = importlib.import_module("fusedrnn._C_cuda").kernel_image_missing(index)
+    return why or None
+
+
 register(Backend(name="cuda", ops_backend="cuda", device_types=("cuda",),
                  dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load_for("CUDA", "fusedrnn._C_cuda"),
-                 kernel_choice=lambda: last_cuda_algo()))
+                 limits=_cuda_refuses, kernel_choice=lambda: last_cuda_algo()))
 
 
 # The CUDA backend's algorithm switch (csrc/cuda/api.h, csrc/cuda/PERSISTENT.md):

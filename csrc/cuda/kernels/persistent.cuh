@@ -66,12 +66,13 @@ struct DeviceLimits {
   int sms;             // streaming multiprocessors
   int smem_per_block;  // opt-in dynamic shared memory per block, bytes
   bool cooperative;    // cooperative launches supported
+  bool tensor_cores;   // mma.m16n8k16 with fp16/bf16 inputs: compute capability 8.0+
 };
 
 #ifdef FRNN_EMULATION
 inline DeviceLimits device_limits() {
   std::lock_guard<std::mutex> l(algo_state().m);
-  return {algo_state().pretend_sms, algo_state().pretend_smem, true};
+  return {algo_state().pretend_sms, algo_state().pretend_smem, true, algo_state().pretend_cc_major >= 8};
 }
 #else
 // Queried at run time for the current device (cached per device ordinal).
@@ -81,11 +82,12 @@ inline DeviceLimits device_limits() {
   int dev = 0;
   cudaGetDevice(&dev);
   if (dev >= 0 && dev < 64 && have[dev]) return cache[dev];
-  int sms = 0, smem = 0, coop = 0;
+  int sms = 0, smem = 0, coop = 0, major = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
-  const DeviceLimits d{sms, smem, coop != 0};
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  const DeviceLimits d{sms, smem, coop != 0, major >= 8};
   if (dev >= 0 && dev < 64) {
     cache[dev] = d;
     have[dev] = true;
@@ -136,8 +138,14 @@ inline PersistentPlan plan_persistent_layout(int NA, int K, int H, int B, int el
 
 // The largest grid the device holds co-resident at one block per SM: U = ceil(H / SMs)
 // units per block; then the largest batch chunk that fits next to the W slice. fp16/bf16
-// use the tensor-core kernel, or the SIMT one when only its (smaller) layout fits.
+// use the tensor-core kernel, or the SIMT one when only its (smaller) layout fits or the
+// device has no mma.m16n8k16 (compute capability below 8.0).
 inline PersistentPlan plan_persistent(int NA, int K, int H, int B, int elem, const DeviceLimits& d) {
+  if (elem == 2 && !d.tensor_cores) {
+    PersistentPlan q = plan_persistent_layout(NA, K, H, B, elem, d, false);
+    if (q.ok) q.why += " (tensor cores: mma.m16n8k16 needs compute capability 8.0+)";
+    return q;
+  }
   if (elem == 2) {
     PersistentPlan p = plan_persistent_layout(NA, K, H, B, elem, d, true);
     if (p.ok) return p;
@@ -173,6 +181,8 @@ template <class T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef FRNN_EMULATION
   emu::mma_m16n8k16(d, a, b, sizeof(T) == 2 && !std::is_same<T, __half>::value);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // (compiled for an older GPU: plan_persistent never picks tensor cores there)
 #else
   if constexpr (std::is_same<T, __half>::value) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
