@@ -3,7 +3,7 @@ at random, beyond the grids of tests/test_modules.py (which run every option at 
 sizes): sizes that cross the cpu kernels' tile and thread-split boundaries (hidden up to
 300, batch up to 70, input size unrelated to hidden), inputs that are transposed or
 strided views, PackedSequences, frozen parameters, an input that needs no gradient, hx
-given or detached, train mode, no_grad, and the double backward.
+given or detached, train mode (with dropout between layers), no_grad, and the double backward.
 
 Each case is drawn from its test id's number and FUSEDRNN_TEST_SEED (tests/conftest.py), so
 a failure names a configuration that can be drawn again; a soak run loops over seeds.
@@ -43,6 +43,8 @@ def draw(case: int, backend: str, small: bool) -> dict:
         cfg["proj_size"] = r.randint(1, H - 1)
     if cell == "rnn":
         cfg["nonlinearity"] = r.choice(["tanh", "relu"])
+    if cfg["num_layers"] > 1 and r.random() < 0.3:
+        cfg["dropout"] = 0.4  # (in train mode: the same seed must draw torch.nn's masks)
     return dict(cell=cell, cfg=cfg, T=r.choice([1, 2, r.randint(3, 8 if small else 40)]),
                 B=r.choice([1, 2, 3, r.randint(4, 6 if small else 70)]),
                 layout=r.choice(["contiguous", "transposed", "strided"]), packed=r.random() < 0.4,
@@ -80,6 +82,7 @@ def _results(m, x, hx, leaf, c, double):
     """(outputs and gradients, which outputs require grad) of module m on one case."""
     hx_leaves = [h for h in (hx if isinstance(hx, tuple) else [hx]) if h is not None and h.requires_grad]
     with torch.set_grad_enabled(not c["no_grad"]):
+        torch.manual_seed(c["seed"] + 1)  # (dropout's masks)
         outs = _outputs(m(x, hx))
     got = [o.detach() for o in outs]
     wrt = ([] if leaf is None else [leaf]) + hx_leaves + [p for p in m.parameters() if p.requires_grad]
