@@ -217,17 +217,20 @@ def test_tf32_precision_path(cell):
         torch.testing.assert_close(g, w, atol=TOL["tf32"][0], rtol=TOL["tf32"][1])
 
 
-def test_dot_flags():
+def test_dot_flags(monkeypatch):
     launch = _launch()
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu, cuda, turing = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    monkeypatch.setattr(launch, "_TF32", {0: True, 1: False})  # device 1: no TF32 tensor cores (a T4)
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
         assert launch.dot_flags(torch.float32, cuda)["PREC"] == "ieee"
         assert launch.dot_flags(torch.bfloat16, cuda)["PREC"] == "tf32"
+        assert launch.dot_flags(torch.bfloat16, turing)["PREC"] == "ieee"
         assert launch.dot_flags(torch.float16, cpu)["PREC"] == "ieee"
         torch.set_float32_matmul_precision("high")
         assert launch.dot_flags(torch.float32, cuda)["PREC"] == "tf32"
+        assert launch.dot_flags(torch.float32, turing)["PREC"] == "ieee"
         assert launch.dot_flags(torch.float32, cuda, "ieee")["PREC"] == "ieee"
     finally:
         torch.set_float32_matmul_precision(old)

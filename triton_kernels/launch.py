@@ -112,6 +112,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_TF32: dict = {}
+
+
+def tf32_tensor_cores(device: torch.device) -> bool:
+    """Whether the CUDA device has TF32 tensor cores (compute capability 8.0+), asked once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TF32:
+        _TF32[index] = torch.cuda.get_device_capability(index)[0] >= 8
+    return _TF32[index]
+
+
 def dot_flags(dtype: torch.dtype, device: torch.device, precision: str | None = None) -> dict:
     """PREC / RTNE_BF16 of the kernels for one call (see recurrence.py).
 
@@ -120,10 +131,11 @@ def dot_flags(dtype: torch.dtype, device: torch.device, precision: str | None = 
     "highest"): the GPU's own setting. Half inputs use "tf32" on the GPU: their
     weights are exact in tf32, only the fp32 state operand is rounded to 10 bits,
     far below the half dtype's own error. `precision` overrides.
-    RTNE_BF16: the interpreter twin of the GPU's rounding of bf16 outputs."""
+    RTNE_BF16: the interpreter twin of the GPU's rounding of bf16 outputs.
+    TF32 needs Ampere's tensor cores: "ieee" on older GPUs (e.g. a T4)."""
     if precision is None:
         tf32_ok = dtype in HALF or torch.get_float32_matmul_precision() != "highest"
-        precision = "tf32" if device.type == "cuda" and tf32_ok else "ieee"
+        precision = "tf32" if device.type == "cuda" and tf32_ok and tf32_tensor_cores(device) else "ieee"
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"fusedrnn triton: precision must be 'ieee' or 'tf32', not {precision!r}")
     return dict(PREC=precision, RTNE_BF16=dtype == torch.bfloat16 and interpreting())
