@@ -22,6 +22,8 @@ from . import validation as V
 from .backends import (TORCH_NN, Call, float32_matmul_in_bf16, load_for, select, torch_nn_cannot, torch_nn_faster,
                        torch_nn_faster_low_precision, torch_nn_for_device, torch_nn_instead_of_reference)
 from .ops import records_grad
+from .bidirectional import at_once as pair_at_once
+from .bidirectional import forward_pair
 from .projection import input_projection
 from .transforms import differentiating_transform, onnx_export, refuse
 
@@ -141,6 +143,14 @@ def below_autograd_if_no_grad():
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return torch._C._AutoDispatchBelowAutograd()
+
+
+def _layer_records_grad(layer_in, weights, states) -> bool:
+    """records_grad of a layer's input, weights and states (the tensors gathered only where
+    grad mode or tracing could make it true)."""
+    if not (torch.is_grad_enabled() or torch.jit.is_tracing()):
+        return False
+    return records_grad(layer_in, *(t for w in weights for t in w), *(t for s in states for t in s))
 
 
 def _cast_back(finish, dtype):
@@ -313,10 +323,25 @@ class _FusedRNNBase(BackendChoice):
         # projection and the step in one call (the per-call overhead is most of a small step).
         step = backend.cell_op(self._cell) if x.shape[0] == 1 and lengths is None else None
         with below_autograd_if_no_grad(), (AC.autocast_off(x.device.type) if cast else contextlib.nullcontext()):
-            out = self._layers(fwd, step, x, lengths, hs, finish, names, cast, backend.projection_op, rows)
+            out = self._layers(fwd, step, x, lengths, hs, finish, names, cast, backend.projection_op, rows,
+                               backend.direction_pairs)
         if backend.kernel_choice is not None:
             self._record_choice(backend.name, f"{why}; kernels: {backend.kernel_choice()}")
         return out
+
+    def _project(self, layer_in, weights, bf16, native, rows):
+        """One layer and direction's input projection gx (weights: as _sequence_layer's).
+        GRU: x @ w_ih^T + b_ih (b_hh stays inside the op: PyTorch's
+        n = tanh(x_n + r * (W_hn h + b_hn))); LSTM and RNN: + b_hh too."""
+        w_ih, _, b_ih, b_hh, _ = weights
+        if bf16:  # (the biases summed in float32)
+            b_ih, b_hh = (None if t is None else t.float() for t in (b_ih, b_hh))
+        b = b_ih if self._cell == "gru" or b_ih is None else b_ih + b_hh
+        if bf16:
+            # x and w_ih go to the cpu backend's bfloat16 projection (float32 gx), w_hh to the
+            # sequence op as it is (its bfloat16 dot products); biases and w_hr in float32
+            return torch.ops.fusedrnn.projection_bf16(layer_in.to(w_ih.dtype), w_ih, b)
+        return input_projection(layer_in, w_ih, b, native, rows)  # (a PackedSequence: its rows only)
 
     def _sequence_layer(self, fwd, layer_in, state, weights, lengths, d, native, rows):
         """One layer and direction through the input projection and the sequence op `fwd`:
@@ -324,33 +349,30 @@ class _FusedRNNBase(BackendChoice):
         `rows`: see _prepare."""
         w_ih, w_hh, b_ih, b_hh, w_hr = weights
         bf16 = w_hh.dtype != state[0].dtype  # bfloat16 weights, float32 states (see forward)
+        gx = self._project(layer_in, weights, bf16, native, rows)
         if bf16:
-            # x and w_ih go to the cpu backend's bfloat16 projection (float32 gx), w_hh to the
-            # sequence op as it is (its bfloat16 dot products); biases and w_hr in float32
-            layer_in = layer_in.to(w_ih.dtype)
-            b_ih, b_hh, w_hr = (None if t is None else t.float() for t in (b_ih, b_hh, w_hr))
-
-        def project(b):
-            if bf16:
-                return torch.ops.fusedrnn.projection_bf16(layer_in, w_ih, b)
-            return input_projection(layer_in, w_ih, b, native, rows)  # (a PackedSequence: its rows only)
-
+            b_hh, w_hr = (None if t is None else t.float() for t in (b_hh, w_hr))
         if self._cell == "gru":
-            # b_hh stays inside the op: PyTorch's n = tanh(x_n + r * (W_hn h + b_hn)).
-            gx = project(b_ih)
             train = records_grad(gx, state[0], w_hh, b_hh)
             y, h_n, *_ = fwd(gx, state[0], w_hh, b_hh, lengths, bool(d), train)
             new = [h_n]
         elif self._cell == "lstm":
-            gx = project(None if b_ih is None else b_ih + b_hh)
             train = records_grad(gx, state[0], state[1], w_hh, w_hr)
             y, h_n, c_n, *_ = fwd(gx, state[0], state[1], w_hh, w_hr, lengths, bool(d), train)
             new = [h_n, c_n]
         else:
-            gx = project(None if b_ih is None else b_ih + b_hh)
             y, h_n = fwd(gx, state[0], w_hh, lengths, bool(d), self.nonlinearity == "relu")
             new = [h_n]
         return y, new
+
+    def _direction_pair(self, layer_in, states, weights, lengths, native, rows):
+        """Both directions of a layer in one call of the backend's pair op (bidirectional.py):
+        ([y0, y1], [final states of direction 0], [of direction 1]). Where nothing records a
+        gradient, the weights are in the states' dtype and the pair runs them at once."""
+        gx = [self._project(layer_in, w, False, native, rows) for w in weights]
+        y0, y1, new0, new1 = forward_pair(self._cell, getattr(self, "nonlinearity", "") == "relu", gx, states, weights,
+                                          lengths)
+        return [y0, y1], [new0, new1]
 
     def _dropout(self, y, rows):
         """Dropout between layers on the tensor torch.nn drops out, so that the same seed
@@ -362,26 +384,39 @@ class _FusedRNNBase(BackendChoice):
         kept = F.dropout(flat.index_select(0, rows), self.dropout, training=True)
         return torch.zeros_like(flat).index_copy(0, rows, kept).view_as(y)
 
-    def _layers(self, fwd, step, x, lengths, hs, finish, names, cast, native, rows):
+    def _layers(self, fwd, step, x, lengths, hs, finish, names, cast, native, rows, pair):
+        """The layers on x (`pair`: the backend runs a layer's two directions in one op call
+        in inference, bidirectional.py)."""
         D = 2 if self.bidirectional else 1
         finals: list[list[Tensor]] = [[] for _ in hs]
         layer_in = x
         for layer in range(self.num_layers):
-            outs = []
+            weights, states = [], []
             for d in range(D):
                 idx = layer * D + d
-                w_ih, w_hh, b_ih, b_hh, w_hr = (self._param(n) for n in names[idx])
+                w = tuple(self._param(n) for n in names[idx])
                 if cast is not None:  # autocast: weights in the dtype the recurrence runs in
-                    w_ih, w_hh, b_ih, b_hh, w_hr = (w if w is None else w.to(cast)
-                                                    for w in (w_ih, w_hh, b_ih, b_hh, w_hr))
-                state = [h[idx] for h in hs]
-                if step is not None and w_hr is None:  # T = 1: projection and step in one cell op call
-                    new = self._cell_op_step(step, layer_in[0], state, w_ih, w_hh, b_ih, b_hh)
-                    y = new[0].unsqueeze(0)
-                else:
-                    y, new = self._sequence_layer(fwd, layer_in, state, (w_ih, w_hh, b_ih, b_hh, w_hr), lengths, d,
-                                                  native, rows)
-                outs.append(y)
+                    w = tuple(t if t is None else t.to(cast) for t in w)
+                weights.append(w)
+                states.append([h[idx] for h in hs])
+            # (cheapest checks first: small layers are where the pair pays, and where a few
+            # microseconds of checks per layer show)
+            if (pair and D == 2 and step is None and pair_at_once(layer_in.shape[0], layer_in.shape[1], weights[0][1])
+                    and weights[0][1].dtype == states[0][0].dtype
+                    and not _layer_records_grad(layer_in, weights, states)):
+                outs, news = self._direction_pair(layer_in, states, weights, lengths, native, rows)
+            else:
+                outs, news = [], []
+                for d in range(D):
+                    w_ih, w_hh, b_ih, b_hh, w_hr = weights[d]
+                    if step is not None and w_hr is None:  # T = 1: projection and step in one cell op call
+                        new = self._cell_op_step(step, layer_in[0], states[d], w_ih, w_hh, b_ih, b_hh)
+                        y = new[0].unsqueeze(0)
+                    else:
+                        y, new = self._sequence_layer(fwd, layer_in, states[d], weights[d], lengths, d, native, rows)
+                    outs.append(y)
+                    news.append(new)
+            for new in news:
                 for f, s in zip(finals, new):
                     f.append(s)
             layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)

@@ -1166,6 +1166,8 @@ int64_t gemm_test_delay(int us) {
 
 const char* simd_path() { return use_avx2() ? "avx2" : "baseline"; }
 
+bool step_runs_on_one_thread(int64_t step_work) { return step_work < 2 * min_work_per_thread(); }
+
 void set_options(int tiled, int64_t min_work, int split, int* old_tiled, int64_t* old_min_work, int* old_split) {
   if (old_tiled) *old_tiled = g_tiled.load();
   if (old_min_work) *old_min_work = g_min_work.load();

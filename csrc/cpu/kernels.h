@@ -149,6 +149,11 @@ const char* simd_path();
 // Returns the previous values through the pointers (may be null).
 void set_options(int tiled, int64_t min_work, int split, int* old_tiled, int64_t* old_min_work, int* old_split);
 
+// Whether a recurrence whose steps take `step_work` multiply-adds (batch x gates x hidden x
+// K) runs each step on one thread: below min_work per thread a step is not split (the
+// time loop's slices, make_slices in kernels.cpp).
+bool step_runs_on_one_thread(int64_t step_work);
+
 // Test hook of the float32 GEMMs' work stealing: from now on the last thread of each GEMM
 // waits before its own work, as if preempted, until another thread has taken one of its
 // units or `us` microseconds have passed (0: no wait). Returns how many units a thread

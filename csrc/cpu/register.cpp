@@ -617,6 +617,71 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward_op(const Tensor& grad_y_, const 
   return {grad_gx, grad_h0, grad_w_hh};
 }
 
+// ----------------------------------------------------------------------------- both directions
+// A bidirectional layer's two directions in inference, in one op call (fusedrnn/
+// bidirectional.py: the modules call it where nothing records a gradient). Where neither
+// direction's steps have the work to be split over threads, the two run at once, one per
+// thread (the directions never interact), instead of one after the other on one thread
+// while the other threads wait; elsewhere one after the other, each split as alone. The
+// same kernels either way: the same results, bit for bit (an LSTM with projection to
+// rounding: its h @ w_hr^T is BLAS's, one-threaded inside the region). step_work: a direction's
+// multiply-adds per step. Not below 2^20 multiply-adds a direction: waking the other
+// thread (a futex wake, and on a VM the idle vCPU's) cost about what it saved there, by
+// how much depending on the host's state (modules, T=32, 9 interleaved rounds, minutes
+// apart: RNN H=32 B=16 at 2^19 0.56x then 1.06x; LSTM H=32 B=4 0.96x then 1.17x); from
+// 2^20 1.25-1.45x (LSTM H=64 B=4, H=128 B=1, GRU H=128 B=1, RNN H=256 B=1, ...).
+constexpr int64_t kPairMinWork = int64_t(1) << 20;
+bool directions_at_once(int64_t step_work, int64_t steps) {
+  return at::get_num_threads() >= 2 && !at::in_parallel_region() && cpu::step_runs_on_one_thread(step_work) &&
+         step_work * steps >= kPairMinWork;
+}
+template <typename F>
+void both_directions(int64_t step_work, int64_t steps, const F& run) {
+  if (!directions_at_once(step_work, steps)) {
+    run(0);
+    run(1);
+    return;
+  }
+  at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
+    for (int64_t d = b; d < e; ++d) run(d);
+  });
+}
+int64_t step_work(const Tensor& gx, const Tensor& w_hh) { return gx.size(1) * w_hh.size(0) * w_hh.size(1); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_pair_op(
+    const Tensor& gx0, const Tensor& gx1, const Tensor& h00, const Tensor& h01, const Tensor& c00, const Tensor& c01,
+    const Tensor& w0, const Tensor& w1, const optional<Tensor>& w_hr0, const optional<Tensor>& w_hr1,
+    const optional<Tensor>& lengths) {
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
+  both_directions(std::max(step_work(gx0, w0), step_work(gx1, w1)), gx0.size(0), [&](int64_t d) {
+    r[d] = d ? lstm_forward_op(gx1, h01, c01, w1, w_hr1, lengths, true, false)
+             : lstm_forward_op(gx0, h00, c00, w0, w_hr0, lengths, false, false);
+  });
+  return {std::get<0>(r[0]), std::get<0>(r[1]), std::get<1>(r[0]), std::get<1>(r[1]), std::get<2>(r[0]),
+          std::get<2>(r[1])};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_pair_op(const Tensor& gx0, const Tensor& gx1, const Tensor& h00,
+                                                              const Tensor& h01, const Tensor& w0, const Tensor& w1,
+                                                              const optional<Tensor>& b0, const optional<Tensor>& b1,
+                                                              const optional<Tensor>& lengths) {
+  std::tuple<Tensor, Tensor, Tensor, Tensor> r[2];
+  both_directions(std::max(step_work(gx0, w0), step_work(gx1, w1)), gx0.size(0), [&](int64_t d) {
+    r[d] = d ? gru_forward_op(gx1, h01, w1, b1, lengths, true, false) : gru_forward_op(gx0, h00, w0, b0, lengths, false, false);
+  });
+  return {std::get<0>(r[0]), std::get<0>(r[1]), std::get<1>(r[0]), std::get<1>(r[1])};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_pair_op(const Tensor& gx0, const Tensor& gx1, const Tensor& h00,
+                                                              const Tensor& h01, const Tensor& w0, const Tensor& w1,
+                                                              const optional<Tensor>& lengths, bool relu) {
+  std::tuple<Tensor, Tensor> r[2];
+  both_directions(std::max(step_work(gx0, w0), step_work(gx1, w1)), gx0.size(0), [&](int64_t d) {
+    r[d] = d ? rnn_forward_op(gx1, h01, w1, lengths, true, relu) : rnn_forward_op(gx0, h00, w0, lengths, false, relu);
+  });
+  return {std::get<0>(r[0]), std::get<0>(r[1]), std::get<1>(r[0]), std::get<1>(r[1])};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
@@ -630,6 +695,9 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("projection_backward", &projection_backward_op);
   m.impl("projection_rows", &projection_rows_op);
   m.impl("packed_layout", &packed_layout_op);
+  m.impl("lstm_forward_pair", &lstm_forward_pair_op);
+  m.impl("gru_forward_pair", &gru_forward_pair_op);
+  m.impl("rnn_forward_pair", &rnn_forward_pair_op);
   m.impl("projection_bf16", &projection_bf16_op);
 }
 
@@ -680,8 +748,16 @@ PyObject* set_options(PyObject*, PyObject* args) {
   fusedrnn::cpu::set_options(tiled, (int64_t)min_work, split, &old_tiled, &old_min_work, &old_split);
   return Py_BuildValue("(iLi)", old_tiled, (long long)old_min_work, old_split);
 }
+PyObject* directions_at_once_py(PyObject*, PyObject* args) {
+  long long work = 0, steps = 0;
+  if (!PyArg_ParseTuple(args, "LL", &work, &steps)) return nullptr;
+  return PyBool_FromLong(fusedrnn::cpu::directions_at_once((int64_t)work, (int64_t)steps));
+}
 PyMethodDef methods[] = {
     {"simd_path", simd_path, METH_NOARGS, "elementwise code path in use: avx2 or baseline"},
+    {"directions_at_once", directions_at_once_py, METH_VARARGS,
+     "directions_at_once(step_work, steps) -> whether the *_forward_pair ops run a bidirectional layer's "
+     "directions at once, one thread each, for `steps` steps of step_work multiply-adds (else one after the other)"},
     {"bf16_kernels_run", bf16_kernels_run, METH_VARARGS,
      "bf16_kernels_run(steps) -> whether the sequence ops run a bfloat16 w_hh on AVX512-BF16 dot products "
      "for a sequence of `steps` steps (else they cast it to float32)"},

@@ -45,6 +45,9 @@ class Backend:
     # Whether the backend implements the input projection op fusedrnn::projection
     # (fusedrnn/projection.py); if not, the sequence modules' input projection is F.linear.
     projection_op: bool = False
+    # Whether the backend runs a bidirectional layer's two directions in one op call in
+    # inference (fusedrnn/bidirectional.py: the cpu backend).
+    direction_pairs: bool = False
     # Dtypes the backend's ops lack but whose calls it runs in float32: the modules cast
     # input, states and weights to float32 and the results back (the cpu backend's float16
     # and bfloat16, where torch.nn's CPU kernels are slow; see LOW_PRECISION).

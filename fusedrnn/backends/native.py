@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .. import cell_ops, double_backward, ops, packed, projection
+from .. import bidirectional, cell_ops, double_backward, ops, packed, projection
 from . import Backend, Call, register
 
 
@@ -20,6 +20,7 @@ def _load_extension(module: str):
     cell_ops.define()
     projection.define()
     packed.define()
+    bidirectional.define()
     double_backward.define()  # (called by the C++ autograd's create_graph backward)
     return importlib.import_module(module)
 
@@ -64,7 +65,7 @@ def _bf16_recurrence(steps: int) -> bool:
 
 register(Backend(name="cpu", ops_backend="cpu", device_types=("cpu",),
                  dtypes=(torch.float64, torch.float32), load=_load_cpu,
-                 cell_ops=True, projection_op=True, float32_for=(torch.float16, torch.bfloat16),
+                 cell_ops=True, projection_op=True, direction_pairs=True, float32_for=(torch.float16, torch.bfloat16),
                  bf16_recurrence=_bf16_recurrence))
 # Per CUDA device: why fusedrnn._C_cuda cannot run there ("" if it can), asked once. The
 # build holds kernel code for TORCH_CUDA_ARCH_LIST's architectures (setup.py); on an older
