@@ -19,11 +19,10 @@ from torch.nn.utils.rnn import PackedSequence
 from . import autocast as AC
 from . import packed
 from . import validation as V
+from .bidirectional import at_once as pair_at_once, forward_pair
 from .backends import (TORCH_NN, Call, float32_matmul_in_bf16, load_for, select, torch_nn_cannot, torch_nn_faster,
                        torch_nn_faster_low_precision, torch_nn_for_device, torch_nn_instead_of_reference)
 from .ops import records_grad
-from .bidirectional import at_once as pair_at_once
-from .bidirectional import forward_pair
 from .projection import input_projection
 from .transforms import differentiating_transform, onnx_export, refuse
 
@@ -400,8 +399,10 @@ class _FusedRNNBase(BackendChoice):
                 weights.append(w)
                 states.append([h[idx] for h in hs])
             # (cheapest checks first: small layers are where the pair pays, and where a few
-            # microseconds of checks per layer show)
-            if (pair and D == 2 and step is None and pair_at_once(layer_in.shape[0], layer_in.shape[1], weights[0][1])
+            # microseconds of checks per layer show. Not under torch.compile: Dynamo cannot
+            # trace the C++ rule, and a fullgraph compile must not break on it.)
+            if (pair and D == 2 and step is None and not torch.compiler.is_compiling()
+                    and pair_at_once(layer_in.shape[0], layer_in.shape[1], weights[0][1])
                     and weights[0][1].dtype == states[0][0].dtype
                     and not _layer_records_grad(layer_in, weights, states)):
                 outs, news = self._direction_pair(layer_in, states, weights, lengths, native, rows)

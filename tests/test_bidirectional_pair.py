@@ -176,3 +176,14 @@ def test_only_where_the_directions_run_at_once(cpu_options, monkeypatch):
         assert calls == []
         m(x)
         assert calls == ["lstm"]
+
+
+def test_not_under_torch_compile():
+    """Dynamo cannot trace the C++ rule (directions_at_once): a fullgraph compile of a
+    bidirectional module runs the per-direction ops, with the eager pair's results."""
+    m = fusedrnn.GRU(5, 64, bidirectional=True, backend="cpu").eval()
+    x = torch.randn(64, 4, 5)
+    with torch.no_grad(), torch._dynamo.config.patch(allow_rnn=True):
+        want = m(x)[0]
+        got = torch.compile(m, fullgraph=True, backend="eager")(x)[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
