@@ -325,6 +325,26 @@ variable_list linear_grads(const Tensor& g, const Tensor& gm, const Tensor& x2, 
   return {nx ? gm.mm(w) : Tensor(), nw ? gm.t().mm(x2) : Tensor(), nb ? g.sum(0) : Tensor()};
 }
 
+// Which of a projection node's inputs (x, w, b) need a gradient. needs_input_grad counts
+// only the defined tensor inputs: b's index exists only with b.
+struct ProjNeeds {
+  bool x, w, b;
+  explicit ProjNeeds(AutogradContext* ctx)
+      : x(ctx->needs_input_grad(0)),
+        w(ctx->needs_input_grad(1)),
+        b(ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) {}
+};
+
+// linear_grads on a projection node's saved x [..., I] and w [G, I] (s[0], s[1]), dx in
+// x's shape. bf16: the GEMMs take the incoming gradient rounded to bfloat16 (ProjectionBf16).
+variable_list saved_linear_grads(const variable_list& s, const Tensor& grad, const ProjNeeds& n, bool bf16) {
+  const Tensor &x = s[0], &w = s[1];  // (w's sizes: x's may be symbolic under opcheck)
+  const Tensor g = grad.reshape({-1, w.size(0)});
+  auto r = linear_grads(g, bf16 ? g.to(at::kBFloat16) : g, x.reshape({-1, w.size(1)}), w, n.x, n.w, n.b);
+  if (n.x) r[0] = r[0].view_as(x);
+  return r;
+}
+
 // The forward of Projection and ProjectionBf16: the op below autograd, x, w, b saved (b
 // only for a double backward: gx_source).
 Tensor project_saving_inputs(AutogradContext* ctx, const c10::TypedOperatorHandle<ProjSig>& op, const Tensor& x,
@@ -346,17 +366,11 @@ struct Projection : torch::autograd::Function<Projection> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<ProjBwdSig>("fusedrnn::projection_backward");
     const auto s = ctx->get_saved_variables();
-    // (needs_input_grad counts only the defined tensor inputs: b's index exists only with b)
-    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1),
-               nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
-    if (at::GradMode::is_enabled()) {  // create_graph: the same formulas in differentiable ATen ops
-      const Tensor g = grads[0].reshape({-1, s[1].size(0)});
-      auto r = linear_grads(g, g, s[0].reshape({-1, s[1].size(1)}), s[1], nx, nw, nb);
-      if (nx) r[0] = r[0].view_as(s[0]);
-      return r;
-    }
-    auto [gx, gw, gb] = call_backward([&] { return op.call(grads[0], s[0], s[1], nx, nw, nb); });
-    return {if_needed(gx, nx), if_needed(gw, nw), if_needed(gb, nb)};
+    const ProjNeeds n(ctx);
+    if (at::GradMode::is_enabled())  // create_graph: the same formulas in differentiable ATen ops
+      return saved_linear_grads(s, grads[0], n, false);
+    auto [gx, gw, gb] = call_backward([&] { return op.call(grads[0], s[0], s[1], n.x, n.w, n.b); });
+    return {if_needed(gx, n.x), if_needed(gw, n.w), if_needed(gb, n.b)};
   }
 };
 
@@ -379,14 +393,7 @@ struct ProjectionBf16 : torch::autograd::Function<ProjectionBf16> {
     return project_saving_inputs(ctx, op, x, w, b);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
-    const Tensor &x = s[0], &w = s[1];
-    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1),
-               nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
-    const Tensor g = grads[0].reshape({-1, w.size(0)});
-    auto r = linear_grads(g, g.to(at::kBFloat16), x.reshape({-1, w.size(1)}), w, nx, nw, nb);
-    if (nx) r[0] = r[0].view_as(x);
-    return r;
+    return saved_linear_grads(ctx->get_saved_variables(), grads[0], ProjNeeds(ctx), true);
   }
 };
 
@@ -416,8 +423,8 @@ struct ProjectionRows : torch::autograd::Function<ProjectionRows> {
     static const auto op = op_handle<ProjBwdSig>("fusedrnn::projection_backward");
     const auto s = ctx->get_saved_variables();
     const Tensor &x = s[0], &w = s[1], &rows = s[3];
-    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1),
-               nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
+    const ProjNeeds n(ctx);
+    const bool nx = n.x, nw = n.w, nb = n.b;
     const int64_t G = w.size(0), I = w.size(1);  // (w's sizes: x's may be symbolic under opcheck)
     const Tensor g = grads[0].reshape({-1, G}).index_select(0, rows), xr = x.reshape({-1, I}).index_select(0, rows);
     auto scatter = [&](const Tensor& dxr) {
