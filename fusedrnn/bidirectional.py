@@ -43,19 +43,20 @@ def define() -> None:
     """Declare the three ops (the cpu backend's C++ implements them) with fake kernels (idempotent)."""
     if not ops.define_schemas("bidirectional", SCHEMAS):
         return
-    for cell in ("lstm", "gru", "rnn"):
+    torch.library.register_fake("fusedrnn::lstm_forward_pair", _fake_lstm, lib=ops._LIB)
+    for cell in ("gru", "rnn"):
         torch.library.register_fake(f"fusedrnn::{cell}_forward_pair", _fake, lib=ops._LIB)
 
 
-def _y(gx, h0):
-    return gx.new_empty(gx.shape[0], gx.shape[1], h0.shape[-1])
+def _fake(gx0, gx1, h00, h01, *_):
+    """(y0, y1, h_n0, h_n1): y [T, B, the state's width] per direction, h_n as h0."""
+    return (gx0.new_empty(*gx0.shape[:2], h00.shape[-1]), gx1.new_empty(*gx1.shape[:2], h01.shape[-1]),
+            h00.new_empty(h00.shape), h01.new_empty(h01.shape))
 
 
-def _fake(gx0, gx1, h00, h01, *rest):
-    states = [h00.new_empty(h00.shape), h01.new_empty(h01.shape)]
-    if len(rest) == 7:  # LSTM: c00, c01, w_hh0, w_hh1, w_hr0, w_hr1, lengths
-        states += [rest[0].new_empty(rest[0].shape), rest[1].new_empty(rest[1].shape)]
-    return (_y(gx0, h00), _y(gx1, h01), *states)
+def _fake_lstm(gx0, gx1, h00, h01, c00, c01, *_):
+    y0, y1, h0, h1 = _fake(gx0, gx1, h00, h01)
+    return y0, y1, h0, h1, c00.new_empty(c00.shape), c01.new_empty(c01.shape)
 
 
 _at_once = None
