@@ -374,8 +374,11 @@ struct Projection : torch::autograd::Function<Projection> {
   }
 };
 
-Tensor projection_autograd(const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
-  Tensor gx = Projection::apply(x, w, b);
+// The autograd kernel of a projection node F (Projection, ProjectionBf16): its gx, and the
+// note of its inputs for a sequence op whose gx needs no gradient (FrozenProjection).
+template <typename F>
+Tensor projection_noting_inputs(const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
+  Tensor gx = F::apply(x, w, b);
   note_frozen_projection(gx, x, w, b);
   return gx;
 }
@@ -397,11 +400,6 @@ struct ProjectionBf16 : torch::autograd::Function<ProjectionBf16> {
   }
 };
 
-Tensor projection_bf16_autograd(const Tensor& x, const Tensor& w, const optional<Tensor>& b) {
-  Tensor gx = ProjectionBf16::apply(x, w, b);
-  note_frozen_projection(gx, x, w, b);
-  return gx;
-}
 
 // fusedrnn::projection_rows: the projection of some rows of x (a PackedSequence's rows
 // that hold data), the other rows of gx 0. The same gradients on those rows (dx 0 on the
@@ -654,9 +652,9 @@ TORCH_LIBRARY_IMPL(fusedrnn, AutogradCPU, m) {
   m.impl("lstm_forward", &lstm_forward_autograd);
   m.impl("gru_forward", &gru_forward_autograd);
   m.impl("rnn_forward", &rnn_forward_autograd);
-  m.impl("projection", &projection_autograd);
+  m.impl("projection", &projection_noting_inputs<Projection>);
   m.impl("projection_rows", &projection_rows_autograd);
-  m.impl("projection_bf16", &projection_bf16_autograd);
+  m.impl("projection_bf16", &projection_noting_inputs<ProjectionBf16>);
 }
 
 }  // namespace cpu
