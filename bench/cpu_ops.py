@@ -35,11 +35,12 @@ _TILED_MODES = {0: "BLAS", 1: "packed-panel (16 registers)", 2: "packed-panel (r
 _SPLIT_MODES = {0: "by rows or units, chosen per call", 1: "by hidden units", 2: "by batch rows where possible"}
 
 
-def make_pair(cell: str, H: int, dtype):
+def make_pair(cell: str, H: int, dtype, I: int = 0):
+    """(torch.nn module, fusedrnn module with the same weights); input_size I (0: = H)."""
     cls_t = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
     cls_f = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "rnn": fusedrnn.RNN}[cell]
-    ref = cls_t(H, H).to(dtype)
-    mine = cls_f(H, H, backend="cpu").to(dtype)
+    ref = cls_t(I or H, H).to(dtype)
+    mine = cls_f(I or H, H, backend="cpu").to(dtype)
     mine.load_state_dict(ref.state_dict())
     return ref, mine
 
@@ -58,10 +59,10 @@ def run_once(model, x, train: bool) -> float:
         return time.perf_counter() - t0
 
 
-def bench_case(cell, B, H, T, reps, dtype, train, input_grad=True):
+def bench_case(cell, B, H, T, reps, dtype, train, input_grad=True, I=0):
     torch.manual_seed(0)
-    ref, mine = make_pair(cell, H, dtype)
-    x = torch.randn(T, B, H, dtype=dtype, requires_grad=train and input_grad)
+    ref, mine = make_pair(cell, H, dtype, I)
+    x = torch.randn(T, B, I or H, dtype=dtype, requires_grad=train and input_grad)
     # correctness guard: the benchmark must compare equal computations
     with torch.no_grad():
         a, b = ref(x)[0], mine(x)[0]
@@ -105,6 +106,8 @@ def main(argv=None):
     p.add_argument("--batch", default="1,8,32,64")
     p.add_argument("--hidden", default="256,512,1024")
     p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--input-size", default="0",
+                   help="comma-separated input sizes; 0 (the default): input_size = hidden")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"],
                    help="bfloat16 / float16: backend 'cpu' computes in float32, torch.nn runs its own kernels "
@@ -135,23 +138,26 @@ def main(argv=None):
           f"{_SPLIT_MODES.get(_C._set_options(-1, 0)[2], '?')}")
     print("load average at start: %.2f %.2f %.2f (timings are only meaningful on an otherwise idle machine)"
           % os.getloadavg())
-    print(f"seq_len {a.seq}, input_size = hidden, {a.dtype}, float32 matmul precision {a.matmul_precision}, "
+    inputs = [int(i) for i in a.input_size.split(",")]
+    print(f"seq_len {a.seq}, input_size {'= hidden' if inputs == [0] else a.input_size}, {a.dtype}, float32 matmul precision {a.matmul_precision}, "
           f"median of {a.reps} interleaved runs; "
           f"speedup = torch.nn / fusedrnn(backend='cpu')")
     print("pair q1-q3: quartiles of the speedups of the back-to-back pairs (the noise band)")
-    print(f"{'cell':5} {'mode':10} {'batch':>5} {'hidden':>6} {'torch.nn ms':>12} {'fusedrnn ms':>12} {'speedup':>8}"
+    print(f"{'cell':5} {'mode':10} {'batch':>5} {'hidden':>6} {'input':>5} {'torch.nn ms':>12} {'fusedrnn ms':>12} {'speedup':>8}"
           f" {'pair q1-q3':>12}")
     results, bands = {}, {}
     for mode in a.modes.split(","):
         for cell in a.cells.split(","):
             for H in map(int, a.hidden.split(",")):
-                for B in map(int, a.batch.split(",")):
-                    t_ref, t_mine, band = bench_case(cell, B, H, a.seq, a.reps, dtype, mode.startswith("training"),
-                                                     input_grad=mode != "training-frozen-input")
-                    s = t_ref / t_mine
-                    results[(mode, cell, B, H)], bands[(mode, cell, B, H)] = s, band
-                    print(f"{cell:5} {mode:10} {B:5d} {H:6d} {t_ref * 1e3:12.3f} {t_mine * 1e3:12.3f} {s:7.2f}x"
-                          f" {band[0]:5.2f}-{band[1]:.2f}", flush=True)
+                for I in inputs:
+                    for B in map(int, a.batch.split(",")):
+                        t_ref, t_mine, band = bench_case(cell, B, H, a.seq, a.reps, dtype, mode.startswith("training"),
+                                                         input_grad=mode != "training-frozen-input", I=I)
+                        s = t_ref / t_mine
+                        key = (mode, cell, B, H) if inputs == [0] else (mode, cell, B, H, I or H)
+                        results[key], bands[key] = s, band
+                        print(f"{cell:5} {mode:10} {B:5d} {H:6d} {I or H:5d} {t_ref * 1e3:12.3f} {t_mine * 1e3:12.3f}"
+                              f" {s:7.2f}x {band[0]:5.2f}-{band[1]:.2f}", flush=True)
     print()
     for mode in a.modes.split(","):
         for cell in a.cells.split(","):
@@ -164,7 +170,8 @@ def main(argv=None):
         print(f"inference, batch <= 8: geomean {geomean(small):.2f}x, min {min(small):.2f}x")
     print("load average at end: %.2f %.2f %.2f" % os.getloadavg())
     def names(keys):
-        return ", ".join(f"{m} {c} B={b} H={h}" for m, c, b, h in keys) or "none"
+        return ", ".join(f"{k[0]} {k[1]} B={k[2]} H={k[3]}" + (f" I={k[4]}" if len(k) > 4 else "")
+                         for k in keys) or "none"
     slower = [k for k, v in results.items() if v < 1.0]
     print("cases slower than torch.nn (median): " + names(slower))
     print("  of which slower in 3 of 4 pairs (pair q3 < 1): " + names(k for k in slower if bands[k][1] < 1.0))

@@ -304,7 +304,7 @@ class _FusedRNNBase(BackendChoice):
             nn_why = (torch_nn_faster_low_precision(call, backend, torch.is_grad_enabled() and (
                           x.requires_grad or w.requires_grad), True, bf16)
                       or torch_nn_faster(call, x.shape[0], isinstance(input, PackedSequence), training,
-                                         not x.requires_grad, self.num_layers, bf16)
+                                         self.input_size, bf16)
                       or torch_nn_instead_of_reference(call, backend.name, why))
             out = self._torch_nn_forward(nn_why, backend, call, input, hx) if nn_why else None
             if out is not None:

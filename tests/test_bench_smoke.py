@@ -73,20 +73,22 @@ def test_quick_preset_end_to_end(tmp_path):
 
 def test_cpu_ops_script_runs(tmp_path):
     """bench/cpu_ops.py (the CPU kernels against torch.nn, issue grid) at tiny sizes: it runs,
-    checks that both implementations agree (it asserts that itself), prints every case with
-    its pair-quartile band and the summary lines."""
+    checks that both implementations agree (it asserts that itself), prints every case (each
+    input size asked: 0 is the hidden size) with its pair-quartile band and the summary lines."""
     proc = subprocess.run([sys.executable, "bench/cpu_ops.py", "--batch", "1,3", "--hidden", "16", "--seq", "9",
-                           "--reps", "4", "--threads", "1", "--modes", "inference,training,training-frozen-input"],
+                           "--input-size", "0,5", "--reps", "4", "--threads", "1",
+                           "--modes", "inference,training,training-frozen-input"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     if "cpu backend unavailable" in proc.stderr:
         pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["lstm"], ["gru"], ["rnn"])]
-    assert len(rows) == 3 * 3 * 2  # cells x modes x batches
+    assert len(rows) == 3 * 3 * 2 * 2  # cells x modes x input sizes x batches
     assert {r[1] for r in rows} == {"inference", "training", "training-frozen-input"}
+    assert {r[4] for r in rows} == {"16", "5"} and "input_size 0,5" in proc.stdout
     for r in rows:
-        t_ref, t_mine, speedup = float(r[4]), float(r[5]), float(r[6].rstrip("x"))
-        q1, q3 = map(float, r[7].split("-"))
+        t_ref, t_mine, speedup = float(r[5]), float(r[6]), float(r[7].rstrip("x"))
+        q1, q3 = map(float, r[8].split("-"))
         assert t_ref > 0 and t_mine > 0 and math.isclose(speedup, t_ref / t_mine, rel_tol=0.02, abs_tol=0.01)
         assert 0 < q1 <= q3
     assert "cases slower than torch.nn (median): " in proc.stdout and "geomean speedup all" in proc.stdout
@@ -111,7 +113,7 @@ def test_cpu_ops_script_low_precision(extra, header):
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert header in proc.stdout
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["lstm"], ["gru"], ["rnn"])]
-    assert len(rows) == 3 * 2 and all(float(r[6].rstrip("x")) > 0 for r in rows)
+    assert len(rows) == 3 * 2 and all(float(r[7].rstrip("x")) > 0 for r in rows)
 
 
 @pytest.mark.parametrize("mode", ["training", "inference"])

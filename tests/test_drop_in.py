@@ -402,30 +402,36 @@ def onednn_avx512(monkeypatch):
     return set_
 
 
-def _lstm_pair(**kw):
-    ref = nn.LSTM(6, 10, **kw)
-    ours = fusedrnn.LSTM(6, 10, **kw)
+def _lstm_pair(input_size, hidden_size, **kw):
+    ref = nn.LSTM(input_size, hidden_size, **kw)
+    ours = fusedrnn.LSTM(input_size, hidden_size, **kw)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
-    """auto hands LSTM float32 at batch >= 32, seq_len >= 32 and hidden <= 512 to torch.nn's
-    own forward on AVX-512 CPUs (backends.TORCH_NN) in inference and in one-layer training
-    with an input that requires grad: same results as torch.nn, forward and backward.
-    Training with a frozen input or 2+ layers, and everything else, stays with fusedrnn's
-    backends (same results to float32 rounding)."""
-    from fusedrnn.backends import TORCH_NN, TORCH_NN_MAX_HIDDEN, TORCH_NN_MIN_BATCH as B, \
-        TORCH_NN_MIN_STEPS as T
+    """auto hands LSTM float32 inference at batch 32-64, seq_len >= 32, hidden 256-512 and
+    input_size >= hidden to torch.nn's own forward on AVX-512 CPUs (backends.TORCH_NN), also
+    in eval mode with grad enabled (the backward is torch.nn's then): torch.nn's results
+    exactly. Training, and everything outside those bounds, stays with fusedrnn's backends
+    (same results to float32 rounding)."""
+    from fusedrnn.backends import TORCH_NN, TORCH_NN_MAX_BATCH, TORCH_NN_MAX_HIDDEN, \
+        TORCH_NN_MIN_BATCH as B, TORCH_NN_MIN_HIDDEN as H, TORCH_NN_MIN_STEPS as T
     onednn_avx512(True)
     first = available_backends("cpu")[0]
-    ref, ours = _lstm_pair(batch_first=True)
-    x = torch.randn(B, T, 6)
+    ref, ours = _lstm_pair(H, H, batch_first=True)
+    ref2, ours2 = _lstm_pair(H, H, num_layers=2, batch_first=True)
+    x = torch.randn(B, T, H)
+    with torch.no_grad():
+        for r, m in ((ref, ours), (ref2, ours2)):  # inference, 1 and 2 layers
+            torch.testing.assert_close(m(x)[0], r(x)[0], rtol=0, atol=0)
+            assert m.last_backend == TORCH_NN and "inference" in m.last_backend_reason, m.last_backend_reason
+    # eval mode with grad enabled counts as inference: forward and backward are torch.nn's
+    ref.eval(), ours.eval()
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     (y1, (h1, c1)), (y2, (h2, c2)) = ref(x1), ours(x2)
-    assert ours.last_backend == TORCH_NN and f"hidden_size <= {TORCH_NN_MAX_HIDDEN}" in ours.last_backend_reason, \
-        ours.last_backend_reason
+    assert ours.last_backend == TORCH_NN, ours.last_backend_reason
     for a, b in ((y1, y2), (h1, h2), (c1, c2)):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     (y1.square().sum() + c1.sum()).backward()
@@ -433,18 +439,9 @@ def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
     torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
     for (n, p), q in zip(ref.named_parameters(), ours.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
-    big = fusedrnn.LSTM(6, TORCH_NN_MAX_HIDDEN + 8, batch_first=True)
-    ref2, ours2 = _lstm_pair(num_layers=2, batch_first=True)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=0)
-        assert ours.last_backend == TORCH_NN
-        torch.testing.assert_close(ours2(x)[0], ref2(x)[0], rtol=0, atol=0)
-        assert ours2.last_backend == TORCH_NN  # inference, 2 layers
-        big(x)  # inference, hidden > 512: ours
-        assert big.last_backend != TORCH_NN
-    # Training with an input that needs no gradient (no dx GEMM; oneDNN computes it), and
-    # training with 2 layers, stay ours; in eval mode with grad enabled, torch.nn.
-    for r, m, inp in ((ref, ours, x), (ref2, ours2, x), (ref2, ours2, x2)):
+    ref.train(), ours.train()
+    # Training stays ours: one layer with an input that needs a gradient or not, 2 layers.
+    for r, m, inp in ((ref, ours, x1), (ref, ours, x), (ref2, ours2, x2)):
         r.zero_grad(set_to_none=True)
         m.zero_grad(set_to_none=True)
         got, want = m(inp)[0], r(inp)[0]
@@ -455,23 +452,24 @@ def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
         for (n, p), q in zip(r.named_parameters(), m.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4 + 1e-5 * p.grad.abs().max().item(),
                                        msg=n)
-    ours.eval()
-    ours(x)
-    assert ours.last_backend == TORCH_NN, ours.last_backend_reason
     not_delegated = [  # (under no_grad, where torch.nn would run the module above)
-        (ours, torch.randn(B - 1, T, 6)),                                    # smaller batch
-        (ours, torch.randn(B, T - 1, 6)),                                    # shorter sequence
-        (big, x),                                                            # hidden > 512
-        (fusedrnn.LSTM(6, 10, batch_first=True).double(), x.double()),      # float64
-        (fusedrnn.GRU(6, 10, batch_first=True), x),                          # GRU
-        (fusedrnn.LSTM(6, 10, proj_size=4, batch_first=True), x),            # projection
-        (fusedrnn.LSTM(6, 10, batch_first=True, backend=first), x),          # forced
+        (ours, torch.randn(B - 1, T, H)),                                               # smaller batch
+        (ours, torch.randn(TORCH_NN_MAX_BATCH + 1, T, H)),                              # larger batch
+        (ours, torch.randn(B, T - 1, H)),                                               # shorter sequence
+        (fusedrnn.LSTM(H, H - 8, batch_first=True), x),                                 # hidden < 256
+        (fusedrnn.LSTM(H + 264, TORCH_NN_MAX_HIDDEN + 8, batch_first=True),
+         torch.randn(B, T, H + 264)),                                                   # hidden > 512
+        (fusedrnn.LSTM(H - 8, H, batch_first=True), x[..., 8:]),                        # input_size < hidden
+        (fusedrnn.LSTM(H, H, batch_first=True).double(), x.double()),                   # float64
+        (fusedrnn.GRU(H, H, batch_first=True), x),                                      # GRU
+        (fusedrnn.LSTM(H, H, proj_size=4, batch_first=True), x),                        # projection
+        (fusedrnn.LSTM(H, H, batch_first=True, backend=first), x),                      # forced
     ]
     for m, inp in not_delegated:
         with torch.no_grad():
             m(inp)
-        assert m.last_backend == first, (m, m.last_backend_reason)
-    m = fusedrnn.LSTM(6, 10, batch_first=True)
+        assert m.last_backend == first, (m, inp.shape, m.last_backend_reason)
+    m = fusedrnn.LSTM(H, H, batch_first=True)
     with torch.no_grad():
         m(nn.utils.rnn.pack_padded_sequence(x, [T] * B, batch_first=True))
         assert m.last_backend == first

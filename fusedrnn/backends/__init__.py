@@ -171,44 +171,28 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 
 
 # Where torch.nn's own kernel is faster than every fusedrnn backend, "auto" runs torch.nn's
-# forward instead (the module reports last_backend == TORCH_NN). The cases measured: LSTM
-# in float32 on a CPU where torch.nn's LSTM runs oneDNN's AVX-512 kernels, at batch >= 32,
-# seq_len >= 32 and hidden <= 512. Hidden 1024 stays ours since git 20a9b4b (inference was
-# delegated too before): bench/cpu_ops.py (T = 32) at batch 32 / 64, inference 1.10x /
-# 1.06x (git f025953) and 1.14x / 1.02x (20a9b4b), training 1.15x / 1.09x and 1.14x /
-# 1.13x; the main job (T = 64) B=32 1.02x / 1.07x. At hidden 256-512 the same runs put
-# ours at 0.86-1.13x (inference) and 0.95-1.07x (training): parity, both bound by GEMMs
-# at the same rate (README, Measured speed). With the time loop split by batch rows (git
-# 2f7b133 on, 2026-11-30): hidden 256-512 0.92-0.99x (inference) and 0.96-1.07x
-# (training), still not faster, so still torch.nn; hidden 640-1024 inference over three
-# runs 0.90-1.14x (768: 0.90-1.07x, 1024: 0.96-1.01x), training 1.03-1.15x: parity or
-# better, so still ours. With the next row's gx prefetched and the first step's GEMM
-# skipped for h0 = 0 (git ec436a7, 7d72666: forward op 1.03-1.08x): hidden 256-512 in two
-# runs on a busy host 0.80-1.01x (inference), 0.91-1.11x (training), at 0.99-1.03x in
-# in-process module timings (inference) when it was quiet: still parity, so still torch.nn.
-# Except in training with an input that does not require grad (a first layer fed raw
-# features: fusedrnn skips the input gradient's GEMM, oneDNN computes it anyway) or with
-# 2+ layers (oneDNN's stacked training took 2.3-2.6x its one-layer time at 2 layers),
-# which stay ours. In-process, interleaved, T=32, 2026-11-30 (busy host), hidden 256-512,
-# batch 32-64: frozen input, one layer 1.18-1.23x, two layers 1.08-1.31x; input requiring
-# grad, one layer 1.00-1.09x (so torch.nn), two layers 0.98-1.30x over three runs (geomean
-# ~1.12x), three layers (B=32) 1.25-1.27x; inference 0.90-1.08x at 1-3 layers (torch.nn).
-# Before (bench/cpu_ops.py, T = 32, 2026-11-29, same VM, three runs, before git a6ded33),
-# backend="cpu" against torch.nn: batch 32-64, hidden 256-512: 0.79-1.04x (inference),
-# 0.82-0.95x (training); hidden 1024: 0.92-1.10x (inference), 0.99-1.07x (training);
-# batch 8: 0.94-1.35x (inference), 0.89-0.98x (training; 0.98-1.28x in interleaved blocks
-# of 3 calls at T=32, 0.99-1.09x at T=64: noise, so batch 8 stays ours); batch 1: 1.2-2.6x. Short
-# sequences stay ours too: oneDNN's per-call cost dominates them (B=32 H=256: T=1 1.47x
-# inference, 1.68x training; T=16 0.95x inference, 1.06x training; B=8 training T=8 2.16x).
-# The GEMMs decided it then: oneDNN's AVX-512 input projection ran at 215-220 GFLOP/s where
-# MKL's (F.linear and torch.mm: our projection in training and the weight gradients) ran
-# at 180-200, of a 232 GFLOP/s FMA peak; since git a6ded33 those run on cpu::gemm at
-# 200-225. On an AVX2-only CPU (Zen 3, earlier sessions) the two were at parity there
-# (0.96-1.12x), so "auto" keeps backend "cpu" on such CPUs.
+# forward instead (the module reports last_backend == TORCH_NN). The one case left: LSTM
+# inference in float32 on a CPU where torch.nn's LSTM runs oneDNN's AVX-512 kernels, at
+# batch 32-64, seq_len >= 32, hidden 256-512 and input_size >= hidden, where both are bound
+# by GEMMs at the same rate and ours measured at parity (bench/cpu_ops.py, 2026-11-30,
+# T = 32 / 64 / 128, input_size = hidden: 0.96-1.05x; bench/MEASUREMENTS.md, "Where auto
+# hands LSTM to torch.nn"). Everything else is ours, as measured in the same runs:
+# - training (one layer, input requiring grad): 0.96-1.02x at batch 32 and T <= 64, and
+#   1.07-1.47x at batch 64-128 or T = 128 (oneDNN's training slows there); with a frozen
+#   input or 2+ layers it was 1.08-1.31x before;
+# - hidden 64-128 (inference 0.99-1.30x), input_size below hidden (a first layer fed few
+#   features: hidden 512, batch 64, input 16-64: 1.06-1.07x), batch 128 (0.98-1.18x),
+#   hidden 1024 (0.90-1.14x over three runs before git 20a9b4b: parity or better).
+# Short sequences stay ours too: oneDNN's per-call cost dominates them (B=32 H=256: T=1
+# 1.47x inference; T=16 0.95x). Until this rule (git 20a9b4b to this one) auto handed
+# torch.nn all of batch >= 32 with hidden <= 512, training included (one layer), from
+# runs at T = 32 and input_size = hidden only. On an AVX2-only CPU (Zen 3, earlier
+# sessions) the two were at parity at hidden 256-512 (0.96-1.12x), so "auto" keeps
+# backend "cpu" on such CPUs.
 TORCH_NN = "torch.nn"
-TORCH_NN_MIN_BATCH = 32
+TORCH_NN_MIN_BATCH, TORCH_NN_MAX_BATCH = 32, 64
 TORCH_NN_MIN_STEPS = 32
-TORCH_NN_MAX_HIDDEN = 512
+TORCH_NN_MIN_HIDDEN, TORCH_NN_MAX_HIDDEN = 256, 512
 
 
 def onednn_avx512() -> bool:
@@ -234,27 +218,28 @@ def _onednn_lstm_uncompilable(call: Call) -> bool:
     return call.cell == "lstm" and torch.compiler.is_compiling()
 
 
-def torch_nn_faster(call: Call, steps: int, packed: bool, training: bool = False, frozen_input: bool = False,
-                    layers: int = 1, bf16_kernels: bool = False) -> Optional[str]:
+def torch_nn_faster(call: Call, steps: int, packed: bool, training: bool = False, input_size: int = 0,
+                    bf16_kernels: bool = False) -> Optional[str]:
     """Why torch.nn's own kernel is faster than fusedrnn's for this sequence call of `steps`
     timesteps, or None (see TORCH_NN). `packed`: the input is a PackedSequence (torch.nn then
     skips oneDNN). `training`: a module in training mode whose call autograd records;
-    `frozen_input`: its input needs no gradient (a first layer fed raw features: fusedrnn
-    then skips dx's GEMM, oneDNN does not); `layers`: num_layers (oneDNN's stacked
-    training measured slower than fusedrnn's); `bf16_kernels`: the float32 call would run on
-    the bfloat16 kernels (matmul precision "medium", float32_matmul_in_bf16), where oneDNN's
-    float32 LSTM does not speed up and ours measured 1.46-2.09x faster."""
-    if (training and (frozen_input or layers >= 2)) or bf16_kernels or _onednn_lstm_uncompilable(call):
+    `input_size`: the module's; `bf16_kernels`: the float32 call would run on the bfloat16
+    kernels (matmul precision "medium", float32_matmul_in_bf16), where oneDNN's float32 LSTM
+    does not speed up and ours measured 1.46-2.09x faster."""
+    if training or bf16_kernels or _onednn_lstm_uncompilable(call):
         return None
     if not (call.cell == "lstm" and call.device.type == "cpu" and call.dtype == torch.float32
-            and call.proj_size == 0 and not packed and call.batch >= TORCH_NN_MIN_BATCH
-            and steps >= TORCH_NN_MIN_STEPS):
+            and call.proj_size == 0 and not packed and steps >= TORCH_NN_MIN_STEPS
+            and TORCH_NN_MIN_BATCH <= call.batch <= TORCH_NN_MAX_BATCH
+            and TORCH_NN_MIN_HIDDEN <= call.hidden_size <= TORCH_NN_MAX_HIDDEN
+            and input_size >= call.hidden_size):
         return None
-    if call.hidden_size > TORCH_NN_MAX_HIDDEN or not onednn_avx512():
+    if not onednn_avx512():
         return None
-    return (f"auto: torch.nn's LSTM (oneDNN, AVX-512) measured faster than backend 'cpu' for float32 "
-            f"at batch >= {TORCH_NN_MIN_BATCH}, seq_len >= {TORCH_NN_MIN_STEPS} and hidden_size <= "
-            f"{TORCH_NN_MAX_HIDDEN} on AVX-512 CPUs (backend='cpu' forces ours)")
+    return (f"auto: torch.nn's LSTM (oneDNN, AVX-512) measured at least as fast as backend 'cpu' for float32 "
+            f"inference at batch {TORCH_NN_MIN_BATCH}-{TORCH_NN_MAX_BATCH}, seq_len >= {TORCH_NN_MIN_STEPS}, "
+            f"hidden_size {TORCH_NN_MIN_HIDDEN}-{TORCH_NN_MAX_HIDDEN} and input_size >= hidden_size on AVX-512 "
+            f"CPUs (backend='cpu' forces ours)")
 
 
 # "auto" does not run the reference where torch.nn can run the call: the reference is the
