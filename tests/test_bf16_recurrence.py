@@ -306,8 +306,8 @@ def test_auto_under_matmul_precision_medium(matmul_precision, monkeypatch):
         pytest.skip("no AVX512-BF16 on this CPU")
     from fusedrnn import backends
     monkeypatch.setattr(backends, "onednn_avx512", lambda: True)
-    m = fusedrnn.LSTM(32, 256)
-    x = torch.randn(32, 64, 32)
+    m = fusedrnn.LSTM(256, 256)
+    x = torch.randn(32, 64, 256)
     with torch.no_grad():
         m(x)
         assert m.last_backend == "torch.nn"
