@@ -77,15 +77,17 @@ def test_more_threads_than_this_machine(variant, threads, tiled, split, cpu_opti
         args = make_inputs(cell, 9, B, H, P=24 if P else 0, dtype=torch.float32, lengths=True, reverse=True,
                            **_kw(cell, flag))
         check_against_reference("cpu", cell, args)
-    x, w, b = torch.randn(300, 70, requires_grad=True), torch.randn(130, 70, requires_grad=True), torch.randn(130)
-    y = torch.ops.fusedrnn.projection(x, w, b)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, w), g)
-    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    yr = torch.nn.functional.linear(xd, wd, b.double())
-    torch.testing.assert_close(y, yr.float(), atol=1e-4, rtol=1e-5)
-    for a, r in zip(got, torch.autograd.grad(yr, (xd, wd), g.double())):
-        torch.testing.assert_close(a, r.float(), atol=1e-4, rtol=1e-5)
+    for I in (70, 9):  # (9: cpu::narrow_linear_backward, each thread's partial sums)
+        x, w = torch.randn(301, I, requires_grad=True), torch.randn(130, I, requires_grad=True)
+        b = torch.randn(130, requires_grad=True)
+        y = torch.ops.fusedrnn.projection(x, w, b)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, w, b), g)
+        xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+        yr = torch.nn.functional.linear(xd, wd, bd)
+        torch.testing.assert_close(y, yr.float(), atol=1e-4, rtol=1e-5)
+        for a, r in zip(got, torch.autograd.grad(yr, (xd, wd, bd), g.double())):
+            torch.testing.assert_close(a, r.float(), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)

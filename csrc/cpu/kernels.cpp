@@ -1301,6 +1301,12 @@ void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T
 }
 
 template <typename T>
+void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T* x, const T* w, T* gx, T* gw,
+                            T* gb, bool acc) {
+  FRNN_DISPATCH(narrow_linear_backward, M, G, N, d, x, w, gx, gw, gb, acc);
+}
+
+template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* Bm, int64_t sbk,
           int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias, T* colsum) {
   bool blocked = false;  // (cpu::gemm's own kernels)
@@ -1350,7 +1356,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
   template void step_matmul<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                        \
   template void step_weight_grad<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, T*);              \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, int64_t, T*, \
-                        int64_t, bool, const T*, T*);
+                        int64_t, bool, const T*, T*);                                                     \
+  template void narrow_linear_backward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, T*, T*, T*, bool);
 FRNN_INSTANTIATE(float)
 FRNN_INSTANTIATE(double)
 

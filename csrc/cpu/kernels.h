@@ -117,6 +117,16 @@ template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk,
           int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias = nullptr, T* colsum = nullptr);
 
+// The backward of a linear map with fewer than kNarrowColumns columns (an input projection
+// fed a few features, a small hidden size's recurrent weight), where cpu::gemm would pad
+// them to its 32-column panels: gx[M,N] = d[M,G] @ w[G,N], gw[G,N] = d^T @ x[M,N] (acc: +=)
+// and gb[G] = the column sums of d, each only if not null (w only with gx, x only with gw),
+// in one pass over d. All row-major, contiguous.
+constexpr int64_t kNarrowColumns = 32;
+template <typename T>
+void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T* x, const T* w, T* gx, T* gw,
+                            T* gb, bool acc);
+
 // Whether all n values are zero (+0 or -0). h0 = 0 is the modules' state when no hx is
 // given; the first step's products with it are skipped (FirstStep in kernels.cpp, the
 // weight gradient's h0 term in register.cpp).
