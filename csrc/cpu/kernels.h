@@ -117,11 +117,14 @@ template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk,
           int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias = nullptr, T* colsum = nullptr);
 
-// The backward of a linear map with fewer than kNarrowColumns columns (an input projection
+// The backward of a linear map with at most kNarrowColumns columns N (an input projection
 // fed a few features, a small hidden size's recurrent weight), where cpu::gemm would pad
-// them to its 32-column panels: gx[M,N] = d[M,G] @ w[G,N], gw[G,N] = d^T @ x[M,N] (acc: +=)
-// and gb[G] = the column sums of d, each only if not null (w only with gx, x only with gw),
-// in one pass over d. All row-major, contiguous.
+// them to a 32-column panel that one thread computes: gx[M,N] = d[M,G] @ w[G,N], gw[G,N] =
+// d^T @ x[M,N] (acc: +=) and gb[G] = the column sums of d, each only if not null (w only
+// with gx, x only with gw), in one pass over d. All row-major, contiguous. N <= 32 only.
+// In-process against cpu::gemm (2 threads, Zen 4; M rows x G gates x N): 32768 x 64 x 16
+// all three 3.0 -> 0.94 ms, 32768 x 128 x 32 6.2 -> 4.0 ms, 8192 x 512 x 32 4.9 -> 4.0 ms;
+// at N = 64 gw measured slower (7.8 against 7.3 ms).
 constexpr int64_t kNarrowColumns = 32;
 template <typename T>
 void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T* x, const T* w, T* gx, T* gw,

@@ -588,23 +588,50 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const WT* w_hh_, int64_t H
 }
 
 // ----------------------------------------------------------------------------- narrow GEMMs over all steps
-// The backward of a linear map with few columns N (kernels.h: kNarrowColumns): gx[M,N] =
+// The backward of a linear map with few columns N <= 32 (kernels.h: kNarrowColumns): gx[M,N] =
 // d[M,G] @ w[G,N], gw[G,N] (+)= d^T @ x[M,N] and gb[G] = the column sums of d, each only
 // if not null, in one pass over d, the largest operand (all steps' rows of the gate
 // gradients), four rows at a time: an input projection fed a few features (a time
 // series' channels) and the recurrent weight's gradient at a small hidden size. cpu::gemm
 // pads N to its 32-column panels and reads d once per product (T=128, B=256, G=64, N=8:
-// the input projection's backward 3.1 ms, memory-bound). Each thread takes its own rows;
+// the input projection's backward 3.1 ms, with the 32-column panel's gx on one thread).
+// Each thread takes its own rows;
 // gw and gb are summed per thread (as gw^T [N, G], so that the updates run along g) and
-// added up at the end. gx's dot products run along g too, on w^T.
+// added up at the end. gx runs along N, on w padded to 8-column multiples (narrow_gx).
+// gx rows [m, m + R) of narrow_linear_backward: gx[m, :N] = sum_g d[m, g] w[g, :N] on
+// w padded to NP columns (wp [G, NP], zeros beyond N), the R x NP sums held in registers
+// along N (dot products along g, one reduction per output, measured 2-3x slower at N=8).
+template <typename T, int NP, int R>
+inline void narrow_gx_rows(int64_t G, int64_t N, const T* d, const T* wp, T* gx) {
+  T acc[R][NP] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    const T* wg = wp + g * NP;
+    for (int r = 0; r < R; ++r) {
+      const T a = d[r * G + g];
+#pragma omp simd
+      for (int j = 0; j < NP; ++j) acc[r][j] += a * wg[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < N; ++j) gx[r * N + j] = acc[r][j];
+}
+template <typename T, int NP>
+inline void narrow_gx(int64_t m0, int64_t m1, int64_t G, int64_t N, const T* d, const T* wp, T* gx) {
+  constexpr int R = NP == 8 ? 8 : NP == 16 ? 4 : 2;
+  int64_t m = m0;
+  for (; m + R <= m1; m += R) narrow_gx_rows<T, NP, R>(G, N, d + m * G, wp, gx + m * N);
+  for (; m < m1; ++m) narrow_gx_rows<T, NP, 1>(G, N, d + m * G, wp, gx + m * N);
+}
+
 template <typename T>
 void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T* x, const T* w, T* gx, T* gw,
                             T* gb, bool acc) {
   const Slices sl = make_slices(M, G * N * ((gx ? 1 : 0) + (gw ? 1 : 0)) + 1, 4);
   const int nt = sl.n;
-  Buf<T> wt(gx ? N * G : 0);
-  for (int64_t g = 0; gx && g < G; ++g)
-    for (int64_t j = 0; j < N; ++j) wt[j * G + g] = w[g * N + j];
+  static_assert(kNarrowColumns <= 32, "narrow_gx runs at most 32 columns");
+  const int64_t NP = (N + 7) / 8 * 8;  // (N <= 32: 8, 16, 24 or 32)
+  Buf<T> wp(gx ? G * NP : 0, T(0));
+  for (int64_t g = 0; gx && g < G; ++g) std::copy(w + g * N, w + g * N + N, wp.data() + g * NP);
   const int64_t per = (gw ? N * G : 0) + (gb ? G : 0);  // one thread's partial sums
   Buf<T> part(per * nt, T(0));
   run_slices(sl, [&](int k) {
@@ -614,14 +641,11 @@ void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T
     const int64_t m1 = sl.hi(k);
     for (; m + 4 <= m1; m += 4) {
       const T *d0 = d + m * G, *d1 = d0 + G, *d2 = d1 + G, *d3 = d2 + G;
-      for (int64_t j = 0; gx && j < N; ++j) {
-        const T* wj = wt.data() + j * G;
-        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (int64_t g = 0; g < G; ++g) {
-          s0 += d0[g] * wj[g]; s1 += d1[g] * wj[g]; s2 += d2[g] * wj[g]; s3 += d3[g] * wj[g];
-        }
-        gx[m * N + j] = s0; gx[(m + 1) * N + j] = s1; gx[(m + 2) * N + j] = s2; gx[(m + 3) * N + j] = s3;
+      if (gx) {  // (these 4 rows, from L1 for the weight gradient's part below)
+        if (NP == 8) narrow_gx<T, 8>(m, m + 4, G, N, d, wp.data(), gx);
+        else if (NP == 16) narrow_gx<T, 16>(m, m + 4, G, N, d, wp.data(), gx);
+        else if (NP == 24) narrow_gx<T, 24>(m, m + 4, G, N, d, wp.data(), gx);
+        else narrow_gx<T, 32>(m, m + 4, G, N, d, wp.data(), gx);
       }
       for (int64_t j = 0; gw && j < N; ++j) {
         const T a0 = x[m * N + j], a1 = x[(m + 1) * N + j], a2 = x[(m + 2) * N + j], a3 = x[(m + 3) * N + j];
@@ -636,12 +660,11 @@ void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T
     }
     for (; m < m1; ++m) {  // (the last rows)
       const T* d0 = d + m * G;
-      for (int64_t j = 0; gx && j < N; ++j) {
-        const T* wj = wt.data() + j * G;
-        T s0 = 0;
-#pragma omp simd reduction(+ : s0)
-        for (int64_t g = 0; g < G; ++g) s0 += d0[g] * wj[g];
-        gx[m * N + j] = s0;
+      if (gx) {
+        if (NP == 8) narrow_gx<T, 8>(m, m + 1, G, N, d, wp.data(), gx);
+        else if (NP == 16) narrow_gx<T, 16>(m, m + 1, G, N, d, wp.data(), gx);
+        else if (NP == 24) narrow_gx<T, 24>(m, m + 1, G, N, d, wp.data(), gx);
+        else narrow_gx<T, 32>(m, m + 1, G, N, d, wp.data(), gx);
       }
       for (int64_t j = 0; gw && j < N; ++j) {
         const T a0 = x[m * N + j];

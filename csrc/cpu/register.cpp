@@ -70,7 +70,7 @@ struct SeqArgs {
 void grad_gemm(const Tensor& a, const Tensor& b, Tensor& out, bool acc) {
   const int64_t M = a.size(-1), N = b.size(-1), K = a.numel() / std::max<int64_t>(M, 1);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fusedrnn_grad_gemm_cpu", [&] {
-    if (N < cpu::kNarrowColumns)
+    if (N <= cpu::kNarrowColumns)
       cpu::narrow_linear_backward<scalar_t>(K, M, N, a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), nullptr,
                                             nullptr, out.data_ptr<scalar_t>(), nullptr, acc);
     else
@@ -203,7 +203,7 @@ std::tuple<Tensor, Tensor, Tensor> projection_backward_op(const Tensor& grad_, c
   Tensor gb = need_b && need_w ? new_output({G}, x) : need_b ? grad.reshape({M, G}).sum(0) : x.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_projection_backward_cpu", [&] {
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    if (I < cpu::kNarrowColumns && (need_x || need_w)) {  // (a few input features: one pass over grad)
+    if (I <= cpu::kNarrowColumns && (need_x || need_w)) {  // (a few input features: one pass over grad)
       cpu::narrow_linear_backward<scalar_t>(
           M, G, I, g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), need_x ? gx.data_ptr<scalar_t>() : nullptr,
           need_w ? gw.data_ptr<scalar_t>() : nullptr, need_b && need_w ? gb.data_ptr<scalar_t>() : nullptr, false);
