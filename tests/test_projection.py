@@ -127,13 +127,15 @@ def test_units_taken_by_another_thread(shape, G):
 
 @pytest.mark.parametrize("shape", [(0, 3, 8), (2, 3, 0)], ids=["no-rows", "I=0"])
 def test_empty(shape):
+    """No rows, or no input features (then the bias gradient is still the row count)."""
     x, w, b = _args(shape, 16)
-    x.requires_grad_(), w.requires_grad_()
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
     out = op(x, w, b)
     torch.testing.assert_close(out, F.linear(x, w, b))
     out.sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
     assert torch.equal(w.grad, torch.zeros_like(w))
+    torch.testing.assert_close(b.grad, torch.full_like(b, float(shape[0] * shape[1])))
 
 
 @pytest.mark.parametrize("bias", [True, False])

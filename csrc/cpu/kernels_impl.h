@@ -626,9 +626,10 @@ inline void narrow_gx(int64_t m0, int64_t m1, int64_t G, int64_t N, const T* d, 
 template <typename T>
 void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T* x, const T* w, T* gx, T* gw,
                             T* gb, bool acc) {
-  const Slices sl = make_slices(M, G * N * ((gx ? 1 : 0) + (gw ? 1 : 0)) + 1, 4);
-  const int nt = sl.n;
   static_assert(kNarrowColumns <= 32, "narrow_gx runs at most 32 columns");
+  if (N == 0) gx = gw = nullptr;  // (no columns: nothing to write there; gb still)
+  const Slices sl = make_slices(M, G * (N * ((gx ? 1 : 0) + (gw ? 1 : 0)) + 1), 4);  // (multiply-adds a row)
+  const int nt = sl.n;
   const int64_t NP = (N + 7) / 8 * 8;  // (N <= 32: 8, 16, 24 or 32)
   Buf<T> wp(gx ? G * NP : 0, T(0));
   for (int64_t g = 0; gx && g < G; ++g) std::copy(w + g * N, w + g * N + N, wp.data() + g * NP);
