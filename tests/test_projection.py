@@ -40,10 +40,12 @@ def _args(shape, G, bias=True, batch_first=False, dtype=torch.float32):
 # The backward of up to 32 input features runs cpu::narrow_linear_backward (one pass over
 # the gradient, 4 rows at a time; 8, 16, 24 or 32 padded columns): (3, 700, 8) and (3, 5,
 # 1) there, and (5, 7, 31) (35 rows: 3 after the last 4), (2, 9, 3) x 1000, (3, 11, 32) and
-# (2, 3, 17); 33 features, (9, 33), are cpu::gemm's.
+# (2, 3, 17); 33 features, (9, 33), are cpu::gemm's. The forward to up to 32 outputs runs
+# cpu::narrow_linear: x 24, 7, 5 and 32 ((3, 7, 20): 21 rows, 10 blocks of 2 and a last
+# single row at 32 padded columns); 33 outputs ((3, 3, 40)) are cpu::gemm's.
 SHAPES = [((7, 40, 150), 100), ((5, 8, 40), 500), ((3, 700, 8), 24), ((3, 5, 1), 7), ((9, 33), 64),
           ((2, 3, 70), 5), ((4, 9, 300), 70), ((5, 7, 31), 100), ((2, 9, 3), 1000), ((3, 11, 32), 48),
-          ((2, 3, 17), 40)]
+          ((2, 3, 17), 40), ((3, 7, 20), 32), ((3, 3, 40), 33)]
 
 
 @pytest.mark.parametrize("tiled", [1, 0], ids=["tiled", "blas"])

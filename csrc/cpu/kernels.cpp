@@ -1305,6 +1305,10 @@ void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T
                             T* gb, bool acc) {
   FRNN_DISPATCH(narrow_linear_backward, M, G, N, d, x, w, gx, gw, gb, acc);
 }
+template <typename T>
+void narrow_linear(int64_t M, int64_t K, int64_t N, const T* x, const T* w, const T* b, T* out) {
+  FRNN_DISPATCH(narrow_linear, M, K, N, x, w, b, out);
+}
 
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* Bm, int64_t sbk,
@@ -1357,7 +1361,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
   template void step_weight_grad<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, T*);              \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, int64_t, T*, \
                         int64_t, bool, const T*, T*);                                                     \
-  template void narrow_linear_backward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, T*, T*, T*, bool);
+  template void narrow_linear_backward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, T*, T*, T*, bool); \
+  template void narrow_linear<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, T*);
 FRNN_INSTANTIATE(float)
 FRNN_INSTANTIATE(double)
 

@@ -597,36 +597,66 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const WT* w_hh_, int64_t H
 // the input projection's backward 3.1 ms, with the 32-column panel's gx on one thread).
 // Each thread takes its own rows;
 // gw and gb are summed per thread (as gw^T [N, G], so that the updates run along g) and
-// added up at the end. gx runs along N, on w padded to 8-column multiples (narrow_gx).
-// gx rows [m, m + R) of narrow_linear_backward: gx[m, :N] = sum_g d[m, g] w[g, :N] on
-// w padded to NP columns (wp [G, NP], zeros beyond N), the R x NP sums held in registers
-// along N (dot products along g, one reduction per output, measured 2-3x slower at N=8).
+// added up at the end. gx runs along N, on w padded to 8-column multiples (narrow_block).
+// Rows [m, m + R) of out[m, :N] (+)= sum_k a[m, k] wp[k, :N] (a's rows K apart) on a weight
+// padded to NP columns (wp [K, NP], zeros beyond N), the R x NP sums held in registers
+// along N, starting from init[:NP] (null: 0): narrow_linear's out = x @ w^T + b (wp = w^T)
+// and narrow_linear_backward's gx = d @ w (wp = w). (Dot products along k instead, one
+// reduction per output, measured 2-3x slower at N=8.)
 template <typename T, int NP, int R>
-inline void narrow_gx_rows(int64_t G, int64_t N, const T* d, const T* wp, T* gx) {
-  T acc[R][NP] = {};
-  for (int64_t g = 0; g < G; ++g) {
-    const T* wg = wp + g * NP;
+inline void narrow_rows(int64_t K, int64_t N, const T* a, const T* wp, const T* init, T* out) {
+  T acc[R][NP];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NP; ++j) acc[r][j] = init ? init[j] : T(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* wk = wp + k * NP;
     for (int r = 0; r < R; ++r) {
-      const T a = d[r * G + g];
+      const T v = a[r * K + k];
 #pragma omp simd
-      for (int j = 0; j < NP; ++j) acc[r][j] += a * wg[j];
+      for (int j = 0; j < NP; ++j) acc[r][j] += v * wk[j];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int64_t j = 0; j < N; ++j) gx[r * N + j] = acc[r][j];
+    for (int64_t j = 0; j < N; ++j) out[r * N + j] = acc[r][j];
 }
 template <typename T, int NP>
-inline void narrow_gx(int64_t m0, int64_t m1, int64_t G, int64_t N, const T* d, const T* wp, T* gx) {
-  constexpr int R = NP == 8 ? 8 : NP == 16 ? 4 : 2;
+inline void narrow_block_np(int64_t m0, int64_t m1, int64_t K, int64_t N, const T* a, const T* wp, const T* init,
+                            T* out) {
+  constexpr int R = NP == 8 ? 8 : NP == 16 ? 4 : 2;  // (R x NP / 8 accumulators: 8 of AVX2's 16 registers)
   int64_t m = m0;
-  for (; m + R <= m1; m += R) narrow_gx_rows<T, NP, R>(G, N, d + m * G, wp, gx + m * N);
-  for (; m < m1; ++m) narrow_gx_rows<T, NP, 1>(G, N, d + m * G, wp, gx + m * N);
+  for (; m + R <= m1; m += R) narrow_rows<T, NP, R>(K, N, a + m * K, wp, init, out + m * N);
+  for (; m < m1; ++m) narrow_rows<T, NP, 1>(K, N, a + m * K, wp, init, out + m * N);
+}
+// Rows [m0, m1) of out (N columns) for N <= 32: NP = N rounded up to a multiple of 8.
+template <typename T>
+inline void narrow_block(int64_t m0, int64_t m1, int64_t K, int64_t N, const T* a, const T* wp, const T* init,
+                         T* out) {
+  static_assert(kNarrowColumns <= 32, "narrow_block runs at most 32 columns");
+  switch ((N + 7) / 8) {
+    case 1: return narrow_block_np<T, 8>(m0, m1, K, N, a, wp, init, out);
+    case 2: return narrow_block_np<T, 16>(m0, m1, K, N, a, wp, init, out);
+    case 3: return narrow_block_np<T, 24>(m0, m1, K, N, a, wp, init, out);
+    default: return narrow_block_np<T, 32>(m0, m1, K, N, a, wp, init, out);
+  }
+}
+
+// out[M,N] = x[M,K] @ w[N,K]^T (+ b[N] if not null) for N <= 32 (kernels.h: narrow_linear):
+// the threads split the rows; w^T padded to 8-column multiples.
+template <typename T>
+void narrow_linear(int64_t M, int64_t K, int64_t N, const T* x, const T* w, const T* b, T* out) {
+  if (N == 0) return;
+  const int64_t NP = (N + 7) / 8 * 8;
+  Buf<T> wp(K * NP, T(0)), bp(NP, T(0));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < N; ++j) wp[k * NP + j] = w[j * K + k];
+  if (b) std::copy(b, b + N, bp.data());
+  const Slices sl = make_slices(M, K * N + N, 16);
+  run_slices(sl, [&](int t) { narrow_block<T>(sl.lo(t), sl.hi(t), K, N, x, wp.data(), b ? bp.data() : nullptr, out); });
 }
 
 template <typename T>
 void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T* x, const T* w, T* gx, T* gw,
                             T* gb, bool acc) {
-  static_assert(kNarrowColumns <= 32, "narrow_gx runs at most 32 columns");
   if (N == 0) gx = gw = nullptr;  // (no columns: nothing to write there; gb still)
   const Slices sl = make_slices(M, G * (N * ((gx ? 1 : 0) + (gw ? 1 : 0)) + 1), 4);  // (multiply-adds a row)
   const int nt = sl.n;
@@ -638,12 +668,7 @@ void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T
   run_slices(sl, [&](int k) {
     T* pw = part.data() + k * per;  // gw^T [N, G], then gb [G]
     T* pb = pw + (gw ? N * G : 0);
-    const auto gx_rows = [&](int64_t r0, int64_t r1) {
-      if (NP == 8) narrow_gx<T, 8>(r0, r1, G, N, d, wp.data(), gx);
-      else if (NP == 16) narrow_gx<T, 16>(r0, r1, G, N, d, wp.data(), gx);
-      else if (NP == 24) narrow_gx<T, 24>(r0, r1, G, N, d, wp.data(), gx);
-      else narrow_gx<T, 32>(r0, r1, G, N, d, wp.data(), gx);
-    };
+    const auto gx_rows = [&](int64_t r0, int64_t r1) { narrow_block<T>(r0, r1, G, N, d, wp.data(), nullptr, gx); };
     int64_t m = sl.lo(k);
     const int64_t m1 = sl.hi(k);
     for (; m + 8 <= m1; m += 8) {

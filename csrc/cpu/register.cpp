@@ -178,8 +178,12 @@ Tensor projection_op(const Tensor& x_, const Tensor& w_, const optional<Tensor>&
   shape.back() = G;
   Tensor out = new_output(shape, x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_projection_cpu", [&] {
-    cpu::gemm<scalar_t>(M, G, I, x.data_ptr<scalar_t>(), I, 1, w.data_ptr<scalar_t>(), 1, I, out.data_ptr<scalar_t>(),
-                        G, false, bc.defined() ? bc.data_ptr<scalar_t>() : nullptr);
+    const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
+    if (G <= cpu::kNarrowColumns)  // (few gates: an RNN of hidden size <= 32)
+      cpu::narrow_linear<scalar_t>(M, I, G, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>());
+    else
+      cpu::gemm<scalar_t>(M, G, I, x.data_ptr<scalar_t>(), I, 1, w.data_ptr<scalar_t>(), 1, I, out.data_ptr<scalar_t>(),
+                          G, false, bp);
   });
   return out;
 }
@@ -343,8 +347,11 @@ Tensor projection_bf16_op(const Tensor& x_, const Tensor& w_, const optional<Ten
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (!cpu::gemm_bf16(M, G, I, bf16_bits(x), bf16_bits(w), bp, out.data_ptr<float>())) {
     const Tensor xf = bf16_to_float(x, out), wf = bf16_to_float(w, out);
-    cpu::gemm<float>(M, G, I, xf.data_ptr<float>(), I, 1, wf.data_ptr<float>(), 1, I, out.data_ptr<float>(), G, false,
-                     bp);
+    if (G <= cpu::kNarrowColumns)
+      cpu::narrow_linear<float>(M, I, G, xf.data_ptr<float>(), wf.data_ptr<float>(), bp, out.data_ptr<float>());
+    else
+      cpu::gemm<float>(M, G, I, xf.data_ptr<float>(), I, 1, wf.data_ptr<float>(), 1, I, out.data_ptr<float>(), G,
+                       false, bp);
   }
   return out;
 }
