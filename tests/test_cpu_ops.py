@@ -77,7 +77,7 @@ def test_more_threads_than_this_machine(variant, threads, tiled, split, cpu_opti
         args = make_inputs(cell, 9, B, H, P=24 if P else 0, dtype=torch.float32, lengths=True, reverse=True,
                            **_kw(cell, flag))
         check_against_reference("cpu", cell, args)
-    for I in (70, 9):  # (9: cpu::narrow_linear_backward, each thread's partial sums)
+    for I in (70, 9):  # (9: cpu::gemm's narrow kernels, narrow_gemm_t's partial sums per thread)
         x, w = torch.randn(301, I, requires_grad=True), torch.randn(130, I, requires_grad=True)
         b = torch.randn(130, requires_grad=True)
         y = torch.ops.fusedrnn.projection(x, w, b)

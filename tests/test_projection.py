@@ -37,12 +37,13 @@ def _args(shape, G, bias=True, batch_first=False, dtype=torch.float32):
 # and a partial one); (4, 9, 300) x 70: x @ w^T with k 300 (two k blocks of 256); (5, 8, 40) x 500: the weight
 # gradient's 500 rows split over the threads in blocks of 192; (3, 700, 8): the weight
 # gradient's 2100-row sum in two packed chunks (2048 + 52); (3, 5, 1): I = 1; (9, 33): 2-D.
-# The backward of up to 32 input features runs cpu::narrow_linear_backward (one pass over
-# the gradient, 4 rows at a time; 8, 16, 24 or 32 padded columns): (3, 700, 8) and (3, 5,
-# 1) there, and (5, 7, 31) (35 rows: 3 after the last 4), (2, 9, 3) x 1000, (3, 11, 32) and
-# (2, 3, 17); 33 features, (9, 33), are cpu::gemm's. The forward to up to 32 outputs runs
-# cpu::narrow_linear: x 24, 7, 5 and 32 ((3, 7, 20): 21 rows, 10 blocks of 2 and a last
-# single row at 32 padded columns); 33 outputs ((3, 3, 40)) are cpu::gemm's.
+# Up to 32 columns cpu::gemm runs its narrow kernels (kernels_impl.h; "tiled" only: with
+# "blas", BLAS): the backward of up to 32 input features (narrow_gemm for dx, narrow_gemm_t
+# for dW and db, 4 rows of grad at a time), (3, 700, 8) and (3, 5, 1) there, and (5, 7, 31)
+# (35 rows: 3 after the last 4), (2, 9, 3) x 1000, (3, 11, 32) and (2, 3, 17), 33 features,
+# (9, 33), on the packed micro-kernel; the forward to up to 32 outputs (narrow_gemm): x 24,
+# 7, 5 and 32 ((3, 7, 20): 21 rows, 10 blocks of 2 and a last single row at 32 padded
+# columns); 33 outputs ((3, 3, 40)) on the micro-kernel.
 SHAPES = [((7, 40, 150), 100), ((5, 8, 40), 500), ((3, 700, 8), 24), ((3, 5, 1), 7), ((9, 33), 64),
           ((2, 3, 70), 5), ((4, 9, 300), 70), ((5, 7, 31), 100), ((2, 9, 3), 1000), ((3, 11, 32), 48),
           ((2, 3, 17), 40), ((3, 7, 20), 32), ((3, 3, 40), 33)]

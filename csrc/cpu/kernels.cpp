@@ -1301,18 +1301,14 @@ void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T
 }
 
 template <typename T>
-void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T* x, const T* w, T* gx, T* gw,
-                            T* gb, bool acc) {
-  FRNN_DISPATCH(narrow_linear_backward, M, G, N, d, x, w, gx, gw, gb, acc);
-}
-template <typename T>
-void narrow_linear(int64_t M, int64_t K, int64_t N, const T* x, const T* w, const T* b, T* out) {
-  FRNN_DISPATCH(narrow_linear, M, K, N, x, w, b, out);
-}
-
-template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* Bm, int64_t sbk,
           int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias, T* colsum) {
+  // N <= 32 (narrow_gemm, narrow_gemm_t in kernels_impl.h), where the kernels are ours
+  // (FUSEDRNN_CPU_TILED != 0), either type: A row-major (C written, not added to), or a
+  // weight gradient's A = d^T.
+  const bool narrow = g_tiled.load(std::memory_order_relaxed) && N > 0 && N <= kNarrowColumns && M > 0;
+  if (narrow && sak != 1 && sam == 1 && sbn == 1)
+    return FRNN_DISPATCH(narrow_gemm_t, M, N, K, A, sak, Bm, sbk, C, ldc, acc, bias, colsum);
   bool blocked = false;  // (cpu::gemm's own kernels)
 #if FRNN_X86_SIMD
   if constexpr (std::is_same_v<T, float>)
@@ -1327,6 +1323,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
       for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) colsum[m] += A[m * sam + k * sak];
   }
+  if (narrow && sak == 1 && !acc) return FRNN_DISPATCH(narrow_gemm, M, N, K, A, sam, Bm, sbk, sbn, C, ldc, bias);
 #if FRNN_X86_SIMD
   if constexpr (std::is_same_v<T, float>)
     if (blocked) return gemm_blocked(M, N, K, A, sam, sak, Bm, sbk, sbn, C, ldc, acc, bias, sak != 1 ? colsum : nullptr);
@@ -1360,9 +1357,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
   template void step_matmul<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                        \
   template void step_weight_grad<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, T*);              \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, int64_t, T*, \
-                        int64_t, bool, const T*, T*);                                                     \
-  template void narrow_linear_backward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, T*, T*, T*, bool); \
-  template void narrow_linear<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, T*);
+                        int64_t, bool, const T*, T*);
 FRNN_INSTANTIATE(float)
 FRNN_INSTANTIATE(double)
 

@@ -112,30 +112,18 @@ void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T
 // either one, so a transposed operand needs no copy. C is row-major (ldc). colsum (if not
 // null) [M] = the sums of A's rows (a bias gradient, for A = grad^T; free where a weight
 // gradient copies A anyway). float32 on AVX2 runs the recurrent micro-kernel blocked for
-// cache (kernels.cpp, gemm_blocked); otherwise BLAS.
+// cache (kernels.cpp, gemm_blocked); otherwise BLAS. Up to kNarrowColumns columns N, with
+// A row-major or stored transposed (a weight gradient's grad^T), it runs narrow kernels of
+// its own, float32 and float64 (kernels_impl.h, narrow_gemm): the input projection to 32
+// gates or fewer (RNN hidden <= 32), and the backward of a few input features or of a
+// hidden size <= 32. In-process against the packed micro-kernel (2 threads, Zen 4; rows x
+// gates x N): 32768 x 64 x 16 projection backward (dx, dW, db) 3.0 -> 0.94 ms, 32768 x 128
+// x 32 6.2 -> 4.0 ms; the projection 32768 x 16 x 64 features 1.45 -> 0.42 ms (F.linear
+// 0.45); at N = 64 the weight gradient measured slower (7.8 against 7.3 ms).
+constexpr int64_t kNarrowColumns = 32;
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk,
           int64_t sbn, T* C, int64_t ldc, bool acc, const T* bias = nullptr, T* colsum = nullptr);
-
-// The backward of a linear map with at most kNarrowColumns columns N (an input projection
-// fed a few features, a small hidden size's recurrent weight), where cpu::gemm would pad
-// them to a 32-column panel that one thread computes: gx[M,N] = d[M,G] @ w[G,N], gw[G,N] =
-// d^T @ x[M,N] (acc: +=) and gb[G] = the column sums of d, each only if not null (w only
-// with gx, x only with gw), in one pass over d. All row-major, contiguous. N <= 32 only.
-// In-process against cpu::gemm (2 threads, Zen 4; M rows x G gates x N): 32768 x 64 x 16
-// all three 3.0 -> 0.94 ms, 32768 x 128 x 32 6.2 -> 4.0 ms, 8192 x 512 x 32 4.9 -> 4.0 ms;
-// at N = 64 gw measured slower (7.8 against 7.3 ms).
-constexpr int64_t kNarrowColumns = 32;
-template <typename T>
-void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T* x, const T* w, T* gx, T* gw,
-                            T* gb, bool acc);
-
-// Its forward, out[M,N] = x[M,K] @ w[N,K]^T (+ b[N] if b is not null), for N <= kNarrowColumns
-// (an input projection to 32 gates or fewer: RNN hidden sizes <= 32), where cpu::gemm ran
-// its one panel on one thread with the other stealing row blocks (in-process, 2 threads:
-// M=32768 K=64 N=16 1.45 ms against F.linear's 0.45).
-template <typename T>
-void narrow_linear(int64_t M, int64_t K, int64_t N, const T* x, const T* w, const T* b, T* out);
 
 // Whether all n values are zero (+0 or -0). h0 = 0 is the modules' state when no hx is
 // given; the first step's products with it are skipped (FirstStep in kernels.cpp, the

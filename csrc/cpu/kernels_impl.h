@@ -588,129 +588,120 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const WT* w_hh_, int64_t H
 }
 
 // ----------------------------------------------------------------------------- narrow GEMMs over all steps
-// The backward of a linear map with few columns N <= 32 (kernels.h: kNarrowColumns): gx[M,N] =
-// d[M,G] @ w[G,N], gw[G,N] (+)= d^T @ x[M,N] and gb[G] = the column sums of d, each only
-// if not null, in one pass over d, the largest operand (all steps' rows of the gate
-// gradients), eight rows at a time: an input projection fed a few features (a time
-// series' channels) and the recurrent weight's gradient at a small hidden size. cpu::gemm
-// pads N to its 32-column panels and reads d once per product (T=128, B=256, G=64, N=8:
-// the input projection's backward 3.1 ms, with the 32-column panel's gx on one thread).
-// Each thread takes its own rows;
-// gw and gb are summed per thread (as gw^T [N, G], so that the updates run along g) and
-// added up at the end. gx runs along N, on w padded to 8-column multiples (narrow_block).
-// Rows [m, m + R) of out[m, :N] (+)= sum_k a[m, k] wp[k, :N] (a's rows K apart) on a weight
-// padded to NP columns (wp [K, NP], zeros beyond N), the R x NP sums held in registers
-// along N, starting from init[:NP] (null: 0): narrow_linear's out = x @ w^T + b (wp = w^T)
-// and narrow_linear_backward's gx = d @ w (wp = w). (Dot products along k instead, one
-// reduction per output, measured 2-3x slower at N=8.)
+// cpu::gemm's kernels for N <= 32 columns (kernels.h: kNarrowColumns), where its packed
+// micro-kernel pads N to one 32-column panel that one thread computes: the input
+// projection to few gates (an RNN of hidden size <= 32), and the backward of a few input
+// features (a time series' channels: dx, dW_ih) or of a small hidden size (dW_hh).
+
+// Rows [m, m + R) of C = A @ B on B padded to NP columns (wp [K, NP], zeros beyond N),
+// the R x NP sums held in registers along N, starting from init[:NP] (null: 0). (Dot
+// products along k instead, one reduction per output, measured 2-3x slower at N=8.)
 template <typename T, int NP, int R>
-inline void narrow_rows(int64_t K, int64_t N, const T* a, const T* wp, const T* init, T* out) {
-  T acc[R][NP];
+inline void narrow_rows(int64_t K, int64_t N, const T* a, int64_t lda, const T* wp, const T* init, T* c,
+                        int64_t ldc) {
+  T s[R][NP];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NP; ++j) acc[r][j] = init ? init[j] : T(0);
+    for (int j = 0; j < NP; ++j) s[r][j] = init ? init[j] : T(0);
   for (int64_t k = 0; k < K; ++k) {
     const T* wk = wp + k * NP;
     for (int r = 0; r < R; ++r) {
-      const T v = a[r * K + k];
+      const T v = a[r * lda + k];
 #pragma omp simd
-      for (int j = 0; j < NP; ++j) acc[r][j] += v * wk[j];
+      for (int j = 0; j < NP; ++j) s[r][j] += v * wk[j];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int64_t j = 0; j < N; ++j) out[r * N + j] = acc[r][j];
+    for (int64_t j = 0; j < N; ++j) c[r * ldc + j] = s[r][j];
 }
 template <typename T, int NP>
-inline void narrow_block_np(int64_t m0, int64_t m1, int64_t K, int64_t N, const T* a, const T* wp, const T* init,
-                            T* out) {
+inline void narrow_block_np(int64_t m0, int64_t m1, int64_t K, int64_t N, const T* a, int64_t lda, const T* wp,
+                            const T* init, T* c, int64_t ldc) {
   constexpr int R = NP == 8 ? 8 : NP == 16 ? 4 : 2;  // (R x NP / 8 accumulators: 8 of AVX2's 16 registers)
   int64_t m = m0;
-  for (; m + R <= m1; m += R) narrow_rows<T, NP, R>(K, N, a + m * K, wp, init, out + m * N);
-  for (; m < m1; ++m) narrow_rows<T, NP, 1>(K, N, a + m * K, wp, init, out + m * N);
-}
-// Rows [m0, m1) of out (N columns) for N <= 32: NP = N rounded up to a multiple of 8.
-template <typename T>
-inline void narrow_block(int64_t m0, int64_t m1, int64_t K, int64_t N, const T* a, const T* wp, const T* init,
-                         T* out) {
-  static_assert(kNarrowColumns <= 32, "narrow_block runs at most 32 columns");
-  switch ((N + 7) / 8) {
-    case 1: return narrow_block_np<T, 8>(m0, m1, K, N, a, wp, init, out);
-    case 2: return narrow_block_np<T, 16>(m0, m1, K, N, a, wp, init, out);
-    case 3: return narrow_block_np<T, 24>(m0, m1, K, N, a, wp, init, out);
-    default: return narrow_block_np<T, 32>(m0, m1, K, N, a, wp, init, out);
-  }
+  for (; m + R <= m1; m += R) narrow_rows<T, NP, R>(K, N, a + m * lda, lda, wp, init, c + m * ldc, ldc);
+  for (; m < m1; ++m) narrow_rows<T, NP, 1>(K, N, a + m * lda, lda, wp, init, c + m * ldc, ldc);
 }
 
-// out[M,N] = x[M,K] @ w[N,K]^T (+ b[N] if not null) for N <= 32 (kernels.h: narrow_linear):
-// the threads split the rows; w^T padded to 8-column multiples.
+// C[M,N] = A[M,K] @ B (+ bias[N] if not null), A row-major (rows sam apart), B(k, n) =
+// Bm[k * sbk + n * sbn], N <= 32: the threads split the rows; B copied, padded to a
+// multiple of 8 columns. (The forward projection, B = w^T; dx = grad @ w, B = w.)
 template <typename T>
-void narrow_linear(int64_t M, int64_t K, int64_t N, const T* x, const T* w, const T* b, T* out) {
-  if (N == 0) return;
+void narrow_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, const T* Bm, int64_t sbk, int64_t sbn,
+                 T* C, int64_t ldc, const T* bias) {
+  static_assert(kNarrowColumns <= 32, "narrow_gemm runs at most 32 columns");
   const int64_t NP = (N + 7) / 8 * 8;
-  Buf<T> wp(K * NP, T(0)), bp(NP, T(0));
+  Buf<T> wp(K * NP, T(0)), init(NP, T(0));
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t j = 0; j < N; ++j) wp[k * NP + j] = w[j * K + k];
-  if (b) std::copy(b, b + N, bp.data());
-  const Slices sl = make_slices(M, K * N + N, 16);
-  run_slices(sl, [&](int t) { narrow_block<T>(sl.lo(t), sl.hi(t), K, N, x, wp.data(), b ? bp.data() : nullptr, out); });
+    for (int64_t j = 0; j < N; ++j) wp[k * NP + j] = Bm[k * sbk + j * sbn];
+  if (bias) std::copy(bias, bias + N, init.data());
+  const T* in = bias ? init.data() : nullptr;
+  const Slices sl = make_slices(M, (K + 1) * N, 16);
+  run_slices(sl, [&](int t) {
+    const int64_t m0 = sl.lo(t), m1 = sl.hi(t);
+    switch (NP / 8) {
+      case 1: return narrow_block_np<T, 8>(m0, m1, K, N, A, sam, wp.data(), in, C, ldc);
+      case 2: return narrow_block_np<T, 16>(m0, m1, K, N, A, sam, wp.data(), in, C, ldc);
+      case 3: return narrow_block_np<T, 24>(m0, m1, K, N, A, sam, wp.data(), in, C, ldc);
+      default: return narrow_block_np<T, 32>(m0, m1, K, N, A, sam, wp.data(), in, C, ldc);
+    }
+  });
 }
 
+// A weight's gradient C[M,N] (+)= A @ B (+ bias[N] if not acc) with A = d^T (A(m, k) =
+// A[m + k * sak]: d [K, M] row-major, all steps' rows of the gate gradients) and B row-major
+// [K, N] (rows sbk apart: x or h), N <= 32, and colsum[M] (if not null) = the column sums
+// of d (a bias gradient), in one pass over d, 4 of its rows at a time. The threads split
+// d's rows, each summing into its own C^T [N, M] (the updates run along m) and colsum,
+// added up at the end. (T=128, B=256, G=64, I=8: dW_ih and db 1.67 -> 0.30 ms.)
 template <typename T>
-void narrow_linear_backward(int64_t M, int64_t G, int64_t N, const T* d, const T* x, const T* w, T* gx, T* gw,
-                            T* gb, bool acc) {
-  if (N == 0) gx = gw = nullptr;  // (no columns: nothing to write there; gb still)
-  const Slices sl = make_slices(M, G * (N * ((gx ? 1 : 0) + (gw ? 1 : 0)) + 1), 4);  // (multiply-adds a row)
+void narrow_gemm_t(int64_t M, int64_t N, int64_t K, const T* A, int64_t sak, const T* Bm, int64_t sbk, T* C,
+                   int64_t ldc, bool acc, const T* bias, T* colsum) {
+  const Slices sl = make_slices(K, M * (N + 1), 16);
   const int nt = sl.n;
-  const int64_t NP = (N + 7) / 8 * 8;  // (N <= 32: 8, 16, 24 or 32)
-  Buf<T> wp(gx ? G * NP : 0, T(0));
-  for (int64_t g = 0; gx && g < G; ++g) std::copy(w + g * N, w + g * N + N, wp.data() + g * NP);
-  const int64_t per = (gw ? N * G : 0) + (gb ? G : 0);  // one thread's partial sums
+  const int64_t per = N * M + (colsum ? M : 0);  // one thread's partial sums: C^T, then colsum
   Buf<T> part(per * nt, T(0));
-  run_slices(sl, [&](int k) {
-    T* pw = part.data() + k * per;  // gw^T [N, G], then gb [G]
-    T* pb = pw + (gw ? N * G : 0);
-    const auto gx_rows = [&](int64_t r0, int64_t r1) { narrow_block<T>(r0, r1, G, N, d, wp.data(), nullptr, gx); };
-    int64_t m = sl.lo(k);
-    const int64_t m1 = sl.hi(k);
-    for (; m + 8 <= m1; m += 8) {
-      if (gx) gx_rows(m, m + 8);  // (these 8 rows then come from L1 for gw and gb)
-      for (int64_t q = m; q < m + 8; q += 4) {
-        const T *d0 = d + q * G, *d1 = d0 + G, *d2 = d1 + G, *d3 = d2 + G;
-        for (int64_t j = 0; gw && j < N; ++j) {
-          const T a0 = x[q * N + j], a1 = x[(q + 1) * N + j], a2 = x[(q + 2) * N + j], a3 = x[(q + 3) * N + j];
-          T* p = pw + j * G;
+  run_slices(sl, [&](int t) {
+    T* pc = part.data() + t * per;
+    T* ps = pc + N * M;
+    int64_t k = sl.lo(t);
+    const int64_t k1 = sl.hi(t);
+    for (; k + 4 <= k1; k += 4) {
+      const T *d0 = A + k * sak, *d1 = d0 + sak, *d2 = d1 + sak, *d3 = d2 + sak;
+      const T* x0 = Bm + k * sbk;
+      for (int64_t j = 0; j < N; ++j) {
+        const T a0 = x0[j], a1 = x0[sbk + j], a2 = x0[2 * sbk + j], a3 = x0[3 * sbk + j];
+        T* p = pc + j * M;
 #pragma omp simd
-          for (int64_t g = 0; g < G; ++g) p[g] += a0 * d0[g] + a1 * d1[g] + a2 * d2[g] + a3 * d3[g];
-        }
-        if (gb) {
+        for (int64_t m = 0; m < M; ++m) p[m] += a0 * d0[m] + a1 * d1[m] + a2 * d2[m] + a3 * d3[m];
+      }
+      if (colsum) {
 #pragma omp simd
-          for (int64_t g = 0; g < G; ++g) pb[g] += (d0[g] + d1[g]) + (d2[g] + d3[g]);
-        }
+        for (int64_t m = 0; m < M; ++m) ps[m] += (d0[m] + d1[m]) + (d2[m] + d3[m]);
       }
     }
-    if (gx) gx_rows(m, m1);  // (the last rows)
-    for (; m < m1; ++m) {
-      const T* d0 = d + m * G;
-      for (int64_t j = 0; gw && j < N; ++j) {
-        const T a0 = x[m * N + j];
-        T* p = pw + j * G;
+    for (; k < k1; ++k) {  // (the last rows)
+      const T* d0 = A + k * sak;
+      const T* x0 = Bm + k * sbk;
+      for (int64_t j = 0; j < N; ++j) {
+        T* p = pc + j * M;
 #pragma omp simd
-        for (int64_t g = 0; g < G; ++g) p[g] += a0 * d0[g];
+        for (int64_t m = 0; m < M; ++m) p[m] += x0[j] * d0[m];
       }
-      if (gb) {
+      if (colsum) {
 #pragma omp simd
-        for (int64_t g = 0; g < G; ++g) pb[g] += d0[g];
+        for (int64_t m = 0; m < M; ++m) ps[m] += d0[m];
       }
     }
   });
-  for (int64_t g = 0; gw && g < G; ++g)
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < N; ++j) {
-      T s = acc ? gw[g * N + j] : T(0);
-      for (int k = 0; k < nt; ++k) s += part[k * per + j * G + g];
-      gw[g * N + j] = s;
+      T s = acc ? C[m * ldc + j] : bias ? bias[j] : T(0);
+      for (int t = 0; t < nt; ++t) s += part[t * per + j * M + m];
+      C[m * ldc + j] = s;
     }
-  for (int64_t g = 0; gb && g < G; ++g) {
+  for (int64_t m = 0; colsum && m < M; ++m) {
     T s = 0;
-    for (int k = 0; k < nt; ++k) s += part[k * per + (gw ? N * G : 0) + g];
-    gb[g] = s;
+    for (int t = 0; t < nt; ++t) s += part[t * per + N * M + m];
+    colsum[m] = s;
   }
 }

@@ -70,12 +70,8 @@ struct SeqArgs {
 void grad_gemm(const Tensor& a, const Tensor& b, Tensor& out, bool acc) {
   const int64_t M = a.size(-1), N = b.size(-1), K = a.numel() / std::max<int64_t>(M, 1);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fusedrnn_grad_gemm_cpu", [&] {
-    if (N <= cpu::kNarrowColumns)
-      cpu::narrow_linear_backward<scalar_t>(K, M, N, a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), nullptr,
-                                            nullptr, out.data_ptr<scalar_t>(), nullptr, acc);
-    else
-      cpu::gemm<scalar_t>(M, N, K, a.data_ptr<scalar_t>(), 1, M, b.data_ptr<scalar_t>(), N, 1,
-                          out.data_ptr<scalar_t>(), N, acc);
+    cpu::gemm<scalar_t>(M, N, K, a.data_ptr<scalar_t>(), 1, M, b.data_ptr<scalar_t>(), N, 1,
+                        out.data_ptr<scalar_t>(), N, acc);
   });
 }
 
@@ -178,12 +174,8 @@ Tensor projection_op(const Tensor& x_, const Tensor& w_, const optional<Tensor>&
   shape.back() = G;
   Tensor out = new_output(shape, x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_projection_cpu", [&] {
-    const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
-    if (G <= cpu::kNarrowColumns)  // (few gates: an RNN of hidden size <= 32)
-      cpu::narrow_linear<scalar_t>(M, I, G, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>());
-    else
-      cpu::gemm<scalar_t>(M, G, I, x.data_ptr<scalar_t>(), I, 1, w.data_ptr<scalar_t>(), 1, I, out.data_ptr<scalar_t>(),
-                          G, false, bp);
+    cpu::gemm<scalar_t>(M, G, I, x.data_ptr<scalar_t>(), I, 1, w.data_ptr<scalar_t>(), 1, I, out.data_ptr<scalar_t>(),
+                        G, false, bc.defined() ? bc.data_ptr<scalar_t>() : nullptr);
   });
   return out;
 }
@@ -207,12 +199,6 @@ std::tuple<Tensor, Tensor, Tensor> projection_backward_op(const Tensor& grad_, c
   Tensor gb = need_b && need_w ? new_output({G}, x) : need_b ? grad.reshape({M, G}).sum(0) : x.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_projection_backward_cpu", [&] {
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    if (I <= cpu::kNarrowColumns && (need_x || need_w)) {  // (a few input features: one pass over grad)
-      cpu::narrow_linear_backward<scalar_t>(
-          M, G, I, g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), need_x ? gx.data_ptr<scalar_t>() : nullptr,
-          need_w ? gw.data_ptr<scalar_t>() : nullptr, need_b && need_w ? gb.data_ptr<scalar_t>() : nullptr, false);
-      return;
-    }
     if (need_x) cpu::gemm<scalar_t>(M, I, G, g, G, 1, w.data_ptr<scalar_t>(), I, 1, gx.data_ptr<scalar_t>(), I, false);
     if (need_w)
       cpu::gemm<scalar_t>(G, I, M, g, 1, G, x.data_ptr<scalar_t>(), I, 1, gw.data_ptr<scalar_t>(), I, false, nullptr,
@@ -347,11 +333,8 @@ Tensor projection_bf16_op(const Tensor& x_, const Tensor& w_, const optional<Ten
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (!cpu::gemm_bf16(M, G, I, bf16_bits(x), bf16_bits(w), bp, out.data_ptr<float>())) {
     const Tensor xf = bf16_to_float(x, out), wf = bf16_to_float(w, out);
-    if (G <= cpu::kNarrowColumns)
-      cpu::narrow_linear<float>(M, I, G, xf.data_ptr<float>(), wf.data_ptr<float>(), bp, out.data_ptr<float>());
-    else
-      cpu::gemm<float>(M, G, I, xf.data_ptr<float>(), I, 1, wf.data_ptr<float>(), 1, I, out.data_ptr<float>(), G,
-                       false, bp);
+    cpu::gemm<float>(M, G, I, xf.data_ptr<float>(), I, 1, wf.data_ptr<float>(), 1, I, out.data_ptr<float>(), G, false,
+                     bp);
   }
   return out;
 }
