@@ -172,6 +172,7 @@ class _FusedRNNBase(BackendChoice):
         return value and rows (a PackedSequence's sequences of unequal lengths, else None)
         are the padded rows t * B + b that hold data (packed.pad).
         """
+        V.check_bidirectional(self._torch_name, self.bidirectional)
         lstm = self._cell == "lstm"
         D = 2 if self.bidirectional else 1
         P = self.proj_size if lstm and self.proj_size > 0 else self.hidden_size

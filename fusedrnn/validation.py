@@ -52,6 +52,15 @@ def lstm_hidden_pair(hx, name: str = "LSTM"):
     return hx[0], hx[1]
 
 
+def check_bidirectional(name: str, bidirectional) -> None:
+    """torch.nn's forward hands `bidirectional` to its C++ kernel, which takes a Python bool
+    only (1, numpy's True and tensors raise a TypeError there); the same error here, rather
+    than running a module that torch.nn would refuse."""
+    if not isinstance(bidirectional, bool):
+        raise TypeError(f"{name}: bidirectional must be a bool (True or False), got {type(bidirectional).__name__} "
+                        f"{bidirectional!r} (torch.nn.{name}'s forward raises a TypeError for it too)")
+
+
 def check_input_dim(name: str, input: Tensor) -> None:
     if input.dim() not in (2, 3):
         # torch.nn.RNN says "2D tensor", LSTM/GRU say "2D": keep each one's words.

@@ -58,6 +58,13 @@ CASES = [
      "does not match weight dtype"),
     ("packed_hidden_lstm", "lstm", {}, lambda m: m(PK, (h(1, 3, H), h(1, 3, H))), "clear",
      r"Expected hidden\[0\] size \(1, 2, 4\), got \[1, 3, 4\]"),
+    # torch.nn's C++ kernel takes a Python bool only: its TypeError lists the overloads
+    ("bidirectional_int", "lstm", {"bidirectional": 1}, lambda m: m(X), "clear",
+     "bidirectional must be a bool .* got int 1"),
+    ("bidirectional_int0_gru", "gru", {"bidirectional": 0}, lambda m: m(X), "clear",
+     "bidirectional must be a bool .* got int 0"),
+    ("bidirectional_packed_rnn", "rnn", {"bidirectional": 1}, lambda m: m(PK), "clear",
+     "bidirectional must be a bool"),
 ]
 CLASSES = {"lstm": (nn.LSTM, fusedrnn.LSTM), "gru": (nn.GRU, fusedrnn.GRU), "rnn": (nn.RNN, fusedrnn.RNN)}
 
