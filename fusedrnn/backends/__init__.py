@@ -184,7 +184,7 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 #   features: hidden 512, batch 64, input 16-64: 1.06-1.07x), batch 128 (0.98-1.18x),
 #   hidden 1024 (0.90-1.14x over three runs before git 20a9b4b: parity or better).
 # Short sequences stay ours too: oneDNN's per-call cost dominates them (B=32 H=256: T=1
-# 1.47x inference; T=16 0.95x). Until this rule (git 20a9b4b to this one) auto handed
+# 1.47x inference; T=16 0.95x). From git 20a9b4b to 3671987 auto handed
 # torch.nn all of batch >= 32 with hidden <= 512, training included (one layer), from
 # runs at T = 32 and input_size = hidden only. On an AVX2-only CPU (Zen 3, earlier
 # sessions) the two were at parity at hidden 256-512 (0.96-1.12x), so "auto" keeps
