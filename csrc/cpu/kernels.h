@@ -116,10 +116,11 @@ void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T
 // A row-major or stored transposed (a weight gradient's grad^T), it runs narrow kernels of
 // its own, float32 and float64 (kernels_impl.h, narrow_gemm): the input projection to 32
 // gates or fewer (RNN hidden <= 32), and the backward of a few input features or of a
-// hidden size <= 32. In-process against the packed micro-kernel (2 threads, Zen 4; rows x
-// gates x N): 32768 x 64 x 16 projection backward (dx, dW, db) 3.0 -> 0.94 ms, 32768 x 128
-// x 32 6.2 -> 4.0 ms; the projection 32768 x 16 x 64 features 1.45 -> 0.42 ms (F.linear
-// 0.45); at N = 64 the weight gradient measured slower (7.8 against 7.3 ms).
+// hidden size <= 32. In-process against the packed micro-kernel (2 threads, Zen 4): the
+// projection backward (dx, dW, db) at 32768 rows x 64 gates x 8 features 3.1 -> 0.50 ms,
+// x 128 gates x 32 features 6.2 -> 4.0 ms; the projection of 32768 rows x 64 features to 16
+// gates 1.45 -> 0.42 ms (F.linear 0.45); at 64 columns the weight gradient measured slower
+// (7.8 against 7.3 ms), hence the bound.
 constexpr int64_t kNarrowColumns = 32;
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk,
