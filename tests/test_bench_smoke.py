@@ -89,7 +89,10 @@ def test_cpu_ops_script_runs(tmp_path):
     for r in rows:
         t_ref, t_mine, speedup = float(r[5]), float(r[6]), float(r[7].rstrip("x"))
         q1, q3 = map(float, r[8].split("-"))
-        assert t_ref > 0 and t_mine > 0 and math.isclose(speedup, t_ref / t_mine, rel_tol=0.02, abs_tol=0.01)
+        # (the times are printed to 1 us: at tens of us that rounding alone moves their ratio
+        # by 3%, e.g. 0.048 / 0.032 ms printed for a speedup of 1.47x)
+        lo, hi = (t_ref - 5e-4) / (t_mine + 5e-4), (t_ref + 5e-4) / (t_mine - 5e-4)
+        assert t_ref > 0 and t_mine > 0 and lo - 0.01 <= speedup <= hi + 0.01, r
         assert 0 < q1 <= q3
     assert "cases slower than torch.nn (median): " in proc.stdout and "geomean speedup all" in proc.stdout
 
