@@ -10,6 +10,7 @@ import torch
 
 from fusedrnn import ops
 from fusedrnn.backends import Call, registry
+from fusedrnn.verify import GATES, arg_names, make_inputs  # noqa: F401 (make_inputs: for the tests)
 
 # (atol, rtol) per dtype of the backend under test, against a float64 reference.
 TOL = {
@@ -19,7 +20,6 @@ TOL = {
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (3e-2, 2e-2),
 }
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 def backend_or_skip(name: str, cell: str = "lstm"):
@@ -30,42 +30,6 @@ def backend_or_skip(name: str, cell: str = "lstm"):
     if why:
         pytest.skip(f"{name}: {why}")
     return be
-
-
-def make_inputs(cell, T, B, H, *, P=0, dtype=torch.float32, device="cpu", lengths=False,
-                reverse=False, bias=True, relu=False):
-    """Forward-op arguments (as a tuple in schema order) for one random case. lengths: False
-    (none), True (random, one of length T) or "sorted" (non-increasing, all below T)."""
-    G = GATES[cell] * H
-    Pd = P or H
-    scale = 1.0 / (Pd ** 0.5)
-
-    def rnd(*shape, s=1.0):
-        return (torch.randn(*shape, dtype=torch.float64) * s).to(dtype=dtype, device=device)
-
-    gx = rnd(T, B, G)
-    h0 = rnd(B, Pd, s=0.5)
-    w_hh = rnd(G, Pd, s=scale)
-    L = None
-    if lengths == "sorted":
-        # Non-increasing, as a PackedSequence's (the cpu kernels then skip the rows that have
-        # ended, Seq::active): below T, the longest T - 1 and (B >= 2) one of length 0, so
-        # the last step has no row running.
-        L = torch.randint(0, T, (B,))
-        L[0] = T - 1
-        if B > 1:
-            L[-1] = 0
-        L = L.sort(descending=True).values.to(device)
-    elif lengths:
-        L = torch.randint(1, T + 1, (B,))
-        L[torch.randint(0, B, (1,))] = T  # at least one full-length sequence
-        L = L.to(device)
-    if cell == "lstm":
-        w_hr = rnd(P, H, s=1.0 / H ** 0.5) if P else None
-        return (gx, h0, rnd(B, H, s=0.5), w_hh, w_hr, L, reverse)
-    if cell == "gru":
-        return (gx, h0, w_hh, rnd(G, s=0.3) if bias else None, L, reverse)
-    return (gx, h0, w_hh, L, reverse, relu)
 
 
 def _f64(x):
@@ -121,8 +85,8 @@ def check_against_reference(backend: str, cell: str, args: tuple, *, tol=None, b
     ref_inputs = [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad]
     got = torch.autograd.grad(outs, inputs, [g.to(dtype=dtype, device=o.device) for g, o in zip(grads, outs)])
     want = torch.autograd.grad(ref_outs, ref_inputs, [g.to(r.device) for g, r in zip(grads, ref_outs)])
-    arg_names = [n for n, a in zip(_arg_names(cell), test_args) if isinstance(a, torch.Tensor) and a.requires_grad]
-    for name, g, w in zip(arg_names, got, want):
+    wrt_names = [n for n, a in zip(arg_names(cell), test_args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    for name, g, w in zip(wrt_names, got, want):
         assert_close(g, w, tol, f"{backend} {cell} grad {name}")
 
 
@@ -140,17 +104,11 @@ def _check_half_gradients(be, ref, cell, args, tol):
     leaves = [x for x in a if isinstance(x, torch.Tensor) and x.requires_grad]
     got = torch.autograd.grad(outs, leaves, seeds)
     want = torch.autograd.grad(ref_outs, [x for x in ra if isinstance(x, torch.Tensor) and x.requires_grad], seeds)
-    names = [n for n, x in zip(_arg_names(cell), a) if isinstance(x, torch.Tensor) and x.requires_grad]
+    names = [n for n, x in zip(arg_names(cell), a) if isinstance(x, torch.Tensor) and x.requires_grad]
     assert len(got) == len(names) >= 3
     for name, g, w in zip(names, got, want):
         assert g.dtype == dtype, f"grad {name}: dtype {g.dtype}"
         assert_close(g, w, tol, f"{be.name} {cell} grad {name} (vs the reference at {dtype})")
-
-
-def _arg_names(cell):
-    from fusedrnn.schema import SCHEMAS
-    sig = SCHEMAS[f"{cell}_forward"].split("->")[0].strip("() ")
-    return [p.split()[-1] for p in sig.split(",")]
 
 
 def gradcheck_backend(backend: str, cell: str, args: tuple):

@@ -10,7 +10,7 @@ tensors returned as results (gates, cells, hn) are not differentiable."""
 import pytest
 import torch
 
-from op_harness import TOL, _arg_names, _f64, assert_close, backend_or_skip, make_inputs
+from op_harness import TOL, _f64, arg_names, assert_close, backend_or_skip, make_inputs
 
 from fusedrnn import reference
 
@@ -47,7 +47,7 @@ def test_backward_through_one_result(backend, cell, used):
     ref_inputs = [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad]
     got = torch.autograd.grad(outs[k], inputs, g.float())
     want = torch.autograd.grad(ref_out, ref_inputs, g)
-    names = [n for n, a in zip(_arg_names(cell), test_args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    names = [n for n, a in zip(arg_names(cell), test_args) if isinstance(a, torch.Tensor) and a.requires_grad]
     for name, a, w in zip(names, got, want):
         assert_close(a, w, TOL[torch.float32], f"{backend} {cell} (loss on {used}) grad {name}")
 

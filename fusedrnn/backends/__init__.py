@@ -57,6 +57,10 @@ class Backend:
     # AVX512-BF16; their backward runs float32): then a bfloat16 module keeps w_hh and the
     # input projection in bfloat16 (modules.py). None: never.
     bf16_recurrence: Optional[Callable[[int], bool]] = None
+    # Whether select checks the backend's ops against the reference on the call's device
+    # before their first use for a configuration (fusedrnn/verify.py: kernels that CI runs
+    # only under emulation or an interpreter).
+    verify_on_device: bool = False
     _state: Optional[str] = field(default="unloaded", repr=False)
     _ops: dict = field(default_factory=dict, repr=False)
 
@@ -392,11 +396,18 @@ def select(name: str, call: Call) -> tuple[Backend, str]:
     if hit is None:
         if len(_CHOICES) >= 4096:  # (e.g. a server seeing every batch size): start over
             _CHOICES.clear()
-        hit = _CHOICES[(name, call)] = _select(name, call)
+        from .. import verify  # (not at import: `python -m fusedrnn.verify` would find it imported)
+        deferred = verify.deferred(call)
+        hit = _select(name, call, deferred)
+        if not deferred:  # (a choice made without the device check is made again next time)
+            _CHOICES[(name, call)] = hit
     return hit
 
 
-def _select(name: str, call: Call) -> tuple[Backend, str]:
+def _select(name: str, call: Call, deferred: bool = False) -> tuple[Backend, str]:
+    """select without its cache. `deferred`: no kernel can run now (verify.deferred), so
+    the backends' device checks wait for a later call."""
+    from .. import verify
     reg = registry()
     if name != "auto":
         _check_name(name, reg)
@@ -404,13 +415,14 @@ def _select(name: str, call: Call) -> tuple[Backend, str]:
         if why:
             raise RuntimeError(f"fusedrnn: backend {name!r} cannot run this {call.cell.upper()} call "
                                f"({call.device.type}, {str(call.dtype).replace('torch.', '')}): {why}")
-        return reg[name], "forced by backend=" + repr(name)
+        off = None if deferred else verify.on_device(reg[name], call)  # (warns: it runs all the same)
+        return reg[name], "forced by backend=" + repr(name) + (f" (it {off})" if off else "")
     skipped = []
     for cand in AUTO_ORDER.get(call.device.type, ("reference",)):
         if cand not in reg:
             skipped.append(f"{cand}: not built")
             continue
-        why = reg[cand].refuses(call)
+        why = reg[cand].refuses(call) or (None if deferred else verify.on_device(reg[cand], call))
         if why is None:
             reason = f"auto: first usable of {list(AUTO_ORDER.get(call.device.type, ()))}"
             return reg[cand], reason + (f" (skipped {'; '.join(skipped)})" if skipped else "")

@@ -85,7 +85,7 @@ def _cuda_refuses(call: Call) -> Optional[str]:
 
 register(Backend(name="cuda", ops_backend="cuda", device_types=("cuda",),
                  dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load_for("CUDA", "fusedrnn._C_cuda"),
-                 limits=_cuda_refuses, kernel_choice=lambda: last_cuda_algo()))
+                 limits=_cuda_refuses, verify_on_device=True, kernel_choice=lambda: last_cuda_algo()))
 
 
 # The CUDA backend's algorithm switch (csrc/cuda/api.h, csrc/cuda/PERSISTENT.md):

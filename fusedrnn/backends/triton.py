@@ -84,4 +84,4 @@ def _limits(call: Call):
 register(Backend(
     name="triton", ops_backend="triton",
     device_types=("cuda", "cpu") if interpreting() else ("cuda",),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load, limits=_limits))
+    dtypes=(torch.float32, torch.float16, torch.bfloat16), load=_load, limits=_limits, verify_on_device=True))
