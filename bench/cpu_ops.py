@@ -30,7 +30,8 @@ from bench.env import cpu_name  # noqa: E402
 
 
 # fusedrnn._C._set_options' tiled mode (FUSEDRNN_CPU_TILED), as the header reports it.
-_TILED_MODES = {0: "BLAS", 1: "packed-panel (16 registers)", 2: "packed-panel (recurrent steps in AVX-512's 32 registers)"}
+_TILED_MODES = {0: "BLAS", 1: "packed-panel (16 registers)", 2: "packed-panel (recurrent steps in AVX-512's 32 registers)",
+                3: "packed-panel (16-float zmm vectors)"}
 # Its split mode (FUSEDRNN_CPU_SPLIT): how threads share a time loop (csrc/cpu/kernels.cpp, make_split).
 _SPLIT_MODES = {0: "by rows or units, chosen per call", 1: "by hidden units", 2: "by batch rows where possible"}
 

@@ -2,6 +2,9 @@
 // only light headers: the cells' pointwise math, <ATen/Parallel.h> for
 // at::parallel_for, and the BLAS gemm symbols that libtorch_cpu exports (MKL).
 #include <math.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -180,8 +183,11 @@ std::atomic<int64_t> g_min_work{[] {
 // How float32 on AVX2 runs the recurrent GEMMs and cpu::gemm: 0 = BLAS, 1 = the
 // packed-panel micro-kernels (TiledF below) in the 16 AVX2 registers, 2 = the same, with
 // the recurrent steps' kernels in the 32 registers AVX-512 gives (taller blocks of rows:
-// see TiledF::kernel32); 2 is the default where the CPU has AVX-512 (F and VL) and is
-// lowered to 1 where it has not. FUSEDRNN_CPU_TILED=0/1/2 sets it; set_options() too.
+// see TiledF::kernel32), 3 = the 4-vector panels' kernels on 16-float (zmm) vectors
+// (TiledF::kernel512; GRU's 3-vector panels as in 2). Where the CPU has AVX-512 (F and
+// VL) the default is 3 on CPUs that execute 512-bit FMAs at full width (zmm_full_width),
+// 2 elsewhere; without AVX-512 every mode is lowered to 1. FUSEDRNN_CPU_TILED=0/1/2/3 sets
+// it; set_options() too.
 bool has_avx512() {
 #if FRNN_X86_SIMD
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
@@ -190,10 +196,30 @@ bool has_avx512() {
   return false;
 #endif
 }
-int tiled_mode(int requested) { return std::max(0, std::min(requested, has_avx512() ? 2 : 1)); }
+// Whether 16-float FMAs run at twice the rate of 8-float ones here: AMD from Zen 5 (CPU
+// family 0x1A; measured on a 2-core Zen 5 VM, 2026-11-30: the kernels' GEMMs 1.7-1.9x, see
+// TiledF::kernel512). Zen 4 (family 0x19) splits them in two (no faster: see kernel32's
+// note). Intel's AVX-512 CPUs were not measured (their server parts have two 512-bit FMA
+// units, some client and low-end parts one): they keep mode 2 unless FUSEDRNN_CPU_TILED=3.
+bool zmm_full_width() {
+#if FRNN_X86_SIMD
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
+    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const unsigned base = (a >> 8) & 0xf, family = base == 0xf ? base + ((a >> 20) & 0xff) : base;
+    return family >= 0x1a;
+  }();
+  return yes && has_avx512();
+#else
+  return false;
+#endif
+}
+int tiled_mode(int requested) { return std::max(0, std::min(requested, has_avx512() ? 3 : 1)); }
 std::atomic<int> g_tiled{[] {
   const char* e = std::getenv("FUSEDRNN_CPU_TILED");
-  return tiled_mode(e && e[0] >= '0' && e[0] <= '9' ? std::atoi(e) : 2);
+  return tiled_mode(e && e[0] >= '0' && e[0] <= '9' ? std::atoi(e) : zmm_full_width() ? 3 : 2);
 }()};
 int64_t min_work_per_thread() { return g_min_work.load(std::memory_order_relaxed); }
 // How a recurrence's time loop is shared between threads (see make_split): 0 = chosen per
@@ -656,7 +682,42 @@ struct TiledF {
       int64_t npf, const float* init) {
     kernel<VV, R, 32>(K, A, lda, Pn, C, ldc, acc, pf, npf, init);
   }
-  static bool wide() { return g_tiled.load(std::memory_order_relaxed) == 2; }
+  // 16-float (zmm) vectors for a 4-vector panel: its 32 columns are 2 vectors per row,
+  // so a block of R rows keeps 2R accumulators (R = 8: 16 of the 32 registers; the
+  // broadcasts of A are the FMAs' memory operands). Half the FMA instructions of the
+  // 8-float kernels, for CPUs that run 512-bit FMAs at full width (zmm_full_width: Zen 5).
+  // Each output's sum over k is in the same order as kernel's, so the results are
+  // bit-identical. One row (a GEMV, bound by the weight loads) stays on kernel.
+  template <int R>
+  __attribute__((target("avx2,fma,avx512f,avx512vl"), noinline)) static void kernel512(
+      int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc, bool acc, const char* pf,
+      int64_t npf, const float* init) {
+    __m512 c[R][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < 2; ++v)
+        c[r][v] = acc    ? _mm512_loadu_ps(C + r * ldc + v * 16)
+                  : init ? _mm512_loadu_ps(init + v * 16)
+                         : _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+      const float* w = Pn + k * 32;
+      const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+        c[r][0] = _mm512_fmadd_ps(a, w0, c[r][0]);
+        c[r][1] = _mm512_fmadd_ps(a, w1, c[r][1]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < 2; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, c[r][v]);
+  }
+  static bool wide() { return g_tiled.load(std::memory_order_relaxed) >= 2; }
+  static bool zmm() { return g_tiled.load(std::memory_order_relaxed) == 3; }
   // Runs block(R, b, pf, npf) over B rows in blocks of RM rows (R = RM as an
   // std::integral_constant, then the tail): the rows [b, b + R) through the micro-kernel,
   // with `pf`/`npf` its in-loop prefetch. A lone last row would run the 1-row kernel (a GEMV,
@@ -669,6 +730,14 @@ struct TiledF {
   // block instead prefetches one line per k step inside its loop until the next block is
   // covered. In-process A/B of prefetching on/off, op T=32, 2 threads, 16 MB packed weight:
   // LSTM H=1024 1.05-1.46x at B 2-11, RNN H=2048 1.4-1.5x at B 4-8. (TiledBF's rows too.)
+  // f(std::integral_constant<int, r>()) for a run-time r in [1, N].
+  template <int N, typename F>
+  static void with_rows(int64_t r, const F& f) {
+    if constexpr (N >= 1) {
+      if (r == N) f(std::integral_constant<int, N>());
+      else with_rows<N - 1>(r, f);
+    }
+  }
   template <int RM, typename Block>
   static void row_blocks(int64_t B, int64_t K, const void* next, int64_t next_bytes, const Block& block) {
     int64_t full = B / RM, rem = B % RM;
@@ -688,15 +757,7 @@ struct TiledF {
         for (int64_t l = i * lines / full; l < (i + 1) * lines / full; ++l) _mm_prefetch(nx + 64 * l, _MM_HINT_T0);
       run(std::integral_constant<int, RM>());
     }
-    auto tail = [&](int64_t r) {
-      switch (r) {
-        case 1: run(std::integral_constant<int, 1>()); break;
-        case 2: run(std::integral_constant<int, 2>()); break;
-        case 3: if constexpr (RM > 3) run(std::integral_constant<int, 3>()); break;
-        case 4: if constexpr (RM > 4) run(std::integral_constant<int, 4>()); break;
-        default: break;
-      }
-    };
+    auto tail = [&](int64_t r) { with_rows<RM - 1>(r, run); };
     if (rem == RM + 1) {
       tail(RM - 1);
       tail(2);
@@ -706,14 +767,16 @@ struct TiledF {
   }
   // C[B, 8VV] (+)= A[B, K] @ the panel block Pn (K x 8VV), in blocks of RM rows (WIDE:
   // kernel32's taller blocks); `next`: see row_blocks.
-  template <int VV, bool WIDE = false>
+  // (ZMM: kernel512's blocks of 8 rows.)
+  template <int VV, bool WIDE = false, bool ZMM = false>
   static void rows(int64_t B, int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
                    bool acc, const float* next, int64_t next_bytes, const float* init = nullptr) {
-    static_assert(!WIDE || VV == 4, "kernel32's row blocks are for 4-vector panels");
-    constexpr int RM = WIDE ? 4 : VV == 4 ? 3 : 4;
+    static_assert(!(WIDE || ZMM) || VV == 4, "kernel32's and kernel512's row blocks are for 4-vector panels");
+    constexpr int RM = ZMM ? 8 : WIDE ? 4 : VV == 4 ? 3 : 4;
     row_blocks<RM>(B, K, next, next_bytes, [&](auto r_const, int64_t b, const char* pf, int64_t npf) {
       constexpr int R = decltype(r_const)::value;
-      if constexpr (WIDE && R > 1) kernel32<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+      if constexpr (ZMM && R > 1) kernel512<R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+      else if constexpr (WIDE && R > 1) kernel32<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
       else kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
     });
   }
@@ -754,7 +817,8 @@ struct TiledF {
       const bool a = acc || k0 > 0;
       const float* next = pf && Pn + (k0 + kc) * w < end ? Pn + (k0 + kc) * w : nullptr;
       const int64_t nbytes = std::min<int64_t>(KC * w, end - (Pn + (k0 + kc) * w)) * 4;
-      if (V == 4 && wide()) rows<4, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
+      if (V == 4 && zmm()) rows<4, false, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
+      else if (V == 4 && wide()) rows<4, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else if (V == 4) rows<4>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else rows<3>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
     }
@@ -776,7 +840,8 @@ struct TiledF {
     if (!direct && acc) to_tmp(M, C, ldc, col, valid, tmp, w);
     const float* Pn = P->get() + (p * K + k0) * w;
     const float* in = bias && !acc ? init : nullptr;
-    if (V == 4) rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
+    if (V == 4 && zmm()) rows<4, false, true>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
+    else if (V == 4) rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
     else rows<3>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
     if (!direct) from_tmp(M, tmp, C, ldc, col, valid, w);
   }

@@ -150,8 +150,9 @@ const char* simd_path();
 // Tuning knobs, process-wide (tests use them to force every code path):
 // tiled: the float32 GEMMs' kernels (FUSEDRNN_CPU_TILED): 0 = BLAS, 1 = the packed-panel
 // AVX2 micro-kernels, 2 = those with the recurrent steps' kernels in AVX-512's 32
-// registers (the default where the CPU has AVX-512; lowered to 1 elsewhere), -1 =
-// unchanged; min_work: multiply-adds per thread per step below which a step is not
+// registers, 3 = 4-vector panels on 16-float (zmm) vectors (the default where the CPU has
+// AVX-512: 3 where it runs 512-bit FMAs at full width, else 2; lowered to 1 without
+// AVX-512), -1 = unchanged; min_work: multiply-adds per thread per step below which a step is not
 // split over threads (FUSEDRNN_CPU_MIN_WORK), <= 0 = unchanged; split: how the threads
 // share a time loop (FUSEDRNN_CPU_SPLIT, see make_split in kernels.cpp): 0 = chosen per
 // call, 1 = by hidden units, 2 = by batch rows wherever the kernel can, -1 = unchanged.

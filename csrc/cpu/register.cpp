@@ -772,7 +772,8 @@ PyMethodDef methods[] = {
     {"_set_options", set_options, METH_VARARGS,
      "_set_options(tiled, min_work, split=-1) -> previous (tiled, min_work, split): float32 GEMM kernels: "
      "BLAS (0), packed-panel AVX2 micro-kernels (1), those with the recurrent steps in AVX-512's 32 "
-     "registers (2: the default where the CPU has AVX-512, else lowered to 1), unchanged (-1); "
+     "registers (2), with 4-vector panels on 16-float zmm vectors (3) (the default where the CPU has AVX-512: 3 "
+     "where it runs 512-bit FMAs at full width, else 2; without AVX-512 lowered to 1), unchanged (-1); "
      "multiply-adds per thread per step before a step is split over threads (<= 0: unchanged); how "
      "threads share a time loop: chosen per call (0), by hidden units (1), by batch rows where the "
      "kernel can (2), unchanged (-1). For tests and benchmarks."},
