@@ -63,7 +63,8 @@ def test_large_multithreaded(variant, dtype):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 @pytest.mark.parametrize("threads", [3, 5])
-@pytest.mark.parametrize("tiled,split", [(2, 0), (2, 1), (2, 2), (0, 1)], ids=["auto", "units", "rows", "blas"])
+@pytest.mark.parametrize("tiled,split", [(2, 0), (2, 1), (2, 2), (3, 0), (0, 1)],
+                         ids=["auto", "units", "rows", "zmm", "blas"])
 def test_more_threads_than_this_machine(variant, threads, tiled, split, cpu_options):
     """Users' CPUs have more cores than CI's 2: the partitions over 3 and 5 threads (unit
     slices, batch rows, the GEMMs' blocks and their stealing) on odd sizes (B=7: rows 2-3
@@ -179,25 +180,27 @@ def test_errors_are_clear(bad, match):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
-@pytest.mark.parametrize("tiled,split", [(2, 1), (2, 2), (1, 1), (1, 2), (0, 1), (0, 2)],
-                         ids=["tiled32", "tiled32-rows", "tiled", "tiled-rows", "blas", "blas-rows"])
+@pytest.mark.parametrize("tiled,split", [(3, 1), (3, 2), (2, 1), (2, 2), (1, 1), (1, 2), (0, 1), (0, 2)],
+                         ids=["zmm", "zmm-rows", "tiled32", "tiled32-rows", "tiled", "tiled-rows", "blas", "blas-rows"])
 @pytest.mark.parametrize("H", [44, 64])  # 44: partial last 8- and 32-unit panels
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True)], ids=["full", "lengths-rev"])
 def test_forced_paths(variant, tiled, split, H, lengths, reverse, cpu_options):
     """float32 with the packed-panel micro-kernels (AVX2: 16 registers; tiled32: the
-    recurrent steps' kernels in AVX-512's 32 registers, where the CPU has it, else the same
-    as tiled) and with BLAS, on at least 2 threads with min_work = 1, T >= 8 so the weight
-    is packed. The time loop split by hidden units (split 1: every step over as many
-    threads as there are panels) or by batch rows (split 2: each thread its rows, e.g.
-    13 = 6 + 7, through the whole loop). Batch 1
-    (the GEMV kernel), 5 and 13: row blocks of every height (4-vector panels: 13 = 3 + 3 +
-    3 + 2 + 2, tiled32 4 + 4 + 3 + 2; GRU's forward 4 + 4 + 3 + 2; 5 = 3 + 2). B=13 once more
-    with h0 = 0, where the first step's GEMM computes one row that every row's cell reads."""
+    recurrent steps' kernels in AVX-512's 32 registers; zmm: 4-vector panels on 16-float
+    vectors; the last two where the CPU has AVX-512, else the same as tiled) and with BLAS,
+    on at least 2 threads with min_work = 1, T >= 8 so the weight is packed. The time loop
+    split by hidden units (split 1: every step over as many threads as there are panels) or
+    by batch rows (split 2: each thread its rows, e.g. 13 = 6 + 7, through the whole loop).
+    Batch 1 (the GEMV kernel), 5, 12, 13 and 17: row blocks of every height (4-vector
+    panels: 13 = 3 + 3 + 3 + 2 + 2, tiled32 4 + 4 + 3 + 2; zmm: 12 = 8 + 4, 13 = 8 + 5 (by
+    rows 6 and 7), 17 = 8 + 7 + 2 (by rows 8 and 7 + 2), 5 by rows 2 and 3; GRU's forward
+    4 + 4 + 3 + 2; 5 = 3 + 2). B=13 once more with h0 = 0, where the first step's GEMM
+    computes one row that every row's cell reads."""
     cell, P, flag = variant
     cpu_options(tiled, 1, split)
     torch.set_num_threads(max(2, torch.get_num_threads()))
     P = 24 if P else 0
-    for B, zero_h0 in ((1, False), (5, False), (13, False), (13, True)):
+    for B, zero_h0 in ((1, False), (5, False), (12, False), (13, False), (17, False), (13, True)):
         args = make_inputs(cell, 9, B, H, P=P, dtype=torch.float32, lengths=lengths, reverse=reverse,
                            **_kw(cell, flag))
         if zero_h0:
@@ -206,8 +209,8 @@ def test_forced_paths(variant, tiled, split, H, lengths, reverse, cpu_options):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
-@pytest.mark.parametrize("tiled,split", [(2, 1), (2, 2), (0, 1), (0, 2)],
-                         ids=["tiled32", "tiled32-rows", "blas", "blas-rows"])
+@pytest.mark.parametrize("tiled,split", [(3, 1), (3, 2), (2, 1), (2, 2), (0, 1), (0, 2)],
+                         ids=["zmm", "zmm-rows", "tiled32", "tiled32-rows", "blas", "blas-rows"])
 def test_zero_h0_keeps_non_finite_weights(variant, tiled, split, cpu_options):
     """With h0 = 0 the first step computes one row of 0 @ W_hh^T for all rows: an inf or
     NaN in W_hh must still give NaN in exactly the units where the reference (a full
@@ -403,8 +406,8 @@ def test_output_pool_survives_fork_while_another_thread_holds_it():
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
-@pytest.mark.parametrize("tiled,split", [(2, 1), (2, 2), (1, 2), (0, 1), (0, 2)],
-                         ids=["tiled32", "tiled32-rows", "tiled-rows", "blas", "blas-rows"])
+@pytest.mark.parametrize("tiled,split", [(3, 1), (3, 2), (2, 1), (2, 2), (1, 2), (0, 1), (0, 2)],
+                         ids=["zmm", "zmm-rows", "tiled32", "tiled32-rows", "tiled-rows", "blas", "blas-rows"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_sorted_lengths_skip_ended_rows(variant, tiled, split, reverse, cpu_options):
     """Non-increasing lengths (Seq::active): forward and every gradient against the

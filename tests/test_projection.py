@@ -49,7 +49,7 @@ SHAPES = [((7, 40, 150), 100), ((5, 8, 40), 500), ((3, 700, 8), 24), ((3, 5, 1),
           ((2, 3, 17), 40), ((3, 7, 20), 32), ((3, 3, 40), 33)]
 
 
-@pytest.mark.parametrize("tiled", [1, 0], ids=["tiled", "blas"])
+@pytest.mark.parametrize("tiled", [3, 1, 0], ids=["zmm", "tiled", "blas"])
 @pytest.mark.parametrize("shape,G", SHAPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch_first", [False, True])  # a non-contiguous x
