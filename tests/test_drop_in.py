@@ -394,11 +394,13 @@ def test_nonfinite_inputs_propagate_like_torch_nn_on_every_backend(torch_cls, fu
 
 @pytest.fixture
 def onednn_avx512(monkeypatch):
-    """Pretend (or deny) that torch.nn's LSTM runs oneDNN's AVX-512 kernels on this CPU."""
+    """Pretend (or deny) that torch.nn's LSTM runs oneDNN's AVX-512 kernels on this CPU, and
+    that the cpu kernels run 16-float vectors (zmm, default: not)."""
     from fusedrnn import backends
 
-    def set_(yes: bool):
+    def set_(yes: bool, zmm: bool = False):
         monkeypatch.setattr(backends, "_AVX512", yes)
+        monkeypatch.setattr(backends, "CPU_ZMM", zmm)
     return set_
 
 
@@ -478,6 +480,9 @@ def test_auto_runs_torch_nn_where_it_is_faster(onednn_avx512):
             assert m.last_backend == first
         m(x)
         assert m.last_backend == TORCH_NN  # (the same module and input: the two above were the reason)
+        onednn_avx512(True, zmm=True)  # (the cpu kernels on 16-float vectors: ours there too)
+        m(x)
+        assert m.last_backend == first
         onednn_avx512(False)
         m(x)
         assert m.last_backend == first

@@ -192,7 +192,9 @@ _CHOICES: dict[tuple[str, Call], tuple[Backend, str]] = {}
 # torch.nn all of batch >= 32 with hidden <= 512, training included (one layer), from
 # runs at T = 32 and input_size = hidden only. On an AVX2-only CPU (Zen 3, earlier
 # sessions) the two were at parity at hidden 256-512 (0.96-1.12x), so "auto" keeps
-# backend "cpu" on such CPUs.
+# backend "cpu" on such CPUs. On a CPU that runs 512-bit FMAs at full width (Zen 5), where
+# the cpu kernels run 16-float vectors (tiled mode 3, csrc/cpu/kernels.cpp), ours measured
+# 0.97-1.11x there (2026-11-30, T 32-128, median 1.04x): "auto" keeps backend "cpu" too.
 TORCH_NN = "torch.nn"
 TORCH_NN_MIN_BATCH, TORCH_NN_MAX_BATCH = 32, 64
 TORCH_NN_MIN_STEPS = 32
@@ -211,6 +213,9 @@ def onednn_avx512() -> bool:
 
 
 _AVX512: Optional[bool] = None
+# Whether the cpu kernels run 16-float (zmm) vectors (their tiled mode 3 when the
+# extension loaded: backends/native.py sets it).
+CPU_ZMM = False
 
 
 def _onednn_lstm_uncompilable(call: Call) -> bool:
@@ -238,7 +243,7 @@ def torch_nn_faster(call: Call, steps: int, packed: bool, training: bool = False
             and TORCH_NN_MIN_HIDDEN <= call.hidden_size <= TORCH_NN_MAX_HIDDEN
             and input_size >= call.hidden_size):
         return None
-    if not onednn_avx512():
+    if not onednn_avx512() or CPU_ZMM:
         return None
     return (f"auto: torch.nn's LSTM (oneDNN, AVX-512) measured at least as fast as backend 'cpu' for float32 "
             f"inference at batch {TORCH_NN_MIN_BATCH}-{TORCH_NN_MAX_BATCH}, seq_len >= {TORCH_NN_MIN_STEPS}, "

@@ -13,6 +13,7 @@ import torch
 
 from .. import bidirectional, cell_ops, double_backward, ops, packed, projection
 from . import Backend, Call, register
+from .. import backends
 
 
 def _load_extension(module: str):
@@ -55,7 +56,9 @@ def _load_cpu():
     global _bf16_kernels
     why = _load_for("CPU", "fusedrnn._C")()
     if why is None:
-        _bf16_kernels = importlib.import_module("fusedrnn._C").bf16_kernels_run(_BF16_MIN_STEPS)
+        C = importlib.import_module("fusedrnn._C")
+        _bf16_kernels = C.bf16_kernels_run(_BF16_MIN_STEPS)
+        backends.CPU_ZMM = C._set_options(-1, 0)[0] == 3  # (the tiled mode; -1, 0: unchanged)
     return why
 
 
