@@ -243,6 +243,7 @@ def test_under_compile_no_lstm_goes_to_torch_nns_onednn_kernel(monkeypatch, meas
     compiling, auto keeps an LSTM on fusedrnn's ops; GRU and RNN (which compile in torch.nn)
     still follow the measured rule."""
     monkeypatch.setattr(backends, "onednn_avx512", lambda: True)
+    monkeypatch.setattr(backends, "CPU_ZMM", False)  # (the float32 rule's CPUs: 8-float kernels)
     cpu = backends.registry()["cpu"]
     lstm_bf16 = Call("lstm", torch.device("cpu"), torch.bfloat16, 256, 0, 64)
     gru_bf16 = lstm_bf16._replace(cell="gru")

@@ -183,8 +183,8 @@ std::atomic<int64_t> g_min_work{[] {
 // How float32 on AVX2 runs the recurrent GEMMs and cpu::gemm: 0 = BLAS, 1 = the
 // packed-panel micro-kernels (TiledF below) in the 16 AVX2 registers, 2 = the same, with
 // the recurrent steps' kernels in the 32 registers AVX-512 gives (taller blocks of rows:
-// see TiledF::kernel32), 3 = the 4-vector panels' kernels on 16-float (zmm) vectors
-// (TiledF::kernel512; GRU's 3-vector panels as in 2). Where the CPU has AVX-512 (F and
+// see TiledF::kernel32), 3 = the micro-kernels on 16-float (zmm) vectors
+// (TiledF::kernel512). Where the CPU has AVX-512 (F and
 // VL) the default is 3 on CPUs that execute 512-bit FMAs at full width (zmm_full_width),
 // 2 elsewhere; without AVX-512 every mode is lowered to 1. FUSEDRNN_CPU_TILED=0/1/2/3 sets
 // it; set_options() too.
@@ -682,39 +682,56 @@ struct TiledF {
       int64_t npf, const float* init) {
     kernel<VV, R, 32>(K, A, lda, Pn, C, ldc, acc, pf, npf, init);
   }
-  // 16-float (zmm) vectors for a 4-vector panel: its 32 columns are 2 vectors per row,
-  // so a block of R rows keeps 2R accumulators (R = 8: 16 of the 32 registers; the
-  // broadcasts of A are the FMAs' memory operands). Half the FMA instructions of the
-  // 8-float kernels, for CPUs that run 512-bit FMAs at full width (zmm_full_width: Zen 5).
-  // Each output's sum over k is in the same order as kernel's, so the results are
+  // 16-float (zmm) vectors: a 4-vector panel's 32 columns are 2 of them per row (GRU's
+  // 3-vector panel: one, and an 8-float vector for its last 8 columns), so a block of R
+  // rows keeps 2R accumulators (R = 8: 16 of the 32 registers; the broadcasts of A are
+  // the FMAs' memory operands). Half the FMA instructions of the 8-float kernels (GRU: two
+  // thirds), for CPUs that run 512-bit FMAs at full width (zmm_full_width: Zen 5). Each
+  // output's sum over k is in the same order as kernel's, so the results are
   // bit-identical. One row (a GEMV, bound by the weight loads) stays on kernel.
-  template <int R>
+  template <int VV, int R>
   __attribute__((target("avx2,fma,avx512f,avx512vl"), noinline)) static void kernel512(
       int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc, bool acc, const char* pf,
       int64_t npf, const float* init) {
-    __m512 c[R][2];
+    static_assert(VV == 3 || VV == 4, "4- and 3-vector panels");
+    using Hi = std::conditional_t<VV == 4, __m512, __m256>;  // columns 16 .. 8VV-1
+    __m512 c[R];
+    Hi d[R];
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-      for (int v = 0; v < 2; ++v)
-        c[r][v] = acc    ? _mm512_loadu_ps(C + r * ldc + v * 16)
-                  : init ? _mm512_loadu_ps(init + v * 16)
-                         : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const float* from = acc ? C + r * ldc : init;
+      c[r] = from ? _mm512_loadu_ps(from) : _mm512_setzero_ps();
+      if constexpr (VV == 4) d[r] = from ? _mm512_loadu_ps(from + 16) : _mm512_setzero_ps();
+      else d[r] = from ? _mm256_loadu_ps(from + 16) : _mm256_setzero_ps();
+    }
     for (int64_t k = 0; k < K; ++k) {
       if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
-      const float* w = Pn + k * 32;
-      const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+      const float* w = Pn + k * (8 * VV);
+      const __m512 w0 = _mm512_loadu_ps(w);
+      if constexpr (VV == 4) {
+        const __m512 w1 = _mm512_loadu_ps(w + 16);
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-        c[r][0] = _mm512_fmadd_ps(a, w0, c[r][0]);
-        c[r][1] = _mm512_fmadd_ps(a, w1, c[r][1]);
+        for (int r = 0; r < R; ++r) {
+          const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+          c[r] = _mm512_fmadd_ps(a, w0, c[r]);
+          d[r] = _mm512_fmadd_ps(a, w1, d[r]);
+        }
+      } else {
+        const __m256 w1 = _mm256_loadu_ps(w + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const float a = A[r * lda + k];
+          c[r] = _mm512_fmadd_ps(_mm512_set1_ps(a), w0, c[r]);
+          d[r] = _mm256_fmadd_ps(_mm256_set1_ps(a), w1, d[r]);
+        }
       }
     }
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-      for (int v = 0; v < 2; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, c[r][v]);
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(C + r * ldc, c[r]);
+      if constexpr (VV == 4) _mm512_storeu_ps(C + r * ldc + 16, d[r]);
+      else _mm256_storeu_ps(C + r * ldc + 16, d[r]);
+    }
   }
   static bool wide() { return g_tiled.load(std::memory_order_relaxed) >= 2; }
   static bool zmm() { return g_tiled.load(std::memory_order_relaxed) == 3; }
@@ -771,11 +788,11 @@ struct TiledF {
   template <int VV, bool WIDE = false, bool ZMM = false>
   static void rows(int64_t B, int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
                    bool acc, const float* next, int64_t next_bytes, const float* init = nullptr) {
-    static_assert(!(WIDE || ZMM) || VV == 4, "kernel32's and kernel512's row blocks are for 4-vector panels");
+    static_assert(!WIDE || VV == 4, "kernel32's row blocks are for 4-vector panels");
     constexpr int RM = ZMM ? 8 : WIDE ? 4 : VV == 4 ? 3 : 4;
     row_blocks<RM>(B, K, next, next_bytes, [&](auto r_const, int64_t b, const char* pf, int64_t npf) {
       constexpr int R = decltype(r_const)::value;
-      if constexpr (ZMM && R > 1) kernel512<R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+      if constexpr (ZMM && R > 1) kernel512<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
       else if constexpr (WIDE && R > 1) kernel32<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
       else kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
     });
@@ -818,6 +835,7 @@ struct TiledF {
       const float* next = pf && Pn + (k0 + kc) * w < end ? Pn + (k0 + kc) * w : nullptr;
       const int64_t nbytes = std::min<int64_t>(KC * w, end - (Pn + (k0 + kc) * w)) * 4;
       if (V == 4 && zmm()) rows<4, false, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
+      else if (zmm()) rows<3, false, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else if (V == 4 && wide()) rows<4, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else if (V == 4) rows<4>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else rows<3>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
@@ -841,6 +859,7 @@ struct TiledF {
     const float* Pn = P->get() + (p * K + k0) * w;
     const float* in = bias && !acc ? init : nullptr;
     if (V == 4 && zmm()) rows<4, false, true>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
+    else if (zmm()) rows<3, false, true>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
     else if (V == 4) rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
     else rows<3>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
     if (!direct) from_tmp(M, tmp, C, ldc, col, valid, w);

@@ -182,11 +182,69 @@ struct TiledBF {
       for (int v = 0; v < VV; ++v) _mm256_storeu_ps(C + r * ldc + v * 8, c[r][v]);
   }
 
-  // C[B, 8VV] (+)= A[B, K2] @ the panel block Pn in blocks of 4 rows (TiledF::row_blocks:
-  // the tail, and the prefetch of `next`).
+  // The kernel on 16-float (zmm) vectors where TiledF's is (tiled mode 3, TiledF::kernel512):
+  // a 4-vector panel's 32 columns are 2 vectors per row (a 3-vector panel's: one, and an
+  // 8-float vector), 2R accumulators. The same dot products per column in the same order:
+  // bit-identical results.
+  template <int VV, int R>
+  __attribute__((target(FRNN_BF16_TARGET), noinline)) static void kernel512(int64_t K2, const uint32_t* A, int64_t lda,
+                                                                              const uint32_t* Pn, float* C, int64_t ldc,
+                                                                              bool acc, const char* pf, int64_t npf,
+                                                                              const float* init) {
+    static_assert(VV == 3 || VV == 4, "4- and 3-vector panels");
+    using Hi = std::conditional_t<VV == 4, __m512, __m256>;  // columns 16 .. 8VV-1
+    __m512 c[R];
+    Hi d[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float* from = acc ? C + r * ldc : init;
+      c[r] = from ? _mm512_loadu_ps(from) : _mm512_setzero_ps();
+      if constexpr (VV == 4) d[r] = from ? _mm512_loadu_ps(from + 16) : _mm512_setzero_ps();
+      else d[r] = from ? _mm256_loadu_ps(from + 16) : _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < K2; ++k) {
+      if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+      const uint32_t* w = Pn + k * (8 * VV);
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
+      if constexpr (VV == 4) {
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const __m512bh a = (__m512bh)_mm512_set1_epi32(int(A[r * lda + k]));
+          c[r] = _mm512_dpbf16_ps(c[r], a, w0);
+          d[r] = _mm512_dpbf16_ps(d[r], a, w1);
+        }
+      } else {
+        const __m256bh w1 = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const int a = int(A[r * lda + k]);
+          c[r] = _mm512_dpbf16_ps(c[r], (__m512bh)_mm512_set1_epi32(a), w0);
+          d[r] = _mm256_dpbf16_ps(d[r], (__m256bh)_mm256_set1_epi32(a), w1);
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(C + r * ldc, c[r]);
+      if constexpr (VV == 4) _mm512_storeu_ps(C + r * ldc + 16, d[r]);
+      else _mm256_storeu_ps(C + r * ldc + 16, d[r]);
+    }
+  }
+
+  // C[B, 8VV] (+)= A[B, K2] @ the panel block Pn in blocks of 4 rows, or kernel512's 8
+  // (TiledF::row_blocks: the tail, and the prefetch of `next`).
   template <int VV>
   static void rows(int64_t B, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* Pn, float* C, int64_t ldc,
                    bool acc, const uint32_t* next, int64_t next_bytes, const float* init = nullptr) {
+    if (TiledF::zmm()) {
+      TiledF::row_blocks<8>(B, K2, next, next_bytes, [&](auto r_const, int64_t b, const char* pf, int64_t npf) {
+        constexpr int R = decltype(r_const)::value;
+        if constexpr (R > 1) kernel512<VV, R>(K2, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+        else kernel<VV, R>(K2, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+      });
+      return;
+    }
     TiledF::row_blocks<4>(B, K2, next, next_bytes, [&](auto r_const, int64_t b, const char* pf, int64_t npf) {
       kernel<VV, decltype(r_const)::value>(K2, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
     });
