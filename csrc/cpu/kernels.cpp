@@ -682,6 +682,33 @@ struct TiledF {
       int64_t npf, const float* init) {
     kernel<VV, R, 32>(K, A, lda, Pn, C, ldc, acc, pf, npf, init);
   }
+  // kernel512's accumulators (TiledBF's too): a row's first 16 columns in a zmm vector,
+  // the rest (16 of a 4-vector panel, 8 of a 3-vector one) in Hi512; from C (acc), from
+  // `init` (a bias, if not null) or zero, and back to C.
+  template <int VV>
+  using Hi512 = std::conditional_t<VV == 4, __m512, __m256>;
+  template <int VV, int R>
+  __attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inline void load512(
+      __m512 (&c)[R], Hi512<VV> (&d)[R], const float* C, int64_t ldc, bool acc, const float* init) {
+    static_assert(VV == 3 || VV == 4, "4- and 3-vector panels");
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float* from = acc ? C + r * ldc : init;
+      c[r] = from ? _mm512_loadu_ps(from) : _mm512_setzero_ps();
+      if constexpr (VV == 4) d[r] = from ? _mm512_loadu_ps(from + 16) : _mm512_setzero_ps();
+      else d[r] = from ? _mm256_loadu_ps(from + 16) : _mm256_setzero_ps();
+    }
+  }
+  template <int VV, int R>
+  __attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inline void store512(
+      const __m512 (&c)[R], const Hi512<VV> (&d)[R], float* C, int64_t ldc) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(C + r * ldc, c[r]);
+      if constexpr (VV == 4) _mm512_storeu_ps(C + r * ldc + 16, d[r]);
+      else _mm256_storeu_ps(C + r * ldc + 16, d[r]);
+    }
+  }
   // 16-float (zmm) vectors: a 4-vector panel's 32 columns are 2 of them per row (GRU's
   // 3-vector panel: one, and an 8-float vector for its last 8 columns), so a block of R
   // rows keeps 2R accumulators (R = 8: 16 of the 32 registers; the broadcasts of A are
@@ -693,17 +720,9 @@ struct TiledF {
   __attribute__((target("avx2,fma,avx512f,avx512vl"), noinline)) static void kernel512(
       int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc, bool acc, const char* pf,
       int64_t npf, const float* init) {
-    static_assert(VV == 3 || VV == 4, "4- and 3-vector panels");
-    using Hi = std::conditional_t<VV == 4, __m512, __m256>;  // columns 16 .. 8VV-1
+    Hi512<VV> d[R];
     __m512 c[R];
-    Hi d[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const float* from = acc ? C + r * ldc : init;
-      c[r] = from ? _mm512_loadu_ps(from) : _mm512_setzero_ps();
-      if constexpr (VV == 4) d[r] = from ? _mm512_loadu_ps(from + 16) : _mm512_setzero_ps();
-      else d[r] = from ? _mm256_loadu_ps(from + 16) : _mm256_setzero_ps();
-    }
+    load512<VV, R>(c, d, C, ldc, acc, init);
     for (int64_t k = 0; k < K; ++k) {
       if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
       const float* w = Pn + k * (8 * VV);
@@ -726,12 +745,7 @@ struct TiledF {
         }
       }
     }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      _mm512_storeu_ps(C + r * ldc, c[r]);
-      if constexpr (VV == 4) _mm512_storeu_ps(C + r * ldc + 16, d[r]);
-      else _mm256_storeu_ps(C + r * ldc + 16, d[r]);
-    }
+    store512<VV, R>(c, d, C, ldc);
   }
   static bool wide() { return g_tiled.load(std::memory_order_relaxed) >= 2; }
   static bool zmm() { return g_tiled.load(std::memory_order_relaxed) == 3; }

@@ -191,17 +191,9 @@ struct TiledBF {
                                                                               const uint32_t* Pn, float* C, int64_t ldc,
                                                                               bool acc, const char* pf, int64_t npf,
                                                                               const float* init) {
-    static_assert(VV == 3 || VV == 4, "4- and 3-vector panels");
-    using Hi = std::conditional_t<VV == 4, __m512, __m256>;  // columns 16 .. 8VV-1
+    TiledF::Hi512<VV> d[R];
     __m512 c[R];
-    Hi d[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const float* from = acc ? C + r * ldc : init;
-      c[r] = from ? _mm512_loadu_ps(from) : _mm512_setzero_ps();
-      if constexpr (VV == 4) d[r] = from ? _mm512_loadu_ps(from + 16) : _mm512_setzero_ps();
-      else d[r] = from ? _mm256_loadu_ps(from + 16) : _mm256_setzero_ps();
-    }
+    TiledF::load512<VV, R>(c, d, C, ldc, acc, init);
     for (int64_t k = 0; k < K2; ++k) {
       if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
       const uint32_t* w = Pn + k * (8 * VV);
@@ -224,12 +216,7 @@ struct TiledBF {
         }
       }
     }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      _mm512_storeu_ps(C + r * ldc, c[r]);
-      if constexpr (VV == 4) _mm512_storeu_ps(C + r * ldc + 16, d[r]);
-      else _mm256_storeu_ps(C + r * ldc + 16, d[r]);
-    }
+    TiledF::store512<VV, R>(c, d, C, ldc);
   }
 
   // C[B, 8VV] (+)= A[B, K2] @ the panel block Pn in blocks of 4 rows, or kernel512's 8
