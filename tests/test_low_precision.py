@@ -102,8 +102,10 @@ def test_cells_compute_in_float32(kind, dtype):
 
 @pytest.fixture
 def measured_cpu(monkeypatch):
-    """auto's rule as measured (a CPU without AMX or AVX512-FP16), wherever the test runs."""
+    """auto's rule as measured (a CPU without AMX or AVX512-FP16, the cpu kernels on 8-float
+    vectors), wherever the test runs."""
     monkeypatch.setattr(backends, "_native_low_precision", lambda dtype: False)
+    monkeypatch.setattr(backends, "CPU_ZMM", False)
     monkeypatch.setattr(backends, "_TORCH_NN_CANNOT", set())
 
 
@@ -152,6 +154,18 @@ def test_auto_rule_for_bf16_kernels(cell, batch, hidden, grad, ours, measured_cp
     cpu = backends.registry()["cpu"]
     call = Call(cell, torch.device("cpu"), torch.bfloat16, hidden, 0, batch)
     assert (torch_nn_faster_low_precision(call, cpu, grad, True, True) is None) == ours
+
+
+def test_auto_rule_for_bf16_kernels_on_zmm(measured_cpu, monkeypatch):
+    """With the zmm kernels (Zen 5) LSTM inference at batch 8, hidden 1024 measured slower:
+    torch.nn; the rest of the rule is unchanged."""
+    monkeypatch.setattr(backends, "CPU_ZMM", True)
+    cpu = backends.registry()["cpu"]
+    for batch, hidden, ours in ((8, 1024, False), (4, 1024, True), (8, 512, False)):
+        call = Call("lstm", torch.device("cpu"), torch.bfloat16, hidden, 0, batch)
+        assert (torch_nn_faster_low_precision(call, cpu, False, True, True) is None) == ours
+    assert torch_nn_faster_low_precision(Call("gru", torch.device("cpu"), torch.bfloat16, 1024, 0, 64), cpu,
+                                         False, True, True) is None
 
 
 def test_auto_runs_bf16_kernels_in_inference(measured_cpu):
