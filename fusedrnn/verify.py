@@ -211,9 +211,12 @@ def enabled() -> bool:
 
 
 def deferred(call) -> bool:
-    """Whether the check cannot run now: torch.compile tracing or a CUDA graph being captured
-    (no kernel runs eagerly), or inside a torch.func transform (vmap, grad: the check's own
-    autograd would run under it)."""
+    """Whether a check for `call` (on a device of DEVICE_TYPES, not turned off) cannot run
+    now: torch.compile tracing or a CUDA graph being captured (no kernel runs eagerly), or
+    inside a torch.func transform (vmap, grad: the check's own autograd would run under it).
+    (False elsewhere, so that select keeps its choice.)"""
+    if call.device.type not in DEVICE_TYPES or not enabled():
+        return False
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
         return True
     return call.device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -166,7 +166,12 @@ def test_the_check_can_be_turned_off_and_waits_while_tracing(checked_on_cpu):
     checked_on_cpu.setattr(torch.compiler, "is_compiling", lambda: False)
     names = []  # (under a torch.func transform: vmap)
     torch.vmap(lambda x: names.append(backends.select("auto", call)[0].name) or x)(torch.ones(2))
-    assert names == ["broken"] and not verify._RESULTS
+    assert names == ["broken"] and not verify._RESULTS and not backends._CHOICES
+    checked_on_cpu.setattr(verify, "DEVICE_TYPES", {"cuda"})  # (no check due here: the choice is kept)
+    torch.vmap(lambda x: backends.select("auto", call) and x)(torch.ones(2))
+    assert backends._CHOICES and not verify.deferred(call)
+    backends._CHOICES.clear()
+    checked_on_cpu.setattr(verify, "DEVICE_TYPES", {"cuda", "cpu"})
     with pytest.warns(RuntimeWarning, match="failed its check"):
         assert backends.select("auto", call)[0].name == "cpu"
 
