@@ -184,10 +184,9 @@ std::atomic<int64_t> g_min_work{[] {
 // packed-panel micro-kernels (TiledF below) in the 16 AVX2 registers, 2 = the same, with
 // the recurrent steps' kernels in the 32 registers AVX-512 gives (taller blocks of rows:
 // see TiledF::kernel32), 3 = the micro-kernels on 16-float (zmm) vectors
-// (TiledF::kernel512). Where the CPU has AVX-512 (F and
-// VL) the default is 3 on CPUs that execute 512-bit FMAs at full width (zmm_full_width),
-// 2 elsewhere; without AVX-512 every mode is lowered to 1. FUSEDRNN_CPU_TILED=0/1/2/3 sets
-// it; set_options() too.
+// (TiledF::kernel512). Where the CPU has AVX-512 (F and VL) the default is 3 on CPUs that
+// execute 512-bit FMAs at full width (zmm_full_width), 2 elsewhere; without AVX-512 every
+// mode is lowered to 1. FUSEDRNN_CPU_TILED=0/1/2/3 sets it; set_options() too.
 bool has_avx512() {
 #if FRNN_X86_SIMD
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
@@ -749,6 +748,14 @@ struct TiledF {
   }
   static bool wide() { return g_tiled.load(std::memory_order_relaxed) >= 2; }
   static bool zmm() { return g_tiled.load(std::memory_order_relaxed) == 3; }
+  // f(std::integral_constant<int, r>()) for a run-time r in [1, N].
+  template <int N, typename F>
+  static void with_rows(int64_t r, const F& f) {
+    if constexpr (N >= 1) {
+      if (r == N) f(std::integral_constant<int, N>());
+      else with_rows<N - 1>(r, f);
+    }
+  }
   // Runs block(R, b, pf, npf) over B rows in blocks of RM rows (R = RM as an
   // std::integral_constant, then the tail): the rows [b, b + R) through the micro-kernel,
   // with `pf`/`npf` its in-loop prefetch. A lone last row would run the 1-row kernel (a GEMV,
@@ -761,14 +768,6 @@ struct TiledF {
   // block instead prefetches one line per k step inside its loop until the next block is
   // covered. In-process A/B of prefetching on/off, op T=32, 2 threads, 16 MB packed weight:
   // LSTM H=1024 1.05-1.46x at B 2-11, RNN H=2048 1.4-1.5x at B 4-8. (TiledBF's rows too.)
-  // f(std::integral_constant<int, r>()) for a run-time r in [1, N].
-  template <int N, typename F>
-  static void with_rows(int64_t r, const F& f) {
-    if constexpr (N >= 1) {
-      if (r == N) f(std::integral_constant<int, N>());
-      else with_rows<N - 1>(r, f);
-    }
-  }
   template <int RM, typename Block>
   static void row_blocks(int64_t B, int64_t K, const void* next, int64_t next_bytes, const Block& block) {
     int64_t full = B / RM, rem = B % RM;
