@@ -43,15 +43,19 @@ CASES = [("lstm", 64, 0, True, False), ("lstm", 37, 21, True, False), ("gru", 37
 
 
 @needs_bf16
+@pytest.mark.parametrize("tiled", [2, 3], ids=["ymm", "zmm"])
 @pytest.mark.parametrize("split", [1, 2], ids=["by-units", "by-rows"])
-@pytest.mark.parametrize("B", [1, 6, 9])  # (the micro-kernel's row blocks: 1, 4 + 2, 4 + 3 + 2)
+# (the micro-kernels' row blocks: 1, 4 + 2, 4 + 3 + 2, 4 x 3 + 3 + 2; zmm: 6, 7 + 2, 8 + 7 + 2)
+@pytest.mark.parametrize("B", [1, 6, 9, 17])
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True), ("sorted", False), ("sorted", True)])
 @pytest.mark.parametrize("cell,H,P,bias,relu", CASES)
-def test_bf16_weight_forward_against_reference(cell, H, P, bias, relu, lengths, reverse, B, split, cpu_options):
+def test_bf16_weight_forward_against_reference(cell, H, P, bias, relu, lengths, reverse, B, split, tiled,
+                                               cpu_options):
     """lengths "sorted": non-increasing (a PackedSequence's), where the kernels skip the
-    rows that have ended (Seq::active)."""
+    rows that have ended (Seq::active). tiled: the 8-float (ymm) or 16-float (zmm) dot
+    products."""
     backend_or_skip("reference", cell)
-    cpu_options(-1, 1 << 8, split)  # (small min_work: these small shapes still run on 2 threads)
+    cpu_options(tiled, 1 << 8, split)  # (small min_work: these small shapes still run on 2 threads)
     T = 11
     args = make_inputs(cell, T, B, H, P=P, lengths=lengths, reverse=reverse, bias=bias, relu=relu)
     w = args[3 if cell == "lstm" else 2].bfloat16()
