@@ -195,17 +195,22 @@ bool has_avx512() {
   return false;
 #endif
 }
-// Whether 16-float FMAs run at twice the rate of 8-float ones here: AMD from Zen 5 (CPU
-// family 0x1A; measured on a 2-core Zen 5 VM, 2026-11-30: the kernels' GEMMs 1.7-1.9x, see
-// TiledF::kernel512). Zen 4 (family 0x19) splits them in two (no faster: see kernel32's
-// note). Intel's AVX-512 CPUs were not measured (their server parts have two 512-bit FMA
-// units, some client and low-end parts one): they keep mode 2 unless FUSEDRNN_CPU_TILED=3.
+// Whether the kernels default to 16-float (zmm) vectors here: where 512-bit FMAs run at
+// full width, twice the 8-float rate. AMD from Zen 5 (CPU family 0x1A; measured on a
+// 2-core Zen 5 VM, 2026-11-30: the kernels' GEMMs 1.7-1.9x, see TiledF::kernel512); not
+// Zen 4 (family 0x19), which splits them in two (a zmm kernel measured 0.87-1.06x there:
+// see kernel32's note). Intel's AVX-512 CPUs too, NOT measured: their server parts run
+// 512-bit FMAs on two units (oneDNN's LSTM uses them: on Zen 5 the 8-float kernels ran at
+// 0.55-0.66x of it), client parts on one, at the 8-float rate. FUSEDRNN_CPU_TILED=2 keeps
+// the 8-float kernels.
 bool zmm_full_width() {
 #if FRNN_X86_SIMD
   static const bool yes = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
-    const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
+    const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;    // "AuthenticAMD"
+    const bool intel = b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;  // "GenuineIntel"
+    if (intel) return true;
     if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return false;
     const unsigned base = (a >> 8) & 0xf, family = base == 0xf ? base + ((a >> 20) & 0xff) : base;
     return family >= 0x1a;
