@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+from .contract import GATES
 
 # The largest error allowed in each output and gradient, relative to its largest |value|
 # (against the float64 reference on the same inputs). Generous: the check is there for

@@ -10,7 +10,8 @@ import torch
 
 from fusedrnn import ops
 from fusedrnn.backends import Call, registry
-from fusedrnn.verify import GATES, arg_names, make_inputs  # noqa: F401 (make_inputs: for the tests)
+from fusedrnn.contract import GATES  # noqa: F401 (for the tests)
+from fusedrnn.verify import arg_names, make_inputs  # noqa: F401 (make_inputs: for the tests)
 
 # (atol, rtol) per dtype of the backend under test, against a float64 reference.
 TOL = {

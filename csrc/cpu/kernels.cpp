@@ -802,16 +802,23 @@ struct TiledF {
   }
   // C[B, 8VV] (+)= A[B, K] @ the panel block Pn (K x 8VV), in blocks of RM rows (WIDE:
   // kernel32's taller blocks); `next`: see row_blocks.
-  // (ZMM: kernel512's blocks of 8 rows.)
-  template <int VV, bool WIDE = false, bool ZMM = false>
+  // In tiled mode 3 (zmm()) every caller's blocks run on kernel512, 8 rows at a time.
+  template <int VV, bool WIDE = false>
   static void rows(int64_t B, int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc,
                    bool acc, const float* next, int64_t next_bytes, const float* init = nullptr) {
     static_assert(!WIDE || VV == 4, "kernel32's row blocks are for 4-vector panels");
-    constexpr int RM = ZMM ? 8 : WIDE ? 4 : VV == 4 ? 3 : 4;
+    if (zmm()) {
+      row_blocks<8>(B, K, next, next_bytes, [&](auto r_const, int64_t b, const char* pf, int64_t npf) {
+        constexpr int R = decltype(r_const)::value;
+        if constexpr (R > 1) kernel512<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+        else kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+      });
+      return;
+    }
+    constexpr int RM = WIDE ? 4 : VV == 4 ? 3 : 4;
     row_blocks<RM>(B, K, next, next_bytes, [&](auto r_const, int64_t b, const char* pf, int64_t npf) {
       constexpr int R = decltype(r_const)::value;
-      if constexpr (ZMM && R > 1) kernel512<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
-      else if constexpr (WIDE && R > 1) kernel32<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
+      if constexpr (WIDE && R > 1) kernel32<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
       else kernel<VV, R>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
     });
   }
@@ -852,9 +859,7 @@ struct TiledF {
       const bool a = acc || k0 > 0;
       const float* next = pf && Pn + (k0 + kc) * w < end ? Pn + (k0 + kc) * w : nullptr;
       const int64_t nbytes = std::min<int64_t>(KC * w, end - (Pn + (k0 + kc) * w)) * 4;
-      if (V == 4 && zmm()) rows<4, false, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
-      else if (zmm()) rows<3, false, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
-      else if (V == 4 && wide()) rows<4, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
+      if (V == 4 && wide()) rows<4, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else if (V == 4) rows<4>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else rows<3>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
     }
@@ -876,9 +881,7 @@ struct TiledF {
     if (!direct && acc) to_tmp(M, C, ldc, col, valid, tmp, w);
     const float* Pn = P->get() + (p * K + k0) * w;
     const float* in = bias && !acc ? init : nullptr;
-    if (V == 4 && zmm()) rows<4, false, true>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
-    else if (zmm()) rows<3, false, true>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
-    else if (V == 4) rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
+    if (V == 4) rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
     else rows<3>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
     if (!direct) from_tmp(M, tmp, C, ldc, col, valid, w);
   }

@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .. import ops
+from ..contract import GATES
 
 
 class Call(NamedTuple):
@@ -308,7 +309,6 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 # CPUs whose oneDNN has native low-precision matrix units (AMX; AVX512-FP16 for float16)
 # were not measured; auto keeps torch.nn there. A forced backend="cpu" always runs ours.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 def _native_low_precision(dtype: torch.dtype) -> bool:
@@ -350,7 +350,7 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
     if _native_low_precision(call.dtype):
         return (f"auto: this CPU has native {name} matrix units, whose oneDNN kernels torch.nn runs "
                 f"(backend 'cpu''s float32 compute was not measured against them; backend='cpu' forces it)")
-    work = call.batch * call.hidden_size ** 2 * _GATES[call.cell]
+    work = call.batch * call.hidden_size ** 2 * GATES[call.cell]
     if call.dtype == torch.float16:
         ours = sequence or call.batch >= 8
     elif not sequence:
