@@ -288,6 +288,23 @@ def test_split_does_not_change_results(variant, lengths, reverse, cpu_options):
         assert torch.equal(u, r), f"result {i}: split by rows differs from split by units by {(u - r).abs().max()}"
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("tiled", [3, 2, 0], ids=["zmm", "tiled32", "blas"])
+def test_rows_split_on_more_threads_than_unit_slices(variant, tiled, cpu_options):
+    """A hidden size of one slice granule (16 units; RNN 32) has one unit slice, yet a batch
+    of 24 rows can run on 2 threads split by rows (Slices.threads): the same bits as the
+    single thread of the split by units, and the reference, in every output and gradient,
+    with each thread's own scratch (the bfloat16 A rows, the backward's dh tiles)."""
+    cell, P, flag = variant
+    cpu_options(tiled, 1)
+    H = 32 if cell == "rnn" else 16
+    args = make_inputs(cell, 11, 24, H, P=P, dtype=torch.float32, lengths=True, **_kw(cell, flag))
+    for i, (u, r) in enumerate(zip(*_results_by_split(cell, args, cpu_options))):
+        assert torch.isfinite(u).all() and torch.isfinite(r).all(), f"result {i}: non-finite (unwritten?)"
+        assert torch.equal(u, r), f"result {i}: split by rows differs from split by units by {(u - r).abs().max()}"
+    check_against_reference("cpu", cell, args)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_backward_takes_non_contiguous_gradients(cell):
     """The cpu backward ops make non-contiguous incoming gradients contiguous themselves

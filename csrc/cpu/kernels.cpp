@@ -157,6 +157,9 @@ class ScratchBuffer {
 // A partition of `units` (hidden units or projection columns) over threads.
 struct Slices {
   int n = 1;
+  // The threads the work justifies (>= n; n may be fewer, one granule of units each): a
+  // time loop split by batch rows (make_split) may use them all.
+  int threads = 1;
   int64_t bound[65] = {0};
   int64_t lo(int k) const { return bound[k]; }
   int64_t hi(int k) const { return bound[k + 1]; }
@@ -248,6 +251,7 @@ Slices make_slices(int64_t units, int64_t work_per_unit, int64_t gran = 16) {
   int64_t n = at::in_parallel_region() ? 1 : at::get_num_threads();
   n = std::min<int64_t>(n, 64);
   n = std::min<int64_t>(n, std::max<int64_t>(1, units * work_per_unit / min_work_per_thread()));
+  sl.threads = (int)n;
   n = std::min<int64_t>(n, std::max<int64_t>(1, (units + gran - 1) / gran));  // at least one granule each
   sl.n = (int)n;
   const int64_t chunks = (units + gran - 1) / gran;
@@ -303,7 +307,7 @@ Split make_split(const Slices& units, int64_t B, int64_t R, int64_t weight_bytes
   Split sp;
   sp.units = units;
   const int mode = g_split.load(std::memory_order_relaxed);
-  const int64_t n = units.n;
+  const int64_t n = units.threads;  // (rows may use more threads than there are unit slices: H=16, B=128)
   bool rows = false;
   if (n > 1 && mode != 1) {
     if (mode == 2) {

@@ -313,7 +313,7 @@ struct DhGemm {
   int64_t KG, H, B;
   DhGemm(bool tiled, const WT* w_hh, int64_t H_, int64_t KG_, int64_t B_, const Slices& sl)
       : tb(tiled ? new TW(w_hh, 1, H_, 1, H_, KG_, B_, sl) : nullptr),
-        tmp(tiled ? sl.n * B_ * 32 : 0), KG(KG_), H(H_), B(B_) {}  // (a split's n() <= sl.n)
+        tmp(tiled ? sl.threads * B_ * 32 : 0), KG(KG_), H(H_), B(B_) {}  // (a split's n() <= sl.threads)
   void operator()(int k, int64_t j0, int64_t j1, int64_t b0, int64_t b1, const T* dnext, T* dh) const {
     const auto A = tb->rows_of(k, dnext + b0 * KG, KG, b1 - b0);
     for (int64_t p = tb->first_panel(j0); p < tb->end_panel(j1); ++p)

@@ -41,12 +41,12 @@ struct TiledBF {
 
   // value(col, k) = W[col * sc + k * sk] in bfloat16 bits, col = gate * units + unit: the
   // forward's W_hh (sc = K, sk = 1) or the backward's W_hh^T (sc = 1, sk = units); B: the
-  // batch (A's rows); sl: the unit slices (packed in parallel; one A buffer each).
+  // batch (A's rows); sl: the unit slices (packed in parallel; an A buffer per thread of a split).
   TiledBF(const uint16_t* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t B_,
           const Slices& sl)
       : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), K2((K_ + 1) / 2),
         npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)), lda2(K2 + 16),
-        P(new ScratchBuffer(npanel * K2 * 8 * V)), A(new ScratchBuffer(sl.n * B_ * lda2 + 16)), B(B_) {
+        P(new ScratchBuffer(npanel * K2 * 8 * V)), A(new ScratchBuffer(sl.threads * B_ * lda2 + 16)), B(B_) {
     run_slices(sl, [&](int k) {
       for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, sk, p);
     });
