@@ -157,16 +157,14 @@ def test_auto_rule_for_bf16_kernels(cell, batch, hidden, grad, ours, measured_cp
 
 
 def test_auto_rule_for_bf16_kernels_on_zmm(measured_cpu, monkeypatch):
-    """With the zmm kernels (Zen 5) LSTM inference at batch 8, hidden 1024 measured slower,
-    and GRU inference above batch x hidden^2 x 3 = 2^25: torch.nn there; RNN and training
-    unchanged."""
+    """With the zmm kernels (Zen 5) LSTM inference at batch 8, hidden 1024 measured slower:
+    torch.nn there; GRU, RNN and training unchanged."""
     monkeypatch.setattr(backends, "CPU_ZMM", True)
     cpu = backends.registry()["cpu"]
     for cell, batch, hidden, grad, ours in (("lstm", 8, 1024, False, False), ("lstm", 4, 1024, False, True),
-                                            ("lstm", 8, 512, False, False), ("gru", 64, 1024, False, False),
-                                            ("gru", 32, 1024, False, False), ("gru", 64, 512, False, False),
-                                            ("gru", 32, 512, False, True), ("gru", 8, 1024, False, True),
-                                            ("gru", 64, 1024, True, True), ("rnn", 64, 1024, False, True)):
+                                            ("lstm", 8, 512, False, False), ("gru", 64, 1024, False, True),
+                                            ("gru", 32, 512, False, True), ("gru", 64, 1024, True, True),
+                                            ("rnn", 64, 1024, False, True)):
         call = Call(cell, torch.device("cpu"), torch.bfloat16, hidden, 0, batch)
         assert (torch_nn_faster_low_precision(call, cpu, grad, True, True) is None) == ours, (cell, batch, hidden)
 

@@ -477,6 +477,7 @@ struct TiledStub {
   int64_t first_panel(int64_t) const { return 0; }
   int64_t end_panel(int64_t) const { return 0; }
   void gemm_panel(int64_t, int64_t, const T*, int64_t, T*, int64_t, bool, bool, T*) const {}
+  void gemm_gates(int64_t, int64_t, int64_t, const T*, int64_t, T*, int64_t) const {}
 };
 
 }  // namespace
@@ -531,6 +532,11 @@ struct TiledF {
 
   int V, ng;
   int64_t units, K, npanel;
+  // GRU's 3-vector panels on zmm vectors (tiled mode 3) are packed in pairs, [q, q + 1] for
+  // even q, each k's 48 values together, so that the step's GEMM runs 3 zmm per row
+  // (kernel512<6, R>) instead of a zmm and an 8-float vector per panel; the gate buffer's
+  // layout is the same (panel p's 24 columns at 24 p). An odd last panel stays alone.
+  bool pairs;
   std::unique_ptr<ScratchBuffer> P;  // the packed panels
 
   // value(col, k) = W[col * sc + k * sk]; col = gate * units + unit.
@@ -543,11 +549,13 @@ struct TiledF {
   }
   // Unpacked: the caller packs each panel (pack(), e.g. inside its own parallel region).
   TiledF(int ng_, int64_t units_, int64_t K_)
-      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), npanel(end_panel(units_)),
+      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), npanel(end_panel(units_)), pairs(ng_ == 3 && zmm()),
         P(new ScratchBuffer(npanel * K * 8 * V)) {}
   void pack(const float* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng);
-    float* out = P->get() + p * K * 8 * V;
+    const int64_t q = pairs ? p & ~int64_t(1) : p;            // the block panel p is packed in
+    const int64_t ld = pairs && q + 1 < npanel ? 16 * V : 8 * V;  // its floats per k
+    float* out = P->get() + q * K * 8 * V + (p - q) * 8 * V;
     for (int v = 0; v < V; ++v) {
       const int gate = ng == 1 ? 0 : v;
       const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
@@ -561,15 +569,15 @@ struct TiledF {
           __m256 r[8];
           for (int l = 0; l < 8; ++l) r[l] = row[l] ? _mm256_loadu_ps(row[l] + k) : _mm256_setzero_ps();
           transpose8(r);
-          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + ((k + j) * V + v) * 8, r[j]);
+          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (k + j) * ld + v * 8, r[j]);
         }
       }
       if (sc == 1 && u0 + 8 <= units)  // columns contiguous (the backward's W_hh^T): 8 at a time
-        for (; k < K; ++k) _mm256_storeu_ps(out + (k * V + v) * 8, _mm256_loadu_ps(W + gate * units + u0 + k * sk));
+        for (; k < K; ++k) _mm256_storeu_ps(out + k * ld + v * 8, _mm256_loadu_ps(W + gate * units + u0 + k * sk));
       for (; k < K; ++k)
         for (int l = 0; l < 8; ++l) {
           const int64_t u = u0 + l;
-          out[(k * V + v) * 8 + l] = u < units ? W[(gate * units + u) * sc + k * sk] : 0.f;
+          out[k * ld + v * 8 + l] = u < units ? W[(gate * units + u) * sc + k * sk] : 0.f;
         }
     }
   }
@@ -717,43 +725,68 @@ struct TiledF {
       else _mm256_storeu_ps(C + r * ldc + 16, d[r]);
     }
   }
-  // 16-float (zmm) vectors: a 4-vector panel's 32 columns are 2 of them per row (GRU's
-  // 3-vector panel: one, and an 8-float vector for its last 8 columns), so a block of R
-  // rows keeps 2R accumulators (R = 8: 16 of the 32 registers; the broadcasts of A are
-  // the FMAs' memory operands). Half the FMA instructions of the 8-float kernels (GRU: two
-  // thirds), for CPUs that run 512-bit FMAs at full width (zmm_full_width: Zen 5). Each
-  // output's sum over k is in the same order as kernel's, so the results are
-  // bit-identical. One row (a GEMV, bound by the weight loads) stays on kernel.
+  // 16-float (zmm) vectors: a 4-vector panel's 32 columns are 2 of them per row (a lone
+  // 3-vector panel: one, and an 8-float vector for its last 8 columns; a pair of them,
+  // VV = 6: 3), so a block of R rows keeps 2R accumulators (pairs: 3R; R = 8: 16 or 24 of
+  // the 32 registers; the broadcasts of A are the FMAs' memory operands). Half the FMA
+  // instructions of the 8-float kernels, for CPUs that run 512-bit FMAs at full width
+  // (zmm_full_width: Zen 5). Each output's sum over k is in the same order as kernel's, so
+  // the results are bit-identical. One row (a GEMV, bound by the weight loads) stays on
+  // kernel. GRU's panels in pairs (pairs), B=64, H=512, T=32, inference: the recurrence op
+  // 297 -> 413 GFLOP/s (10.84 -> 7.81 ms), the module 18.56 -> 14.70 ms.
   template <int VV, int R>
   __attribute__((target("avx2,fma,avx512f,avx512vl"), noinline)) static void kernel512(
       int64_t K, const float* A, int64_t lda, const float* Pn, float* C, int64_t ldc, bool acc, const char* pf,
       int64_t npf, const float* init) {
-    Hi512<VV> d[R];
-    __m512 c[R];
-    load512<VV, R>(c, d, C, ldc, acc, init);
-    for (int64_t k = 0; k < K; ++k) {
-      if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
-      const float* w = Pn + k * (8 * VV);
-      const __m512 w0 = _mm512_loadu_ps(w);
-      if constexpr (VV == 4) {
-        const __m512 w1 = _mm512_loadu_ps(w + 16);
+    if constexpr (VV == 6) {  // a pair of 3-vector panels (pairs): 48 columns, 3 zmm per row
+      __m512 c[R][3];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        for (int z = 0; z < 3; ++z)
+          c[r][z] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * z) : init ? _mm512_loadu_ps(init + 16 * z) : _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+        const float* w = Pn + k * 48;
+        const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-          c[r] = _mm512_fmadd_ps(a, w0, c[r]);
-          d[r] = _mm512_fmadd_ps(a, w1, d[r]);
-        }
-      } else {
-        const __m256 w1 = _mm256_loadu_ps(w + 16);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-          const float a = A[r * lda + k];
-          c[r] = _mm512_fmadd_ps(_mm512_set1_ps(a), w0, c[r]);
-          d[r] = _mm256_fmadd_ps(_mm256_set1_ps(a), w1, d[r]);
+          c[r][0] = _mm512_fmadd_ps(a, w0, c[r][0]);
+          c[r][1] = _mm512_fmadd_ps(a, w1, c[r][1]);
+          c[r][2] = _mm512_fmadd_ps(a, w2, c[r][2]);
         }
       }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        for (int z = 0; z < 3; ++z) _mm512_storeu_ps(C + r * ldc + 16 * z, c[r][z]);
+    } else {
+      Hi512<VV> d[R];
+      __m512 c[R];
+      load512<VV, R>(c, d, C, ldc, acc, init);
+      for (int64_t k = 0; k < K; ++k) {
+        if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+        const float* w = Pn + k * (8 * VV);
+        const __m512 w0 = _mm512_loadu_ps(w);
+        if constexpr (VV == 4) {
+          const __m512 w1 = _mm512_loadu_ps(w + 16);
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) {
+            const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+            c[r] = _mm512_fmadd_ps(a, w0, c[r]);
+            d[r] = _mm512_fmadd_ps(a, w1, d[r]);
+          }
+        } else {
+          const __m256 w1 = _mm256_loadu_ps(w + 16);
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) {
+            const float a = A[r * lda + k];
+            c[r] = _mm512_fmadd_ps(_mm512_set1_ps(a), w0, c[r]);
+            d[r] = _mm256_fmadd_ps(_mm256_set1_ps(a), w1, d[r]);
+          }
+        }
+      }
+      store512<VV, R>(c, d, C, ldc);
     }
-    store512<VV, R>(c, d, C, ldc);
   }
   static bool wide() { return g_tiled.load(std::memory_order_relaxed) >= 2; }
   static bool zmm() { return g_tiled.load(std::memory_order_relaxed) == 3; }
@@ -842,13 +875,27 @@ struct TiledF {
   }
   void gemm_panel(int64_t p, int64_t B, const float* A, int64_t lda, float* C, int64_t ldc, bool acc,
                   bool exact, float* tmp) const {
-    const int64_t w = 8 * V;
+    gemm_span(p, 1, B, A, lda, C, ldc, acc, exact, tmp);
+  }
+  // A step's GEMM into the padded gate buffer C [B, ldc()]: panels [p0, p1), p0 even (the
+  // time loops' slices start on multiples of 16 units), in pairs where they are packed so.
+  void gemm_gates(int64_t p0, int64_t p1, int64_t B, const float* A, int64_t lda, float* C, int64_t ldc) const {
+    for (int64_t p = p0; p < p1;) {
+      const int64_t n = pairs && p + 1 < npanel ? 2 : 1;
+      gemm_span(p, n, B, A, lda, C, ldc, false, false, nullptr);
+      p += n;
+    }
+  }
+  // gemm_panel on `np` panels from p at once: 2 for a pair (not `exact`).
+  void gemm_span(int64_t p, int64_t np, int64_t B, const float* A, int64_t lda, float* C, int64_t ldc, bool acc,
+                 bool exact, float* tmp) const {
+    const int64_t w = 8 * V * np;
     const int64_t col = p * panel_units(ng);
     const int64_t valid = exact ? std::min<int64_t>(w, units - col) : w;
-    float* Ct = exact ? tmp : C + p * w;
+    float* Ct = exact ? tmp : C + p * 8 * V;
     const int64_t ldt = exact ? w : ldc;
     if (exact && acc) to_tmp(B, C, ldc, col, valid, tmp, w);
-    const float* Pn = P->get() + p * K * w;
+    const float* Pn = P->get() + p * K * 8 * V;
     if (K == 0 && !acc)
       for (int64_t b = 0; b < B; ++b) std::fill(Ct + b * ldt, Ct + b * ldt + w, 0.f);
     // Software prefetch of the next weight block (the panels are contiguous in P, so
@@ -856,8 +903,8 @@ struct TiledF {
     // rows() for how). In-process A/B (LSTM op, T=32, 2 threads): H=1024 (16 MB packed)
     // 7-10% faster at B 16-64 and 1.05-1.46x at B 2-11; H 256/512 (<= 4 MB, which the hardware
     // prefetcher keeps up with from L3) 2-3% slower, hence the size threshold.
-    const bool pf = B >= 2 && npanel * K * w * 4 >= kPrefetchMinBytes;
-    const float* end = P->get() + npanel * K * w;
+    const bool pf = B >= 2 && npanel * K * 8 * V * 4 >= kPrefetchMinBytes;
+    const float* end = P->get() + npanel * K * 8 * V;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
       const bool a = acc || k0 > 0;
@@ -865,6 +912,7 @@ struct TiledF {
       const int64_t nbytes = std::min<int64_t>(KC * w, end - (Pn + (k0 + kc) * w)) * 4;
       if (V == 4 && wide()) rows<4, true>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else if (V == 4) rows<4>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
+      else if (np == 2) rows<6>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
       else rows<3>(B, kc, A + k0, lda, Pn + k0 * w, Ct, ldt, a, next, nbytes);
     }
     if (exact) from_tmp(B, tmp, C, ldc, col, valid, w);

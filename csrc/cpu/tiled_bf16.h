@@ -35,6 +35,7 @@ struct TiledBF {
 
   int V, ng;
   int64_t units, K, K2, npanel, lda2;
+  bool pairs;  // GRU's panels packed in pairs on zmm vectors (as TiledF::pairs)
   std::unique_ptr<ScratchBuffer> P;  // the packed panels: npanel * K2 * 8V words
   std::unique_ptr<ScratchBuffer> A;  // per unit slice: B rows of lda2 words (h in bf16 pairs)
   int64_t B;
@@ -45,7 +46,7 @@ struct TiledBF {
   TiledBF(const uint16_t* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t B_,
           const Slices& sl)
       : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), K2((K_ + 1) / 2),
-        npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)), lda2(K2 + 16),
+        npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)), lda2(K2 + 16), pairs(ng_ == 3 && TiledF::zmm()),
         P(new ScratchBuffer(npanel * K2 * 8 * V)), A(new ScratchBuffer(sl.threads * B_ * lda2 + 16)), B(B_) {
     run_slices(sl, [&](int k) {
       for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, sk, p);
@@ -61,7 +62,9 @@ struct TiledBF {
   }
   void pack(const uint16_t* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng);
-    uint32_t* out = panels() + p * K2 * 8 * V;
+    const int64_t q = pairs ? p & ~int64_t(1) : p;            // (as TiledF::pack)
+    const int64_t ld = pairs && q + 1 < npanel ? 16 * V : 8 * V;  // words per k pair
+    uint32_t* out = panels() + q * K2 * 8 * V + (p - q) * 8 * V;
     for (int v = 0; v < V; ++v) {
       const int gate = ng == 1 ? 0 : v;
       const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
@@ -69,7 +72,7 @@ struct TiledBF {
         const uint16_t* w = W + (gate * units + u0) * sc;
         for (int64_t kk = 0; kk < K2; ++kk) {
           const int64_t k0 = 2 * kk, k1 = k0 + 1;
-          uint32_t* o = out + (kk * V + v) * 8;
+          uint32_t* o = out + kk * ld + v * 8;
           if (sc == 1 && u0 + 8 <= units) {
             const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k0 * sk));
             const __m128i b = k1 < K ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k1 * sk)) : _mm_setzero_si128();
@@ -92,10 +95,10 @@ struct TiledBF {
         for (int l = 0; l < 8; ++l)
           r[l] = row[l] ? _mm256_loadu_ps(reinterpret_cast<const float*>(row[l] + 2 * kk)) : _mm256_setzero_ps();
         TiledF::transpose8(r);
-        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(reinterpret_cast<float*>(out + ((kk + j) * V + v) * 8), r[j]);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(reinterpret_cast<float*>(out + (kk + j) * ld + v * 8), r[j]);
       }
       for (; kk < K2; ++kk)
-        for (int l = 0; l < 8; ++l) out[(kk * V + v) * 8 + l] = row[l] ? pair(row[l], 2 * kk, K) : 0u;
+        for (int l = 0; l < 8; ++l) out[kk * ld + v * 8 + l] = row[l] ? pair(row[l], 2 * kk, K) : 0u;
     }
   }
 
@@ -191,32 +194,56 @@ struct TiledBF {
                                                                               const uint32_t* Pn, float* C, int64_t ldc,
                                                                               bool acc, const char* pf, int64_t npf,
                                                                               const float* init) {
-    TiledF::Hi512<VV> d[R];
-    __m512 c[R];
-    TiledF::load512<VV, R>(c, d, C, ldc, acc, init);
-    for (int64_t k = 0; k < K2; ++k) {
-      if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
-      const uint32_t* w = Pn + k * (8 * VV);
-      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
-      if constexpr (VV == 4) {
-        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 16);
+    if constexpr (VV == 6) {  // a pair of 3-vector panels (pairs): 3 vectors per row
+      __m512 c[R][3];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        for (int z = 0; z < 3; ++z)
+          c[r][z] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * z) : init ? _mm512_loadu_ps(init + 16 * z) : _mm512_setzero_ps();
+      for (int64_t k = 0; k < K2; ++k) {
+        if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+        const uint32_t* w = Pn + k * 48;
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 16),
+                       w2 = (__m512bh)_mm512_loadu_si512(w + 32);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const __m512bh a = (__m512bh)_mm512_set1_epi32(int(A[r * lda + k]));
-          c[r] = _mm512_dpbf16_ps(c[r], a, w0);
-          d[r] = _mm512_dpbf16_ps(d[r], a, w1);
-        }
-      } else {
-        const __m256bh w1 = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-          const int a = int(A[r * lda + k]);
-          c[r] = _mm512_dpbf16_ps(c[r], (__m512bh)_mm512_set1_epi32(a), w0);
-          d[r] = _mm256_dpbf16_ps(d[r], (__m256bh)_mm256_set1_epi32(a), w1);
+          c[r][0] = _mm512_dpbf16_ps(c[r][0], a, w0);
+          c[r][1] = _mm512_dpbf16_ps(c[r][1], a, w1);
+          c[r][2] = _mm512_dpbf16_ps(c[r][2], a, w2);
         }
       }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        for (int z = 0; z < 3; ++z) _mm512_storeu_ps(C + r * ldc + 16 * z, c[r][z]);
+    } else {
+      TiledF::Hi512<VV> d[R];
+      __m512 c[R];
+      TiledF::load512<VV, R>(c, d, C, ldc, acc, init);
+      for (int64_t k = 0; k < K2; ++k) {
+        if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+        const uint32_t* w = Pn + k * (8 * VV);
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
+        if constexpr (VV == 4) {
+          const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 16);
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(int(A[r * lda + k]));
+            c[r] = _mm512_dpbf16_ps(c[r], a, w0);
+            d[r] = _mm512_dpbf16_ps(d[r], a, w1);
+          }
+        } else {
+          const __m256bh w1 = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) {
+            const int a = int(A[r * lda + k]);
+            c[r] = _mm512_dpbf16_ps(c[r], (__m512bh)_mm512_set1_epi32(a), w0);
+            d[r] = _mm256_dpbf16_ps(d[r], (__m256bh)_mm256_set1_epi32(a), w1);
+          }
+        }
+      }
+      TiledF::store512<VV, R>(c, d, C, ldc);
     }
-    TiledF::store512<VV, R>(c, d, C, ldc);
   }
 
   // C[B, 8VV] (+)= A[B, K2] @ the panel block Pn in blocks of 4 rows, or kernel512's 8
@@ -237,22 +264,35 @@ struct TiledBF {
     });
   }
 
+  // TiledF::gemm_gates: the step's panels [p0, p1) into the gate buffer.
+  void gemm_gates(int64_t p0, int64_t p1, int64_t Bn, const uint32_t* a, int64_t lda, float* C, int64_t ldc) const {
+    for (int64_t p = p0; p < p1;) {
+      const int64_t n = pairs && p + 1 < npanel ? 2 : 1;
+      gemm_span(p, n, Bn, a, lda, C, ldc, false, false, nullptr);
+      p += n;
+    }
+  }
   // Panel p's columns of C (+)= A @ W^T for Bn rows of A (from rows_of), k-blocked, as
   // TiledF::gemm_panel: C the padded gate buffer [Bn, ldc()], or with `exact` a [Bn, units]
   // matrix (leading dimension ldc, last panel possibly partial) through the contiguous
   // scratch `tmp` (Bn x 8V floats).
   void gemm_panel(int64_t p, int64_t Bn, const uint32_t* a, int64_t lda, float* C, int64_t ldc, bool acc, bool exact,
                   float* tmp) const {
-    const int64_t w = 8 * V;
+    gemm_span(p, 1, Bn, a, lda, C, ldc, acc, exact, tmp);
+  }
+  // gemm_panel on `np` panels from p at once: 2 for a pair (not `exact`).
+  void gemm_span(int64_t p, int64_t np, int64_t Bn, const uint32_t* a, int64_t lda, float* C, int64_t ldc, bool acc,
+                 bool exact, float* tmp) const {
+    const int64_t w = 8 * V * np;
     const int64_t col = p * panel_units(ng), valid = exact ? std::min<int64_t>(w, units - col) : w;
-    float* Ct = exact ? tmp : C + p * w;
+    float* Ct = exact ? tmp : C + p * 8 * V;
     const int64_t ldt = exact ? w : ldc;
     if (exact && acc) TiledF::to_tmp(Bn, C, ldc, col, valid, tmp, w);
-    const uint32_t* Pn = panels() + p * K2 * w;
+    const uint32_t* Pn = panels() + p * K2 * 8 * V;
     if (K2 == 0 && !acc)
       for (int64_t b = 0; b < Bn; ++b) std::fill(Ct + b * ldt, Ct + b * ldt + w, 0.f);
-    const bool pf = Bn >= 2 && npanel * K2 * w * 4 >= TiledF::kPrefetchMinBytes;
-    const uint32_t* end = panels() + npanel * K2 * w;
+    const bool pf = Bn >= 2 && npanel * K2 * 8 * V * 4 >= TiledF::kPrefetchMinBytes;
+    const uint32_t* end = panels() + npanel * K2 * 8 * V;
     for (int64_t k0 = 0; k0 < K2; k0 += KC2) {
       const int64_t kc = std::min(KC2, K2 - k0);
       const bool ac = acc || k0 > 0;
@@ -260,6 +300,7 @@ struct TiledBF {
       const uint32_t* next = pf && nxt < end ? nxt : nullptr;
       const int64_t nbytes = std::min<int64_t>(KC2 * w, end - nxt) * 4;
       if (V == 4) rows<4>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldt, ac, next, nbytes);
+      else if (np == 2) rows<6>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldt, ac, next, nbytes);
       else rows<3>(Bn, kc, a + k0, lda, Pn + k0 * w, Ct, ldt, ac, next, nbytes);
     }
     if (exact) TiledF::from_tmp(Bn, tmp, C, ldc, col, valid, w);

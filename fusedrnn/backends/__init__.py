@@ -303,11 +303,11 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 #   1.24-5.6x and RNN 1.12-4.6x everywhere.
 # - On the Zen 5 VM (2026-11-30; the bfloat16 kernels on zmm vectors, CPU_ZMM) these rules
 #   held but for LSTM inference at batch 8, hidden 1024: 0.84-0.87x in three runs (torch.nn
-#   there), and GRU inference where batch x hidden^2 x 3 > 2^25: measured again at git
-#   4ad2fa8 (two runs, steady this time), B=64 H=512 0.91-0.93x, B=32 H=1024 0.86-0.87x,
-#   B=64 H=1024 0.73-0.75x, while B=32 H=512 1.01x, B=8 H=1024 1.13-1.14x and smaller
-#   1.2-5.4x (torch.nn above the line). Its 24-column panels are a zmm and a ymm per row,
-#   3/4 of the zmm rate LSTM's 32 columns get. RNN inference 1.16-2.7x at B 32-64.
+#   there). GRU inference measured 0.73-0.93x at batch 32-64, hidden 512-1024 while its
+#   3-vector panels ran a zmm and an 8-float vector per row (3/4 of the zmm rate; git
+#   0cfda9f gave torch.nn that region); with the panels in pairs, 3 zmm per row
+#   (TiledF::pairs), 1.45-2.0x there, 1.45-5.2x over the grid: ours again.
+#   RNN inference 1.16-2.7x at B 32-64.
 # CPUs whose oneDNN has native low-precision matrix units (AMX; AVX512-FP16 for float16)
 # were not measured; auto keeps torch.nn there. A forced backend="cpu" always runs ours.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -365,8 +365,6 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
         ours = bf16_kernels and (call.batch <= 4 or (call.batch <= 8 and call.hidden_size >= 1024 and not CPU_ZMM))
     elif grad:
         ours = bf16_kernels or call.batch <= 8 or call.batch * call.hidden_size <= 8192
-    elif CPU_ZMM and bf16_kernels:  # (GRU, RNN inference with the zmm kernels: see LOW_PRECISION)
-        ours = call.cell == "rnn" or work <= 2 ** 25
     else:
         ours = bf16_kernels or work <= 2 ** 22
     if ours:
