@@ -91,7 +91,7 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const WT* w_hh_, const 
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
         const auto A = tw->rows_of(k, hcur + b0 * P, P, nr);
-        tw->gemm_gates(p0, p1, nr, A.p, A.ld, gh.data() + b0 * ldg, ldg);
+        tw->gemm_gates(p0, p1, nr, A.p, A.ld, gh.data() + b0 * ldg, ldg, s & 1);
         for (int64_t b = b0; b < b1; ++b) {
           const T* a = gh.data() + first.row(s, b0, b) * ldg;
           int64_t p = p0;
@@ -181,7 +181,7 @@ void gru_forward(const T* gx, const T* h0, const WT* w_hh_, const T* b_hh, int64
         // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
         const auto A = tw->rows_of(k, hcur + b0 * H, H, nr);
-        tw->gemm_gates(p0, p1, nr, A.p, A.ld, gh.data() + b0 * ldg, ldg);
+        tw->gemm_gates(p0, p1, nr, A.p, A.ld, gh.data() + b0 * ldg, ldg, s & 1);
         for (int64_t b = b0; b < b1; ++b) {
           const T* a = gh.data() + first.row(s, b0, b) * ldg;
           int64_t p = p0;
@@ -249,7 +249,7 @@ void rnn_forward(const T* gx, const T* h0, const WT* w_hh_, int64_t H, bool relu
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in gx/y).
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
         const auto A = tw->rows_of(k, hcur + b0 * H, H, nr);
-        tw->gemm_gates(p0, p1, nr, A.p, A.ld, gh.data() + b0 * ldg, ldg);
+        tw->gemm_gates(p0, p1, nr, A.p, A.ld, gh.data() + b0 * ldg, ldg, s & 1);
         for (int64_t b = b0; b < b1; ++b)
           cell(s, b, j0, j1 - j0, gh.data() + first.row(s, b0, b) * ldg + j0, hcur, hnext);
       } else {  // BLAS

@@ -264,13 +264,12 @@ struct TiledBF {
     });
   }
 
+  bool prefetches() const { return npanel * K2 * 8 * V * 4 >= TiledF::kPrefetchMinBytes; }  // (as TiledF's)
   // TiledF::gemm_gates: the step's panels [p0, p1) into the gate buffer.
-  void gemm_gates(int64_t p0, int64_t p1, int64_t Bn, const uint32_t* a, int64_t lda, float* C, int64_t ldc) const {
-    for (int64_t p = p0; p < p1;) {
-      const int64_t n = pairs && p + 1 < npanel ? 2 : 1;
-      gemm_span(p, n, Bn, a, lda, C, ldc, false, false, nullptr);
-      p += n;
-    }
+  void gemm_gates(int64_t p0, int64_t p1, int64_t Bn, const uint32_t* a, int64_t lda, float* C, int64_t ldc,
+                  bool reversed) const {
+    for_spans(pairs, npanel, p0, p1, reversed && !prefetches(),
+                      [&](int64_t q, int64_t n) { gemm_span(q, n, Bn, a, lda, C, ldc, false, false, nullptr); });
   }
   // Panel p's columns of C (+)= A @ W^T for Bn rows of A (from rows_of), k-blocked, as
   // TiledF::gemm_panel: C the padded gate buffer [Bn, ldc()], or with `exact` a [Bn, units]
@@ -291,7 +290,7 @@ struct TiledBF {
     const uint32_t* Pn = panels() + p * K2 * 8 * V;
     if (K2 == 0 && !acc)
       for (int64_t b = 0; b < Bn; ++b) std::fill(Ct + b * ldt, Ct + b * ldt + w, 0.f);
-    const bool pf = Bn >= 2 && npanel * K2 * 8 * V * 4 >= TiledF::kPrefetchMinBytes;
+    const bool pf = Bn >= 2 && prefetches();
     const uint32_t* end = panels() + npanel * K2 * 8 * V;
     for (int64_t k0 = 0; k0 < K2; k0 += KC2) {
       const int64_t kc = std::min(KC2, K2 - k0);
