@@ -31,7 +31,7 @@ struct TiledBF {
     return steps >= TiledF::kMinSteps && g_tiled.load(std::memory_order_relaxed) && supported();
   }
   static int64_t panel_units(int ng) { return TiledF::panel_units(ng); }
-  static int64_t block_rows(int) { return 4; }
+  static int64_t block_rows(int) { return TiledF::zmm() ? 8 : 4; }  // (as TiledF's)
 
   int V, ng;
   int64_t units, K, K2, npanel, lda2;
