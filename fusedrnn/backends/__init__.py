@@ -302,12 +302,13 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 #   training --reps 5): LSTM 1.09-9.3x but 0.99x at B=64 H=256 (torch.nn there); GRU
 #   1.24-5.6x and RNN 1.12-4.6x everywhere.
 # - On the Zen 5 VM (2026-11-30; the bfloat16 kernels on zmm vectors, CPU_ZMM) these rules
-#   held but for LSTM inference at batch 8, hidden 1024: 0.84-0.87x in three runs (torch.nn
-#   there). GRU inference measured 0.73-0.93x at batch 32-64, hidden 512-1024 while its
-#   3-vector panels ran a zmm and an 8-float vector per row (3/4 of the zmm rate; git
-#   0cfda9f gave torch.nn that region); with the panels in pairs, 3 zmm per row
-#   (TiledF::pairs), 1.45-2.0x there, 1.45-5.2x over the grid: ours again.
-#   RNN inference 1.16-2.7x at B 32-64.
+#   held but for LSTM inference at batch 8: 0.84-0.87x at hidden 1024 in three runs, then,
+#   once B=8 ran by units on 8-row blocks (git 2a84166), 1.05-1.12x at hidden 256-1024 in
+#   three runs (ours at batch <= 8 there). GRU inference measured 0.73-0.93x at batch
+#   32-64, hidden 512-1024 while its 3-vector panels ran a zmm and an 8-float vector per
+#   row (3/4 of the zmm rate; git 0cfda9f gave torch.nn that region); with the panels in
+#   pairs, 3 zmm per row (TiledF::pairs), 1.45-2.0x there, 1.45-5.2x over the grid: ours
+#   again. RNN inference 1.16-2.7x at B 32-64.
 # CPUs whose oneDNN has native low-precision matrix units (AMX; AVX512-FP16 for float16)
 # were not measured; auto keeps torch.nn there. A forced backend="cpu" always runs ours.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -361,8 +362,8 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
         ours = call.batch * call.hidden_size < 16384 or call.hidden_size >= 512
     elif call.cell == "lstm" and grad:
         ours = call.batch <= 4 or (call.hidden_size >= 768 and call.batch <= 16)
-    elif call.cell == "lstm":  # (batch 8 at hidden 1024: 1.03-1.06x on Zen 4, 0.84-0.87x with zmm on Zen 5)
-        ours = bf16_kernels and (call.batch <= 4 or (call.batch <= 8 and call.hidden_size >= 1024 and not CPU_ZMM))
+    elif call.cell == "lstm":  # (batch 8: on Zen 4 from hidden 1024, on Zen 5's zmm kernels at 256-1024)
+        ours = bf16_kernels and (call.batch <= 4 or (call.batch <= 8 and (CPU_ZMM or call.hidden_size >= 1024)))
     elif grad:
         ours = bf16_kernels or call.batch <= 8 or call.batch * call.hidden_size <= 8192
     else:
