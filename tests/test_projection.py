@@ -43,10 +43,13 @@ def _args(shape, G, bias=True, batch_first=False, dtype=torch.float32):
 # (35 rows: 3 after the last 4), (2, 9, 3) x 1000, (3, 11, 32) and (2, 3, 17), 33 features,
 # (9, 33), on the packed micro-kernel; the forward to up to 32 outputs (narrow_gemm): x 24,
 # 7, 5 and 32 ((3, 7, 20): 21 rows, 10 blocks of 2 and a last single row at 32 padded
-# columns); 33 outputs ((3, 3, 40)) on the micro-kernel.
+# columns); 33 outputs ((3, 3, 40)) on the micro-kernel. With the zmm kernels dW and db run
+# tiles of 32 gates x up to 8 features (avx512::narrow_partials): every tile width 1-8
+# (features 1, 2, 3, 5, 8, 14, 17, 20, 31, 32) and partial gate tiles (gates 20, 100, 36).
 SHAPES = [((7, 40, 150), 100), ((5, 8, 40), 500), ((3, 700, 8), 24), ((3, 5, 1), 7), ((9, 33), 64),
           ((2, 3, 70), 5), ((4, 9, 300), 70), ((5, 7, 31), 100), ((2, 9, 3), 1000), ((3, 11, 32), 48),
-          ((2, 3, 17), 40), ((3, 7, 20), 32), ((3, 3, 40), 33)]
+          ((2, 3, 17), 40), ((3, 7, 20), 32), ((3, 3, 40), 33), ((3, 9, 2), 20), ((4, 6, 5), 100),
+          ((2, 13, 14), 36)]
 
 
 @pytest.mark.parametrize("tiled", [3, 1, 0], ids=["zmm", "tiled", "blas"])

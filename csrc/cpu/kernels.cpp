@@ -487,21 +487,6 @@ void for_spans(bool pairs, int64_t npanel, int64_t p0, int64_t p1, bool reversed
   }
 }
 
-// narrow_gemm_t's update for 4 rows k (kernels_impl.h): pc[j M + m] += x0[j] d0[m] +
-// x0[sbk + j] d1[m] + x0[2 sbk + j] d2[m] + x0[3 sbk + j] d3[m] for j < N, m < M. Each
-// namespace's narrow_update4 runs it (compiled there: 8 floats at a time in avx2's) or
-// its 16-float version.
-template <typename T>
-inline void narrow_update4_loop(T* pc, int64_t M, int64_t N, const T* d0, const T* d1, const T* d2, const T* d3,
-                                const T* x0, int64_t sbk) {
-  for (int64_t j = 0; j < N; ++j) {
-    const T a0 = x0[j], a1 = x0[sbk + j], a2 = x0[2 * sbk + j], a3 = x0[3 * sbk + j];
-    T* p = pc + j * M;
-#pragma omp simd
-    for (int64_t m = 0; m < M; ++m) p[m] += a0 * d0[m] + a1 * d1[m] + a2 * d2[m] + a3 * d3[m];
-  }
-}
-
 // Packed-panel recurrent GEMM (AVX2/FMA float32 only; see the avx2 specialization
 // below). This generic version is never used: use() is false.
 template <typename T>
@@ -1361,28 +1346,73 @@ __attribute__((noinline)) int64_t lstm_backward_cells16(const float* gt, const f
   return n - n % 8;
 }
 
-// narrow_gemm_t's (kernels_impl.h) update of its partial sums for 4 rows k of A and B:
-// pc[j M + m] += a0 d0[m] + a1 d1[m] + a2 d2[m] + a3 d3[m] (a_i = x_i[j], x_i = x0 + i sbk)
-// for j < N, m < M, on 16-float vectors (the last under a mask). The loop is bound by its
-// loads and stores, so twice the floats per instruction. In LSTM(8, 32) B=128 T=128
-// training (perf) these weight gradients of N <= 32 columns took 23% of the samples. The
-// projection's backward op (dW and db, alternating processes, 3 rounds, Zen 5): 16384 rows
-// x 128 gates x 32 features 0.78-0.81 -> 0.60 ms, x 8 features 0.23 -> 0.19-0.21; 16384 x
-// 32 x 32 0.27 -> 0.20; 4096 x 256 x 16 0.21 -> 0.17.
-__attribute__((noinline)) void narrow_update4(float* pc, int64_t M, int64_t N, const float* d0, const float* d1,
-                                              const float* d2, const float* d3, const float* x0, int64_t sbk) {
-  for (int64_t j = 0; j < N; ++j) {
-    const __m512 a0 = _mm512_set1_ps(x0[j]), a1 = _mm512_set1_ps(x0[sbk + j]), a2 = _mm512_set1_ps(x0[2 * sbk + j]),
-                 a3 = _mm512_set1_ps(x0[3 * sbk + j]);
-    float* p = pc + j * M;
-    for (int64_t m = 0; m < M; m += 16) {
-      const __mmask16 k = M - m >= 16 ? kAll : __mmask16((1u << (M - m)) - 1);
-      __m512 s = _mm512_mul_ps(a0, _mm512_maskz_loadu_ps(k, d0 + m));
-      s = _mm512_fmadd_ps(a1, _mm512_maskz_loadu_ps(k, d1 + m), s);
-      s = _mm512_fmadd_ps(a2, _mm512_maskz_loadu_ps(k, d2 + m), s);
-      s = _mm512_fmadd_ps(a3, _mm512_maskz_loadu_ps(k, d3 + m), s);
-      _mm512_mask_storeu_ps(p + m, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, p + m), s));
+// narrow_gemm_t's (kernels_impl.h) partial sums of one thread on 16-float vectors, rows
+// [k0, k1) of A and B: pc[j M + m] += sum_k B[k sbk + j] A[k sak + m] (j < N <= 32, m < M)
+// and, if ps is not null, ps[m] += sum_k A[k sak + m] (a bias gradient). Tiles of 32 m x NJ
+// j (2 NJ accumulators, NJ <= 8, the column sums 2 more in the first), KC rows at a time
+// (that chunk of A stays in L2 for all tiles). It replaced an update of pc in memory for
+// every 4 rows (bound by its loads and stores); LSTM(8, 32) B=128 T=128 training had spent
+// 23% of its samples there. The projection's backward op (dW and db, alternating
+// processes, Zen 5), first that update on 8-float then on 16-float vectors, then these
+// tiles: 16384 rows x 128 gates x 32 features 0.78-0.81 -> 0.59-0.64 -> 0.31-0.32 ms, x 8
+// features 0.23 -> 0.19 -> 0.10-0.11; 16384 x 32 x 32 0.27 -> 0.19 -> 0.084-0.087; 4096 x
+// 256 x 16 0.21 -> 0.16 -> 0.095-0.103.
+template <int NJ>
+inline void narrow_tile(float* pc, float* ps, int64_t M, int64_t m0, int64_t j0, const float* A, int64_t sak,
+                        const float* Bm, int64_t sbk, int64_t ka, int64_t kb) {
+  const int64_t left = M - m0;
+  const __mmask16 lo = left >= 16 ? kAll : __mmask16((1u << left) - 1);
+  const __mmask16 hi = left >= 32 ? kAll : left > 16 ? __mmask16((1u << (left - 16)) - 1) : __mmask16(0);
+  __m512 c[NJ][2], s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int j = 0; j < NJ; ++j) {
+    c[j][0] = _mm512_maskz_loadu_ps(lo, pc + (j0 + j) * M + m0);
+    c[j][1] = _mm512_maskz_loadu_ps(hi, pc + (j0 + j) * M + m0 + 16);
+  }
+  for (int64_t k = ka; k < kb; ++k) {
+    const float* a = A + k * sak + m0;
+    const __m512 d0 = _mm512_maskz_loadu_ps(lo, a), d1 = _mm512_maskz_loadu_ps(hi, a + 16);
+    const float* x = Bm + k * sbk + j0;
+#pragma GCC unroll 8
+    for (int j = 0; j < NJ; ++j) {
+      const __m512 b = _mm512_set1_ps(x[j]);
+      c[j][0] = _mm512_fmadd_ps(b, d0, c[j][0]);
+      c[j][1] = _mm512_fmadd_ps(b, d1, c[j][1]);
     }
+    if (ps) {
+      s0 = _mm512_add_ps(s0, d0);
+      s1 = _mm512_add_ps(s1, d1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NJ; ++j) {
+    _mm512_mask_storeu_ps(pc + (j0 + j) * M + m0, lo, c[j][0]);
+    _mm512_mask_storeu_ps(pc + (j0 + j) * M + m0 + 16, hi, c[j][1]);
+  }
+  if (ps) {
+    _mm512_mask_storeu_ps(ps + m0, lo, _mm512_add_ps(_mm512_maskz_loadu_ps(lo, ps + m0), s0));
+    _mm512_mask_storeu_ps(ps + m0 + 16, hi, _mm512_add_ps(_mm512_maskz_loadu_ps(hi, ps + m0 + 16), s1));
+  }
+}
+__attribute__((noinline)) void narrow_partials(float* pc, float* ps, int64_t M, int64_t N, const float* A,
+                                               int64_t sak, const float* Bm, int64_t sbk, int64_t k0, int64_t k1) {
+  constexpr int64_t KC = 256;
+  for (int64_t ka = k0; ka < k1; ka += KC) {
+    const int64_t kb = std::min(k1, ka + KC);
+    for (int64_t m0 = 0; m0 < M; m0 += 32)
+      for (int64_t j0 = 0; j0 < N; j0 += 8) {
+        float* s = j0 == 0 ? ps : nullptr;  // (the column sums with the first tile)
+        switch (std::min<int64_t>(8, N - j0)) {
+          case 1: narrow_tile<1>(pc, s, M, m0, j0, A, sak, Bm, sbk, ka, kb); break;
+          case 2: narrow_tile<2>(pc, s, M, m0, j0, A, sak, Bm, sbk, ka, kb); break;
+          case 3: narrow_tile<3>(pc, s, M, m0, j0, A, sak, Bm, sbk, ka, kb); break;
+          case 4: narrow_tile<4>(pc, s, M, m0, j0, A, sak, Bm, sbk, ka, kb); break;
+          case 5: narrow_tile<5>(pc, s, M, m0, j0, A, sak, Bm, sbk, ka, kb); break;
+          case 6: narrow_tile<6>(pc, s, M, m0, j0, A, sak, Bm, sbk, ka, kb); break;
+          case 7: narrow_tile<7>(pc, s, M, m0, j0, A, sak, Bm, sbk, ka, kb); break;
+          default: narrow_tile<8>(pc, s, M, m0, j0, A, sak, Bm, sbk, ka, kb); break;
+        }
+      }
   }
 }
 }  // namespace avx512
@@ -1521,14 +1551,17 @@ inline int64_t lstm_backward_cells8(const T* gt, const T* ct, const T* cp, const
   return u;
 }
 
-// narrow_gemm_t's update for 4 rows (see avx512::narrow_update4); float32 on the zmm
-// kernels' CPUs there, else 8 floats at a time.
+// narrow_gemm_t's partial sums of rows [k0, k1) (avx512::narrow_partials) where the zmm
+// kernels run (float32); returns the first row not done: k1 there, else k0.
 template <typename T>
-inline void narrow_update4(T* pc, int64_t M, int64_t N, const T* d0, const T* d1, const T* d2, const T* d3,
-                           const T* x0, int64_t sbk) {
+inline int64_t narrow_partials(T* pc, T* ps, int64_t M, int64_t N, const T* A, int64_t sak, const T* Bm,
+                               int64_t sbk, int64_t k0, int64_t k1) {
   if constexpr (std::is_same_v<T, float>)
-    if (TiledF::zmm()) return avx512::narrow_update4(pc, M, N, d0, d1, d2, d3, x0, sbk);
-  narrow_update4_loop(pc, M, N, d0, d1, d2, d3, x0, sbk);
+    if (TiledF::zmm()) {
+      avx512::narrow_partials(pc, ps, M, N, A, sak, Bm, sbk, k0, k1);
+      return k1;
+    }
+  return k0;
 }
 
 template <typename T>
@@ -1558,9 +1591,8 @@ inline int64_t rnn_tanh_cells8(const T*, const T*, T*, int64_t) {
   return 0;
 }
 template <typename T>
-inline void narrow_update4(T* pc, int64_t M, int64_t N, const T* d0, const T* d1, const T* d2, const T* d3,
-                           const T* x0, int64_t sbk) {
-  narrow_update4_loop(pc, M, N, d0, d1, d2, d3, x0, sbk);
+inline int64_t narrow_partials(T*, T*, int64_t, int64_t, const T*, int64_t, const T*, int64_t, int64_t k0, int64_t) {
+  return k0;
 }
 using Seq = SeqV;
 #include "cpu/kernels_impl.h"

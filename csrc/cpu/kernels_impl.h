@@ -663,11 +663,17 @@ void narrow_gemm_t(int64_t M, int64_t N, int64_t K, const T* A, int64_t sak, con
   run_slices(sl, [&](int t) {
     T* pc = part.data() + t * per;
     T* ps = pc + N * M;
-    int64_t k = sl.lo(t);
     const int64_t k1 = sl.hi(t);
+    int64_t k = narrow_partials(pc, colsum ? ps : nullptr, M, N, A, sak, Bm, sbk, sl.lo(t), k1);  // (zmm: all)
     for (; k + 4 <= k1; k += 4) {
       const T *d0 = A + k * sak, *d1 = d0 + sak, *d2 = d1 + sak, *d3 = d2 + sak;
-      narrow_update4(pc, M, N, d0, d1, d2, d3, Bm + k * sbk, sbk);
+      const T* x0 = Bm + k * sbk;
+      for (int64_t j = 0; j < N; ++j) {
+        const T a0 = x0[j], a1 = x0[sbk + j], a2 = x0[2 * sbk + j], a3 = x0[3 * sbk + j];
+        T* p = pc + j * M;
+#pragma omp simd
+        for (int64_t m = 0; m < M; ++m) p[m] += a0 * d0[m] + a1 * d1[m] + a2 * d2[m] + a3 * d3[m];
+      }
       if (colsum) {
 #pragma omp simd
         for (int64_t m = 0; m < M; ++m) ps[m] += (d0[m] + d1[m]) + (d2[m] + d3[m]);
