@@ -583,9 +583,9 @@ struct TiledF {
         P(new ScratchBuffer(npanel * K * 8 * V)) {}
   void pack(const float* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng);
-    const int64_t q = pairs ? p & ~int64_t(1) : p;            // the block panel p is packed in
-    const int64_t ld = pairs && q + 1 < npanel ? 16 * V : 8 * V;  // its floats per k
-    float* out = P->get() + q * K * 8 * V + (p - q) * 8 * V;
+    int64_t start, ld;  // (ld: floats between its k rows)
+    packed_at(pairs, npanel, K, 8 * V, p, start, ld);
+    float* out = P->get() + start;
     for (int v = 0; v < V; ++v) {
       const int gate = ng == 1 ? 0 : v;
       const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
@@ -755,6 +755,32 @@ struct TiledF {
       else _mm256_storeu_ps(C + r * ldc + 16, d[r]);
     }
   }
+  // The same for a pair of 3-vector panels (pairs, VV = 6): 3 zmm vectors per row.
+  template <int R>
+  __attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inline void load512x3(
+      __m512 (&c)[R][3], const float* C, int64_t ldc, bool acc, const float* init) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float* from = acc ? C + r * ldc : init;
+      for (int z = 0; z < 3; ++z) c[r][z] = from ? _mm512_loadu_ps(from + 16 * z) : _mm512_setzero_ps();
+    }
+  }
+  template <int R>
+  __attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inline void store512x3(
+      const __m512 (&c)[R][3], float* C, int64_t ldc) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      for (int z = 0; z < 3; ++z) _mm512_storeu_ps(C + r * ldc + 16 * z, c[r][z]);
+  }
+  // Where panel p's values start in a packed weight of npanel panels of w floats per k
+  // (K of them) and how many floats lie between its k rows: alone, p K w and w; packed in
+  // pairs (`pairs`, GRU on zmm), inside the block of its pair [q, q + 1] (q = p rounded down
+  // to even, unless q is the odd last panel, alone): q K w + (p - q) w and 2w. (TiledBF too.)
+  static void packed_at(bool pairs, int64_t npanel, int64_t K, int64_t w, int64_t p, int64_t& start, int64_t& ld) {
+    const int64_t q = pairs ? p & ~int64_t(1) : p;
+    start = q * K * w + (p - q) * w;
+    ld = pairs && q + 1 < npanel ? 2 * w : w;
+  }
   // 16-float (zmm) vectors: a 4-vector panel's 32 columns are 2 of them per row (a lone
   // 3-vector panel: one, and an 8-float vector for its last 8 columns; a pair of them,
   // VV = 6: 3), so a block of R rows keeps 2R accumulators (pairs: 3R; R = 8: 16 or 24 of
@@ -770,10 +796,7 @@ struct TiledF {
       int64_t npf, const float* init) {
     if constexpr (VV == 6) {  // a pair of 3-vector panels (pairs): 48 columns, 3 zmm per row
       __m512 c[R][3];
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        for (int z = 0; z < 3; ++z)
-          c[r][z] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * z) : init ? _mm512_loadu_ps(init + 16 * z) : _mm512_setzero_ps();
+      load512x3<R>(c, C, ldc, acc, init);
       for (int64_t k = 0; k < K; ++k) {
         if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
         const float* w = Pn + k * 48;
@@ -786,9 +809,7 @@ struct TiledF {
           c[r][2] = _mm512_fmadd_ps(a, w2, c[r][2]);
         }
       }
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        for (int z = 0; z < 3; ++z) _mm512_storeu_ps(C + r * ldc + 16 * z, c[r][z]);
+      store512x3<R>(c, C, ldc);
     } else {
       Hi512<VV> d[R];
       __m512 c[R];

@@ -62,9 +62,9 @@ struct TiledBF {
   }
   void pack(const uint16_t* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng);
-    const int64_t q = pairs ? p & ~int64_t(1) : p;            // (as TiledF::pack)
-    const int64_t ld = pairs && q + 1 < npanel ? 16 * V : 8 * V;  // words per k pair
-    uint32_t* out = panels() + q * K2 * 8 * V + (p - q) * 8 * V;
+    int64_t start, ld;  // (ld: words between its k pairs)
+    TiledF::packed_at(pairs, npanel, K2, 8 * V, p, start, ld);
+    uint32_t* out = panels() + start;
     for (int v = 0; v < V; ++v) {
       const int gate = ng == 1 ? 0 : v;
       const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
@@ -196,10 +196,7 @@ struct TiledBF {
                                                                               const float* init) {
     if constexpr (VV == 6) {  // a pair of 3-vector panels (pairs): 3 vectors per row
       __m512 c[R][3];
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        for (int z = 0; z < 3; ++z)
-          c[r][z] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * z) : init ? _mm512_loadu_ps(init + 16 * z) : _mm512_setzero_ps();
+      TiledF::load512x3<R>(c, C, ldc, acc, init);
       for (int64_t k = 0; k < K2; ++k) {
         if (k < npf) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
         const uint32_t* w = Pn + k * 48;
@@ -213,9 +210,7 @@ struct TiledBF {
           c[r][2] = _mm512_dpbf16_ps(c[r][2], a, w2);
         }
       }
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        for (int z = 0; z < 3; ++z) _mm512_storeu_ps(C + r * ldc + 16 * z, c[r][z]);
+      TiledF::store512x3<R>(c, C, ldc);
     } else {
       TiledF::Hi512<VV> d[R];
       __m512 c[R];
