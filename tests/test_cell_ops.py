@@ -223,3 +223,36 @@ def test_edge_cases_match_torch(variant, case):
     for a, b in zip(ours + list(torch.autograd.grad(ours, leaves(*args), seeds)),
                     theirs + list(torch.autograd.grad(theirs, leaves(*args), seeds))):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_small_steps_leave_the_threads_as_they_were(cell):
+    """A small step runs on the calling thread alone (csrc/cpu/cell_ops.cpp, OnCallingThread:
+    our kernels' slices and MKL's thread count for the thread); afterwards, and after an
+    error inside it, the thread's large steps have all threads again."""
+    from fusedrnn import _C
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: nothing to restore")
+    before = _C._calling_thread_threads()
+    assert before[0] == torch.get_num_threads()
+    x, state, w_ih, w_hh, b_ih, b_hh = make(cell, 4, 8, 16, torch.float32)
+    for t in (x, *state, w_ih, w_hh):
+        t.requires_grad_(True)
+    out = op_call(cell, x, state, w_ih, w_hh, b_ih, b_hh)
+    torch.autograd.grad(out, [x, *state, w_ih, w_hh], [torch.randn_like(o) for o in out])
+    assert _C._calling_thread_threads() == before
+    # an error raised inside a small step (checks that come after OnCallingThread: the LSTM
+    # forward's c, the backward ops' incoming gradient)
+    x, state, w_ih, w_hh = x.detach(), [s.detach() for s in state], w_ih.detach(), w_hh.detach()
+    bad = torch.randn(4, 17)
+    ops = torch.ops.fusedrnn
+    with pytest.raises(RuntimeError, match="shape"):
+        if cell == "lstm":
+            ops.lstm_cell(x, state[0], bad, w_ih, w_hh, b_ih, b_hh, False)
+        elif cell == "gru":
+            h1, gates, hn = ops.gru_cell(x, state[0], w_ih, w_hh, b_ih, b_hh, True)
+            ops.gru_cell_backward(bad, x, state[0], w_ih, w_hh, True, h1, gates, hn, True, True, True)
+        else:
+            h1 = ops.rnn_cell(x, state[0], w_ih, w_hh, b_ih, b_hh, False)
+            ops.rnn_cell_backward(bad, x, state[0], w_ih, w_hh, True, False, h1, True, True, True)
+    assert _C._calling_thread_threads() == before

@@ -51,6 +51,11 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc);
+// MKL's thread count for the calling thread's BLAS calls (0: its global setting); returns
+// the previous one. Weak: null where torch's BLAS is not MKL (OnCallingThread then leaves
+// BLAS's threads alone).
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
+int MKL_Get_Max_Threads() __attribute__((weak));  // (tests: calling_thread_threads)
 }
 
 namespace fusedrnn {
@@ -229,6 +234,8 @@ std::atomic<int> g_tiled{[] {
   return tiled_mode(e && e[0] >= '0' && e[0] <= '9' ? std::atoi(e) : zmm_full_width() ? 3 : 2);
 }()};
 int64_t min_work_per_thread() { return g_min_work.load(std::memory_order_relaxed); }
+// Set by OnCallingThread (kernels.h): this thread's kernels run on it alone.
+thread_local bool t_calling_thread_only = false;
 // How a recurrence's time loop is shared between threads (see make_split): 0 = chosen per
 // call, 1 = always by hidden units, 2 = by batch rows wherever the kernel can (tests).
 // FUSEDRNN_CPU_SPLIT sets it; set_options() too.
@@ -248,7 +255,7 @@ std::atomic<int64_t> g_units_taken{0};
 Slices make_slices(int64_t units, int64_t work_per_unit, int64_t gran = 16) {
   gran = (gran + 15) / 16 * 16;
   Slices sl;
-  int64_t n = at::in_parallel_region() ? 1 : at::get_num_threads();
+  int64_t n = at::in_parallel_region() || t_calling_thread_only ? 1 : at::get_num_threads();
   n = std::min<int64_t>(n, 64);
   n = std::min<int64_t>(n, std::max<int64_t>(1, units * work_per_unit / min_work_per_thread()));
   sl.threads = (int)n;
@@ -1643,6 +1650,21 @@ int64_t gemm_test_delay(int us) {
 const char* simd_path() { return use_avx2() ? "avx2" : "baseline"; }
 
 bool step_runs_on_one_thread(int64_t step_work) { return step_work < 2 * min_work_per_thread(); }
+
+OnCallingThread::OnCallingThread(bool on) : on_(on && !t_calling_thread_only) {
+  if (!on_) return;
+  t_calling_thread_only = true;
+  if (MKL_Set_Num_Threads_Local) blas_old_ = MKL_Set_Num_Threads_Local(1);
+}
+OnCallingThread::~OnCallingThread() {
+  if (!on_) return;
+  t_calling_thread_only = false;
+  if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(blas_old_);
+}
+void calling_thread_threads(int* kernels, int* blas) {
+  *kernels = make_slices(1 << 16, 1 << 16).threads;
+  *blas = MKL_Get_Max_Threads ? MKL_Get_Max_Threads() : -1;
+}
 
 void set_options(int tiled, int64_t min_work, int split, int* old_tiled, int64_t* old_min_work, int* old_split) {
   if (old_tiled) *old_tiled = g_tiled.load();

@@ -164,6 +164,25 @@ void set_options(int tiled, int64_t min_work, int split, int* old_tiled, int64_t
 // time loop's slices, make_slices in kernels.cpp).
 bool step_runs_on_one_thread(int64_t step_work);
 
+// While it lives (if `on`), the calling thread's kernels run on that thread alone: no
+// parallel region, and its BLAS calls on one thread (MKL's thread-local setting, where
+// torch's BLAS is MKL). For the cell ops' small steps (cell_ops.cpp), where a parallel
+// region or BLAS's own threads cost more than the work they share.
+class OnCallingThread {
+ public:
+  explicit OnCallingThread(bool on);
+  ~OnCallingThread();
+  OnCallingThread(const OnCallingThread&) = delete;
+  OnCallingThread& operator=(const OnCallingThread&) = delete;
+
+ private:
+  bool on_;
+  int blas_old_ = 0;
+};
+// For tests: how many threads a large step's kernels would use if the calling thread ran
+// one now, and its BLAS calls (MKL's count for this thread; -1 where BLAS is not MKL).
+void calling_thread_threads(int* kernels, int* blas);
+
 // Test hook of the float32 GEMMs' work stealing: from now on the last thread of each GEMM
 // waits before its own work, as if preempted, until another thread has taken one of its
 // units or `us` microseconds have passed (0: no wait). Returns how many units a thread

@@ -737,6 +737,11 @@ PyObject* gemm_test_delay(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "i", &us)) return nullptr;
   return PyLong_FromLongLong((long long)fusedrnn::cpu::gemm_test_delay(us));
 }
+PyObject* calling_thread_threads(PyObject*, PyObject*) {
+  int kernels = 0, blas = 0;
+  fusedrnn::cpu::calling_thread_threads(&kernels, &blas);
+  return Py_BuildValue("(ii)", kernels, blas);
+}
 // _set_options(tiled: int, min_work: int, split: int = -1) -> (old_tiled, old_min_work,
 // old_split); -1 / 0 / -1 keep a value.
 PyObject* set_options(PyObject*, PyObject* args) {
@@ -769,6 +774,10 @@ PyMethodDef methods[] = {
      "_gemm_test_delay(us) -> units run by another thread than their owner so far: from now on the last "
      "thread of each float32 GEMM (projection, dx, weight gradients) waits before its own work until another "
      "thread has taken one of its units, at most us microseconds (0: not). For tests."},
+    {"_calling_thread_threads", calling_thread_threads, METH_NOARGS,
+     "_calling_thread_threads() -> (kernels, blas): the threads a large step's kernels would use on the "
+     "calling thread now, and its BLAS calls (-1: BLAS is not MKL). For tests: a cell op's small step runs "
+     "on the calling thread alone and must leave both as they were."},
     {"_set_options", set_options, METH_VARARGS,
      "_set_options(tiled, min_work, split=-1) -> previous (tiled, min_work, split): float32 GEMM kernels: "
      "BLAS (0), packed-panel AVX2 micro-kernels (1), those with the recurrent steps in AVX-512's 32 "
