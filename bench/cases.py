@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fusedrnn.contract import GATES
+
 CELLS = ("lstm", "gru", "rnn")
 MODES = ("inference", "training")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 @dataclass(frozen=True)

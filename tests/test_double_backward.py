@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from op_harness import backend_or_skip, make_inputs
+from op_harness import GATES, backend_or_skip, make_inputs
 
 import fusedrnn
 from fusedrnn import double_backward
@@ -128,7 +128,7 @@ def test_gradgradcheck_cell_op(cell, bias):
     """The cell ops' create_graph backward recomputes torch.nn's cell (ATen's lstm_cell etc.)."""
     cell, relu = cell.split("_")[0], cell.endswith("relu")
     B, I, H = 2, 3, 4
-    G = {"lstm": 4, "gru": 3, "rnn": 1}[cell] * H
+    G = GATES[cell] * H
     shapes = [(B, I), (B, H)] + ([(B, H)] if cell == "lstm" else []) + [(G, I), (G, H)] + ([(G,), (G,)] if bias else [])
     ts = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
     op = getattr(torch.ops.fusedrnn, f"{cell}_cell")

@@ -18,13 +18,13 @@ import torch
 from op_harness import TOL, check_against_reference, make_inputs
 from test_emulated_ops import check_kernel
 from fusedrnn.backends import registry
+from fusedrnn.contract import GATES
 
 pytestmark = pytest.mark.emulated
 
 E = pytest.importorskip("fusedrnn._emulated", reason="fusedrnn._emulated is not built")
 
 THREADS = 256  # kPThreads
-NA_FWD = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +111,7 @@ def test_batch_chunks(cell, direction, dtype):
     """Shared memory for only 2 of the batch rows next to the W slice (SIMT), or one
     16-row tile of them (tensor cores): the state is staged in several chunks."""
     T, B, H, sms = 3, 5 if dtype == torch.float32 else 19, 12, 3
-    U, ng = 4, NA_FWD[cell]
+    U, ng = 4, GATES[cell]
     na, K = (ng, H) if direction == "forward" else (1, ng * H)
     elem = 4 if dtype == torch.float32 else 2
     chunk = 2 if dtype == torch.float32 else 16
@@ -151,7 +151,7 @@ def test_batch_chunks(cell, direction, dtype):
 def test_half_falls_back_to_simt_when_the_tensor_core_layout_does_not_fit(cell, dtype):
     """fp16/bf16 run on tensor cores when their (padded) layout fits, else on the SIMT kernel."""
     T, B, H, sms = 3, 3, 20, 3
-    U, ng = 7, NA_FWD[cell]
+    U, ng = 7, GATES[cell]
     simt = max(_smem(ng, H, U, B, 2, mma=False), _smem(1, ng * H, U, B, 2, mma=False))
     assert simt < min(_smem(ng, H, U, 1, 2), _smem(1, ng * H, U, 1, 2))
     E.set_pretend_device(sms, simt)
@@ -259,7 +259,7 @@ def test_dropping_the_grid_barrier_fails_forward_and_backward(cell, dtype):
 
 def test_every_persistent_kernel_barrier_is_caught_when_removed():
     E.set_pretend_device(3, 100 * 1024)
-    cases = [(cell, dt) for cell in NA_FWD for dt in MUT_DTYPES]
+    cases = [(cell, dt) for cell in GATES for dt in MUT_DTYPES]
     for cell, dt in cases:  # executes every barrier of the persistent kernels
         check_kernel("emulated", cell, _mut_inputs(cell, dt))
     sites = [s for s in E.barrier_sites() if s.endswith(tuple(f"persistent.cuh:{n}" for n in range(10000)))]
