@@ -66,9 +66,13 @@ def leaves(x, state, w_ih, w_hh, b_ih, b_hh):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("B,I,H", [(1, 3, 5), (4, 7, 9), (9, 256, 256)], ids=["B1", "B4", "B9-H256"])
+@pytest.mark.parametrize("B,I,H", [(1, 3, 5), (4, 7, 9), (9, 256, 256), (7, 150, 250), (6, 20, 300)],
+                         ids=["B1", "B4", "B9-H256", "B7-I150-H250", "B6-I20-H300"])
 def test_matches_torch_and_reference(variant, dtype, bias, B, I, H):
-    # B9-H256: the step's GEMM is split over threads (the kernels' slices)
+    # B1, B4: BLAS, the step on the calling thread; B9-H256: the step's GEMM split over
+    # threads (the kernels' slices), and the dense parts on cpu::gemm's packed kernels
+    # (cell_ops.cpp, packed_gemms); so are the last two's (odd sizes, partial panels; I=20:
+    # dW_ih on the narrow kernels), the RNN's backward only
     args = make(variant, B, I, H, dtype, bias)
     for t in leaves(*args):
         t.requires_grad_(True)

@@ -68,19 +68,6 @@ Tensor checked(const Tensor& t, const char* op, const char* name, const Tensor& 
   return t.contiguous();
 }
 
-// The step's input pre-activations [B, G]: x @ w_ih^T + b_ih (+ b_add, the LSTM's and
-// RNN's b_hh; the GRU applies b_hh inside the cell).
-Tensor project(const CellArgs& a, const Tensor& b_add) {
-  Tensor gx = new_output({a.B, a.G}, a.x);
-  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fusedrnn_cell_projection_cpu", [&] {
-    cpu::step_linear<scalar_t>(a.B, a.G, a.I, a.x.data_ptr<scalar_t>(), a.w_ih.data_ptr<scalar_t>(),
-                               ptr<scalar_t>(a.b_ih), ptr<scalar_t>(b_add), gx.data_ptr<scalar_t>());
-  });
-  return gx;
-}
-
-Tensor none(const Tensor& like) { return at::empty({0}, like.options()); }
-
 // A step of at most this many multiply-adds (the forward's B x G x (I + H), the backward's
 // twice that) runs on the calling thread alone (OnCallingThread: no parallel region, BLAS
 // on one thread: MKL otherwise ran even a 4 x 64 step's projection on both). Measured on the
@@ -93,15 +80,44 @@ Tensor none(const Tensor& like) { return at::empty({0}, like.options()); }
 // GRUCell 18.4-22.1 -> 16.1-16.4 / 75.7-111 -> 69.2-72.0; RNNCell B=16 16.1-16.7 -> 14.8-15.1.
 constexpr int64_t kOneThreadMaxWork = 1 << 18;
 bool one_thread(const CellArgs& a, int64_t passes) { return passes * a.B * a.G * (a.I + a.H) <= kOneThreadMaxWork; }
+// Where a step's dense parts run on cpu::gemm's packed-panel kernels (step_linear and the
+// others' `packed`), else on BLAS: from 2 rows, on steps of more than 2^20 multiply-adds (as
+// one_thread counts them). Measured on the Zen 5 VM (2026-12-01; the modules, alternating
+// processes, two runs of 2 rounds, against BLAS everywhere), above 2^20 at B 2-32, H
+// 128-1024: training steps 1.00-1.80x faster (LSTMCell H=512 B=4 1540-1564 -> 857-864 us),
+// inference 1.07-1.32x but for LSTMCell H=1024 B=4 and GRUCell H=1024 B=8, 0.93x and 0.84x in
+// one run, 1.24x and 1.09x in the other (16-32 MB of weights through L3). MKL ran its AVX2
+// kernel and copied the weight every call, as the packing does. At 2^19-2^20 mixed (RNNCell
+// H=256 B=4 0.93x in inference and 0.83x in training, LSTMCell H=256 B=2 1.18x), and B=1 (a
+// GEMV, which BLAS runs without a copy) 0.79-0.98x: those stay on BLAS.
+constexpr int64_t kPackedMinWork = 1 << 20;
+bool packed_gemms(const CellArgs& a, int64_t passes) {
+  return a.B >= 2 && passes * a.B * a.G * (a.I + a.H) > kPackedMinWork;
+}
+
+// The step's input pre-activations [B, G]: x @ w_ih^T + b_ih (+ b_add, the LSTM's and
+// RNN's b_hh; the GRU applies b_hh inside the cell).
+Tensor project(const CellArgs& a, const Tensor& b_add) {
+  Tensor gx = new_output({a.B, a.G}, a.x);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fusedrnn_cell_projection_cpu", [&] {
+    cpu::step_linear<scalar_t>(a.B, a.G, a.I, a.x.data_ptr<scalar_t>(), a.w_ih.data_ptr<scalar_t>(),
+                               ptr<scalar_t>(a.b_ih), ptr<scalar_t>(b_add), gx.data_ptr<scalar_t>(),
+                               packed_gemms(a, 1));
+  });
+  return gx;
+}
+
+Tensor none(const Tensor& like) { return at::empty({0}, like.options()); }
 
 // A weight's gradient [G, N] = d^T @ m over the step's rows, and (with_bias) its bias's [G].
 // (register.cpp's weight_grad is the sequence version, over all steps with the h0 term.)
-std::pair<Tensor, Tensor> step_weight_grads(const Tensor& d, const Tensor& m, bool with_bias) {
+// `packed`: see packed_gemms.
+std::pair<Tensor, Tensor> step_weight_grads(const Tensor& d, const Tensor& m, bool with_bias, bool packed) {
   const int64_t B = d.size(0), G = d.size(1), N = m.size(1);
   Tensor gw = new_output({G, N}, d), gb = with_bias ? new_output({G}, d) : none(d);
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "fusedrnn_cell_weight_grad_cpu", [&] {
     cpu::step_weight_grad<scalar_t>(B, G, N, d.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
-                                    gw.data_ptr<scalar_t>(), ptr<scalar_t>(gb));
+                                    gw.data_ptr<scalar_t>(), ptr<scalar_t>(gb), packed);
   });
   return {gw, gb};
 }
@@ -119,11 +135,11 @@ std::tuple<Tensor, Tensor, Tensor> input_grads(const CellArgs& a, const Tensor& 
     gx = new_output({a.B, a.I}, dgx);
     AT_DISPATCH_FLOATING_TYPES(dgx.scalar_type(), "fusedrnn_cell_input_grad_cpu", [&] {
       cpu::step_matmul<scalar_t>(a.B, a.I, a.G, dgx.data_ptr<scalar_t>(), a.w_ih.data_ptr<scalar_t>(),
-                                 gx.data_ptr<scalar_t>());
+                                 gx.data_ptr<scalar_t>(), packed_gemms(a, 2));
     });
   }
   if (!need_w) return {gx, none(dgx), none(dgx)};
-  auto [gw, gb] = step_weight_grads(dgx, a.x, has_bias);
+  auto [gw, gb] = step_weight_grads(dgx, a.x, has_bias, packed_gemms(a, 2));
   return {gx, gw, gb};
 }
 
@@ -173,7 +189,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_op
                                  grad_c.data_ptr<scalar_t>(), dfirst.data(), nullptr, nullptr);
   });
   auto [grad_x, grad_w_ih, grad_b] = input_grads(a, dgx, has_bias, need_x, need_w);
-  Tensor grad_w_hh = need_w ? step_weight_grads(dgx, a.h, false).first : none(dgx);
+  Tensor grad_w_hh = need_w ? step_weight_grads(dgx, a.h, false, packed_gemms(a, 2)).first : none(dgx);
   return {grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b};
 }
 
@@ -215,7 +231,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_op(
                                 ptr<scalar_t>(grad_h), dfirst.data(), dgh.data_ptr<scalar_t>());
   });
   auto [grad_x, grad_w_ih, grad_b_ih] = input_grads(a, dgx, has_bias, need_x, need_w);
-  auto [grad_w_hh, grad_b_hh] = need_w ? step_weight_grads(dgh, a.h, has_bias) : std::pair(none(dgx), none(dgx));
+  auto [grad_w_hh, grad_b_hh] = need_w ? step_weight_grads(dgh, a.h, has_bias, packed_gemms(a, 2)) : std::pair(none(dgx), none(dgx));
   return {grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
@@ -251,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_op(
                                 ptr<scalar_t>(grad_h), dfirst.data());
   });
   auto [grad_x, grad_w_ih, grad_b] = input_grads(a, dgx, has_bias, need_x, need_w);
-  Tensor grad_w_hh = need_w ? step_weight_grads(dgx, a.h, false).first : none(dgx);
+  Tensor grad_w_hh = need_w ? step_weight_grads(dgx, a.h, false, packed_gemms(a, 2)).first : none(dgx);
   return {grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b};
 }
 

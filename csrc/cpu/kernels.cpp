@@ -1779,18 +1779,26 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
 }
 
 template <typename T>
-void step_linear(int64_t M, int64_t N, int64_t K, const T* x, const T* w, const T* b1, const T* b2, T* out) {
+void step_linear(int64_t M, int64_t N, int64_t K, const T* x, const T* w, const T* b1, const T* b2, T* out,
+                 bool packed) {
+  if (packed) {
+    std::vector<T> sum(b1 && b2 ? N : 0);
+    for (int64_t n = 0; n < (int64_t)sum.size(); ++n) sum[n] = b1[n] + b2[n];
+    return gemm<T>(M, N, K, x, K, 1, w, 1, K, out, N, false, b1 && b2 ? sum.data() : b1 ? b1 : b2, nullptr);
+  }
   if (!b1 && !b2) return gemm_nt<T>(M, N, K, x, K, w, K, out, N, T(0));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) out[m * N + n] = (b1 ? b1[n] : T(0)) + (b2 ? b2[n] : T(0));
   gemm_nt<T>(M, N, K, x, K, w, K, out, N, T(1));
 }
 template <typename T>
-void step_matmul(int64_t M, int64_t N, int64_t K, const T* a, const T* b, T* out) {
+void step_matmul(int64_t M, int64_t N, int64_t K, const T* a, const T* b, T* out, bool packed) {
+  if (packed) return gemm<T>(M, N, K, a, K, 1, b, N, 1, out, N, false, nullptr, nullptr);
   gemm_nn<T>(M, N, K, a, K, b, N, out, N, T(0));
 }
 template <typename T>
-void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T* gw, T* gb) {
+void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T* gw, T* gb, bool packed) {
+  if (packed) return gemm<T>(G, N, B, d, 1, G, m, N, 1, gw, N, false, nullptr, gb);  // (gb: sums of d's rows)
   gemm_rm<T>('T', 'N', G, N, B, d, G, m, N, gw, N, T(0));  // d^T @ m
   if (!gb) return;
   std::fill(gb, gb + G, T(0));
@@ -1851,9 +1859,9 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
                                 const T*, const T*, T*, T*, T*, T*);                                     \
   template void rnn_backward<T>(const T*, const T*, const T*, int64_t, bool, const Seq&, const T*, T*,  \
                                 T*, T*);                                                                 \
-  template void step_linear<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, T*);    \
-  template void step_matmul<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                        \
-  template void step_weight_grad<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, T*);              \
+  template void step_linear<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, T*, bool); \
+  template void step_matmul<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, bool);                     \
+  template void step_weight_grad<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, T*, bool);           \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, int64_t, T*, \
                         int64_t, bool, const T*, T*);
 FRNN_INSTANTIATE(float)

@@ -94,17 +94,20 @@ template <typename T>
 void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, bool relu,
                   const Seq& sq, const T* y, T* grad_gx, T* grad_h0, T* dfirst);
 
-// One cell step's dense parts (cell_ops.cpp), straight on BLAS: at the sizes of a decoding
-// step (e.g. B=4, H=64) an ATen op's dispatch costs more than its GEMM.
+// One cell step's dense parts (cell_ops.cpp), not ATen ops: at the sizes of a decoding step
+// (e.g. B=4, H=64) an ATen op's dispatch costs more than its GEMM. `packed`: on cpu::gemm
+// (float32: our packed-panel kernels, the weight packed per call), else straight on BLAS
+// (cell_ops.cpp says where each is faster).
 // out[M,N] = x[M,K] @ w[N,K]^T (+ b1[N]) (+ b2[N]); b1 and b2 may be null.
 template <typename T>
-void step_linear(int64_t M, int64_t N, int64_t K, const T* x, const T* w, const T* b1, const T* b2, T* out);
+void step_linear(int64_t M, int64_t N, int64_t K, const T* x, const T* w, const T* b1, const T* b2, T* out,
+                 bool packed);
 // out[M,N] = a[M,K] @ b[K,N] (an input's or a state's gradient: dgates @ w).
 template <typename T>
-void step_matmul(int64_t M, int64_t N, int64_t K, const T* a, const T* b, T* out);
+void step_matmul(int64_t M, int64_t N, int64_t K, const T* a, const T* b, T* out, bool packed);
 // A weight's gradient gw[G,N] = d[B,G]^T @ m[B,N]; gb[G] (if not null) = the column sums of d.
 template <typename T>
-void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T* gw, T* gb);
+void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T* gw, T* gb, bool packed);
 
 // C[M,N] = A @ B (+ bias[n] if bias is not null; acc: C += A @ B, bias ignored) for the
 // GEMMs over all timesteps (the input projection and the weight gradients), with
