@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
 from torch.fx import Proxy
 
 from . import autocast as AC
@@ -34,6 +35,11 @@ class _FusedCellBase(BackendChoice):
 
     def forward(self, input, hx=None):
         # Written for a small per-step cost: at small sizes this glue is a good part of a step.
+        fast = self.__dict__.get("_fused_fast")
+        if fast is not None:
+            out = self._fast_step(fast, input, hx)
+            if out is not None:
+                return out
         # (a Proxy has no truth value: no `or`)
         out = self._fx_leaf(input, hx) if isinstance(input, Proxy) else self._forward_without_fused_ops(input, hx)
         if out is not None:
@@ -78,11 +84,53 @@ class _FusedCellBase(BackendChoice):
                 out = self._cell_op_step(op, x, hs, w_ih, w_hh, b_ih, b_hh)
             else:
                 out = self._sequence_op_step(backend.op(self._cell, "forward"), x, hs, w_ih, w_hh, b_ih, b_hh)
+        if op is not None and cast is None and batched and not torch.is_grad_enabled():
+            # (an inference step that ran the cell op as it is: the next such call may take
+            # _fast_step; `select` answers for the device, dtype and batch, as here)
+            self.__dict__["_fused_fast"] = (self.backend, backend, why, op)
         if out_dtype is not None:
             out = [o.to(out_dtype) for o in out]
         if not batched:
             out = [o.squeeze(0) for o in out]
         return tuple(out) if lstm else out[0]
+
+    def _fast_step(self, fast, input, hx):
+        """The forward's result for an inference call like the last one that ran the cell op
+        (batched input, no autocast, no transform, the same backend setting, dtype, device and
+        batch size, and `select` still choosing that backend), with the checks reduced to what
+        such a call can get wrong: input and states of the expected shapes, dtype and device
+        (anything else goes the long way, which raises torch.nn's errors). None where it does
+        not apply. A decoding loop of small steps (RNNCell H=64 B=1) spent more time in the
+        forward's Python than in the op."""
+        setting, backend, why, op = fast
+        if (torch.is_grad_enabled() or type(input) is not Tensor or self.backend != setting
+                or torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state() is not None
+                or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+                or fwAD._current_level >= 0 or input.dim() != 2):
+            return None  # (torch.func, forward-mode AD, tracing, export: the long way)
+        B, H = input.shape[0], self.hidden_size
+        dtype, device = input.dtype, input.device
+        w_ih, w_hh, b_ih, b_hh = self._weights()
+        if input.shape[1] != self.input_size or w_ih.dtype != dtype or w_ih.device != device:
+            return None
+        lstm = self._cell == "lstm"
+        if hx is None:
+            hs = [input.new_zeros(B, H) for _ in range(2 if lstm else 1)]
+        else:
+            hs = list(hx) if lstm and type(hx) is tuple and len(hx) == 2 else [hx] if not lstm else []
+            if not hs or any(type(h) is not Tensor or h.shape != (B, H) or h.dtype != dtype or h.device != device
+                             for h in hs):
+                return None
+        if select(self.backend, Call(self._cell, device, dtype, H, 0, B))[0] is not backend:
+            return None
+        self._record_choice(backend.name, why)
+        with torch._C._AutoDispatchBelowAutograd():
+            if lstm:
+                h1, c1, _ = op(input, hs[0], hs[1], w_ih, w_hh, b_ih, b_hh, False)
+                return h1, c1
+            if self._cell == "gru":
+                return op(input, hs[0], w_ih, w_hh, b_ih, b_hh, False)[0]
+            return op(input, hs[0], w_ih, w_hh, b_ih, b_hh, self.nonlinearity == "relu")
 
     def _weight_tensors(self):
         return self._weights()

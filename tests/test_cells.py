@@ -121,3 +121,138 @@ def test_constructor_signature_is_torch_nns(kind):
     args = (4, 6, False, "relu", "cpu", torch.float64) if kind == "RNNCell" else (4, 6, False, "cpu", torch.float64)
     m, r = getattr(fusedrnn, kind)(*args), getattr(nn, kind)(*args)
     assert [(n, p.shape, p.dtype) for n, p in m.named_parameters()] == [(n, p.shape, p.dtype) for n, p in r.named_parameters()]
+
+
+# ----------------------------------------------------------------------------- the fast step
+# An inference call like the last one that ran the cpu cell op takes _fast_step
+# (fusedrnn/cells.py): fewer checks in Python, the same op. It must give the same results,
+# and anything it does not cover must go the long way (torch.nn's errors, other backends,
+# autograd, transforms).
+def _fast_pair(torch_cls, fused_cls, kw, dtype=torch.float32):
+    ref = torch_cls(5, 6, **kw).to(dtype)
+    ours = fused_cls(5, 6, **kw).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _hx(cls, B, dtype=torch.float32):
+    h = torch.randn(B, 6, dtype=dtype)
+    return (h, torch.randn(B, 6, dtype=dtype)) if cls is nn.LSTMCell else h
+
+
+@pytest.mark.parametrize("torch_cls,fused_cls,kw", PAIRS, ids=["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hx_given", [True, False])
+def test_fast_step_gives_the_long_ways_results(torch_cls, fused_cls, kw, dtype, hx_given, monkeypatch):
+    if "cpu" not in registry():
+        pytest.skip("cpu backend not built")
+    ref, ours = _fast_pair(torch_cls, fused_cls, kw, dtype)
+    x = torch.randn(3, 5, dtype=dtype)
+    hx = _hx(torch_cls, 3, dtype) if hx_given else None
+    with torch.no_grad():
+        first = ours(x, hx)
+        assert ours.__dict__.get("_fused_fast") is not None and ours.last_backend == "cpu"
+        # the next call must not need the long way's checks
+        from fusedrnn import validation
+        monkeypatch.setattr(validation, "check_cell_input", lambda *a, **k: pytest.fail("took the long way"))
+        x2 = torch.randn(3, 5, dtype=dtype)
+        hx2 = _hx(torch_cls, 3, dtype) if hx_given else None
+        second, expected = ours(x2, hx2), ref(x2, hx2)
+        again = ours(x, hx)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (second, expected))):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (again, first))):
+        assert torch.equal(a, b)  # (the same op on the same inputs)
+    assert ours.last_backend == "cpu"
+
+
+@pytest.mark.parametrize("torch_cls,fused_cls,kw", PAIRS[:3], ids=["lstm", "gru", "rnn"])
+def test_fast_step_leaves_the_rest_to_the_long_way(torch_cls, fused_cls, kw):
+    if "cpu" not in registry():
+        pytest.skip("cpu backend not built")
+    ref, ours = _fast_pair(torch_cls, fused_cls, kw)
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        ours(x, _hx(torch_cls, 3))
+        assert ours.__dict__.get("_fused_fast") is not None
+        # the long way's errors (those of a module that has not run yet): a wrong input size,
+        # a state of another batch or dtype
+        fresh = fused_cls(5, 6, **kw)
+        fresh.load_state_dict(ref.state_dict())
+        for bad_x, bad_hx in ((torch.randn(3, 4), _hx(torch_cls, 3)), (x, _hx(torch_cls, 2)),
+                              (x, _hx(torch_cls, 3, torch.float64))):
+            with pytest.raises((RuntimeError, ValueError)) as ours_err:
+                ours(bad_x, bad_hx)
+            with pytest.raises((RuntimeError, ValueError)) as fresh_err:
+                fresh(bad_x, bad_hx)
+            assert type(ours_err.value) is type(fresh_err.value) and str(ours_err.value) == str(fresh_err.value)
+        # another batch size, unbatched input, another backend setting
+        for args in ((torch.randn(7, 5), _hx(torch_cls, 7)), (torch.randn(5),)):
+            out, exp = ours(*args), ref(*args)
+            for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (out, exp))):
+                torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+        ours.backend = "reference"
+        ours(x, _hx(torch_cls, 3))
+        assert ours.last_backend == "reference"
+        ours.backend = "auto"
+        ours(x, _hx(torch_cls, 3))
+        assert ours.last_backend == "cpu" and ours.last_backend_reason.startswith("auto")
+        ours.backend = "cpu"  # (the same kernels, another reason)
+        ours(x, _hx(torch_cls, 3))
+        assert ours.last_backend == "cpu" and ours.last_backend_reason.startswith("forced")
+        ours.backend = "auto"
+    # autograd right after a fast step (grad enabled: the long way, which records the op's
+    # backward)
+    hx = _hx(torch_cls, 3)
+    with torch.no_grad():
+        ours(x, hx)
+        ours(x, hx)
+    xg = torch.randn(3, 5, requires_grad=True)
+    xr = xg.detach().clone().requires_grad_(True)
+    (ours(xg, hx)[0] if torch_cls is nn.LSTMCell else ours(xg, hx)).sum().backward()
+    (ref(xr, hx)[0] if torch_cls is nn.LSTMCell else ref(xr, hx)).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, atol=2e-6, rtol=2e-6)
+    # forward-mode AD and vmap after a fast step (under no_grad: the long way all the same)
+    import torch.autograd.forward_ad as fwAD
+    with torch.no_grad():
+        ours(x, hx)
+        batched = torch.func.vmap(lambda xi: ours(xi, None))(x[:, None])
+        rows = [ref(x[i:i + 1]) for i in range(3)]  # (torch.nn's LSTMCell has no batching rule)
+        expected = (tuple(torch.stack([r[k] for r in rows]) for k in range(2)) if isinstance(rows[0], tuple)
+                    else torch.stack(rows))
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (batched, expected))):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+    tangent = torch.randn(3, 5)
+    with torch.no_grad():
+        ours(x, hx)
+        _, t_func = torch.func.jvp(lambda xi: ours(xi, hx), (x,), (tangent,))
+        _, t_func_ref = torch.func.jvp(lambda xi: ref(xi, hx), (x,), (tangent,))
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (t_func, t_func_ref))):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+    with torch.no_grad(), fwAD.dual_level():
+        out = ours(fwAD.make_dual(x, tangent), hx)
+        t_ours = fwAD.unpack_dual(out[0] if isinstance(out, tuple) else out).tangent
+        out = ref(fwAD.make_dual(x, tangent), hx)
+        t_ref = fwAD.unpack_dual(out[0] if isinstance(out, tuple) else out).tangent
+    assert t_ours is not None
+    torch.testing.assert_close(t_ours, t_ref, atol=2e-6, rtol=2e-6)
+
+
+def test_fast_step_asks_select_again(monkeypatch):
+    """A fast step checks that `select` still picks the backend it ran (here the cpu backend
+    stops being usable after a step, as in the no_cpu_backend fixture: the next step runs the
+    reference)."""
+    from fusedrnn import backends
+    if "cpu" not in registry():
+        pytest.skip("cpu backend not built")
+    ref, ours = _fast_pair(nn.GRUCell, fusedrnn.GRUCell, {})
+    x, h = torch.randn(3, 5), torch.randn(3, 6)
+    with torch.no_grad():
+        ours(x, h)
+        assert ours.last_backend == "cpu" and ours.__dict__.get("_fused_fast") is not None
+        monkeypatch.setattr(backends.registry()["cpu"], "_state", "not built (test)")
+        monkeypatch.setattr(backends, "_CHOICES", {})
+        out = ours(x, h)
+    assert ours.last_backend != "cpu"
+    torch.testing.assert_close(out, ref(x, h), atol=2e-6, rtol=2e-6)
