@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Proxy
@@ -274,6 +275,11 @@ class _FusedRNNBase(BackendChoice):
     def forward(self, input, hx=None):
         # torch.nn's forward first re-syncs _flat_weights (its cuDNN buffer); this forward
         # reads the parameters by name, so it has nothing to re-sync.
+        fast = self.__dict__.get("_fused_fast")
+        if fast is not None:
+            out = self._fast_step(fast, input, hx)
+            if out is not None:
+                return out
         # (a Proxy has no truth value: no `or`)
         out = self._fx_leaf(input, hx) if isinstance(input, Proxy) else self._forward_without_fused_ops(input, hx)
         if out is not None:
@@ -327,7 +333,53 @@ class _FusedRNNBase(BackendChoice):
                                backend.direction_pairs)
         if backend.kernel_choice is not None:
             self._record_choice(backend.name, f"{why}; kernels: {backend.kernel_choice()}")
+        elif (step is not None and cast is None and type(input) is Tensor and input.dim() == 3
+              and getattr(self, "proj_size", 0) == 0 and not torch.is_grad_enabled()):
+            # (one step of a batched tensor that ran the cell ops as they are: the next such
+            # call may take _fast_step)
+            self.__dict__["_fused_fast"] = (self.backend, backend, why, step, fwd)
         return out
+
+    def _fast_step(self, fast, input, hx):
+        """The forward's result for an inference call like the last one-step call that ran the
+        cell ops (a batched tensor of one step, no autocast, no transform, the same backend
+        setting, dtype and device, and `select` still choosing that backend), with the checks
+        reduced to what such a call can get wrong: input and states of the expected shapes,
+        dtype and device (anything else goes the long way, which raises torch.nn's errors). None
+        where it does not apply. (As the cells' _fast_step: decoding one step at a time with a
+        small model spent most of a step in the forward's Python.)"""
+        setting, backend, why, step, fwd = fast
+        if (torch.is_grad_enabled() or type(input) is not Tensor or self.backend != setting
+                or torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state() is not None
+                or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+                or fwAD._current_level >= 0 or input.dim() != 3):
+            return None  # (torch.func, forward-mode AD, tracing, export: the long way)
+        x = input.transpose(0, 1) if self.batch_first else input
+        T, B, I = x.shape
+        w = self._flat_weights[0]
+        dtype, device = x.dtype, x.device
+        if T != 1 or I != self.input_size or w is None or w.dtype != dtype or w.device != device:
+            return None
+        lstm, H = self._cell == "lstm", self.hidden_size
+        shape = (self.num_layers * (2 if self.bidirectional else 1), B, H)
+        if hx is None:
+            hs = [x.new_zeros(shape) for _ in range(2 if lstm else 1)]
+        else:
+            hs = list(hx) if lstm and type(hx) is tuple and len(hx) == 2 else [hx] if not lstm else []
+            if not hs or any(type(h) is not Tensor or h.shape != shape or h.dtype != dtype or h.device != device
+                             for h in hs):
+                return None
+        if select(self.backend, Call(self._cell, device, dtype, H, 0, B))[0] is not backend:
+            return None
+        self._record_choice(backend.name, why)
+        batch_first = self.batch_first
+
+        def finish(y, states):
+            return (y.transpose(0, 1) if batch_first else y), (tuple(states) if lstm else states[0])
+
+        with torch._C._AutoDispatchBelowAutograd():
+            return self._layers(fwd, step, x, None, hs, finish, self._weight_names(), None, backend.projection_op,
+                                None, backend.direction_pairs)
 
     def _project(self, layer_in, weights, bf16, native, rows):
         """One layer and direction's input projection gx (weights: as _sequence_layer's).
