@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.autograd.forward_ad as fwAD
-from torch import Tensor, nn
+from torch import nn
 from torch.fx import Proxy
 
 from . import autocast as AC
 from . import validation as V
 from .backends import Call, select, torch_nn_faster_low_precision, torch_nn_instead_of_reference
-from .modules import BackendChoice, below_autograd_if_no_grad
+from .modules import BackendChoice, below_autograd_if_no_grad, fast_step_applies, fast_step_states
 from .ops import records_grad
 from .projection import input_projection
 
@@ -103,34 +102,23 @@ class _FusedCellBase(BackendChoice):
         not apply. A decoding loop of small steps (RNNCell H=64 B=1) spent more time in the
         forward's Python than in the op."""
         setting, backend, why, op = fast
-        if (torch.is_grad_enabled() or type(input) is not Tensor or self.backend != setting
-                or torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state() is not None
-                or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-                or fwAD._current_level >= 0 or input.dim() != 2):
-            return None  # (torch.func, forward-mode AD, tracing, export: the long way)
+        if not fast_step_applies(self, setting, input, 2):
+            return None
         B, H = input.shape[0], self.hidden_size
         dtype, device = input.dtype, input.device
         w_ih, w_hh, b_ih, b_hh = self._weights()
         if input.shape[1] != self.input_size or w_ih.dtype != dtype or w_ih.device != device:
             return None
         lstm = self._cell == "lstm"
-        if hx is None:
-            hs = [input.new_zeros(B, H) for _ in range(2 if lstm else 1)]
-        else:
-            hs = list(hx) if lstm and type(hx) is tuple and len(hx) == 2 else [hx] if not lstm else []
-            if not hs or any(type(h) is not Tensor or h.shape != (B, H) or h.dtype != dtype or h.device != device
-                             for h in hs):
-                return None
+        hs = fast_step_states(hx, input, (B, H), lstm)
+        if hs is None:
+            return None
         if select(self.backend, Call(self._cell, device, dtype, H, 0, B))[0] is not backend:
             return None
         self._record_choice(backend.name, why)
         with torch._C._AutoDispatchBelowAutograd():
-            if lstm:
-                h1, c1, _ = op(input, hs[0], hs[1], w_ih, w_hh, b_ih, b_hh, False)
-                return h1, c1
-            if self._cell == "gru":
-                return op(input, hs[0], w_ih, w_hh, b_ih, b_hh, False)[0]
-            return op(input, hs[0], w_ih, w_hh, b_ih, b_hh, self.nonlinearity == "relu")
+            out = self._cell_op_step(op, input, hs, w_ih, w_hh, b_ih, b_hh)
+        return tuple(out) if lstm else out[0]
 
     def _weight_tensors(self):
         return self._weights()

@@ -145,6 +145,30 @@ def below_autograd_if_no_grad():
     return torch._C._AutoDispatchBelowAutograd()
 
 
+def fast_step_applies(module, setting: str, input, dim: int) -> bool:
+    """Whether a call of `module` may take its _fast_step (the cells' and the sequence
+    modules'): eager inference on a plain `dim`-D tensor under the backend setting `setting`
+    its cached step ran with; not under autograd, autocast, tracing or compiling, torch.func
+    or forward-mode AD (the long way decides those: torch.nn's forward, refusals, casts)."""
+    return not (torch.is_grad_enabled() or type(input) is not Tensor or module.backend != setting
+                or torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state() is not None
+                or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+                or fwAD._current_level >= 0 or input.dim() != dim)
+
+
+def fast_step_states(hx, like: Tensor, shape: tuple, lstm: bool):
+    """A fast step's initial states ([h] or [h, c]): zeros of `shape` for hx None, else hx's
+    tensors if each has exactly `shape` and `like`'s dtype and device; None otherwise (the
+    long way then checks and raises)."""
+    if hx is None:
+        return [like.new_zeros(shape) for _ in range(2 if lstm else 1)]
+    hs = list(hx) if lstm and type(hx) is tuple and len(hx) == 2 else [hx] if not lstm else []
+    dtype, device = like.dtype, like.device
+    if not hs or any(type(h) is not Tensor or h.shape != shape or h.dtype != dtype or h.device != device for h in hs):
+        return None
+    return hs
+
+
 def _layer_records_grad(layer_in, weights, states) -> bool:
     """records_grad of a layer's input, weights and states (the tensors gathered only where
     grad mode or tracing could make it true)."""
@@ -349,11 +373,8 @@ class _FusedRNNBase(BackendChoice):
         where it does not apply. (As the cells' _fast_step: decoding one step at a time with a
         small model spent most of a step in the forward's Python.)"""
         setting, backend, why, step, fwd = fast
-        if (torch.is_grad_enabled() or type(input) is not Tensor or self.backend != setting
-                or torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state() is not None
-                or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-                or fwAD._current_level >= 0 or input.dim() != 3):
-            return None  # (torch.func, forward-mode AD, tracing, export: the long way)
+        if not fast_step_applies(self, setting, input, 3):
+            return None
         x = input.transpose(0, 1) if self.batch_first else input
         T, B, I = x.shape
         w = self._flat_weights[0]
@@ -361,14 +382,9 @@ class _FusedRNNBase(BackendChoice):
         if T != 1 or I != self.input_size or w is None or w.dtype != dtype or w.device != device:
             return None
         lstm, H = self._cell == "lstm", self.hidden_size
-        shape = (self.num_layers * (2 if self.bidirectional else 1), B, H)
-        if hx is None:
-            hs = [x.new_zeros(shape) for _ in range(2 if lstm else 1)]
-        else:
-            hs = list(hx) if lstm and type(hx) is tuple and len(hx) == 2 else [hx] if not lstm else []
-            if not hs or any(type(h) is not Tensor or h.shape != shape or h.dtype != dtype or h.device != device
-                             for h in hs):
-                return None
+        hs = fast_step_states(hx, x, (self.num_layers * (2 if self.bidirectional else 1), B, H), lstm)
+        if hs is None:
+            return None
         if select(self.backend, Call(self._cell, device, dtype, H, 0, B))[0] is not backend:
             return None
         self._record_choice(backend.name, why)
