@@ -39,6 +39,13 @@ class BackendChoice:
         self.last_backend: str | None = None         # which backend ran the last forward
         self.last_backend_reason: str | None = None  # and why it was chosen
 
+    def __getstate__(self):
+        # (pickle, torch.save, deepcopy) The fast step's cache holds the backend and its ops,
+        # which do not pickle: left out, the next call builds it again.
+        state = super().__getstate__()
+        state.pop("_fused_fast", None)
+        return state
+
     def _record_choice(self, name: str, why: str) -> None:
         # Plain attributes, set on every forward: skip nn.Module.__setattr__'s parameter checks.
         self.__dict__["last_backend"], self.__dict__["last_backend_reason"] = name, why

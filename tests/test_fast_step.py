@@ -161,3 +161,33 @@ def test_fast_step_leaves_the_rest_to_the_long_way(kind, monkeypatch):
     assert ours.last_backend != "cpu"
     for a, b in zip(flat(out), flat(ref(x, hx))):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru_cell"])
+def test_a_module_after_a_fast_step_saves_and_copies(kind):
+    """The fast step's cache (the backend and its ops) is not part of the module's state:
+    torch.save / torch.load and copy.deepcopy work after a fast step, and the copies run."""
+    import copy
+    import io
+    if kind == "lstm":
+        ref, ours = pair("lstm", num_layers=2)
+        args = (step_input(ours, 3), states("lstm", ours, 3))
+    else:
+        ref, ours = nn.GRUCell(5, 6), fusedrnn.GRUCell(5, 6)
+        ours.load_state_dict(ref.state_dict())
+        args = (torch.randn(3, 5), torch.randn(3, 6))
+    with torch.no_grad():
+        ours(*args)
+        ours(*args)
+    assert ours.__dict__.get("_fused_fast") is not None
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(ours)):
+        assert "_fused_fast" not in other.__dict__
+        with torch.no_grad():
+            out, want = other(*args), ref(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        wants = want if isinstance(want, tuple) else (want,)
+        for a, b in zip(flat(outs) if kind == "lstm" else outs, flat(wants) if kind == "lstm" else wants):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
