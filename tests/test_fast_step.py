@@ -85,7 +85,8 @@ def test_fast_step_leaves_the_rest_to_the_long_way(kind, monkeypatch):
     with torch.no_grad():
         # the long way's errors (those of a module that has not run yet)
         bad_calls = [(torch.randn(1, 3, 4), hx), (x, states(kind, ours, 2)), (x, states(kind, ours, 3, torch.float64)),
-                     (x, states(kind, pair(kind, num_layers=1)[1], 3))]
+                     (x, states(kind, pair(kind, num_layers=1)[1], 3)),
+                     (x.double(), states(kind, ours, 3, torch.float64))]  # (input and states not the weights' dtype)
         for bad in bad_calls:
             with pytest.raises((RuntimeError, ValueError)) as ours_err:
                 ours(*bad)
@@ -191,3 +192,33 @@ def test_a_module_after_a_fast_step_saves_and_copies(kind):
         wants = want if isinstance(want, tuple) else (want,)
         for a, b in zip(flat(outs) if kind == "lstm" else outs, flat(wants) if kind == "lstm" else wants):
             torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm_cell", "rnn_cell"])
+def test_a_fast_step_then_another_dtype_goes_the_long_way(kind):
+    """After a float32 fast step the module is converted to bfloat16 (which the cpu backend
+    computes in float32, or auto gives to torch.nn): its next call must do what a module that
+    never ran does, not run the float32 step's op on bfloat16 tensors."""
+    if kind == "gru":
+        ours, fresh = (fusedrnn.GRU(5, 6, num_layers=2) for _ in range(2))
+        args = (torch.randn(1, 3, 5), torch.randn(2, 3, 6))
+    else:
+        cls = fusedrnn.LSTMCell if kind == "lstm_cell" else fusedrnn.RNNCell
+        ours, fresh = cls(5, 6), cls(5, 6)
+        h = torch.randn(3, 6)
+        args = (torch.randn(3, 5), (h, torch.randn(3, 6)) if kind == "lstm_cell" else h)
+    fresh.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        ours(*args)
+        ours(*args)
+        assert ours.__dict__.get("_fused_fast") is not None
+        ours.to(torch.bfloat16)
+        fresh.to(torch.bfloat16)
+        bf = tuple(tuple(t.to(torch.bfloat16) for t in a) if isinstance(a, tuple) else a.to(torch.bfloat16)
+                   for a in args)
+        got, want = ours(*bf), fresh(*bf)
+    gots = got if isinstance(got, tuple) else (got,)
+    wants = want if isinstance(want, tuple) else (want,)
+    for a, b in zip(flat(gots) if kind == "gru" else gots, flat(wants) if kind == "gru" else wants):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    assert (ours.last_backend, ours.last_backend_reason) == (fresh.last_backend, fresh.last_backend_reason)
