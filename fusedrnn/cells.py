@@ -86,7 +86,7 @@ class _FusedCellBase(BackendChoice):
         if op is not None and cast is None and batched and not torch.is_grad_enabled():
             # (an inference step that ran the cell op as it is: the next such call may take
             # _fast_step; `select` answers for the device, dtype and batch, as here)
-            self.__dict__["_fused_fast"] = (self.backend, x.dtype, backend, why, op)
+            self.__dict__["_fused_fast"] = (self.backend, x.dtype, device, backend, why, op)
         if out_dtype is not None:
             out = [o.to(out_dtype) for o in out]
         if not batched:
@@ -101,11 +101,10 @@ class _FusedCellBase(BackendChoice):
         (anything else goes the long way, which raises torch.nn's errors). None where it does
         not apply. A decoding loop of small steps (RNNCell H=64 B=1) spent more time in the
         forward's Python than in the op."""
-        setting, dtype, backend, why, op = fast
-        if not fast_step_applies(self, setting, dtype, input, 2):
+        setting, dtype, device, backend, why, op = fast
+        if not fast_step_applies(self, setting, dtype, device, input, 2):
             return None
         B, H = input.shape[0], self.hidden_size
-        device = input.device
         w_ih, w_hh, b_ih, b_hh = self._weights()
         if input.shape[1] != self.input_size or w_ih.dtype != dtype or w_ih.device != device:
             return None

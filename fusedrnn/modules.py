@@ -152,16 +152,18 @@ def below_autograd_if_no_grad():
     return torch._C._AutoDispatchBelowAutograd()
 
 
-def fast_step_applies(module, setting: str, dtype: torch.dtype, input, dim: int) -> bool:
+def fast_step_applies(module, setting: str, dtype: torch.dtype, device: torch.device, input, dim: int) -> bool:
     """Whether a call of `module` may take its _fast_step (the cells' and the sequence
-    modules'): eager inference on a plain `dim`-D tensor of the dtype and under the backend
-    setting its cached step ran with (another dtype may be cast, or run by torch.nn: the long
-    way decides); not under autograd, autocast, tracing or compiling, torch.func or
-    forward-mode AD (the long way decides those too)."""
+    modules'): eager inference on a plain `dim`-D tensor of the dtype and device and under the
+    backend setting its cached step ran with (another dtype may be cast or run by torch.nn,
+    another device, e.g. meta, run by torch.nn: the long way decides); not under autograd,
+    autocast, tracing or compiling, torch.func or forward-mode AD (the long way decides those
+    too)."""
     return not (torch.is_grad_enabled() or type(input) is not Tensor or module.backend != setting
                 or torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state() is not None
                 or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-                or fwAD._current_level >= 0 or input.dim() != dim or input.dtype != dtype)
+                or fwAD._current_level >= 0 or input.dim() != dim or input.dtype != dtype
+                or input.device != device)
 
 
 def fast_step_states(hx, like: Tensor, shape: tuple, lstm: bool):
@@ -369,7 +371,7 @@ class _FusedRNNBase(BackendChoice):
               and getattr(self, "proj_size", 0) == 0 and not torch.is_grad_enabled()):
             # (one step of a batched tensor that ran the cell ops as they are: the next such
             # call may take _fast_step)
-            self.__dict__["_fused_fast"] = (self.backend, x.dtype, backend, why, step, fwd)
+            self.__dict__["_fused_fast"] = (self.backend, x.dtype, x.device, backend, why, step, fwd)
         return out
 
     def _fast_step(self, fast, input, hx):
@@ -380,13 +382,12 @@ class _FusedRNNBase(BackendChoice):
         dtype and device (anything else goes the long way, which raises torch.nn's errors). None
         where it does not apply. (As the cells' _fast_step: decoding one step at a time with a
         small model spent most of a step in the forward's Python.)"""
-        setting, dtype, backend, why, step, fwd = fast
-        if not fast_step_applies(self, setting, dtype, input, 3):
+        setting, dtype, device, backend, why, step, fwd = fast
+        if not fast_step_applies(self, setting, dtype, device, input, 3):
             return None
         x = input.transpose(0, 1) if self.batch_first else input
         T, B, I = x.shape
         w = self._flat_weights[0]
-        device = x.device
         if T != 1 or I != self.input_size or w is None or w.dtype != dtype or w.device != device:
             return None
         lstm, H = self._cell == "lstm", self.hidden_size

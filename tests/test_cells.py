@@ -182,7 +182,8 @@ def test_fast_step_leaves_the_rest_to_the_long_way(torch_cls, fused_cls, kw):
         fresh.load_state_dict(ref.state_dict())
         for bad_x, bad_hx in ((torch.randn(3, 4), _hx(torch_cls, 3)), (x, _hx(torch_cls, 2)),
                               (x, _hx(torch_cls, 3, torch.float64)),
-                              (x.double(), _hx(torch_cls, 3, torch.float64))):  # (not the weights' dtype)
+                              (x.double(), _hx(torch_cls, 3, torch.float64)),  # (not the weights' dtype)
+                              (x.to("meta"), None)):  # (nor their device)
             with pytest.raises((RuntimeError, ValueError)) as ours_err:
                 ours(bad_x, bad_hx)
             with pytest.raises((RuntimeError, ValueError)) as fresh_err:

@@ -86,7 +86,8 @@ def test_fast_step_leaves_the_rest_to_the_long_way(kind, monkeypatch):
         # the long way's errors (those of a module that has not run yet)
         bad_calls = [(torch.randn(1, 3, 4), hx), (x, states(kind, ours, 2)), (x, states(kind, ours, 3, torch.float64)),
                      (x, states(kind, pair(kind, num_layers=1)[1], 3)),
-                     (x.double(), states(kind, ours, 3, torch.float64))]  # (input and states not the weights' dtype)
+                     (x.double(), states(kind, ours, 3, torch.float64)),  # (input and states not the weights' dtype)
+                     (x.to("meta"), None)]  # (nor their device)
         for bad in bad_calls:
             with pytest.raises((RuntimeError, ValueError)) as ours_err:
                 ours(*bad)
@@ -195,10 +196,12 @@ def test_a_module_after_a_fast_step_saves_and_copies(kind):
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm_cell", "rnn_cell"])
-def test_a_fast_step_then_another_dtype_goes_the_long_way(kind):
-    """After a float32 fast step the module is converted to bfloat16 (which the cpu backend
-    computes in float32, or auto gives to torch.nn): its next call must do what a module that
-    never ran does, not run the float32 step's op on bfloat16 tensors."""
+@pytest.mark.parametrize("to", [torch.bfloat16, "meta"])
+def test_a_fast_step_then_another_dtype_or_device_goes_the_long_way(kind, to):
+    """After a float32 fast step on the CPU the module is converted to bfloat16 (which the cpu
+    backend computes in float32, or auto gives to torch.nn) or moved to the meta device (shape
+    inference: torch.nn's forward): its next call must do what a module that never ran does,
+    not run the cached step's op or ask select about a device no backend runs on."""
     if kind == "gru":
         ours, fresh = (fusedrnn.GRU(5, 6, num_layers=2) for _ in range(2))
         args = (torch.randn(1, 3, 5), torch.randn(2, 3, 6))
@@ -212,13 +215,13 @@ def test_a_fast_step_then_another_dtype_goes_the_long_way(kind):
         ours(*args)
         ours(*args)
         assert ours.__dict__.get("_fused_fast") is not None
-        ours.to(torch.bfloat16)
-        fresh.to(torch.bfloat16)
-        bf = tuple(tuple(t.to(torch.bfloat16) for t in a) if isinstance(a, tuple) else a.to(torch.bfloat16)
-                   for a in args)
-        got, want = ours(*bf), fresh(*bf)
+        ours.to(to)
+        fresh.to(to)
+        moved = tuple(tuple(t.to(to) for t in a) if isinstance(a, tuple) else a.to(to) for a in args)
+        got, want = ours(*moved), fresh(*moved)
     gots = got if isinstance(got, tuple) else (got,)
     wants = want if isinstance(want, tuple) else (want,)
     for a, b in zip(flat(gots) if kind == "gru" else gots, flat(wants) if kind == "gru" else wants):
-        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+        assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape)
+        assert to == "meta" or torch.equal(a, b)
     assert (ours.last_backend, ours.last_backend_reason) == (fresh.last_backend, fresh.last_backend_reason)
