@@ -387,8 +387,9 @@ class _FusedRNNBase(BackendChoice):
             return None
         x = input.transpose(0, 1) if self.batch_first else input
         T, B, I = x.shape
-        w = self._flat_weights[0]
-        if T != 1 or I != self.input_size or w is None or w.dtype != dtype or w.device != device:
+        w, w_hh = self._flat_weights[0], self._flat_weights[1]  # (the long way's dtype and device checks' weights)
+        if (T != 1 or I != self.input_size or w is None or w.dtype != dtype or w_hh is None
+                or w_hh.device != device):
             return None
         lstm, H = self._cell == "lstm", self.hidden_size
         hs = fast_step_states(hx, x, (self.num_layers * (2 if self.bidirectional else 1), B, H), lstm)

@@ -225,3 +225,22 @@ def test_a_fast_step_then_another_dtype_or_device_goes_the_long_way(kind, to):
         assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape)
         assert to == "meta" or torch.equal(a, b)
     assert (ours.last_backend, ours.last_backend_reason) == (fresh.last_backend, fresh.last_backend_reason)
+
+
+def test_a_fast_step_then_a_weight_on_another_device_raises_the_long_ways_error():
+    """The long way checks w_hh_l0's device against the input's (torch.nn's check): after a
+    fast step, a module whose w_hh_l0 was moved alone must raise that error, as a module that
+    never ran does."""
+    ours, fresh = fusedrnn.GRU(5, 6), fusedrnn.GRU(5, 6)
+    x = torch.randn(1, 3, 5)
+    with torch.no_grad():
+        ours(x)
+        ours(x)
+        assert ours.__dict__.get("_fused_fast") is not None
+        errors = []
+        for m in (ours, fresh):
+            m.weight_hh_l0 = nn.Parameter(m.weight_hh_l0.detach().to("meta"))
+            with pytest.raises(RuntimeError) as err:
+                m(x)
+            errors.append(str(err.value))
+    assert errors[0] == errors[1] and "parameters are on meta" in errors[0]
