@@ -34,11 +34,9 @@ class _FusedCellBase(BackendChoice):
 
     def forward(self, input, hx=None):
         # Written for a small per-step cost: at small sizes this glue is a good part of a step.
-        fast = self.__dict__.get("_fused_fast")
-        if fast is not None:
-            out = self._fast_step(fast, input, hx)
-            if out is not None:
-                return out
+        out = self._cached_fast_step(input, hx)
+        if out is not None:
+            return out
         # (a Proxy has no truth value: no `or`)
         out = self._fx_leaf(input, hx) if isinstance(input, Proxy) else self._forward_without_fused_ops(input, hx)
         if out is not None:

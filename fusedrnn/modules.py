@@ -46,6 +46,12 @@ class BackendChoice:
         state.pop("_fused_fast", None)
         return state
 
+    def _cached_fast_step(self, input, hx):
+        """_fast_step's result where the last call left a step to repeat (`_fused_fast`, set by
+        the forward), else None (then the forward goes the long way)."""
+        fast = self.__dict__.get("_fused_fast")
+        return None if fast is None else self._fast_step(fast, input, hx)
+
     def _record_choice(self, name: str, why: str) -> None:
         # Plain attributes, set on every forward: skip nn.Module.__setattr__'s parameter checks.
         self.__dict__["last_backend"], self.__dict__["last_backend_reason"] = name, why
@@ -309,11 +315,9 @@ class _FusedRNNBase(BackendChoice):
     def forward(self, input, hx=None):
         # torch.nn's forward first re-syncs _flat_weights (its cuDNN buffer); this forward
         # reads the parameters by name, so it has nothing to re-sync.
-        fast = self.__dict__.get("_fused_fast")
-        if fast is not None:
-            out = self._fast_step(fast, input, hx)
-            if out is not None:
-                return out
+        out = self._cached_fast_step(input, hx)
+        if out is not None:
+            return out
         # (a Proxy has no truth value: no `or`)
         out = self._fx_leaf(input, hx) if isinstance(input, Proxy) else self._forward_without_fused_ops(input, hx)
         if out is not None:
@@ -387,9 +391,8 @@ class _FusedRNNBase(BackendChoice):
             return None
         x = input.transpose(0, 1) if self.batch_first else input
         T, B, I = x.shape
-        w, w_hh = self._flat_weights[0], self._flat_weights[1]  # (the long way's dtype and device checks' weights)
-        if (T != 1 or I != self.input_size or w is None or w.dtype != dtype or w_hh is None
-                or w_hh.device != device):
+        w_ih, w_hh = self._flat_weights[0], self._flat_weights[1]  # (the long way's dtype and device checks' weights)
+        if T != 1 or I != self.input_size or w_ih.dtype != dtype or w_hh.device != device:
             return None
         lstm, H = self._cell == "lstm", self.hidden_size
         hs = fast_step_states(hx, x, (self.num_layers * (2 if self.bidirectional else 1), B, H), lstm)
