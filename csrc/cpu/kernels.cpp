@@ -924,11 +924,14 @@ struct TiledF {
   // thread) instead: rows of dL/dh are often a multiple of 4 KB apart.
   // C [M, units]'s columns [col, col + valid) to and from a contiguous M x w scratch (w = 8V,
   // zero-padded).
-  static void to_tmp(int64_t M, const float* C, int64_t ldc, int64_t col, int64_t valid, float* tmp, int64_t w) {
+  // (float32 and, for TiledD, float64)
+  template <typename T>
+  static void to_tmp(int64_t M, const T* C, int64_t ldc, int64_t col, int64_t valid, T* tmp, int64_t w) {
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < w; ++j) tmp[m * w + j] = j < valid ? C[m * ldc + col + j] : 0.f;
+      for (int64_t j = 0; j < w; ++j) tmp[m * w + j] = j < valid ? C[m * ldc + col + j] : T(0);
   }
-  static void from_tmp(int64_t M, const float* tmp, float* C, int64_t ldc, int64_t col, int64_t valid, int64_t w) {
+  template <typename T>
+  static void from_tmp(int64_t M, const T* tmp, T* C, int64_t ldc, int64_t col, int64_t valid, int64_t w) {
     for (int64_t m = 0; m < M; ++m) std::copy(tmp + m * w, tmp + m * w + valid, C + m * ldc + col);
   }
   void gemm_panel(int64_t p, int64_t B, const float* A, int64_t lda, float* C, int64_t ldc, bool acc,
@@ -1001,6 +1004,7 @@ struct TiledF {
 };
 
 #include "cpu/tiled_bf16.h"
+#include "cpu/tiled_f64.h"
 
 // out[m * kc + k] = a[m * sam + k * sak] for an mc x kc block (A's rows made contiguous
 // in k, as the micro-kernel reads them); colsum (if not null): colsum[m] += the sum of
@@ -1593,7 +1597,8 @@ inline int64_t narrow_partials(T* pc, T* ps, int64_t M, int64_t N, const T* A, i
 }
 
 template <typename T>
-using Tiled = std::conditional_t<std::is_same_v<T, float>, TiledF, TiledStub<T>>;
+using Tiled = std::conditional_t<std::is_same_v<T, float>, TiledF,
+                                 std::conditional_t<std::is_same_v<T, double>, TiledD, TiledStub<T>>>;
 using Seq = SeqV;
 #include "cpu/kernels_impl.h"
 }  // namespace avx2
