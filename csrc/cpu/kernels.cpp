@@ -979,32 +979,36 @@ struct TiledF {
     }
     if (exact) from_tmp(B, tmp, C, ldc, col, valid, w);
   }
-  // Panel p's columns of C (+)= A[:, :kc] @ (the panel's rows k0 .. k0+kc) for M rows of
-  // C [M, units] (leading dimension ldc), plus bias[units] if not null and not acc; a
-  // partial last panel goes through `tmp` (M*8V floats). The step of gemm_blocked below.
-  void gemm_block(int64_t p, int64_t M, int64_t k0, int64_t kc, const float* A, int64_t lda, float* C,
-                  int64_t ldc, bool acc, float* tmp, const float* bias) const {
-    const int64_t w = 8 * V;
-    const int64_t col = p * panel_units(ng);
-    const int64_t valid = std::min<int64_t>(w, units - col);
-    const bool direct = valid == w;
-    float init[32] = {0.f};  // the panel's bias, zero-padded
-    if (bias && !acc) std::copy(bias + col, bias + col + valid, init);
-    float* Ct = direct ? C + col : tmp;
-    const int64_t ldt = direct ? ldc : w;
-    if (!direct && acc) to_tmp(M, C, ldc, col, valid, tmp, w);
-    const float* Pn = P->get() + (p * K + k0) * w;
-    const float* in = bias && !acc ? init : nullptr;
-    if (V == 4) rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
-    else rows<3>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
-    if (!direct) from_tmp(M, tmp, C, ldc, col, valid, w);
-  }
+  float* panels() const { return P->get(); }
   int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
   int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
 };
 
 #include "cpu/tiled_bf16.h"
 #include "cpu/tiled_f64.h"
+
+// Panel p's columns of C (+)= A[:, :kc] @ (the panel's rows k0 .. k0+kc) for M rows of
+// C [M, units] (leading dimension ldc), plus bias[units] if not null and not acc; a
+// partial last panel goes through `tmp` (M*8V values). The step of gemm_blocked below, on
+// TiledF (float32) or TiledD (float64).
+template <typename TW, typename T>
+void gemm_block(const TW& tw, int64_t p, int64_t M, int64_t k0, int64_t kc, const T* A, int64_t lda, T* C,
+                int64_t ldc, bool acc, T* tmp, const T* bias) {
+  const int64_t w = 8 * tw.V;
+  const int64_t col = p * TW::panel_units(tw.ng);
+  const int64_t valid = std::min<int64_t>(w, tw.units - col);
+  const bool direct = valid == w;
+  T init[32] = {T(0)};  // the panel's bias, zero-padded
+  if (bias && !acc) std::copy(bias + col, bias + col + valid, init);
+  T* Ct = direct ? C + col : tmp;
+  const int64_t ldt = direct ? ldc : w;
+  if (!direct && acc) TiledF::to_tmp(M, C, ldc, col, valid, tmp, w);
+  const T* Pn = tw.panels() + (p * tw.K + k0) * w;
+  const T* in = bias && !acc ? init : nullptr;
+  if (tw.V == 4) TW::template rows<4>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
+  else TW::template rows<3>(M, kc, A, lda, Pn, Ct, ldt, acc, nullptr, 0, in);
+  if (!direct) TiledF::from_tmp(M, tmp, C, ldc, col, valid, w);
+}
 
 // out[m * kc + k] = a[m * sam + k * sak] for an mc x kc block (A's rows made contiguous
 // in k, as the micro-kernel reads them); colsum (if not null): colsum[m] += the sum of
@@ -1034,6 +1038,30 @@ inline void pack_a(const float* a, int64_t sam, int64_t sak, int64_t mc, int64_t
   }
 }
 
+// pack_a for float64 (TiledD's weight gradients): 4 x 4 at a time.
+inline void pack_a(const double* a, int64_t sam, int64_t sak, int64_t mc, int64_t kc, double* out, double* colsum) {
+  const int64_t m4 = sam == 1 ? mc / 4 * 4 : 0, k4 = kc / 4 * 4;
+  for (int64_t k = 0; k < k4; k += 4)
+    for (int64_t m = 0; m < m4; m += 4) {
+      __m256d r[4];
+      for (int j = 0; j < 4; ++j) r[j] = _mm256_loadu_pd(a + (k + j) * sak + m);
+      if (colsum)
+        _mm256_storeu_pd(colsum + m, _mm256_add_pd(_mm256_loadu_pd(colsum + m),
+                                                   _mm256_add_pd(_mm256_add_pd(r[0], r[1]), _mm256_add_pd(r[2], r[3]))));
+      const __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+      const __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+      _mm256_storeu_pd(out + m * kc + k, _mm256_permute2f128_pd(t0, t2, 0x20));
+      _mm256_storeu_pd(out + (m + 1) * kc + k, _mm256_permute2f128_pd(t1, t3, 0x20));
+      _mm256_storeu_pd(out + (m + 2) * kc + k, _mm256_permute2f128_pd(t0, t2, 0x31));
+      _mm256_storeu_pd(out + (m + 3) * kc + k, _mm256_permute2f128_pd(t1, t3, 0x31));
+    }
+  for (int64_t m = 0; m < mc; ++m) {  // what the 4 x 4 tiles left: the k tail, the last rows
+    double sum = 0.0;
+    for (int64_t k = m < m4 ? k4 : 0; k < kc; ++k) sum += out[m * kc + k] = a[m * sam + k * sak];
+    if (colsum) colsum[m] += sum;
+  }
+}
+
 // Rows [m0, m1) x panels [p0, p1) of C (+)= A @ B on B's packed panels `tw` (K rows), in
 // blocks of MC rows and KC k: a block of A (MC x KC, 96-192 KB) stays in L2 while a
 // panel's KC x 32 block (16-32 KB) is in L1 for MC / 3 micro-kernel calls. A is read in
@@ -1042,18 +1070,20 @@ inline void pack_a(const float* a, int64_t sam, int64_t sak, int64_t mc, int64_t
 // width, is often <= 256: C is then written once, not once per k-block; in-process A/B
 // against 128 at T*B x G x H shapes, H 256-1024, B 8-64: the projection 1.017x geomean,
 // 0.99-1.055x; dx 0.97-1.03x), 128 for the weight gradients (no gain there).
+// (TW, T: TiledF and float, or TiledD and double, whose KC is half: the same bytes.)
 constexpr int64_t kGemmMC = 192;
-inline void gemm_rows(const TiledF& tw, int64_t K, const float* A, int64_t sam, int64_t sak, float* C, int64_t ldc,
-                      bool acc, const float* bias, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
-                      float* colsum = nullptr) {
+template <typename TW, typename T>
+inline void gemm_rows(const TW& tw, int64_t K, const T* A, int64_t sam, int64_t sak, T* C, int64_t ldc,
+                      bool acc, const T* bias, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
+                      T* colsum = nullptr) {
   constexpr int64_t MC = kGemmMC;
-  const int64_t KC = sak == 1 ? 2 * TiledF::KC : TiledF::KC;
-  Buf<float> ap(sak == 1 ? 0 : MC * KC), tmp(MC * 32);
+  const int64_t KC = sak == 1 ? 2 * TW::KC : TW::KC;
+  Buf<T> ap(sak == 1 ? 0 : MC * KC), tmp(MC * 32);
   for (; m0 < m1; m0 += MC) {
     const int64_t mc = std::min(MC, m1 - m0);
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
-      const float* a = A + m0 * sam + k0 * sak;
+      const T* a = A + m0 * sam + k0 * sak;
       int64_t lda = sam;
       if (sak != 1) {
         pack_a(a, sam, sak, mc, kc, ap.data(), colsum ? colsum + m0 : nullptr);
@@ -1061,7 +1091,7 @@ inline void gemm_rows(const TiledF& tw, int64_t K, const float* A, int64_t sam, 
         lda = kc;
       }
       for (int64_t p = p0; p < p1; ++p)  // (the bias initializes the first k-block's accumulators)
-        tw.gemm_block(p, mc, k0, kc, a, lda, C + m0 * ldc, ldc, acc || k0 > 0, tmp.data(), bias);
+        gemm_block(tw, p, mc, k0, kc, a, lda, C + m0 * ldc, ldc, acc || k0 > 0, tmp.data(), bias);
     }
   }
 }
@@ -1119,13 +1149,16 @@ void run_stealing(const Slices& sl, int64_t nb, const Setup& setup, const Run& r
 // (ldc). GotoBLAS-style blocking (gemm_rows) around the recurrent micro-kernel, B packed
 // into 32-column panels. colsum (if not null; only where A is copied, sak != 1): += the
 // sums of A's rows.
-inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
-                         const float* Bm, int64_t sbk, int64_t sbn, float* C, int64_t ldc, bool acc,
-                         const float* bias, float* colsum) {
+// float32 on TiledF, float64 on TiledD (AVX-512 only: see gemm).
+template <typename T>
+inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
+                         const T* Bm, int64_t sbk, int64_t sbn, T* C, int64_t ldc, bool acc,
+                         const T* bias, T* colsum) {
+  using TW = std::conditional_t<std::is_same_v<T, float>, TiledF, TiledD>;
   const Slices sp = make_slices(N, M * K, TiledF::panel_units(1));
   if (sak == 1) {  // (x @ w^T, grad @ w: B is a weight) threads own panels: each packs its own
     // Units: one block of MC rows across a thread's panels.
-    TiledF tw(1, N, K);
+    TW tw(1, N, K);
     run_stealing(
         sp, (M + kGemmMC - 1) / kGemmMC,
         [&](int t) {
@@ -1146,7 +1179,7 @@ inline void gemm_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_
   const Slices sm = make_slices(M, N * K, 1);
   for (int64_t kb = 0; kb < K; kb += KB) {
     const int64_t kn = std::min(KB, K - kb);
-    TiledF tw(1, N, kn);
+    TW tw(1, N, kn);
     run_slices(sp, [&](int t) {
       for (int64_t p = tw.first_panel(sp.lo(t)); p < tw.end_panel(sp.hi(t)); ++p) tw.pack(Bm + kb * sbk, sbn, sbk, p);
     });
@@ -1824,6 +1857,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
 #if FRNN_X86_SIMD
   if constexpr (std::is_same_v<T, float>)
     blocked = use_avx2() && g_tiled.load(std::memory_order_relaxed) && M > 0 && N > 0 && K > 0;
+  else if constexpr (std::is_same_v<T, double>)  // (TiledD: AVX-512 only)
+    blocked = use_avx2() && TiledF::wide() && M > 0 && N > 0 && K > 0;
 #endif
   if (colsum) std::fill(colsum, colsum + M, T(0));
   if (colsum && !(blocked && sak != 1)) {  // (where A is not copied: a pass of its own over A)
@@ -1836,7 +1871,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
   }
   if (narrow && sak == 1 && !acc) return FRNN_DISPATCH(narrow_gemm, M, N, K, A, sam, Bm, sbk, sbn, C, ldc, bias);
 #if FRNN_X86_SIMD
-  if constexpr (std::is_same_v<T, float>)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
     if (blocked) return gemm_blocked(M, N, K, A, sam, sak, Bm, sbk, sbn, C, ldc, acc, bias, sak != 1 ? colsum : nullptr);
 #endif
   if (bias && !acc) {

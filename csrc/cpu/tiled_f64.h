@@ -38,6 +38,10 @@ struct TiledD {
       for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, sk, p);
     });
   }
+  // Unpacked: the caller packs each panel (pack(); gemm_blocked).
+  TiledD(int ng_, int64_t units_, int64_t K_)
+      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)),
+        P(new ScratchBuffer(2 * npanel * K_ * 8 * V + 16)) {}
   double* panels() const { return reinterpret_cast<double*>(P->get()); }
   int64_t ldc() const { return npanel * 8 * V + 8; }  // (one line more: see TiledF::ldc)
   int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
@@ -125,9 +129,9 @@ struct TiledD {
   // the tail, and the prefetch of `next`).
   template <int VV>
   static void rows(int64_t B, int64_t K, const double* A, int64_t lda, const double* Pn, double* C, int64_t ldc,
-                   bool acc, const double* next, int64_t next_bytes) {
+                   bool acc, const double* next, int64_t next_bytes, const double* init = nullptr) {
     TiledF::row_blocks<kRows>(B, K, next, next_bytes, [&](auto r_const, int64_t b, const char* pf, int64_t npf) {
-      kernel<VV, decltype(r_const)::value>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, nullptr);
+      kernel<VV, decltype(r_const)::value>(K, A + b * lda, lda, Pn, C + b * ldc, ldc, acc, pf, npf, init);
     });
   }
 
