@@ -184,11 +184,14 @@ def test_errors_are_clear(bad, match):
                          ids=["zmm", "zmm-rows", "tiled32", "tiled32-rows", "tiled", "tiled-rows", "blas", "blas-rows"])
 @pytest.mark.parametrize("H", [44, 64])  # 44: partial last 8- and 32-unit panels
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True)], ids=["full", "lengths-rev"])
-def test_forced_paths(variant, tiled, split, H, lengths, reverse, cpu_options):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_forced_paths(variant, tiled, split, H, lengths, reverse, dtype, cpu_options):
     """float32 with the packed-panel micro-kernels (AVX2: 16 registers; tiled32: the
     recurrent steps' kernels in AVX-512's 32 registers; zmm: 4-vector panels on 16-float
     vectors; the last two where the CPU has AVX-512, else the same as tiled) and with BLAS,
-    on at least 2 threads with min_work = 1, T >= 8 so the weight is packed. The time loop
+    on at least 2 threads with min_work = 1, T >= 8 so the weight is packed; float64 the
+    same on TiledD (8-double vectors, 6-row blocks: 13 = 6 + 5 + 2, 17 = 6 + 6 + 5) in zmm
+    and tiled32 where the CPU has AVX-512, on BLAS otherwise. The time loop
     split by hidden units (split 1: every step over as many threads as there are panels) or
     by batch rows (split 2: each thread its rows, e.g. 13 = 6 + 7, through the whole loop).
     Batch 1 (the GEMV kernel), 5, 12, 13 and 17: row blocks of every height (4-vector
@@ -201,8 +204,7 @@ def test_forced_paths(variant, tiled, split, H, lengths, reverse, cpu_options):
     torch.set_num_threads(max(2, torch.get_num_threads()))
     P = 24 if P else 0
     for B, zero_h0 in ((1, False), (5, False), (12, False), (13, False), (17, False), (13, True)):
-        args = make_inputs(cell, 9, B, H, P=P, dtype=torch.float32, lengths=lengths, reverse=reverse,
-                           **_kw(cell, flag))
+        args = make_inputs(cell, 9, B, H, P=P, dtype=dtype, lengths=lengths, reverse=reverse, **_kw(cell, flag))
         if zero_h0:
             args = (args[0], torch.zeros_like(args[1])) + args[2:]
         check_against_reference("cpu", cell, args)

@@ -56,21 +56,25 @@ SHAPES = [((7, 40, 150), 100), ((5, 8, 40), 500), ((3, 700, 8), 24), ((3, 5, 1),
 @pytest.mark.parametrize("shape,G", SHAPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch_first", [False, True])  # a non-contiguous x
-def test_matches_f_linear(tiled, shape, G, bias, batch_first, cpu_options):
-    """Forward and every gradient against F.linear in float64, float32 inputs, two threads."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_matches_f_linear(tiled, shape, G, bias, batch_first, dtype, cpu_options):
+    """Forward and every gradient against F.linear in float64, two threads. float64 runs
+    TiledD's kernels in the zmm mode (where the CPU has AVX-512; the same shapes reach its
+    blocks, panels and pack_a's 4 x 4 tiles and tails), BLAS in the other two."""
     cpu_options(tiled, 1)
     torch.set_num_threads(max(2, torch.get_num_threads()))
-    x, w, b = _args(shape, G, bias, batch_first)
-    x64, w64, b64 = (t if t is None else t.double().requires_grad_() for t in (x, w, b))
+    x, w, b = _args(shape, G, bias, batch_first, dtype)
+    x64, w64, b64 = (t if t is None else t.detach().double().requires_grad_() for t in (x, w, b))
     x, w, b = (t if t is None else t.requires_grad_() for t in (x, w, b))
     out, ref = op(x, w, b), F.linear(x64, w64, b64)
-    assert out.shape == ref.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert out.shape == ref.shape and out.dtype == dtype
+    # float32 sums of up to 280 products of O(1) values: 1e-5 of the largest magnitude
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     g = torch.randn_like(out)
     leaves, leaves64 = [t for t in (x, w, b) if t is not None], [t for t in (x64, w64, b64) if t is not None]
     for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves64, g.double())):
-        # float32 sums of up to 280 products of O(1) values: 1e-5 of the largest magnitude
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 
 def test_backward_takes_non_contiguous_gradients():
