@@ -90,9 +90,14 @@ bool one_thread(const CellArgs& a, int64_t passes) { return passes * a.B * a.G *
 // kernel and copied the weight every call, as the packing does. At 2^19-2^20 mixed (RNNCell
 // H=256 B=4 0.93x in inference and 0.83x in training, LSTMCell H=256 B=2 1.18x), and B=1 (a
 // GEMV, which BLAS runs without a copy) 0.79-0.98x: those stay on BLAS.
+// float64 (on TiledD, AVX-512 CPUs; BLAS elsewhere) only in the backward (passes 2): the
+// forward's projection packed per call lost to MKL's GEMM (Zen 5, 2026-12-01, in-process,
+// 7 rounds: GRUCell H=512 B=8 inference 348 -> 461 us, H=1024 B=32 3391 -> 3637), while
+// training steps gained 1.05-1.45x (RNNCell H=1024 B=32 5092 -> 3532 us).
 constexpr int64_t kPackedMinWork = 1 << 20;
 bool packed_gemms(const CellArgs& a, int64_t passes) {
-  return a.B >= 2 && passes * a.B * a.G * (a.I + a.H) > kPackedMinWork;
+  return a.B >= 2 && passes * a.B * a.G * (a.I + a.H) > kPackedMinWork &&
+         (passes == 2 || a.x.scalar_type() != at::kDouble);
 }
 
 // The step's input pre-activations [B, G]: x @ w_ih^T + b_ih (+ b_add, the LSTM's and

@@ -47,23 +47,46 @@ struct TiledD {
   int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
   int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
 
-  void pack(const double* W, int64_t sc, int64_t sk, int64_t p) {
-    constexpr int64_t kChunk = 32;  // k at a time: the chunk's panel rows stay in L1 over its 8 columns
+  __attribute__((target("avx2,fma,avx512f,avx512vl"))) void pack(const double* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng), ld = 8 * V;
     double* out = panels() + p * K * ld;
     for (int v = 0; v < V; ++v) {
       const int gate = ng == 1 ? 0 : v;
       const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
-      if (sc == 1 && u0 + 8 <= units) {  // columns contiguous (the backward's W_hh^T)
-        for (int64_t k = 0; k < K; ++k) std::copy_n(W + gate * units + u0 + k * sk, 8, out + k * ld + v * 8);
+      int64_t k = 0;
+      if (sc == 1 && u0 + 8 <= units) {  // columns contiguous (the backward's W_hh^T): a vector per k
+        for (; k < K; ++k) _mm512_storeu_pd(out + k * ld + v * 8, _mm512_loadu_pd(W + gate * units + u0 + k * sk));
         continue;
       }
-      for (int64_t k0 = 0; k0 < K; k0 += kChunk)
-        for (int l = 0; l < 8; ++l) {
-          const int64_t u = u0 + l, k1 = std::min(K, k0 + kChunk);
-          const double* row = W + (gate * units + u) * sc;
-          for (int64_t k = k0; k < k1; ++k) out[k * ld + v * 8 + l] = u < units ? row[k * sk] : 0.0;
+      if (sk == 1) {  // rows contiguous in k (the forward's W_hh, a projection's W): 8 x 8 transposes
+        __m512d r[8];
+        for (; k + 8 <= K; k += 8) {
+          for (int l = 0; l < 8; ++l)
+            r[l] = u0 + l < units ? _mm512_loadu_pd(W + (gate * units + u0 + l) * sc + k) : _mm512_setzero_pd();
+          transpose8(r);
+          for (int j = 0; j < 8; ++j) _mm512_storeu_pd(out + (k + j) * ld + v * 8, r[j]);
         }
+      }
+      for (; k < K; ++k)
+        for (int l = 0; l < 8; ++l)
+          out[k * ld + v * 8 + l] = u0 + l < units ? W[(gate * units + u0 + l) * sc + k * sk] : 0.0;
+    }
+  }
+  // r[j][l] <- r[l][j]: pairs of rows interleaved (unpack), then 128-bit lanes gathered.
+  __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void transpose8(__m512d (&r)[8]) {
+    __m512d t[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);      // (a0 b0)(a2 b2)(a4 b4)(a6 b6)
+      t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);  // (a1 b1)(a3 b3)(a5 b5)(a7 b7)
+    }
+    constexpr int kEven = _MM_SHUFFLE(2, 0, 2, 0), kOdd = _MM_SHUFFLE(3, 1, 3, 1);
+    for (int h = 0; h < 2; ++h) {  // h = 0: columns 0, 2, 4, 6; h = 1: 1, 3, 5, 7
+      const __m512d s0 = _mm512_shuffle_f64x2(t[h], t[2 + h], kEven), s1 = _mm512_shuffle_f64x2(t[4 + h], t[6 + h], kEven);
+      const __m512d s2 = _mm512_shuffle_f64x2(t[h], t[2 + h], kOdd), s3 = _mm512_shuffle_f64x2(t[4 + h], t[6 + h], kOdd);
+      r[h] = _mm512_shuffle_f64x2(s0, s1, kEven);
+      r[4 + h] = _mm512_shuffle_f64x2(s0, s1, kOdd);
+      r[2 + h] = _mm512_shuffle_f64x2(s2, s3, kEven);
+      r[6 + h] = _mm512_shuffle_f64x2(s2, s3, kOdd);
     }
   }
 
