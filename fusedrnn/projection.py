@@ -30,8 +30,9 @@ from torch import Tensor
 from . import ops
 
 
-# float64 too, though its GEMM is BLAS's as in F.linear: the sequence ops' double backward
-# recomputes gx from this op's inputs (fusedrnn/double_backward.py).
+# float64 too: its GEMM is ours on AVX-512 CPUs (TiledD, csrc/cpu/tiled_f64.h), BLAS's as in
+# F.linear elsewhere, and the sequence ops' double backward recomputes gx from this op's
+# inputs (fusedrnn/double_backward.py).
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 

@@ -194,7 +194,8 @@ std::atomic<int64_t> g_min_work{[] {
 // see TiledF::kernel32), 3 = the micro-kernels on 16-float (zmm) vectors
 // (TiledF::kernel512). Where the CPU has AVX-512 (F and VL) the default is 3 on CPUs that
 // execute 512-bit FMAs at full width (zmm_full_width), 2 elsewhere; without AVX-512 every
-// mode is lowered to 1. FUSEDRNN_CPU_TILED=0/1/2/3 sets it; set_options() too.
+// mode is lowered to 1. float64 runs TiledD (8-double zmm vectors) in modes 2 and 3, BLAS
+// in 0 and 1. FUSEDRNN_CPU_TILED=0/1/2/3 sets it; set_options() too.
 bool has_avx512() {
 #if FRNN_X86_SIMD
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
@@ -494,8 +495,8 @@ void for_spans(bool pairs, int64_t npanel, int64_t p0, int64_t p1, bool reversed
   }
 }
 
-// Packed-panel recurrent GEMM (AVX2/FMA float32 only; see the avx2 specialization
-// below). This generic version is never used: use() is false.
+// Packed-panel recurrent GEMM (TiledF: float32 on AVX2/FMA, TiledD: float64 on AVX-512;
+// see the avx2 namespace below). This generic version is never used: use() is false.
 template <typename T>
 struct TiledStub {
   static bool use(int64_t, int64_t) { return false; }
@@ -1010,6 +1011,17 @@ void gemm_block(const TW& tw, int64_t p, int64_t M, int64_t k0, int64_t kc, cons
   if (!direct) TiledF::from_tmp(M, tmp, C, ldc, col, valid, w);
 }
 
+// pack_a's elements outside its tiles (rows [0, mt) from k = kt on, the others from 0).
+template <typename T>
+inline void pack_a_rest(const T* a, int64_t sam, int64_t sak, int64_t mc, int64_t kc, int64_t mt, int64_t kt, T* out,
+                        T* colsum) {
+  for (int64_t m = 0; m < mc; ++m) {
+    T sum = T(0);
+    for (int64_t k = m < mt ? kt : 0; k < kc; ++k) sum += out[m * kc + k] = a[m * sam + k * sak];
+    if (colsum) colsum[m] += sum;
+  }
+}
+
 // out[m * kc + k] = a[m * sam + k * sak] for an mc x kc block (A's rows made contiguous
 // in k, as the micro-kernel reads them); colsum (if not null): colsum[m] += the sum of
 // the block's row m (a bias gradient, from the pass that reads A anyway). When A's
@@ -1031,11 +1043,7 @@ inline void pack_a(const float* a, int64_t sam, int64_t sak, int64_t mc, int64_t
       TiledF::transpose8(r);
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (m + i) * kc + k, r[i]);
     }
-  for (int64_t m = 0; m < mc; ++m) {  // what the 8 x 8 tiles left: the k tail, the last rows
-    float sum = 0.f;
-    for (int64_t k = m < m8 ? k8 : 0; k < kc; ++k) sum += out[m * kc + k] = a[m * sam + k * sak];
-    if (colsum) colsum[m] += sum;
-  }
+  pack_a_rest(a, sam, sak, mc, kc, m8, k8, out, colsum);  // the k tail, the last rows
 }
 
 // pack_a for float64 (TiledD's weight gradients): 4 x 4 at a time.
@@ -1055,11 +1063,7 @@ inline void pack_a(const double* a, int64_t sam, int64_t sak, int64_t mc, int64_
       _mm256_storeu_pd(out + (m + 2) * kc + k, _mm256_permute2f128_pd(t0, t2, 0x31));
       _mm256_storeu_pd(out + (m + 3) * kc + k, _mm256_permute2f128_pd(t1, t3, 0x31));
     }
-  for (int64_t m = 0; m < mc; ++m) {  // what the 4 x 4 tiles left: the k tail, the last rows
-    double sum = 0.0;
-    for (int64_t k = m < m4 ? k4 : 0; k < kc; ++k) sum += out[m * kc + k] = a[m * sam + k * sak];
-    if (colsum) colsum[m] += sum;
-  }
+  pack_a_rest(a, sam, sak, mc, kc, m4, k4, out, colsum);  // the k tail, the last rows
 }
 
 // Rows [m0, m1) x panels [p0, p1) of C (+)= A @ B on B's packed panels `tw` (K rows), in

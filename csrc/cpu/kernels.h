@@ -96,7 +96,8 @@ void rnn_backward(const T* grad_y, const T* grad_h_n, const T* w_hh, int64_t H, 
 
 // One cell step's dense parts (cell_ops.cpp), not ATen ops: at the sizes of a decoding step
 // (e.g. B=4, H=64) an ATen op's dispatch costs more than its GEMM. `packed`: on cpu::gemm
-// (float32: our packed-panel kernels, the weight packed per call), else straight on BLAS
+// (our packed-panel kernels, the weight packed per call: float32, and float64 on AVX-512
+// CPUs), else straight on BLAS
 // (cell_ops.cpp says where each is faster).
 // out[M,N] = x[M,K] @ w[N,K]^T (+ b1[N]) (+ b2[N]); b1 and b2 may be null.
 template <typename T>
@@ -114,8 +115,9 @@ void step_weight_grad(int64_t B, int64_t G, int64_t N, const T* d, const T* m, T
 // A(m,k) = A[m*sam + k*sak] and B(k,n) = B[k*sbk + n*sbn]: one stride of each must be 1,
 // either one, so a transposed operand needs no copy. C is row-major (ldc). colsum (if not
 // null) [M] = the sums of A's rows (a bias gradient, for A = grad^T; free where a weight
-// gradient copies A anyway). float32 on AVX2 runs the recurrent micro-kernel blocked for
-// cache (kernels.cpp, gemm_blocked); otherwise BLAS. Up to kNarrowColumns columns N, with
+// gradient copies A anyway). float32 on AVX2, and float64 on AVX-512 (TiledD), run the
+// recurrent micro-kernel blocked for cache (kernels.cpp, gemm_blocked); otherwise BLAS.
+// Up to kNarrowColumns columns N, with
 // A row-major or stored transposed (a weight gradient's grad^T), it runs narrow kernels of
 // its own, float32 and float64 (kernels_impl.h, narrow_gemm): the input projection to 32
 // gates or fewer (RNN hidden <= 32), and the backward of a few input features or of a
@@ -155,7 +157,8 @@ const char* simd_path();
 // AVX2 micro-kernels, 2 = those with the recurrent steps' kernels in AVX-512's 32
 // registers, 3 = 4-vector panels on 16-float (zmm) vectors (the default where the CPU has
 // AVX-512: 3 where it runs 512-bit FMAs at full width, else 2; lowered to 1 without
-// AVX-512), -1 = unchanged; min_work: multiply-adds per thread per step below which a step is not
+// AVX-512), -1 = unchanged; float64 runs its packed-panel kernels (TiledD, 8-double zmm
+// vectors) in modes 2 and 3, BLAS in 0 and 1; min_work: multiply-adds per thread per step below which a step is not
 // split over threads (FUSEDRNN_CPU_MIN_WORK), <= 0 = unchanged; split: how the threads
 // share a time loop (FUSEDRNN_CPU_SPLIT, see make_split in kernels.cpp): 0 = chosen per
 // call, 1 = by hidden units, 2 = by batch rows wherever the kernel can, -1 = unchanged.

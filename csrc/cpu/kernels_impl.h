@@ -8,10 +8,11 @@
 // cell's pointwise math on it while it is in cache (L2) -- or, where that is as fast
 // (make_split), by batch rows: each thread runs the whole loop for its rows, with no
 // barrier between steps. Each kernel writes its step once, for a range of units and a
-// range of rows. float32 on AVX2 (Tiled, see kernels.cpp) packs the recurrent weight once
-// per call (sequences of >= 8 steps) and runs its own register-blocked micro-kernel,
-// panel by panel; otherwise a single-threaded BLAS call per slice (or per thread's rows,
-// on the unpacked weight). Nothing is allocated inside the time loop.
+// range of rows. float32 on AVX2 and float64 on AVX-512 (Tiled: TiledF, TiledD, see
+// kernels.cpp) pack the recurrent weight once per call (sequences of >= 8 steps) and run
+// their own register-blocked micro-kernel, panel by panel; otherwise a single-threaded
+// BLAS call per slice (or per thread's rows, on the unpacked weight). Nothing is allocated
+// inside the time loop.
 
 // ----------------------------------------------------------------------------- forward
 template <typename T, typename TW = Tiled<T>, typename WT = T>
