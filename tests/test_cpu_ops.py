@@ -213,14 +213,16 @@ def test_forced_paths(variant, tiled, split, H, lengths, reverse, dtype, cpu_opt
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 @pytest.mark.parametrize("tiled,split", [(3, 1), (3, 2), (2, 1), (2, 2), (0, 1), (0, 2)],
                          ids=["zmm", "zmm-rows", "tiled32", "tiled32-rows", "blas", "blas-rows"])
-def test_zero_h0_keeps_non_finite_weights(variant, tiled, split, cpu_options):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_zero_h0_keeps_non_finite_weights(variant, tiled, split, dtype, cpu_options):
     """With h0 = 0 the first step computes one row of 0 @ W_hh^T for all rows: an inf or
     NaN in W_hh must still give NaN in exactly the units where the reference (a full
-    GEMM: 0 * inf = NaN) has it, in every row (with a projection, every output is NaN)."""
+    GEMM: 0 * inf = NaN) has it, in every row (with a projection, every output is NaN).
+    float64 too: TiledD's kernels in zmm and tiled32."""
     cell, P, flag = variant
     cpu_options(tiled, 1, split)
     torch.set_num_threads(max(2, torch.get_num_threads()))
-    args = list(make_inputs(cell, 9, 13, 40, P=24 if P else 0, dtype=torch.float32, **_kw(cell, flag)))
+    args = list(make_inputs(cell, 9, 13, 40, P=24 if P else 0, dtype=dtype, **_kw(cell, flag)))
     args[1] = torch.zeros_like(args[1])
     w_hh = args[3 if cell == "lstm" else 2].clone()
     w_hh[5, 3], w_hh[-7, 0] = float("inf"), float("nan")
@@ -231,7 +233,8 @@ def test_zero_h0_keeps_non_finite_weights(variant, tiled, split, cpu_options):
     assert want[0].isnan().any() and (P or not want[0].isnan().all()), "the case must have NaN units at step 0"
     assert torch.equal(y[0].isnan(), want[0].isnan())
     finite = ~want[0].isnan()
-    torch.testing.assert_close(y[0][finite], want[0][finite].float(), atol=2e-5, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(y[0][finite], want[0][finite].to(dtype), atol=2 * tol, rtol=tol)
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != ("rnn", 0, True)], ids=_id)
