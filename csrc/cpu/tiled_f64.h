@@ -10,7 +10,7 @@
 // CPUs (its "def" AVX2 kernels) and copies the weight again at every call: on the 2-core
 // Zen 5 VM (2026-12-01), LSTM B=8 H=1024 inference spent 36% of its samples in MKL's copy
 // (mkl_blas_def_dgemm_copyat_bdz) and 40% in its kernel, and torch.nn's float64 LSTM (MKL
-// too) was 1.18x faster than ours there.
+// too) was 1.16-1.18x faster than ours there (two runs).
 //
 // Only where the CPU has AVX-512 (tiled modes 2 and 3): without it (and in mode 0 or 1)
 // float64 stays on BLAS.
