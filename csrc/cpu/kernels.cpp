@@ -1504,6 +1504,31 @@ __attribute__((noinline)) int64_t lstm_cells8d(const double* x, int64_t H, const
   }
   return pe;
 }
+// The float64 GRU forward cell of TiledD's path (see avx2::gru_cells8), as lstm_cells8d.
+__attribute__((noinline)) int64_t gru_cells8d(const double* x, int64_t H, const double* a, const double* b,
+                                              const double* hp, double* gt, double* hs, double* out, double* y,
+                                              int64_t p, int64_t pe) {
+  for (; p < pe; ++p) {
+    const int64_t u = 8 * p;
+    const double* ap = a + 24 * p;
+#pragma omp simd
+    for (int l = 0; l < 8; ++l) {
+      double r, z, n, h;
+      const double an = ap[16 + l] + b[2 * H + u + l];
+      gru_forward_unit<double>(x[u + l], x[H + u + l], x[2 * H + u + l], ap[l] + b[u + l], ap[8 + l] + b[H + u + l],
+                               an, hp[u + l], r, z, n, h);
+      gt[u + l] = r; gt[H + u + l] = z; gt[2 * H + u + l] = n;
+      hs[u + l] = an; out[u + l] = h; y[u + l] = h;
+    }
+  }
+  return pe;
+}
+// The float64 tanh RNN's cell (see avx2::rnn_tanh_cells8), units [0, n), as lstm_cells8d.
+__attribute__((noinline)) int64_t rnn_tanh_cells8d(const double* x, const double* a, double* out, int64_t n) {
+#pragma omp simd
+  for (int64_t u = 0; u < n; ++u) out[u] = rnn_forward_unit<double>(x[u] + a[u], false);
+  return n;
+}
 }  // namespace avx512
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
@@ -1594,19 +1619,23 @@ inline int64_t gru_cells8(const T* x, int64_t H, const T* a, const T* b, const T
       h.store(out + u);
       h.store(y + u);
     }
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (TiledF::wide()) return avx512::gru_cells8d(x, H, a, b, hp, gt, hs, out, y, p, pe);
   }
   return p;
 }
 
 // The tanh RNN's cell, out[u] = tanh(x[u] + a[u]) for u in [0, n), 8 at a time. Returns
-// how many units it did: a multiple of 8 for float32, 0 for other types (the caller's
-// loop does the rest).
+// how many units it did: a multiple of 8 for float32, n for float64 where the CPU has
+// AVX-512 (avx512::rnn_tanh_cells8d), 0 otherwise (the caller's loop does the rest).
 template <typename T>
 inline int64_t rnn_tanh_cells8(const T* x, const T* a, T* out, int64_t n) {
   int64_t u = 0;
   if constexpr (std::is_same_v<T, float>) {
     if (TiledF::zmm()) return avx512::rnn_tanh_cells16(x, a, out, n);
     for (; u + 8 <= n; u += 8) rnn_forward_unit<V8>(V8::load(x + u) + V8::load(a + u), false).store(out + u);
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (TiledF::wide()) return avx512::rnn_tanh_cells8d(x, a, out, n);
   }
   return u;
 }
