@@ -32,13 +32,12 @@ struct TiledD {
   // (sc = K, sk = 1) or the backward's W_hh^T (sc = 1, sk = units). Packed in parallel.
   TiledD(const double* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t /*B*/,
          const Slices& sl)
-      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)),
-        P(new ScratchBuffer(2 * npanel * K_ * 8 * V + 16)) {
+      : TiledD(ng_, units_, K_) {
     run_slices(sl, [&](int k) {
       for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, sk, p);
     });
   }
-  // Unpacked: the caller packs each panel (pack(); gemm_blocked).
+  // Unpacked: the caller packs each panel (pack(); gemm_blocked). (ScratchBuffer counts floats.)
   TiledD(int ng_, int64_t units_, int64_t K_)
       : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)),
         P(new ScratchBuffer(2 * npanel * K_ * 8 * V + 16)) {}
