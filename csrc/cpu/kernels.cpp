@@ -545,7 +545,26 @@ namespace {
 // With ng = 1 (RNN, and every backward, whose output is dL/dh) panel p covers units
 // [8Vp, 8Vp+8V). The output C is either a padded gate buffer (ldc = npanel*8V) or,
 // with `exact`, a [B, units] matrix whose last panel may be partial.
-struct TiledF {
+// (That geometry is PanelGeometry's, shared with TiledD, the float64 version.)
+struct PanelGeometry {
+  int V, ng;
+  int64_t units, K, npanel;
+  PanelGeometry(int ng_, int64_t units_, int64_t K_)
+      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)) {}
+  static int64_t panel_units(int ng) { return ng == 1 ? 32 : 8; }
+  int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
+  int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
+};
+// A packed-panel weight's constructor work: each thread of `sl` packs its slice's panels
+// (tw.pack(W, sc, sk, p); TiledF, TiledD, TiledBF).
+template <typename TW, typename W>
+void pack_slices(TW& tw, const W* w, int64_t sc, int64_t sk, const Slices& sl) {
+  run_slices(sl, [&](int k) {
+    for (int64_t p = tw.first_panel(sl.lo(k)); p < tw.end_panel(sl.hi(k)); ++p) tw.pack(w, sc, sk, p);
+  });
+}
+
+struct TiledF : PanelGeometry {
   // Shorter sequences run BLAS on the unpacked weight (packing it costs a pass over it),
   // except from 2 steps where the weight [G*H, K] has at most kShortMaxWeights elements:
   // there the per-step BLAS calls (one per gate) cost more than the packing. Measured
@@ -561,15 +580,12 @@ struct TiledF {
     return (steps >= kMinSteps || (steps >= 2 && weights <= kShortMaxWeights)) &&
            g_tiled.load(std::memory_order_relaxed);
   }
-  static int64_t panel_units(int ng) { return ng == 1 ? 32 : 8; }
   // Rows per micro-kernel block in the recurrent steps (rows() below).
   // (zmm: kernel512's 8 rows; make_split splits by rows only where each thread's rows fill
   // them as well as the whole batch does: LSTM H=512 B=8 split 4 + 4 by rows streamed the
   // whole weight on each thread at half the rows per pass, 1.16-1.18x slower than by units.)
   static int64_t block_rows(int ng) { return zmm() ? 8 : ng == 3 || wide() ? 4 : 3; }
 
-  int V, ng;
-  int64_t units, K, npanel;
   // GRU's 3-vector panels on zmm vectors (tiled mode 3) are packed in pairs, [q, q + 1] for
   // even q, each k's 48 values together, so that the step's GEMM runs 3 zmm per row
   // (kernel512<6, R>) instead of a zmm and an 8-float vector per panel; the gate buffer's
@@ -581,14 +597,11 @@ struct TiledF {
   TiledF(const float* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t /*unused*/,
          const Slices& sl)
       : TiledF(ng_, units_, K_) {
-    run_slices(sl, [&](int k) {
-      for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, sk, p);
-    });
+    pack_slices(*this, W, sc, sk, sl);
   }
   // Unpacked: the caller packs each panel (pack(), e.g. inside its own parallel region).
   TiledF(int ng_, int64_t units_, int64_t K_)
-      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), npanel(end_panel(units_)), pairs(ng_ == 3 && zmm()),
-        P(new ScratchBuffer(npanel * K * 8 * V)) {}
+      : PanelGeometry(ng_, units_, K_), pairs(ng_ == 3 && zmm()), P(new ScratchBuffer(npanel * K * 8 * V)) {}
   void pack(const float* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng);
     int64_t start, ld;  // (ld: floats between its k rows)
@@ -981,8 +994,6 @@ struct TiledF {
     if (exact) from_tmp(B, tmp, C, ldc, col, valid, w);
   }
   float* panels() const { return P->get(); }
-  int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
-  int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
 };
 
 #include "cpu/tiled_bf16.h"

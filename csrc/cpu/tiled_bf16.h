@@ -48,9 +48,7 @@ struct TiledBF {
       : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), K2((K_ + 1) / 2),
         npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)), lda2(K2 + 16), pairs(ng_ == 3 && TiledF::zmm()),
         P(new ScratchBuffer(npanel * K2 * 8 * V)), A(new ScratchBuffer(sl.threads * B_ * lda2 + 16)), B(B_) {
-    run_slices(sl, [&](int k) {
-      for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, sk, p);
-    });
+    pack_slices(*this, W, sc, sk, sl);
   }
   int64_t ldc() const { return npanel * 8 * V + 16; }  // as TiledF's
   int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }

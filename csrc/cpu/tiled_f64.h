@@ -1,7 +1,7 @@
 // The float64 recurrent GEMMs on AVX-512: gh[B, N] = h @ W^T on a weight packed once per
 // call, as TiledF does for float32. Included by kernels.cpp after TiledF (in its anonymous
 // namespace; it uses TiledF's row blocks and scratch helpers, ScratchBuffer, Slices,
-// run_slices, g_tiled). Same interface and panel geometry as TiledF (rows_of, gemm_gates,
+// run_slices, g_tiled). Same interface and panel geometry (PanelGeometry) as TiledF (rows_of, gemm_gates,
 // gemm_panel; 8 units x V gates per panel, 32 units for ng = 1), so the time loops, splits
 // and cell math of kernels_impl.h are unchanged: a panel's 8V doubles of one k are V
 // 8-double (zmm) vectors.
@@ -15,17 +15,14 @@
 // Only where the CPU has AVX-512 (tiled modes 2 and 3): without it (and in mode 0 or 1)
 // float64 stays on BLAS.
 
-struct TiledD {
+struct TiledD : PanelGeometry {
   static constexpr int64_t KC = 64;  // k-block: a 4-vector panel block is 16 KB (L1)
   static constexpr int kRows = 6;    // rows per micro-kernel block: 6 x 4 accumulators + 4 weights <= 32 zmm
   static bool use(int64_t steps, int64_t weights) {
     return (steps >= TiledF::kMinSteps || (steps >= 2 && weights <= TiledF::kShortMaxWeights)) && TiledF::wide();
   }
-  static int64_t panel_units(int ng) { return TiledF::panel_units(ng); }
   static int64_t block_rows(int) { return kRows; }
 
-  int V, ng;
-  int64_t units, K, npanel;
   std::unique_ptr<ScratchBuffer> P;  // the packed panels: npanel * K * 8V doubles
 
   // value(col, k) = W[col * sc + k * sk], col = gate * units + unit: the forward's W_hh
@@ -33,18 +30,13 @@ struct TiledD {
   TiledD(const double* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t /*B*/,
          const Slices& sl)
       : TiledD(ng_, units_, K_) {
-    run_slices(sl, [&](int k) {
-      for (int64_t p = first_panel(sl.lo(k)); p < end_panel(sl.hi(k)); ++p) pack(W, sc, sk, p);
-    });
+    pack_slices(*this, W, sc, sk, sl);
   }
   // Unpacked: the caller packs each panel (pack(); gemm_blocked). (ScratchBuffer counts floats.)
   TiledD(int ng_, int64_t units_, int64_t K_)
-      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)),
-        P(new ScratchBuffer(2 * npanel * K_ * 8 * V + 16)) {}
+      : PanelGeometry(ng_, units_, K_), P(new ScratchBuffer(2 * npanel * K_ * 8 * V + 16)) {}
   double* panels() const { return reinterpret_cast<double*>(P->get()); }
   int64_t ldc() const { return npanel * 8 * V + 8; }  // (one line more: see TiledF::ldc)
-  int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
-  int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
 
   __attribute__((target("avx2,fma,avx512f,avx512vl"))) void pack(const double* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng), ld = 8 * V;
