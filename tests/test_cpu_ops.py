@@ -340,6 +340,19 @@ def test_large_weight_prefetch_path(cell, B):
     check_against_reference("cpu", cell, args)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("tiled", [3, 2], ids=["zmm", "tiled32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_recurrent_steps_over_several_k_blocks(cell, tiled, dtype, cpu_options):
+    """The recurrent steps' GEMMs run k in blocks of 512 floats or 256 doubles
+    (kernels.cpp, TiledF::kStepKC; TiledD's), each block after the first adding to the
+    partial sums in C: hidden 600 has two blocks in the forward, and the backward's
+    dh = dG @ W_hh (k = 4H, 3H or H) two to five."""
+    cpu_options(tiled, 1, 1)
+    args = make_inputs(cell, 8, 11, 600, dtype=dtype, lengths=True, reverse=True)
+    check_against_reference("cpu", cell, args)
+
+
 def test_output_pool_reuses_memory_and_keeps_results_independent():
     """Large outputs (>= 1 MB) come from the cpu output pool (csrc/cpu/output_pool.h): a
     freed output's memory is reused by the next call, results stay those of the reference
