@@ -1085,13 +1085,16 @@ inline void pack_a(const double* a, int64_t sam, int64_t sak, int64_t mc, int64_
 }
 
 // Rows [m0, m1) x panels [p0, p1) of C (+)= A @ B on B's packed panels `tw` (K rows), in
-// blocks of MC rows and KC k: a block of A (MC x KC, 96-192 KB) stays in L2 while a
-// panel's KC x 32 block (16-32 KB) is in L1 for MC / 3 micro-kernel calls. A is read in
+// blocks of MC rows and KC k: a block of A (MC x KC: 96 KB copied, up to 768 KB read in
+// place) stays in L2 while a panel's KC x 32 block serves its MC / 8 micro-kernel calls. A is read in
 // place when its rows are contiguous in k (sak 1), else copied block by block into that
-// layout. KC: 256 when A is read in place (x @ w^T, grad @ w, whose K, the input or gate
-// width, is often <= 256: C is then written once, not once per k-block; in-process A/B
-// against 128 at T*B x G x H shapes, H 256-1024, B 8-64: the projection 1.017x geomean,
-// 0.99-1.055x; dx 0.97-1.03x), 128 for the weight gradients (no gain there).
+// layout. KC: 1024 when A is read in place (x @ w^T, grad @ w, whose K is the input or
+// gate width: mostly one block, so C is written once, and each micro-kernel call runs
+// longer between its accumulators' loads and stores; A's block, <= 768 KB, stays in a
+// 1 MB L2). In-process A/B, 15 interleaved calls (2026-12-01, Zen 5), against 256: LSTM
+// inference B 32-64 H=512 1.02x, B=8 and 64 at H=1024 1.05x, GRU 1.01-1.035x, training
+// 1.01-1.02x, float64 1.01-1.045x; 256 had been 1.017x over 128. 128 for the weight
+// gradients (no gain there).
 // (TW, T: TiledF and float, or TiledD and double, whose KC is half: the same bytes.)
 constexpr int64_t kGemmMC = 192;
 template <typename TW, typename T>
@@ -1099,7 +1102,7 @@ inline void gemm_rows(const TW& tw, int64_t K, const T* A, int64_t sam, int64_t 
                       bool acc, const T* bias, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
                       T* colsum = nullptr) {
   constexpr int64_t MC = kGemmMC;
-  const int64_t KC = sak == 1 ? 2 * TW::KC : TW::KC;
+  const int64_t KC = sak == 1 ? 8 * TW::KC : TW::KC;
   Buf<T> ap(sak == 1 ? 0 : MC * KC), tmp(MC * 32);
   for (; m0 < m1; m0 += MC) {
     const int64_t mc = std::min(MC, m1 - m0);
