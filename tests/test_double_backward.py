@@ -125,7 +125,8 @@ def test_gradgradcheck_projection():
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "rnn_relu"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradgradcheck_cell_op(cell, bias):
-    """The cell ops' create_graph backward recomputes torch.nn's cell (ATen's lstm_cell etc.)."""
+    """The cell ops' create_graph backward: their gradient formulas in ATen ops
+    (csrc/cpu/cell_grads.h)."""
     cell, relu = cell.split("_")[0], cell.endswith("relu")
     B, I, H = 2, 3, 4
     G = GATES[cell] * H
@@ -139,6 +140,16 @@ def test_gradgradcheck_cell_op(cell, bias):
         out = op(*t[:n + 1], *b, relu if cell == "rnn" else True)  # (the last argument: train, or the RNN's relu)
         return out[:2] if cell == "lstm" else out[0] if cell == "gru" else out
     _check(f, ts)
+
+
+@pytest.mark.parametrize("used", [0, 1], ids=["h", "c"])
+def test_gradgradcheck_lstm_cell_op_one_output(used):
+    """Only h1 or only c1 reaches the loss: the other's gradient is undefined in the backward
+    (the constant 0 in cell_grads.h's formulas)."""
+    B, I, H = 2, 3, 4
+    shapes = [(B, I), (B, H), (B, H), (4 * H, I), (4 * H, H), (4 * H,), (4 * H,)]
+    ts = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    _check(lambda *t: torch.ops.fusedrnn.lstm_cell(*t, True)[used], ts)
 
 
 def _penalty(module, x, hx=None, packed_lengths=None):
@@ -371,24 +382,31 @@ def test_bfloat16_kernels_path_gradient_penalty(kind, kw, dtype, matmul_precisio
         torch.testing.assert_close(a.double(), b, rtol=5e-2, atol=3e-2 * scale, msg=name)
 
 
-@pytest.mark.parametrize("kind,aten_cell", [("LSTMCell", "aten::lstm_cell"), ("GRUCell", "aten::gru_cell"),
-                                            ("RNNCell", "aten::rnn_tanh_cell")])
-def test_cells_over_unbind_recompute_once_per_step(kind, aten_cell):
-    """`for x_t in x` (one UnbindBackward for every step): each step's create_graph backward
-    recomputes its own step only. (On the saved inputs themselves the nested grad ran every
+@pytest.mark.parametrize("kind,op,per_step", [("LSTMCell", "aten::linear", 2), ("GRUCell", "aten::linear", 2),
+                                               ("RNNCell", "aten::tanh_backward", 1)])
+def test_cells_over_unbind_run_their_formulas_once_per_step(kind, op, per_step):
+    """`for x_t in x` (one UnbindBackward for every step): the create_graph backward runs each
+    step's gradient formulas once (csrc/cpu/cell_grads.h: LSTM and GRU recompute their two
+    pre-activation GEMMs, RNN starts from its saved output), with no nested autograd.grad and
+    no recomputation of ATen's cell. (A nested grad on the saved inputs themselves had run every
     earlier step's node again, each with its own nested grad: 2^T recomputations.)"""
     T = 8
     m = getattr(fusedrnn, kind)(3, 4, backend="cpu")
     x = torch.randn(T, 2, 3, requires_grad=True)
+    state, ys = None, []
+    for x_t in x:
+        state = m(x_t, state)
+        ys.append(state[0] if isinstance(state, tuple) else state)
+    loss = torch.stack(ys).square().sum()
+    got = {}
 
-    def penalty():
-        state, ys = None, []
-        for x_t in x:
-            state = m(x_t, state)
-            ys.append(state[0] if isinstance(state, tuple) else state)
-        (g,) = torch.autograd.grad(torch.stack(ys).square().sum(), x, create_graph=True)
-        g.square().sum().backward()
-    assert sum(1 for e in _events(penalty) if e.name == aten_cell) == T
+    def first():
+        got["g"] = torch.autograd.grad(loss, x, create_graph=True)[0]
+    names = [e.name for e in _events(first)]
+    assert names.count(op) == per_step * T
+    assert not any(n in names for n in ("aten::lstm_cell", "aten::gru_cell", "aten::rnn_tanh_cell"))
+    got["g"].square().sum().backward()
+    assert m.weight_hh.grad is not None and torch.isfinite(m.weight_hh.grad).all()
 
 
 def test_chunks_carrying_the_state_recompute_once_per_chunk():

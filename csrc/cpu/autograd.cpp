@@ -13,17 +13,15 @@
 // is the only TU with the autograd headers. (The backward ops' own autograd, which
 // refuses double backward, is registered in Python.)
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/gru_cell.h>
 #include <ATen/ops/linear.h>
-#include <ATen/ops/lstm_cell.h>
-#include <ATen/ops/rnn_relu_cell.h>
-#include <ATen/ops/rnn_tanh_cell.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <utility>
+
+#include "cpu/cell_grads.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -80,11 +78,11 @@ optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t)
 
 // ----------------------------------------------------------------------------- double backward
 // A backward called with create_graph=True runs with grad mode on. There the fused
-// backward kernels (first derivatives only) are replaced by a recomputation in
-// differentiable ops from aliases of the saved inputs, differentiated with create_graph (so
-// to any order; double_backward below): the cell ops recompute torch.nn's own cell
-// (ATen's lstm_cell etc.), the sequence ops the reference recurrence
-// (fusedrnn::recurrence_recompute, fusedrnn/double_backward.py) on gx = x @ w_ih^T + b.
+// backward kernels (first derivatives only) are replaced by differentiable ops, so the
+// gradients can be differentiated again, to any order. The cell ops run their gradient
+// formulas in ATen ops (cell_grads.h). The sequence ops recompute the reference recurrence
+// (fusedrnn::recurrence_recompute, fusedrnn/double_backward.py) on gx = x @ w_ih^T + b from
+// aliases of the saved inputs and differentiate it with create_graph (double_backward below).
 
 // Fresh aliases of the inputs of a recomputation (undefined stays undefined): the nested
 // autograd::grad below then stops at nodes only the recomputation reaches. On the inputs
@@ -162,12 +160,10 @@ struct LstmCell : torch::autograd::Function<LstmCell> {
     const auto s = ctx->get_saved_variables();
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 2, bias);
-    if (at::GradMode::is_enabled()) {  // create_graph: see double_backward
+    if (at::GradMode::is_enabled()) {  // create_graph: see cell_grads.h
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, c, w_ih, w_hh, b_ih, b_hh
-      const variable_list a = aliases({s[0], s[1], s[2], s[3], s[4], s[7], s[8]});
-      const auto [h1, c1] = at::lstm_cell(a[0], {a[1], a[2]}, a[3], a[4], opt(a[5]), opt(a[6]));
-      auto r = double_backward({h1, c1}, {grads[0], grads[1]}, a,
-                               {need(0), need(1), need(2), need(3), need(4), bias && need(5), bias && need(6)});
+      auto r = grads::lstm_cell(s[0], s[1], s[2], s[3], s[4], opt(s[7]), opt(s[8]), grads[0], grads[1],
+                                {need(0), need(1), need(2), need(3), need(4), bias && need(5), bias && need(6)});
       r.emplace_back();  // (train)
       return r;
     }
@@ -217,10 +213,9 @@ struct GruCell : torch::autograd::Function<GruCell> {
     const auto s = ctx->get_saved_variables();
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 1, bias);
-    if (at::GradMode::is_enabled()) {  // create_graph: see double_backward
+    if (at::GradMode::is_enabled()) {  // create_graph: see cell_grads.h
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
-      const variable_list a = aliases({s[0], s[1], s[2], s[3], s[7], s[8]});
-      auto r = double_backward({at::gru_cell(a[0], a[1], a[2], a[3], opt(a[4]), opt(a[5]))}, {grads[0]}, a,
+      auto r = grads::gru_cell(s[0], s[1], s[2], s[3], opt(s[7]), opt(s[8]), grads[0],
                                {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
       r.emplace_back();  // (train)
       return r;
@@ -267,11 +262,9 @@ struct RnnCell : torch::autograd::Function<RnnCell> {
     const bool bias = ctx->saved_data["bias"].toBool();
     const Needs n(ctx, 1, bias);
     const bool relu = ctx->saved_data["relu"].toBool();
-    if (at::GradMode::is_enabled()) {  // create_graph: see double_backward
+    if (at::GradMode::is_enabled()) {  // create_graph: see cell_grads.h
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
-      const variable_list a = aliases({s[0], s[1], s[2], s[3], s[5], s[6]});
-      const Tensor h1 = (relu ? at::rnn_relu_cell : at::rnn_tanh_cell)(a[0], a[1], a[2], a[3], opt(a[4]), opt(a[5]));
-      auto r = double_backward({h1}, {grads[0]}, a,
+      auto r = grads::rnn_cell(s[0], s[1], s[2], s[3], s[4], relu, grads[0],
                                {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
       r.emplace_back();  // (relu)
       return r;

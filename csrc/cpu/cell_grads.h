@@ -1,0 +1,122 @@
+// The one-step cell ops' gradients in differentiable ATen ops, for a backward called with
+// create_graph=True (csrc/cpu/autograd.cpp): the cells' own pointwise functions
+// (cells/*_unit.inc, the formulas every kernel runs) instantiated on tensors, so the
+// gradients can be differentiated again, to any order, without a nested autograd::grad.
+// Included by autograd.cpp only (it needs ATen).
+//
+// Why: the cell ops had recomputed ATen's cell and differentiated it with a nested
+// autograd::grad per step; with the engine's overhead a gradient-penalty step through
+// RNNCell took 1.3-1.6x torch.nn's time (bench/double_backward.py).
+#pragma once
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/rsub.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/tanh.h>
+#include <ATen/ops/tanh_backward.h>
+#include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <utility>
+#include <vector>
+
+#include "cells/common.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace grads {
+
+using at::Tensor;
+
+// A tensor, or a scalar constant (T(1) and T(0) in the formulas), as the number type of the
+// cells' pointwise functions: every operation a differentiable ATen op.
+struct DV {
+  Tensor t;  // undefined: the constant s
+  double s = 0;
+  DV() = default;
+  DV(Tensor x) : t(std::move(x)) {}
+  DV(double x) : s(x) {}
+  DV(int x) : s(x) {}
+};
+inline DV operator+(const DV& a, const DV& b) {
+  if (!a.t.defined()) return b.t.defined() ? DV(b.t + a.s) : DV(a.s + b.s);
+  return b.t.defined() ? DV(a.t + b.t) : DV(a.t + b.s);
+}
+inline DV operator-(const DV& a, const DV& b) {
+  if (!a.t.defined()) return b.t.defined() ? DV(at::rsub(b.t, a.s)) : DV(a.s - b.s);
+  return b.t.defined() ? DV(a.t - b.t) : DV(a.t - b.s);
+}
+inline DV operator*(const DV& a, const DV& b) {
+  if (!a.t.defined()) return b.t.defined() ? DV(b.t * a.s) : DV(a.s * b.s);
+  return b.t.defined() ? DV(a.t * b.t) : DV(a.t * b.s);
+}
+inline DV sigmoid_(const DV& x) { return at::sigmoid(x.t); }
+inline DV tanh_(const DV& x) { return at::tanh(x.t); }
+
+#include "cells/gru_unit.inc"
+#include "cells/lstm_unit.inc"
+
+// An output's incoming gradient, or the constant 0 where nothing used that output.
+inline DV grad_or_zero(const Tensor& g) { return g.defined() ? DV(g) : DV(0.0); }
+
+// The gradients of (x, h, [c,] w_ih, w_hh, b_ih, b_hh) where need[k] (undefined elsewhere),
+// given dL/d(pre-activations) on the input side (dgi) and the hidden side (dgh) and the
+// parts of the state gradients that bypass the GEMMs.
+inline std::vector<Tensor> from_preactivations(const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                                               const Tensor& w_hh, const Tensor& dgi, const Tensor& dgh,
+                                               const Tensor& dh_direct, const std::vector<Tensor>& state_extra,
+                                               const std::vector<bool>& need) {
+  std::vector<Tensor> r;
+  r.push_back(need[0] ? dgi.mm(w_ih) : Tensor());
+  r.push_back(need[1] ? (dh_direct.defined() ? dgh.mm(w_hh) + dh_direct : dgh.mm(w_hh)) : Tensor());
+  for (const Tensor& e : state_extra) r.push_back(need[r.size()] ? e : Tensor());
+  const size_t k = r.size();
+  r.push_back(need[k] ? dgi.t().mm(x) : Tensor());
+  r.push_back(need[k + 1] ? dgh.t().mm(h) : Tensor());
+  r.push_back(need[k + 2] ? dgi.sum(0) : Tensor());
+  r.push_back(need[k + 3] ? dgh.sum(0) : Tensor());
+  return r;
+}
+
+// LSTM cell: grads (dL/dh1, dL/dc1; either undefined) -> (x, h, c, w_ih, w_hh, b_ih, b_hh).
+inline std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih,
+                                     const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                     const c10::optional<Tensor>& b_hh, const Tensor& g_h, const Tensor& g_c,
+                                     const std::vector<bool>& need) {
+  const auto a = (at::linear(x, w_ih, b_ih) + at::linear(h, w_hh, b_hh)).chunk(4, 1);
+  DV i, f, g, o, c1, h1;
+  lstm_forward_unit<DV>(a[0], a[1], a[2], a[3], c, i, f, g, o, c1, h1);
+  DV dai, daf, dag, dao, dc;
+  lstm_backward_unit<DV>(i, f, g, o, c1, c, grad_or_zero(g_h), grad_or_zero(g_c), dai, daf, dag, dao, dc);
+  const Tensor da = at::cat({dai.t, daf.t, dag.t, dao.t}, 1);
+  return from_preactivations(x, h, w_ih, w_hh, da, da, Tensor(), {dc.t}, need);
+}
+
+// GRU cell: dL/dh1 (undefined: none) -> (x, h, w_ih, w_hh, b_ih, b_hh).
+inline std::vector<Tensor> gru_cell(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                                    const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
+                                    const Tensor& g_h, const std::vector<bool>& need) {
+  const auto gi = at::linear(x, w_ih, b_ih).chunk(3, 1);
+  const auto gh = at::linear(h, w_hh, b_hh).chunk(3, 1);
+  DV r, z, n, h1;
+  gru_forward_unit<DV>(gi[0], gi[1], gi[2], gh[0], gh[1], gh[2], h, r, z, n, h1);
+  DV dxr, dxz, dxn, dhn, dhd;
+  gru_backward_unit<DV>(r, z, n, gh[2], h, grad_or_zero(g_h), dxr, dxz, dxn, dhn, dhd);
+  return from_preactivations(x, h, w_ih, w_hh, at::cat({dxr.t, dxz.t, dxn.t}, 1), at::cat({dxr.t, dxz.t, dhn.t}, 1),
+                             dhd.t, {}, need);
+}
+
+// RNN cell: from its saved output h1 (differentiable through the op's own node), with no
+// recomputation: the pre-activation's gradient is ATen's tanh or relu backward of h1.
+inline std::vector<Tensor> rnn_cell(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                                    const Tensor& h1, bool relu, const Tensor& g_h, const std::vector<bool>& need) {
+  const Tensor g = g_h.defined() ? g_h : at::zeros_like(h1);
+  const Tensor da = relu ? at::threshold_backward(g, h1, 0) : at::tanh_backward(g, h1);
+  return from_preactivations(x, h, w_ih, w_hh, da, da, Tensor(), {}, need);
+}
+
+}  // namespace grads
+}  // namespace cpu
+}  // namespace fusedrnn
