@@ -14,6 +14,7 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/rsub.h>
 #include <ATen/ops/sigmoid.h>
+#include <ATen/ops/sigmoid_backward.h>
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/tanh_backward.h>
 #include <ATen/ops/threshold_backward.h>
@@ -54,6 +55,11 @@ inline DV operator*(const DV& a, const DV& b) {
 }
 inline DV sigmoid_(const DV& x) { return at::sigmoid(x.t); }
 inline DV tanh_(const DV& x) { return at::tanh(x.t); }
+// (one op each, differentiable in both arguments; g a constant only if nothing reached it)
+inline DV dsigmoid_(const DV& y, const DV& g) {
+  return g.t.defined() ? DV(at::sigmoid_backward(g.t, y.t)) : g * y * (DV(1) - y);
+}
+inline DV dtanh_(const DV& y, const DV& g) { return g.t.defined() ? DV(at::tanh_backward(g.t, y.t)) : g * (DV(1) - y * y); }
 
 #include "cells/gru_unit.inc"
 #include "cells/lstm_unit.inc"
@@ -86,8 +92,8 @@ inline std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Ten
                                      const c10::optional<Tensor>& b_hh, const Tensor& g_h, const Tensor& g_c,
                                      const std::vector<bool>& need) {
   const auto a = (at::linear(x, w_ih, b_ih) + at::linear(h, w_hh, b_hh)).chunk(4, 1);
-  DV i, f, g, o, c1, h1;
-  lstm_forward_unit<DV>(a[0], a[1], a[2], a[3], c, i, f, g, o, c1, h1);
+  DV i, f, g, o, c1;
+  lstm_forward_gates<DV>(a[0], a[1], a[2], a[3], c, i, f, g, o, c1);
   DV dai, daf, dag, dao, dc;
   lstm_backward_unit<DV>(i, f, g, o, c1, c, grad_or_zero(g_h), grad_or_zero(g_c), dai, daf, dag, dao, dc);
   const Tensor da = at::cat({dai.t, daf.t, dag.t, dao.t}, 1);
