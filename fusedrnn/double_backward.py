@@ -1,25 +1,26 @@
 """Double backward (a gradient of a gradient: autograd.grad(..., create_graph=True), then a
 backward through its result, as in gradient penalties, MAML or Hessian-vector products)
-for the cpu backend's ops: the reference recurrence as an op the C++ autograd can call.
+of the sequence ops: the reference backward (the spec) in differentiable ops.
 
-The fused backward kernels compute first derivatives only. When a backward runs with
-create_graph=True, the C++ autograd of the cpu ops (csrc/cpu/autograd.cpp, double_backward)
-recomputes instead, in differentiable ops, from aliases of the op's inputs, and
-differentiates that with create_graph=True, so the result can be differentiated again, to
-any order. The cell ops recompute torch.nn's own cell (ATen's lstm_cell etc.); the
-sequence ops recompute gx = x @ w_ih^T + b from the input projection's inputs, which its
-autograd node already keeps (nothing more is saved for this, and a backward without
-create_graph is unchanged), then call fusedrnn::recurrence_recompute below: the reference
-recurrence (fusedrnn/reference.py, plain differentiable PyTorch ops).
+The fused backward kernels compute first derivatives only. When a sequence op's backward
+runs with create_graph=True (C++ autograd of the cpu backend, csrc/cpu/autograd.cpp; the
+Python autograd of the others, fusedrnn/ops.py), it calls sequence_grads below instead:
+the reference backward (fusedrnn/reference.py, plain differentiable PyTorch ops) on the
+op's saved output y, which is differentiable through the op's own node (so the result
+can be differentiated again, to any order: a gradient through y runs that node's
+backward again), and on the saved tensors it also needs (the gates; the LSTM's cells,
+GRU's W_hn h + b_hn), recomputed in differentiable ops from gx and y: one GEMM over all
+steps (the previous states are y's rows), then the pointwise math over all steps at once;
+only the LSTM's cell state takes a loop of two ops a step. There is no per-step forward to
+replay and no nested autograd.grad.
 
-The other backends' ops have Python autograd (fusedrnn/ops.py); sequence_grads below is
-the same mechanism for them: their modules' input projection (projection.input_projection,
-F.linear) leaves x, w and b on gx, where gx_source finds them.
-
-A layer whose x, w_ih and biases all need no gradient has no projection node: there the
-projection notes its inputs (C++: FrozenProjection in csrc/cpu/autograd.cpp; Python: the
-same attribute on gx), rather than the op keeping gx itself, which would cost its memory
-in every training step. Where gx did not come from a projection (a direct op call with a
+gx itself is recomputed, gx = x @ w_ih^T + b, from the input projection's inputs, which
+its autograd node already keeps (nothing more is saved for this, and a backward without
+create_graph is unchanged); the RNN's backward needs only y, not gx. A layer whose x, w_ih
+and biases all need no gradient has no projection node: there the projection notes its
+inputs (C++: FrozenProjection in csrc/cpu/autograd.cpp; Python: the same attribute on
+gx), rather than the op keeping gx itself, which would cost its memory in every training
+step. Where an LSTM or GRU's gx did not come from a projection (a direct op call with a
 computed gx; a layer traced by torch.jit.trace or torch.compile on a backend with Python
 autograd), double backward still raises (ops._no_double_backward).
 """
@@ -33,38 +34,65 @@ from torch import Tensor
 
 from . import projection, reference
 
-SCHEMA = ("(str cell, bool relu, bool reverse, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr,"
-          " Tensor? b_hh, Tensor? lengths) -> Tensor[]")
+SCHEMA = ("(str cell, bool relu, bool reverse, Tensor? gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr,"
+          " Tensor? b_hh, Tensor? lengths, Tensor y, Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n) -> Tensor[]")
 
 
 def define() -> None:
-    """Declare fusedrnn::recurrence_recompute with its implementation (idempotent). The
-    implementation is registered as CompositeImplicitAutograd: it runs above autograd, so
-    autograd records the reference's ops and the results are differentiable."""
+    """Declare fusedrnn::sequence_grads with its implementation (idempotent), for the C++
+    autograd. Registered as CompositeImplicitAutograd: it runs above autograd, so autograd
+    records the reference's ops and the results are differentiable."""
     from . import ops  # (ops imports this module)
-    if not ops.define_schemas("recurrence_recompute", {"recurrence_recompute": SCHEMA}):
+    if not ops.define_schemas("sequence_grads", {"sequence_grads": SCHEMA}):
         return
-    ops._LIB.impl("recurrence_recompute", recurrence_recompute, "CompositeImplicitAutograd")
+    ops._LIB.impl("sequence_grads", grads_from_outputs, "CompositeImplicitAutograd")
 
 
-def recurrence_recompute(cell: str, relu: bool, reverse: bool, gx: Tensor, h0: Tensor, c0: Optional[Tensor],
-                         w_hh: Tensor, w_hr: Optional[Tensor], b_hh: Optional[Tensor],
-                         lengths: Optional[Tensor]) -> list[Tensor]:
-    """[y, h_n] (LSTM: [y, h_n, c_n]) of the reference recurrence of `cell` on gx (b_hh:
-    GRU's recurrent bias), in differentiable ops. A bfloat16 w_hh (the bfloat16 kernels'
-    path: float32 gx and states) is cast to float32: its products are exact there, as in
-    the kernels' dot products."""
-    w_hh = w_hh.to(gx.dtype)
-    if cell == "lstm":
-        return list(reference.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, False)[:3])
+def grads_from_outputs(cell: str, relu: bool, reverse: bool, gx: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
+                       w_hh: Tensor, w_hr: Optional[Tensor], b_hh: Optional[Tensor], lengths: Optional[Tensor],
+                       y: Tensor, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor]) -> list[Tensor]:
+    """The reference backward's results (reference.lstm_backward etc.: grad_gx, grad_h0[,
+    grad_c0], grad_w_hh[, grad_w_hr or grad_b_hh]) from the forward's output y and its
+    inputs, in differentiable ops; empty tensors for the LSTM's grad_w_hr without w_hr and
+    GRU's grad_b_hh without b_hh. gx: the input projection (not read for the RNN). A bfloat16
+    w_hh (the bfloat16 kernels' path: float32 gx and states) is taken in float32: its products
+    are exact there, as in the kernels' dot products."""
+    if cell == "rnn":
+        return list(reference.rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y))
+    dtype = reference.compute_dtype(gx.dtype)
+    w = w_hh.to(dtype)
+    T, B, G = gx.shape
+    mask = reference.active_mask(lengths, T, B, gx.device)[..., None]
+    gxo, yo = reference._orient(reverse, lengths, gx.to(dtype), y.to(dtype))
+    pre = torch.matmul(reference.previous_states(yo, h0.to(dtype)), w.t())  # every step's W_hh h_{t-1}
     if cell == "gru":
-        return list(reference.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, False)[:2])
-    return list(reference.rnn_forward(gx, h0, w_hh, lengths, reverse, relu))
+        H = G // 3
+        if b_hh is not None:
+            pre = pre + b_hh.to(dtype)
+        rz, hn = torch.sigmoid(gxo[..., :2 * H] + pre[..., :2 * H]), pre[..., 2 * H:]
+        n = torch.tanh(gxo[..., 2 * H:] + rz[..., :H] * hn)
+        gates, hn = (torch.where(mask, t, 0) for t in (torch.cat([rz, n], -1), hn))
+        gates, hn = reference._orient(reverse, lengths, gates, hn)
+        return list(reference.gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn))
+    H = G // 4
+    a = gxo + pre
+    i, f, o = (torch.sigmoid(a[..., k * H:(k + 1) * H]) for k in (0, 1, 3))
+    g = torch.tanh(a[..., 2 * H:3 * H])
+    ig = i * g
+    c, cells = c0.to(dtype), []
+    for f_t, ig_t in zip(f.unbind(0), ig.unbind(0)):  # (each sequence's real steps are a prefix here)
+        c = f_t * c + ig_t
+        cells.append(c)
+    cells = reference._stack(cells, gx, H)
+    gates, cells = (torch.where(mask, t, 0) for t in (torch.cat([i, f, g, o], -1), cells))
+    gates, cells = reference._orient(reverse, lengths, gates, cells)
+    return list(reference.lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y,
+                                        gates, cells))
 
 
 # ----------------------------------------------------------------------------- Python autograd
 # The ops of the backends registered in Python (fusedrnn/ops.py) take the same path as the
-# cpu backend's C++ (csrc/cpu/autograd.cpp: gx_source, aliases, double_backward).
+# cpu backend's C++ (csrc/cpu/autograd.cpp: gx_source, sequence_grads).
 _NO_SOURCE = (None, None, None, None)
 
 
@@ -84,35 +112,22 @@ def has_source(src: Sequence[Optional[Tensor]]) -> bool:
     return src[0] is not None or src[3] is not None
 
 
-def _aliases(ts):
-    # Fresh views: the nested grad then stops at nodes only the recomputation reaches (on the
-    # tensors themselves it would run every upstream node leading to their grad_fns, each
-    # with its own nested grad: 2^T recomputations for a loop over x.unbind(0)).
-    return [None if t is None else t.view_as(t) for t in ts]
-
-
 def sequence_grads(cell: str, relu: bool, reverse: bool, src: Sequence[Optional[Tensor]],
-                   inputs: Sequence[Optional[Tensor]], lengths: Optional[Tensor],
+                   inputs: Sequence[Optional[Tensor]], lengths: Optional[Tensor], y: Tensor,
                    grads: Sequence[Optional[Tensor]], needs: Sequence[bool]) -> list[Optional[Tensor]]:
     """A sequence op's create_graph backward: the gradients of (gx, h0, c0, w_hh, w_hr, b_hh)
-    where `needs` (None elsewhere; zeros for one the results do not depend on), as
-    differentiable functions of the op's inputs and of `grads` (those of y, h_n[, c_n];
-    None: unused). `src` is gx_source(gx); `inputs` are (h0, c0, w_hh, w_hr, b_hh)."""
-    x, w, b, leaf = _aliases(src)
-    gx = leaf if x is None else F.linear(x, w, b)
-    h0, c0, w_hh, w_hr, b_hh = wrt = _aliases(inputs)
-    outs = recurrence_recompute(cell, relu, reverse, gx, h0, c0, w_hh, w_hr, b_hh, lengths)
-    return _create_graph_grads(outs, grads, [gx, *wrt], needs)
-
-
-def _create_graph_grads(outs, grads, wrt, needs):
-    used = [(o, g) for o, g in zip(outs, grads) if g is not None]
-    idx = [k for k, n in enumerate(needs) if n]
-    res: list[Optional[Tensor]] = [None] * len(wrt)
-    if not used or not idx:
-        return res
-    got = torch.autograd.grad([o for o, _ in used], [wrt[k] for k in idx], [g for _, g in used],
-                              create_graph=True, allow_unused=True)
-    for k, g in zip(idx, got):
-        res[k] = torch.zeros_like(wrt[k]) if g is None else g
+    where `needs` (None elsewhere), as differentiable functions of the op's inputs, its
+    output y and `grads` (those of y, h_n[, c_n]; None: unused). `src` is gx_source(gx)
+    (not read for the RNN); `inputs` are (h0, c0, w_hh, w_hr, b_hh)."""
+    x, w, b, leaf = src
+    gx = None if cell == "rnn" else leaf if x is None else F.linear(x, w, b)
+    h0, c0, w_hh, w_hr, b_hh = inputs
+    zeros = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (y, h0, c0))]
+    got = grads_from_outputs(cell, relu, reverse, gx, h0, c0, w_hh, w_hr, b_hh, lengths, y, *zeros[:2],
+                             zeros[2] if cell == "lstm" else None)
+    # got: (gx, h0, c0, w_hh, w_hr) for the LSTM, (gx, h0, w_hh, b_hh) for GRU, (gx, h0, w_hh) for RNN
+    slots = {"lstm": (0, 1, 2, 3, 4), "gru": (0, 1, 3, 5), "rnn": (0, 1, 3)}[cell]
+    res: list[Optional[Tensor]] = [None] * 6
+    for k, g in zip(slots, got):
+        res[k] = g if needs[k] else None
     return res

@@ -108,8 +108,8 @@ def _no_setup(ctx, inputs, output):
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("fusedrnn: double backward (a gradient of a gradient through an RNN, e.g. "
-                       "autograd.grad(..., create_graph=True) then backward) is not supported here: it needs a "
-                       "recomputation of the layer from its input projection's inputs or from gx itself "
+                       "autograd.grad(..., create_graph=True) then backward) is not supported here: an LSTM or "
+                       "GRU layer's needs its gx, recomputed from its input projection's inputs or gx itself "
                        "(fusedrnn/double_backward.py), and this call has neither: "
                        "a layer run under torch.jit.trace or torch.compile, or a sequence op called with a gx that is "
                        "neither a leaf nor fusedrnn's input projection's output; for that computation set the "
@@ -185,7 +185,7 @@ def _lstm_backward(ctx, bwd_op, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_c
     h0, c0, w_hh, w_hr, lengths, y, gates, cells, *src = ctx.saved_tensors
     if torch.is_grad_enabled() and DB.has_source(src):  # create_graph (fusedrnn/double_backward.py)
         n = ctx.needs_input_grad
-        g = DB.sequence_grads("lstm", False, ctx.reverse, src, (h0, c0, w_hh, w_hr, None), lengths,
+        g = DB.sequence_grads("lstm", False, ctx.reverse, src, (h0, c0, w_hh, w_hr, None), lengths, y,
                               (grad_y, grad_h_n, grad_c_n), (*n[:5], False))
         return (*g[:5], None, None, None)
     grad_y, grad_h_n, grad_c_n = (_grad_or_zeros(g, like) for g, like in
@@ -208,7 +208,7 @@ def _gru_backward(ctx, bwd_op, grad_y, grad_h_n, _grad_gates, _grad_hn):
     h0, w_hh, b_hh, lengths, y, gates, hn, *src = ctx.saved_tensors
     if torch.is_grad_enabled() and DB.has_source(src):
         n = ctx.needs_input_grad
-        g = DB.sequence_grads("gru", False, ctx.reverse, src, (h0, None, w_hh, None, b_hh), lengths,
+        g = DB.sequence_grads("gru", False, ctx.reverse, src, (h0, None, w_hh, None, b_hh), lengths, y,
                               (grad_y, grad_h_n), (n[0], n[1], False, n[2], False, n[3]))
         return g[0], g[1], g[3], g[5], None, None, None
     grad_y, grad_h_n = _grad_or_zeros(grad_y, y), _grad_or_zeros(grad_h_n, h0)
@@ -226,9 +226,9 @@ def _rnn_setup(ctx, inputs, output):
 
 def _rnn_backward(ctx, bwd_op, grad_y, grad_h_n):
     h0, w_hh, lengths, y, *src = ctx.saved_tensors
-    if torch.is_grad_enabled() and DB.has_source(src):
+    if torch.is_grad_enabled():  # create_graph: from y alone (fusedrnn/double_backward.py)
         n = ctx.needs_input_grad
-        g = DB.sequence_grads("rnn", ctx.relu, ctx.reverse, src, (h0, None, w_hh, None, None), lengths,
+        g = DB.sequence_grads("rnn", ctx.relu, ctx.reverse, src, (h0, None, w_hh, None, None), lengths, y,
                               (grad_y, grad_h_n), (n[0], n[1], False, n[2], False, False))
         return g[0], g[1], g[3], None, None, None
     grad_y, grad_h_n = _grad_or_zeros(grad_y, y), _grad_or_zeros(grad_h_n, h0)

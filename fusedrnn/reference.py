@@ -122,6 +122,13 @@ def _stack(rows: list[Tensor], like: Tensor, width: int) -> Tensor:
     return _StackRows.apply(*rows) if rows else like.new_zeros(0, like.shape[1], width)
 
 
+def _step_masks(lengths: Tensor | None, T: int, B: int, device) -> list:
+    """Each step's mask [B, 1] of real rows, for _where; all None without lengths."""
+    if lengths is None:
+        return [None] * T
+    return [m[:, None] for m in active_mask(lengths, T, B, device).unbind(0)]
+
+
 def _where(m: Tensor | None, new, old):
     """new at the real steps (mask m [B, 1]), old at the padded ones; m None: all real (no
     op for autograd to differentiate: see _stack)."""
@@ -173,29 +180,31 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, rever
     T, B, G = gates.shape
     H = G // 4
     grad_y, y, gates, cells = _orient(reverse, lengths, grad_y, y, gates, cells)
-    mask = active_mask(lengths, T, B, gates.device)
+    masks = _step_masks(lengths, T, B, gates.device)
     # After orienting, each sequence's real steps are a prefix 0..L-1, so the
     # state step t started from is simply the previous step's (or the initial one).
     c_prev = previous_states(cells, c0)
     dh, dc = grad_h_n, grad_c_n
-    dpre = torch.zeros_like(gates)
-    dhs = torch.zeros_like(y)  # dL/dh_t (projected), for grad_w_hr
-    for t in reversed(range(T)):
-        m = mask[t, :, None]
-        i, f, g, o = gates[t].split(H, dim=1)
-        tc = torch.tanh(cells[t])
-        dh_t = dh + grad_y[t]
-        dhs[t] = torch.where(m, dh_t, 0)
+    # (Rows collected and stacked, inputs' rows taken by unbind: the create_graph backward
+    # differentiates this function, fusedrnn/double_backward.py; see _stack.)
+    dpre, dhs = [], []  # dL/d(pre-activations), dL/dh_t (projected, for grad_w_hr); last step first
+    for m, gt, ct, cp, gy in reversed(list(zip(masks, gates.unbind(0), cells.unbind(0), c_prev.unbind(0),
+                                               grad_y.unbind(0)))):
+        i, f, g, o = gt.split(H, dim=1)
+        tc = torch.tanh(ct)
+        dh_t = dh + gy
+        dhs.append(_where(m, dh_t, 0))
         dhr = dh_t @ w_hr if w_hr is not None else dh_t
         dc_t = dc + dhr * o * (1 - tc * tc)
         da = torch.cat([dc_t * g * i * (1 - i),
-                        dc_t * c_prev[t] * f * (1 - f),
+                        dc_t * cp * f * (1 - f),
                         dc_t * i * (1 - g * g),
                         dhr * tc * o * (1 - o)], 1)
-        da = torch.where(m, da, 0)
-        dpre[t] = da
-        dh = torch.where(m, da @ w_hh, dh)
-        dc = torch.where(m, dc_t * f, dc)
+        da = _where(m, da, 0)
+        dpre.append(da)
+        dh = _where(m, da @ w_hh, dh)
+        dc = _where(m, dc_t * f, dc)
+    dpre, dhs = _stack(dpre[::-1], gates, G), _stack(dhs[::-1], y, y.shape[2])
     # Weight gradients: one GEMM each over all steps (padded steps have dpre = 0).
     grad_w_hh = _matmul_t(dpre, previous_states(y, h0))
     if w_hr is not None:
@@ -242,22 +251,21 @@ def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, h
     T, B, G = gates.shape
     H = G // 3
     grad_y, y, gates, hn = _orient(reverse, lengths, grad_y, y, gates, hn)
-    mask = active_mask(lengths, T, B, gates.device)
+    masks = _step_masks(lengths, T, B, gates.device)
     h_prev = previous_states(y, h0)
     dh = grad_h_n
-    dgx = torch.zeros_like(gates)
-    dgh = torch.zeros_like(gates)  # gradient w.r.t. W_hh h + b_hh
-    for t in reversed(range(T)):
-        m = mask[t, :, None]
-        r, z, n = gates[t].split(H, dim=1)
-        dh_t = dh + grad_y[t]
+    dgx, dgh = [], []  # gradients w.r.t. gx and W_hh h + b_hh, last step first (see lstm_backward)
+    for m, gt, hnt, hp, gy in reversed(list(zip(masks, gates.unbind(0), hn.unbind(0), h_prev.unbind(0),
+                                                grad_y.unbind(0)))):
+        r, z, n = gt.split(H, dim=1)
+        dh_t = dh + gy
         dan = dh_t * (1 - z) * (1 - n * n)
-        daz = dh_t * (h_prev[t] - n) * z * (1 - z)
-        dar = dan * hn[t] * r * (1 - r)
-        dgx_t = torch.where(m, torch.cat([dar, daz, dan], 1), 0)
-        dgh_t = torch.where(m, torch.cat([dar, daz, dan * r], 1), 0)
-        dgx[t], dgh[t] = dgx_t, dgh_t
-        dh = torch.where(m, dh_t * z + dgh_t @ w_hh, dh)
+        daz = dh_t * (hp - n) * z * (1 - z)
+        dar = dan * hnt * r * (1 - r)
+        dgx.append(_where(m, torch.cat([dar, daz, dan], 1), 0))
+        dgh.append(_where(m, torch.cat([dar, daz, dan * r], 1), 0))
+        dh = _where(m, dh_t * z + dgh[-1] @ w_hh, dh)
+    dgx, dgh = _stack(dgx[::-1], gates, G), _stack(dgh[::-1], gates, G)
     grad_w_hh = _matmul_t(dgh, h_prev)
     grad_b_hh = dgh.sum((0, 1)) if b_hh is not None else grad_y.new_zeros(0)
     (dgx,) = _orient(reverse, lengths, dgx)
@@ -284,21 +292,27 @@ def rnn_forward(gx, h0, w_hh, lengths, reverse, relu):
     return y.to(out_dtype), h.to(out_dtype)
 
 
+def _activation_backward(g: Tensor, y: Tensor, relu: bool) -> Tensor:
+    """dL/da from dL/dh = g and the activation's output y (0 at padded steps; masked anyway).
+    ReLU's as ATen's threshold_backward: differentiated again (the create_graph backward,
+    fusedrnn/double_backward.py), its result stays connected to y, with zero derivative, as
+    torch.nn's, instead of a constant."""
+    return torch.ops.aten.threshold_backward(g, y, 0) if relu else g * (1 - y * y)
+
+
 def rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y):
     out_dtype = h0.dtype
     grad_y, grad_h_n, h0, w_hh, y = map(_up, (grad_y, grad_h_n, h0, w_hh, y))
     T, B, H = y.shape
     grad_y, y = _orient(reverse, lengths, grad_y, y)
-    mask = active_mask(lengths, T, B, y.device)
-    # derivative of the nonlinearity from its output (y is 0 at padded steps; masked anyway)
-    dact = (y > 0).to(y.dtype) if relu else 1 - y * y
+    masks = _step_masks(lengths, T, B, y.device)
     dh = grad_h_n
-    da_all = torch.zeros_like(y)
-    for t in reversed(range(T)):
-        m = mask[t, :, None]
-        da = torch.where(m, (dh + grad_y[t]) * dact[t], 0)
-        da_all[t] = da
-        dh = torch.where(m, da @ w_hh, dh)
+    das = []  # last step first (see lstm_backward)
+    for m, yt, gy in reversed(list(zip(masks, y.unbind(0), grad_y.unbind(0)))):
+        da = _where(m, _activation_backward(dh + gy, yt, relu), 0)
+        das.append(da)
+        dh = _where(m, da @ w_hh, dh)
+    da_all = _stack(das[::-1], y, H)
     grad_w_hh = _matmul_t(da_all, previous_states(y, h0))
     (da_all,) = _orient(reverse, lengths, da_all)
     return da_all.to(out_dtype), dh.to(out_dtype), grad_w_hh.to(out_dtype)

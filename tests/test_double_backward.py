@@ -1,5 +1,6 @@
-"""Double backward (fusedrnn/double_backward.py): a backward with create_graph=True
-recomputes the layer with the reference, so its result can be differentiated again. On the
+"""Double backward (fusedrnn/double_backward.py): a backward with create_graph=True runs
+the reference backward in differentiable ops (the cell ops: their formulas in ATen ops,
+csrc/cpu/cell_grads.h), so its result can be differentiated again. On the
 cpu backend (C++ autograd): gradgradcheck in float64 at op level (gx a leaf, gx from
 fusedrnn::projection, the cell ops) and against torch.nn at module level (gradient
 penalties, second derivatives in the weights). On the backends whose ops have Python
@@ -122,6 +123,19 @@ def test_gradgradcheck_projection():
     _check(lambda *t: torch.ops.fusedrnn.projection(*t).sin(), (x, w, b))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_gradgradcheck_rnn_op_with_a_computed_gx(backend, relu):
+    """The RNN's create_graph backward reads only its output y (no gx to recompute): gx = a
+    leaf's clone, neither a leaf itself nor a projection's output, has second derivatives too."""
+    be = backend_or_skip(backend, "rnn")
+    gx, h0, w_hh, lengths, reverse, _ = make_inputs("rnn", 5, 3, 4, dtype=torch.float64, lengths=True,
+                                                    reverse=True, relu=relu)
+    ts = [t.requires_grad_() for t in (gx, h0, w_hh)]
+    op = be.op("rnn", "forward")
+    _check(lambda a, h, w: op(a.clone(), h, w, lengths, reverse, relu), ts)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "rnn_relu"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradgradcheck_cell_op(cell, bias):
@@ -226,13 +240,14 @@ def _profiled_ops(fn):
 
 
 def test_first_order_backward_does_not_recompute():
-    """Without create_graph the fused backward kernels run; only create_graph recomputes."""
+    """Without create_graph the fused backward kernels run; only create_graph runs the
+    reference backward in differentiable ops (fusedrnn::sequence_grads)."""
     m = fusedrnn.GRU(4, 5, backend="cpu")
     x = torch.randn(7, 2, 4, requires_grad=True)
     names = _profiled_ops(lambda: m(x)[0].sum().backward())
-    assert "fusedrnn::gru_backward" in names and "fusedrnn::recurrence_recompute" not in names
+    assert "fusedrnn::gru_backward" in names and "fusedrnn::sequence_grads" not in names
     names = _profiled_ops(lambda: torch.autograd.grad(m(x)[0].sum(), x, create_graph=True))
-    assert "fusedrnn::recurrence_recompute" in names and "fusedrnn::gru_backward" not in names
+    assert "fusedrnn::sequence_grads" in names and "fusedrnn::gru_backward" not in names
 
 
 def test_gx_is_not_kept_alive():
@@ -411,8 +426,8 @@ def test_cells_over_unbind_run_their_formulas_once_per_step(kind, op, per_step):
 
 def test_chunks_carrying_the_state_recompute_once_per_chunk():
     """Chunks of one tensor, the state carried from chunk to chunk, the weights' gradients
-    asked for (their AccumulateGrad is reached from every chunk): one recurrence_recompute per
-    chunk (see test_cells_over_unbind_recompute_once_per_step)."""
+    asked for (their AccumulateGrad is reached from every chunk): one sequence_grads per
+    chunk (see test_cells_over_unbind_run_their_formulas_once_per_step)."""
     m = fusedrnn.GRU(3, 4, backend="cpu")
     x = torch.randn(24, 2, 3, requires_grad=True)
 
@@ -423,7 +438,7 @@ def test_chunks_carrying_the_state_recompute_once_per_chunk():
             ys.append(y)
         gs = torch.autograd.grad(torch.cat(ys).square().sum(), [x, *m.parameters()], create_graph=True)
         sum(g.square().sum() for g in gs).backward()
-    assert sum(1 for e in _events(penalty) if e.name == "fusedrnn::recurrence_recompute") == 8
+    assert sum(1 for e in _events(penalty) if e.name == "fusedrnn::sequence_grads") == 8
 
 
 # ----------------------------------------------------------------------------- Python autograd
@@ -462,7 +477,7 @@ def _leaves(args, dtype):
 @pytest.mark.parametrize("backend", PYTHON_AUTOGRAD)
 @pytest.mark.parametrize("cell,kw", SEQ_CASES, ids=[f"{c}-{'-'.join(k) or 'plain'}" for c, k in SEQ_CASES])
 def test_python_autograd_sequence_op(backend, cell, kw):
-    """gx a leaf: the create_graph backward recomputes the reference from gx itself."""
+    """gx a leaf: the create_graph backward recomputes the gates from gx itself."""
     args = _leaves(make_inputs(cell, 4, 3, 3, **kw), _dtype(backend))
     _check_python_autograd(backend, cell, args, [i for i, a in enumerate(args)
                                                  if isinstance(a, torch.Tensor) and a.requires_grad])
@@ -530,16 +545,16 @@ def test_python_autograd_packed_with_hx_and_weight_second_derivatives(backend):
 
 def _count_recomputes(monkeypatch):
     calls = []
-    real = double_backward.recurrence_recompute
-    monkeypatch.setattr(double_backward, "recurrence_recompute", lambda *a: calls.append(1) or real(*a))
+    real = double_backward.grads_from_outputs
+    monkeypatch.setattr(double_backward, "grads_from_outputs", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
 @pytest.mark.parametrize("backend", ["reference"])
 def test_python_autograd_recomputes_only_with_create_graph(backend, monkeypatch):
-    """Without create_graph the backward op runs; only create_graph recomputes, once per
-    layer, also for cells over x.unbind(0) (once per step: the nested grad runs on aliases,
-    see csrc/cpu/autograd.cpp) and for chunks carrying the state."""
+    """Without create_graph the backward op runs; only create_graph runs the reference
+    backward (double_backward.grads_from_outputs), once per layer, also for cells over
+    x.unbind(0) (once per step) and for chunks carrying the state."""
     calls = _count_recomputes(monkeypatch)
     m = fusedrnn.GRU(4, 5, backend=backend)
     x = torch.randn(7, 2, 4, requires_grad=True)

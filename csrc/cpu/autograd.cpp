@@ -15,7 +15,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/zeros_like.h>
-#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -80,55 +79,9 @@ optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t)
 // A backward called with create_graph=True runs with grad mode on. There the fused
 // backward kernels (first derivatives only) are replaced by differentiable ops, so the
 // gradients can be differentiated again, to any order. The cell ops run their gradient
-// formulas in ATen ops (cell_grads.h). The sequence ops recompute the reference recurrence
-// (fusedrnn::recurrence_recompute, fusedrnn/double_backward.py) on gx = x @ w_ih^T + b from
-// aliases of the saved inputs and differentiate it with create_graph (double_backward below).
-
-// Fresh aliases of the inputs of a recomputation (undefined stays undefined): the nested
-// autograd::grad below then stops at nodes only the recomputation reaches. On the inputs
-// themselves it would also run every node upstream that leads to one of their grad_fns,
-// e.g. the earlier steps of a loop over x.unbind(0) (one UnbindBackward for all x_t;
-// likewise a weight's AccumulateGrad), each of which runs its own nested grad in
-// create_graph mode: 2^T recomputations.
-variable_list aliases(const variable_list& ts) {
-  variable_list a;
-  for (const Tensor& t : ts) a.push_back(t.defined() ? t.view_as(t) : t);
-  return a;
-}
-
-// The gradients of sum_i <grads[i], outs[i]> for the tensors `wrt` in `need`, with
-// create_graph (zeros where one does not reach the outputs; undefined where not needed:
-// autograd takes no gradient, not even an empty one, for an input that needs none).
-variable_list double_backward(const variable_list& outs, const variable_list& grads, const variable_list& wrt,
-                              const std::vector<bool>& need) {
-  variable_list o, g, in, res(wrt.size());
-  std::vector<size_t> idx;
-  for (size_t i = 0; i < outs.size(); ++i)
-    if (grads[i].defined()) o.push_back(outs[i]), g.push_back(grads[i]);
-  for (size_t k = 0; k < wrt.size(); ++k)
-    if (need[k]) in.push_back(wrt[k]), idx.push_back(k);
-  if (o.empty() || in.empty()) return res;
-  const auto r = torch::autograd::grad(o, in, g, /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
-  for (size_t j = 0; j < idx.size(); ++j) res[idx[j]] = r[j].defined() ? r[j] : at::zeros_like(in[j]);
-  return res;
-}
-
-// A sequence op's recomputation from the aliases `a` of {x, w_ih, b, gx, h0, c0, w_hh,
-// w_hr, b_hh} (GxSource's and the op's inputs; absent ones undefined): gx = x @ w_ih^T + b
-// (or gx itself, a leaf), then the reference recurrence. Returns {y, h_n[, c_n]} and, in
-// `gx_out`, the recomputed gx (the op's own input, whose gradient the op returns).
-using RecomputeSig = std::vector<Tensor>(c10::string_view cell, bool relu, bool reverse, const Tensor& gx,
-                                         const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_hh,
-                                         const optional<Tensor>& w_hr, const optional<Tensor>& b_hh,
-                                         const optional<Tensor>& lengths);
-variable_list recompute_sequence(const char* cell, bool relu, bool reverse, const variable_list& a,
-                                 const Tensor& lengths, Tensor& gx_out) {
-  static const auto op = op_handle<RecomputeSig>("fusedrnn::recurrence_recompute");
-  // (bfloat16 x and w, projection_bf16's: their products are exact in float32, as there)
-  const auto up = [](const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; };
-  gx_out = a[0].defined() ? at::linear(up(a[0]), up(a[1]), opt(a[2])) : a[3];
-  return op.call(cell, relu, reverse, gx_out, a[4], opt(a[5]), a[6], opt(a[7]), opt(a[8]), opt(lengths));
-}
+// formulas in ATen ops (cell_grads.h). The sequence ops run the reference backward on
+// their saved output y (fusedrnn::sequence_grads, fusedrnn/double_backward.py), with
+// gx = x @ w_ih^T + b recomputed for the LSTM and GRU (sequence_grads below).
 
 // ----------------------------------------------------------------------------- LSTM
 using LstmSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -466,6 +419,31 @@ GxSource gx_source(const Tensor& gx) {
   return {};
 }
 
+// A sequence op's create_graph backward: fusedrnn::sequence_grads on gx recomputed from
+// `src` (the LSTM and GRU; the RNN's needs only y), its inputs and its saved output y
+// (differentiable through the op's own node). Returns the gradients of the op's inputs
+// (gx, h0[, c0], w_hh[, w_hr or b_hh]), undefined where not `need`ed.
+using SeqGradsSig = std::vector<Tensor>(c10::string_view, bool, bool, const optional<Tensor>&, const Tensor&,
+                                        const optional<Tensor>&, const Tensor&, const optional<Tensor>&,
+                                        const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
+                                        const Tensor&, const Tensor&, const optional<Tensor>&);
+variable_list sequence_grads(const char* cell, bool relu, bool reverse, const GxSource& src, const Tensor& h0,
+                             const Tensor& c0, const Tensor& w_hh, const Tensor& w_hr, const Tensor& b_hh,
+                             const Tensor& lengths, const Tensor& y, const variable_list& grads,
+                             const std::vector<bool>& need) {
+  static const auto op = op_handle<SeqGradsSig>("fusedrnn::sequence_grads");
+  // (bfloat16 x and w, projection_bf16's: their products are exact in float32, as there)
+  const auto up = [](const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; };
+  const Tensor gx = src.x.defined() ? at::linear(up(src.x), up(src.w), opt(src.b)) : src.gx;
+  const bool lstm = c0.defined();
+  auto r = op.call(cell, relu, reverse, opt(gx), h0, opt(c0), w_hh, opt(w_hr), opt(b_hh), opt(lengths), y,
+                   grad_or_zeros(grads[0], y), grad_or_zeros(grads[1], h0),
+                   lstm ? opt(grad_or_zeros(grads[2], c0)) : c10::nullopt);
+  for (size_t k = 0; k < r.size(); ++k)
+    if (!need[k]) r[k] = Tensor();
+  return r;
+}
+
 // ----------------------------------------------------------------------------- sequence ops
 // The same contract as the Python registration in fusedrnn/ops.py (_lstm_setup,
 // _lstm_backward, ...): the saved outputs (gates, cells, hn) are not differentiable, an
@@ -501,13 +479,11 @@ struct LstmSeq : torch::autograd::Function<LstmSeq> {
     static const auto op = op_handle<LstmSeqBwdSig>("fusedrnn::lstm_backward");
     const auto s = ctx->get_saved_variables();  // h0, c0, w_hh, w_hr, lengths, y, gates, cells, GxSource
     const bool proj = s[3].defined();
-    if (at::GradMode::is_enabled() && (s[8].defined() || s[11].defined())) {
+    if (at::GradMode::is_enabled() && (s[8].defined() || s[11].defined())) {  // create_graph
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, c0, w_hh, w_hr
-      const variable_list a = aliases({s[8], s[9], s[10], s[11], s[0], s[1], s[2], s[3], Tensor()});
-      Tensor gx;
-      const auto outs = recompute_sequence("lstm", false, ctx->saved_data["reverse"].toBool(), a, s[4], gx);
-      auto r = double_backward(outs, {grads[0], grads[1], grads[2]}, {gx, a[4], a[5], a[6], a[7]},
-                               {need(0), need(1), need(2), need(3), proj && need(4)});
+      auto r = sequence_grads("lstm", false, ctx->saved_data["reverse"].toBool(), {s[8], s[9], s[10], s[11]}, s[0],
+                              s[1], s[2], s[3], Tensor(), s[4], s[5], grads,
+                              {need(0), need(1), need(2), need(3), proj && need(4)});
       r.resize(8);  // (lengths, reverse, train)
       return r;
     }
@@ -560,13 +536,11 @@ struct GruSeq : torch::autograd::Function<GruSeq> {
     static const auto op = op_handle<GruSeqBwdSig>("fusedrnn::gru_backward");
     const auto s = ctx->get_saved_variables();  // h0, w_hh, b_hh, lengths, y, gates, hn, GxSource
     const bool bias = s[2].defined();
-    if (at::GradMode::is_enabled() && (s[7].defined() || s[10].defined())) {
+    if (at::GradMode::is_enabled() && (s[7].defined() || s[10].defined())) {  // create_graph
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, w_hh, b_hh
-      const variable_list a = aliases({s[7], s[8], s[9], s[10], s[0], Tensor(), s[1], Tensor(), s[2]});
-      Tensor gx;
-      const auto outs = recompute_sequence("gru", false, ctx->saved_data["reverse"].toBool(), a, s[3], gx);
-      auto r = double_backward(outs, {grads[0], grads[1]}, {gx, a[4], a[6], a[8]},
-                               {need(0), need(1), need(2), bias && need(3)});
+      auto r = sequence_grads("gru", false, ctx->saved_data["reverse"].toBool(), {s[7], s[8], s[9], s[10]}, s[0],
+                              Tensor(), s[1], Tensor(), s[2], s[3], s[4], grads,
+                              {need(0), need(1), need(2), bias && need(3)});
       r.resize(7);  // (lengths, reverse, train)
       return r;
     }
@@ -599,8 +573,8 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
       at::AutoDispatchBelowADInplaceOrView guard;
       return op.call(gx, h0, w_hh, lengths, reverse, relu);
     }();
-    const GxSource src = gx_source(gx);
-    ctx->save_for_backward({h0, w_hh, lengths.value_or(Tensor()), y, src.x, src.w, src.b, src.gx});
+    gx_source(gx);  // (takes the projection's note, unused: the RNN's create_graph backward needs only y)
+    ctx->save_for_backward({h0, w_hh, lengths.value_or(Tensor()), y});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["relu"] = relu;
     ctx->set_materialize_grads(false);
@@ -608,14 +582,12 @@ struct RnnSeq : torch::autograd::Function<RnnSeq> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<RnnSeqBwdSig>("fusedrnn::rnn_backward");
-    const auto s = ctx->get_saved_variables();  // h0, w_hh, lengths, y, GxSource
-    if (at::GradMode::is_enabled() && (s[4].defined() || s[7].defined())) {
+    const auto s = ctx->get_saved_variables();  // h0, w_hh, lengths, y
+    if (at::GradMode::is_enabled()) {  // create_graph: from y alone
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // gx, h0, w_hh
-      const variable_list a = aliases({s[4], s[5], s[6], s[7], s[0], Tensor(), s[1], Tensor(), Tensor()});
-      Tensor gx;
-      const auto outs = recompute_sequence("rnn", ctx->saved_data["relu"].toBool(),
-                                           ctx->saved_data["reverse"].toBool(), a, s[2], gx);
-      auto r = double_backward(outs, {grads[0], grads[1]}, {gx, a[4], a[6]}, {need(0), need(1), need(2)});
+      auto r = sequence_grads("rnn", ctx->saved_data["relu"].toBool(), ctx->saved_data["reverse"].toBool(), {},
+                              s[0], Tensor(), s[1], Tensor(), Tensor(), s[2], s[3], grads,
+                              {need(0), need(1), need(2)});
       r.resize(6);  // (lengths, reverse, relu)
       return r;
     }
