@@ -109,7 +109,7 @@ def _no_setup(ctx, inputs, output):
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("fusedrnn: double backward (a gradient of a gradient through an RNN, e.g. "
                        "autograd.grad(..., create_graph=True) then backward) is not supported here: an LSTM or "
-                       "GRU layer's needs its gx, recomputed from its input projection's inputs or gx itself "
+                       "GRU layer needs its gx, recomputed from its input projection's inputs or gx itself "
                        "(fusedrnn/double_backward.py), and this call has neither: "
                        "a layer run under torch.jit.trace or torch.compile, or a sequence op called with a gx that is "
                        "neither a leaf nor fusedrnn's input projection's output; for that computation set the "
