@@ -20,13 +20,7 @@ FRNN_HD double tanh_(double x) { return tanh(x); }
 template <typename T>
 FRNN_HD T sigmoid_(T x) { return T(1) / (T(1) + exp_(-x)); }
 
-// The gradient through sigmoid or tanh from its output y and the incoming gradient g (the
-// cells' backward formulas are written with these, so the create_graph path,
-// csrc/cpu/cell_grads.h, can run each as one ATen op: sigmoid_backward, tanh_backward).
-template <typename T>
-FRNN_HD T dsigmoid_(T y, T g) { return g * y * (T(1) - y); }
-template <typename T>
-FRNN_HD T dtanh_(T y, T g) { return g * (T(1) - y * y); }
+#include "cells/derivatives.inc"
 
 // max(x, 0) that keeps NaN, as torch.relu does (x > 0 ? x : 0 would map NaN to 0).
 template <typename T>

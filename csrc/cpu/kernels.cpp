@@ -1336,6 +1336,7 @@ using fusedrnn::exp_;
 using fusedrnn::relu_;
 using fusedrnn::sigmoid_;
 using fusedrnn::tanh_;
+#include "cells/derivatives.inc"
 #include "cells/gru_unit.inc"
 #include "cells/lstm_unit.inc"
 #include "cells/rnn_unit.inc"
@@ -1577,6 +1578,7 @@ using fusedrnn::exp_;  // (the scalar overloads, for the float and double loops)
 using fusedrnn::relu_;
 using fusedrnn::sigmoid_;
 using fusedrnn::tanh_;
+#include "cells/derivatives.inc"
 #include "cells/gru_unit.inc"
 #include "cells/lstm_unit.inc"
 #include "cells/rnn_unit.inc"
