@@ -66,18 +66,12 @@ def grads_from_outputs(cell: str, relu: bool, reverse: bool, gx: Optional[Tensor
     gxo, yo = reference._orient(reverse, lengths, gx.to(dtype), y.to(dtype))
     pre = torch.matmul(reference.previous_states(yo, h0.to(dtype)), w.t())  # every step's W_hh h_{t-1}
     if cell == "gru":
-        H = G // 3
-        if b_hh is not None:
-            pre = pre + b_hh.to(dtype)
-        rz, hn = torch.sigmoid(gxo[..., :2 * H] + pre[..., :2 * H]), pre[..., 2 * H:]
-        n = torch.tanh(gxo[..., 2 * H:] + rz[..., :H] * hn)
-        gates, hn = (torch.where(mask, t, 0) for t in (torch.cat([rz, n], -1), hn))
+        r, z, n, hn = reference.gru_gates(gxo, pre if b_hh is None else pre + b_hh.to(dtype), G // 3)
+        gates, hn = (torch.where(mask, t, 0) for t in (torch.cat([r, z, n], -1), hn))
         gates, hn = reference._orient(reverse, lengths, gates, hn)
         return list(reference.gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn))
     H = G // 4
-    a = gxo + pre
-    i, f, o = (torch.sigmoid(a[..., k * H:(k + 1) * H]) for k in (0, 1, 3))
-    g = torch.tanh(a[..., 2 * H:3 * H])
+    i, f, g, o = reference.lstm_gates(gxo + pre, H)
     ig = i * g
     c, cells = c0.to(dtype), []
     for f_t, ig_t in zip(f.unbind(0), ig.unbind(0)):  # (each sequence's real steps are a prefix here)

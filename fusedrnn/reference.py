@@ -141,6 +141,12 @@ def _results(reverse, lengths, train: bool, ys: Tensor, *saved: Tensor) -> tuple
     return (y, *saved) if train else (y, ys.new_empty(0), ys.new_empty(0))
 
 
+def lstm_gates(a: Tensor, H: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(i, f, g, o), post-activation, from the pre-activations a [..., 4H] (gx + W_hh h)."""
+    i, f, _, o = torch.sigmoid(a).split(H, dim=-1)
+    return i, f, torch.tanh(a[..., 2 * H:3 * H]), o
+
+
 def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
     check_forward("lstm", gx, h0, w_hh, lengths, c0=c0, w_hr=w_hr)
     out_dtype = gx.dtype
@@ -154,9 +160,7 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
     # (Few ops per step: autograd differentiates this loop in the double backward, where
     # each op's overhead counts. unbind, not gx[t]: see _stack.)
     for t, gx_t in enumerate(gx.unbind(0)):
-        a = torch.addmm(gx_t, h, w_hh.t())
-        i, f, _, o = torch.sigmoid(a).split(H, dim=1)
-        g = torch.tanh(a[:, 2 * H:3 * H])
+        i, f, g, o = lstm_gates(torch.addmm(gx_t, h, w_hh.t()), H)
         c_new = f * c + i * g
         h_new = o * torch.tanh(c_new)
         if w_hr is not None:
@@ -219,6 +223,13 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, rever
 
 
 # ----------------------------------------------------------------------------- GRU
+def gru_gates(gx: Tensor, gh: Tensor, H: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(r, z, n, hn) from gx [..., 3H] and gh = W_hh h + b_hh [..., 3H]; hn = gh's n part."""
+    r, z = torch.sigmoid(gx[..., :2 * H] + gh[..., :2 * H]).split(H, dim=-1)
+    hn = gh[..., 2 * H:]
+    return r, z, torch.tanh(gx[..., 2 * H:] + r * hn), hn
+
+
 def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, train=True):
     check_forward("gru", gx, h0, w_hh, lengths, b_hh=b_hh)
     out_dtype = gx.dtype
@@ -231,9 +242,7 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, train=True):
     ys, gates, hns = [], [], []
     for t, gx_t in enumerate(gx.unbind(0)):  # (few ops per step: see lstm_forward)
         gh = h @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h, w_hh.t())
-        r, z = torch.sigmoid(gx_t[:, :2 * H] + gh[:, :2 * H]).split(H, dim=1)
-        hn = gh[:, 2 * H:]
-        n = torch.tanh(gx_t[:, 2 * H:] + r * hn)
+        r, z, n, hn = gru_gates(gx_t, gh, H)
         h_new = n + z * (h - n)  # = (1 - z) * n + z * h
         m = None if lengths is None else mask[t, :, None]
         h = _where(m, h_new, h)
