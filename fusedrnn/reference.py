@@ -113,6 +113,18 @@ class _StackRows(torch.autograd.Function):
         return grad.unbind(0)
 
 
+def dsigmoid(y: Tensor, g: Tensor) -> Tensor:
+    """The gradient through sigmoid from its output y and the incoming gradient g, g y (1 - y),
+    as cells/derivatives.inc's dsigmoid_; one ATen op (sigmoid_backward), which the create_graph
+    backward (fusedrnn/double_backward.py) records as one node instead of four."""
+    return torch.ops.aten.sigmoid_backward(g, y)
+
+
+def dtanh(y: Tensor, g: Tensor) -> Tensor:
+    """The gradient through tanh from its output y: g (1 - y^2), as dtanh_ (see dsigmoid)."""
+    return torch.ops.aten.tanh_backward(g, y)
+
+
 def _stack(rows: list[Tensor], like: Tensor, width: int) -> Tensor:
     """[T, B, width] from the per-step rows (T = 0: empty). Rows collected and stacked rather
     than written into a preallocated tensor (and the inputs' rows taken by unbind, not
@@ -199,11 +211,8 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, rever
         dh_t = dh + gy
         dhs.append(_where(m, dh_t, 0))
         dhr = dh_t @ w_hr if w_hr is not None else dh_t
-        dc_t = dc + dhr * o * (1 - tc * tc)
-        da = torch.cat([dc_t * g * i * (1 - i),
-                        dc_t * cp * f * (1 - f),
-                        dc_t * i * (1 - g * g),
-                        dhr * tc * o * (1 - o)], 1)
+        dc_t = dc + dtanh(tc, dhr * o)
+        da = torch.cat([dsigmoid(i, dc_t * g), dsigmoid(f, dc_t * cp), dtanh(g, dc_t * i), dsigmoid(o, dhr * tc)], 1)
         da = _where(m, da, 0)
         dpre.append(da)
         dh = _where(m, da @ w_hh, dh)
@@ -268,9 +277,9 @@ def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, h
                                                 grad_y.unbind(0)))):
         r, z, n = gt.split(H, dim=1)
         dh_t = dh + gy
-        dan = dh_t * (1 - z) * (1 - n * n)
-        daz = dh_t * (hp - n) * z * (1 - z)
-        dar = dan * hnt * r * (1 - r)
+        dan = dtanh(n, dh_t * (1 - z))
+        daz = dsigmoid(z, dh_t * (hp - n))
+        dar = dsigmoid(r, dan * hnt)
         dgx.append(_where(m, torch.cat([dar, daz, dan], 1), 0))
         dgh.append(_where(m, torch.cat([dar, daz, dan * r], 1), 0))
         dh = _where(m, dh_t * z + dgh[-1] @ w_hh, dh)
@@ -306,7 +315,7 @@ def _activation_backward(g: Tensor, y: Tensor, relu: bool) -> Tensor:
     ReLU's as ATen's threshold_backward: differentiated again (the create_graph backward,
     fusedrnn/double_backward.py), its result stays connected to y, with zero derivative, as
     torch.nn's, instead of a constant."""
-    return torch.ops.aten.threshold_backward(g, y, 0) if relu else g * (1 - y * y)
+    return torch.ops.aten.threshold_backward(g, y, 0) if relu else dtanh(y, g)
 
 
 def rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y):
