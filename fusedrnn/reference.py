@@ -271,17 +271,20 @@ def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, h
     grad_y, y, gates, hn = _orient(reverse, lengths, grad_y, y, gates, hn)
     masks = _step_masks(lengths, T, B, gates.device)
     h_prev = previous_states(y, h0)
+    r, z, n = gates.split(H, dim=2)
+    # (What does not depend on the recurrence, for all steps at once: fewer ops in the loop,
+    # which the create_graph backward records step by step.) dgh = dgx * [1, 1, r].
+    one_z, hp_n, to_dgh = 1 - z, h_prev - n, torch.cat([torch.ones_like(r), torch.ones_like(r), r], 2)
     dh = grad_h_n
     dgx, dgh = [], []  # gradients w.r.t. gx and W_hh h + b_hh, last step first (see lstm_backward)
-    for m, gt, hnt, hp, gy in reversed(list(zip(masks, gates.unbind(0), hn.unbind(0), h_prev.unbind(0),
-                                                grad_y.unbind(0)))):
-        r, z, n = gt.split(H, dim=1)
+    for m, r, z, n, hnt, oz, hpn, tg, gy in reversed(list(zip(
+            masks, *(t.unbind(0) for t in (r, z, n, hn, one_z, hp_n, to_dgh, grad_y))))):
         dh_t = dh + gy
-        dan = dtanh(n, dh_t * (1 - z))
-        daz = dsigmoid(z, dh_t * (hp - n))
+        dan = dtanh(n, dh_t * oz)
+        daz = dsigmoid(z, dh_t * hpn)
         dar = dsigmoid(r, dan * hnt)
         dgx.append(_where(m, torch.cat([dar, daz, dan], 1), 0))
-        dgh.append(_where(m, torch.cat([dar, daz, dan * r], 1), 0))
+        dgh.append(dgx[-1] * tg)
         dh = _where(m, dh_t * z + dgh[-1] @ w_hh, dh)
     dgx, dgh = _stack(dgx[::-1], gates, G), _stack(dgh[::-1], gates, G)
     grad_w_hh = _matmul_t(dgh, h_prev)
