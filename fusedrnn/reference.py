@@ -203,13 +203,14 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, rever
     dh, dc = grad_h_n, grad_c_n
     # (Rows collected and stacked, inputs' rows taken by unbind: the create_graph backward
     # differentiates this function, fusedrnn/double_backward.py; see _stack.)
-    dpre, dhs = [], []  # dL/d(pre-activations), dL/dh_t (projected, for grad_w_hr); last step first
+    dpre, dhs = [], []  # dL/d(pre-activations), dL/dh_t (projected, for grad_w_hr only); last step first
     for m, gt, ct, cp, gy in reversed(list(zip(masks, gates.unbind(0), cells.unbind(0), c_prev.unbind(0),
                                                grad_y.unbind(0)))):
         i, f, g, o = gt.split(H, dim=1)
         tc = torch.tanh(ct)
         dh_t = dh + gy
-        dhs.append(_where(m, dh_t, 0))
+        if w_hr is not None:
+            dhs.append(_where(m, dh_t, 0))
         dhr = dh_t @ w_hr if w_hr is not None else dh_t
         dc_t = dc + dtanh(tc, dhr * o)
         da = torch.cat([dsigmoid(i, dc_t * g), dsigmoid(f, dc_t * cp), dtanh(g, dc_t * i), dsigmoid(o, dhr * tc)], 1)
@@ -217,13 +218,13 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, rever
         dpre.append(da)
         dh = _where(m, da @ w_hh, dh)
         dc = _where(m, dc_t * f, dc)
-    dpre, dhs = _stack(dpre[::-1], gates, G), _stack(dhs[::-1], y, y.shape[2])
+    dpre = _stack(dpre[::-1], gates, G)
     # Weight gradients: one GEMM each over all steps (padded steps have dpre = 0).
     grad_w_hh = _matmul_t(dpre, previous_states(y, h0))
     if w_hr is not None:
         o = gates[..., 3 * H:]
         hr = o * torch.tanh(cells)  # unprojected h_t, 0 at padded steps
-        grad_w_hr = _matmul_t(dhs, hr)
+        grad_w_hr = _matmul_t(_stack(dhs[::-1], y, y.shape[2]), hr)
     else:
         grad_w_hr = grad_y.new_zeros(0)
     (dpre,) = _orient(reverse, lengths, dpre)

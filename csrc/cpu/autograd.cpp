@@ -37,9 +37,8 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 }
 
 bool has(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
-// An output's incoming gradient, or zeros where nothing used that output. The sequence ops'
-// C++ takes strided gradients (contiguous_pooled in op_utils.h); the cell ops want them contiguous.
-Tensor grad_or_zeros(const Tensor& g, const Tensor& like) { return g.defined() ? g : at::zeros_like(like); }
+// grad_or_zeros (cell_grads.h): the sequence ops' C++ takes strided gradients
+// (contiguous_pooled in op_utils.h); the cell ops want them contiguous.
 Tensor or_zeros(const Tensor& g, const Tensor& like) { return grad_or_zeros(g, like).contiguous(); }
 // A forward op called with train=False kept no saved state: its backward refuses.
 void check_trained(AutogradContext* ctx, const char* op) {

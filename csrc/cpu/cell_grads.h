@@ -27,11 +27,17 @@
 
 namespace fusedrnn {
 namespace cpu {
+
+// An output's incoming gradient, or zeros where nothing used that output (also autograd.cpp's).
+inline at::Tensor grad_or_zeros(const at::Tensor& g, const at::Tensor& like) {
+  return g.defined() ? g : at::zeros_like(like);
+}
+
 namespace grads {
 
 using at::Tensor;
 
-// A tensor, or a scalar constant (T(1) and T(0) in the formulas), as the number type of the
+// A tensor, or a scalar constant (T(1) in the formulas), as the number type of the
 // cells' pointwise functions: every operation a differentiable ATen op.
 struct DV {
   Tensor t;  // undefined: the constant s
@@ -55,17 +61,12 @@ inline DV operator*(const DV& a, const DV& b) {
 }
 inline DV sigmoid_(const DV& x) { return at::sigmoid(x.t); }
 inline DV tanh_(const DV& x) { return at::tanh(x.t); }
-// (one op each, differentiable in both arguments; g a constant only if nothing reached it)
-inline DV dsigmoid_(const DV& y, const DV& g) {
-  return g.t.defined() ? DV(at::sigmoid_backward(g.t, y.t)) : g * y * (DV(1) - y);
-}
-inline DV dtanh_(const DV& y, const DV& g) { return g.t.defined() ? DV(at::tanh_backward(g.t, y.t)) : g * (DV(1) - y * y); }
+// (one op each, differentiable in both arguments; y and g are always tensors here)
+inline DV dsigmoid_(const DV& y, const DV& g) { return at::sigmoid_backward(g.t, y.t); }
+inline DV dtanh_(const DV& y, const DV& g) { return at::tanh_backward(g.t, y.t); }
 
 #include "cells/gru_unit.inc"
 #include "cells/lstm_unit.inc"
-
-// An output's incoming gradient, or the constant 0 where nothing used that output.
-inline DV grad_or_zero(const Tensor& g) { return g.defined() ? DV(g) : DV(0.0); }
 
 // The gradients of (x, h, [c,] w_ih, w_hh, b_ih, b_hh) where need[k] (undefined elsewhere),
 // given dL/d(pre-activations) on the input side (dgi) and the hidden side (dgh) and the
@@ -95,7 +96,7 @@ inline std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Ten
   DV i, f, g, o, c1;
   lstm_forward_gates<DV>(a[0], a[1], a[2], a[3], c, i, f, g, o, c1);
   DV dai, daf, dag, dao, dc;
-  lstm_backward_unit<DV>(i, f, g, o, c1, c, grad_or_zero(g_h), grad_or_zero(g_c), dai, daf, dag, dao, dc);
+  lstm_backward_unit<DV>(i, f, g, o, c1, c, grad_or_zeros(g_h, h), grad_or_zeros(g_c, c), dai, daf, dag, dao, dc);
   const Tensor da = at::cat({dai.t, daf.t, dag.t, dao.t}, 1);
   return from_preactivations(x, h, w_ih, w_hh, da, da, Tensor(), {dc.t}, need);
 }
@@ -109,7 +110,7 @@ inline std::vector<Tensor> gru_cell(const Tensor& x, const Tensor& h, const Tens
   DV r, z, n, h1;
   gru_forward_unit<DV>(gi[0], gi[1], gi[2], gh[0], gh[1], gh[2], h, r, z, n, h1);
   DV dxr, dxz, dxn, dhn, dhd;
-  gru_backward_unit<DV>(r, z, n, gh[2], h, grad_or_zero(g_h), dxr, dxz, dxn, dhn, dhd);
+  gru_backward_unit<DV>(r, z, n, gh[2], h, grad_or_zeros(g_h, h), dxr, dxz, dxn, dhn, dhd);
   return from_preactivations(x, h, w_ih, w_hh, at::cat({dxr.t, dxz.t, dxn.t}, 1), at::cat({dxr.t, dxz.t, dhn.t}, 1),
                              dhd.t, {}, need);
 }
@@ -118,7 +119,7 @@ inline std::vector<Tensor> gru_cell(const Tensor& x, const Tensor& h, const Tens
 // recomputation: the pre-activation's gradient is ATen's tanh or relu backward of h1.
 inline std::vector<Tensor> rnn_cell(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
                                     const Tensor& h1, bool relu, const Tensor& g_h, const std::vector<bool>& need) {
-  const Tensor g = g_h.defined() ? g_h : at::zeros_like(h1);
+  const Tensor g = grad_or_zeros(g_h, h1);
   const Tensor da = relu ? at::threshold_backward(g, h1, 0) : at::tanh_backward(g, h1);
   return from_preactivations(x, h, w_ih, w_hh, da, da, Tensor(), {}, need);
 }
