@@ -553,6 +553,10 @@ struct PanelGeometry {
       : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)) {}
   static int64_t panel_units(int ng) { return ng == 1 ? 32 : 8; }
   int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
+  // Whether panel p's vectors all hold real columns (no zero padding).
+  bool full_panel(int64_t p) const { return (p + 1) * panel_units(ng) <= units; }
+  // The weight column (gate * units + unit) of vector v's first value in panel p.
+  int64_t column(int v, int64_t p) const { return ng == 1 ? p * panel_units(1) + v * 8 : v * units + p * panel_units(ng); }
   int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
 };
 // A packed-panel weight's constructor work: each thread of `sl` packs its slice's panels
@@ -614,6 +618,16 @@ struct TiledF : PanelGeometry {
     int64_t start, ld;  // (ld: floats between its k rows)
     packed_at(pairs, npanel, K, 8 * V, p, start, ld);
     float* out = P->get() + start;
+    if (sc == 1 && full_panel(p)) {
+      // Columns contiguous (the backward's W_hh^T, B of a weight gradient), no padding: all
+      // the panel's vectors of row k, row after row, in one pass over W. (Vector by vector,
+      // V passes over rows H or 4H floats apart, for W_hh^T a multiple of 4 KB: in-process,
+      // T=32, training steps LSTM B=1 H=1024 1.2x faster, GRU B=8 H=512 and RNN B=8
+      // H=1024 1.04-1.06x, B 32-64 within noise; TiledD and TiledBF pack the same way.)
+      for (int64_t k = 0; k < K; ++k)
+        for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + k * ld + v * 8, _mm256_loadu_ps(W + column(v, p) + k * sk));
+      return;
+    }
     for (int v = 0; v < V; ++v) {
       const int gate = ng == 1 ? 0 : v;
       const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
@@ -630,7 +644,7 @@ struct TiledF : PanelGeometry {
           for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (k + j) * ld + v * 8, r[j]);
         }
       }
-      if (sc == 1 && u0 + 8 <= units)  // columns contiguous (the backward's W_hh^T): 8 at a time
+      if (sc == 1 && u0 + 8 <= units)  // columns contiguous, in a partial panel: 8 at a time
         for (; k < K; ++k) _mm256_storeu_ps(out + k * ld + v * 8, _mm256_loadu_ps(W + gate * units + u0 + k * sk));
       for (; k < K; ++k)
         for (int l = 0; l < 8; ++l) {

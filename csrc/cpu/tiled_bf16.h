@@ -20,7 +20,7 @@
 // same pairs, so the micro-kernel broadcasts one 32-bit word per row and pair.
 #define FRNN_BF16_TARGET "avx2,fma,avx512f,avx512vl,avx512bw,avx512bf16"
 
-struct TiledBF {
+struct TiledBF : PanelGeometry {
   static constexpr int64_t KC2 = 128;  // pairs per k-block: a 4-vector panel block is 16 KB (L1)
   static bool supported() {
     static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bw") &&
@@ -30,11 +30,9 @@ struct TiledBF {
   static bool use(int64_t steps, int64_t /*weights*/) {  // (from kMinSteps only, as the module's choice)
     return steps >= TiledF::kMinSteps && g_tiled.load(std::memory_order_relaxed) && supported();
   }
-  static int64_t panel_units(int ng) { return TiledF::panel_units(ng); }
   static int64_t block_rows(int) { return TiledF::zmm() ? 8 : 4; }  // (as TiledF's)
 
-  int V, ng;
-  int64_t units, K, K2, npanel, lda2;
+  int64_t K2, lda2;  // (k pairs; words between A's rows)
   bool pairs;  // GRU's panels packed in pairs on zmm vectors (as TiledF::pairs)
   std::unique_ptr<ScratchBuffer> P;  // the packed panels: npanel * K2 * 8V words
   std::unique_ptr<ScratchBuffer> A;  // per unit slice: B rows of lda2 words (h in bf16 pairs)
@@ -45,16 +43,22 @@ struct TiledBF {
   // batch (A's rows); sl: the unit slices (packed in parallel; an A buffer per thread of a split).
   TiledBF(const uint16_t* W, int64_t sc, int64_t sk, int ng_, int64_t units_, int64_t K_, int64_t B_,
           const Slices& sl)
-      : V(ng_ == 1 ? 4 : ng_), ng(ng_), units(units_), K(K_), K2((K_ + 1) / 2),
-        npanel((units_ + panel_units(ng_) - 1) / panel_units(ng_)), lda2(K2 + 16), pairs(ng_ == 3 && TiledF::zmm()),
+      : PanelGeometry(ng_, units_, K_), K2((K_ + 1) / 2), lda2(K2 + 16), pairs(ng_ == 3 && TiledF::zmm()),
         P(new ScratchBuffer(npanel * K2 * 8 * V)), A(new ScratchBuffer(sl.threads * B_ * lda2 + 16)), B(B_) {
     pack_slices(*this, W, sc, sk, sl);
   }
   int64_t ldc() const { return npanel * 8 * V + 16; }  // as TiledF's
-  int64_t first_panel(int64_t u0) const { return u0 / panel_units(ng); }
-  int64_t end_panel(int64_t u1) const { return (u1 + panel_units(ng) - 1) / panel_units(ng); }
   uint32_t* panels() const { return reinterpret_cast<uint32_t*>(P->get()); }
 
+  // 8 contiguous columns at w (rows sk apart), pair kk: rows 2kk and 2kk + 1 (zero past K)
+  // interleaved into 8 words at o.
+  void interleave8(const uint16_t* w, int64_t sk, int64_t kk, uint32_t* o) const {
+    const int64_t k0 = 2 * kk, k1 = k0 + 1;
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k0 * sk));
+    const __m128i b = k1 < K ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k1 * sk)) : _mm_setzero_si128();
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(a, b));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4), _mm_unpackhi_epi16(a, b));
+  }
   static uint32_t pair(const uint16_t* row, int64_t k, int64_t K) {
     return uint32_t(row[k]) | (k + 1 < K ? uint32_t(row[k + 1]) << 16 : 0u);
   }
@@ -63,6 +67,11 @@ struct TiledBF {
     int64_t start, ld;  // (ld: words between its k pairs)
     TiledF::packed_at(pairs, npanel, K2, 8 * V, p, start, ld);
     uint32_t* out = panels() + start;
+    if (sk != 1 && sc == 1 && full_panel(p)) {  // columns contiguous: row pair by row pair (see TiledF::pack)
+      for (int64_t kk = 0; kk < K2; ++kk)
+        for (int v = 0; v < V; ++v) interleave8(W + column(v, p), sk, kk, out + kk * ld + v * 8);
+      return;
+    }
     for (int v = 0; v < V; ++v) {
       const int gate = ng == 1 ? 0 : v;
       const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
@@ -72,10 +81,7 @@ struct TiledBF {
           const int64_t k0 = 2 * kk, k1 = k0 + 1;
           uint32_t* o = out + kk * ld + v * 8;
           if (sc == 1 && u0 + 8 <= units) {
-            const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k0 * sk));
-            const __m128i b = k1 < K ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k1 * sk)) : _mm_setzero_si128();
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(a, b));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4), _mm_unpackhi_epi16(a, b));
+            interleave8(w, sk, kk, o);
           } else {
             for (int l = 0; l < 8; ++l)
               o[l] = u0 + l < units ? uint32_t(w[l * sc + k0 * sk]) | (k1 < K ? uint32_t(w[l * sc + k1 * sk]) << 16 : 0u)

@@ -44,11 +44,16 @@ struct TiledD : PanelGeometry {
   __attribute__((target("avx2,fma,avx512f,avx512vl"))) void pack(const double* W, int64_t sc, int64_t sk, int64_t p) {
     const int64_t up = panel_units(ng), ld = 8 * V;
     double* out = panels() + p * K * ld;
+    if (sc == 1 && full_panel(p)) {  // columns contiguous: row by row (see TiledF::pack)
+      for (int64_t k = 0; k < K; ++k)
+        for (int v = 0; v < V; ++v) _mm512_storeu_pd(out + k * ld + v * 8, _mm512_loadu_pd(W + column(v, p) + k * sk));
+      return;
+    }
     for (int v = 0; v < V; ++v) {
       const int gate = ng == 1 ? 0 : v;
       const int64_t u0 = p * up + (ng == 1 ? v * 8 : 0);
       int64_t k = 0;
-      if (sc == 1 && u0 + 8 <= units) {  // columns contiguous (the backward's W_hh^T): a vector per k
+      if (sc == 1 && u0 + 8 <= units) {  // columns contiguous, in a partial panel: a vector per k
         for (; k < K; ++k) _mm512_storeu_pd(out + k * ld + v * 8, _mm512_loadu_pd(W + gate * units + u0 + k * sk));
         continue;
       }
