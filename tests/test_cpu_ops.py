@@ -353,6 +353,34 @@ def test_recurrent_steps_over_several_k_blocks(cell, tiled, dtype, cpu_options):
     check_against_reference("cpu", cell, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("P", [0, 40], ids=["noproj", "proj"])
+@pytest.mark.parametrize("zero_h0", [False, True], ids=["h0", "zero-h0"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_lstm_inference_gates_in_row_chunks(dtype, P, zero_h0, lengths, cpu_options):
+    """An LSTM forward in inference, split by batch rows, runs each thread's step GEMM and
+    cells one micro-kernel row block at a time where a row's gates take >= 2 KB
+    (kernels.cpp, cell_chunk_rows): B=42 on 2 threads (21 rows each: blocks of 8, 8, 5 on
+    AVX-512), H=72 (1152 B in float32: all rows at once; 2304 B in float64) and H=136
+    (2176 B). Not with the first step's single GEMM row (h0 = 0) or rows that have ended
+    (lengths). The outputs equal those of the training forward (all rows at once, the same
+    sums) bit for bit, and the reference's."""
+    cpu_options(-1, 1, 2)  # (split by batch rows)
+    torch.set_num_threads(2)
+    op, ref = registry()["cpu"].op("lstm", "forward"), registry()["reference"].op("lstm", "forward")
+    for H in (72, 136):
+        args = make_inputs("lstm", 7, 42, H, P=P, dtype=dtype, lengths=lengths, reverse=True, train=False)
+        if zero_h0:
+            args = (args[0], torch.zeros_like(args[1]), *args[2:])
+        got = op(*args)[:3]
+        for name, a, b in zip(("y", "h_n", "c_n"), got, op(*args[:-1], True)[:3]):
+            assert torch.equal(a, b), f"H={H} {name}: inference differs from the training forward"
+        want = ref(*(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        for a, r in zip(got, want[:3]):
+            torch.testing.assert_close(a.double(), r, atol=tol, rtol=tol)
+
+
 def test_output_pool_reuses_memory_and_keeps_results_independent():
     """Large outputs (>= 1 MB) come from the cpu output pool (csrc/cpu/output_pool.h): a
     freed output's memory is reused by the next call, results stay those of the reference

@@ -408,6 +408,34 @@ struct FirstStep {
   int64_t row(int64_t s, int64_t b0, int64_t b) const { return zero && s == 0 ? b0 : b; }
 };
 
+// How many rows a tiled forward step (by rows: a thread's own rows) computes the gates of
+// before it runs their cells: in inference, where a row's part of the gate buffer is 2 KB
+// or more (LSTM H >= 128 in float32), one micro-kernel row block at a time, so that the
+// cells read the gates the GEMM has just written to L1; elsewhere all rows at once.
+// In-process A/B, LSTM inference, T 32-64 (2026-12-01, Zen 5): by rows, H=128 (input 8)
+// B 32-64 1.14-1.28x, B=128 1.06x; H=256 B 32-64 1.02-1.06x; H=512 1.01-1.04x. Not: H
+// 32-64 (0.94-1.0x with 8 or 16 rows), units splits (B=24 H=128 0.80x: each chunk's GEMM
+// streams the slice's weight again), training (0.98-1.0x: the cells' stores of the saved
+// gates dominate there), GRU (0.96-1.0x at H 256-512), RNN (1.03-1.08x at H=256 with a
+// threshold of 1 KB, 0.98-1.0x at H 512-1024): LSTM forwards only.
+inline int64_t cell_chunk_rows(bool by_rows, bool inference, int64_t rows, int64_t row_bytes, int64_t R) {
+  return by_rows && inference && row_bytes >= 2048 ? R : rows;
+}
+
+// Rows [b0, b1) of a tiled forward step, `chunk` rows at a time: gemm(c0, n, i) computes
+// the gates of rows [c0, c0 + n) (chunk i), then cells(b) runs row b's cell math. With
+// nr < b1 - b0 GEMM rows (the first step's one row when h0 = 0, rows that have ended): one
+// GEMM of nr rows, then every row's cells.
+template <typename Gemm, typename Cells>
+void gemm_then_cells(int64_t b0, int64_t b1, int64_t nr, int64_t chunk, const Gemm& gemm, const Cells& cells) {
+  if (nr < b1 - b0 || chunk <= 0) chunk = b1 - b0;
+  for (int64_t c0 = b0, i = 0; c0 < b1; c0 += chunk, ++i) {
+    const int64_t c1 = std::min(b1, c0 + chunk);
+    gemm(c0, nr < b1 - b0 ? nr : c1 - c0, i);
+    for (int64_t b = c0; b < c1; ++b) cells(b);
+  }
+}
+
 // Reorders the rows of a gate-major weight [ng*H, K] so that each slice's rows (all
 // gates of its units, gate-major within the slice) are contiguous: one GEMM per
 // slice per step, output columns [ng*j0, ng*j1) of a [B, ng*H] buffer.

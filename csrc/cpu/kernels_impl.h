@@ -89,22 +89,29 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const WT* w_hh_, const 
       const int64_t nr = first.gemm_rows(s, sq.rows(s, b0, b1));  // (rows that ended: skipped)
       if (tiled) {
         // The slice's GEMM panel by panel, then its cell math row by row (sequential in
-        // gx/gates/y; the slice's gate buffer is in L2), 8 units (one panel) at a time.
+        // gx/gates/y; the slice's gate buffer is in L2, or a chunk of it in L1: see
+        // cell_chunk_rows), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
         const auto A = tw->rows_of(k, hcur + b0 * P, P, nr);
-        tw->gemm_gates(p0, p1, nr, A.p, A.ld, gh.data() + b0 * ldg, ldg, s & 1);
-        for (int64_t b = b0; b < b1; ++b) {
-          const T* a = gh.data() + first.row(s, b0, b) * ldg;
-          int64_t p = p0;
-          const int64_t L = sq.len(b);
-          if (s < L) {  // float32: the row's full panels at once (lstm_cells8)
-            const int64_t t = sq.reverse ? L - 1 - s : s;
-            p = lstm_cells8(gx + (t * B + b) * G, H, a, c.data() + b * H, gates_s.at(t, b, k), cells_s.at(t, b, k),
-                            proj ? hr.data() + b * H : hnext + b * P, proj ? nullptr : y + (t * B + b) * P, p,
-                            std::min(p1, H / 8));
-          }
-          for (; p < p1; ++p) cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), a + p * 32, 8, hcur, hnext);
-        }
+        const int64_t chunk = cell_chunk_rows(sp.by_rows(), gates == nullptr, b1 - b0, (p1 - p0) * 32 * sizeof(T),
+                                              TW::block_rows(4));
+        gemm_then_cells(
+            b0, b1, nr, chunk,
+            [&](int64_t c0, int64_t n, int64_t i) {
+              tw->gemm_gates(p0, p1, n, A.p + (c0 - b0) * A.ld, A.ld, gh.data() + c0 * ldg, ldg, (s + i) & 1);
+            },
+            [&](int64_t b) {
+              const T* a = gh.data() + first.row(s, b0, b) * ldg;
+              int64_t p = p0;
+              const int64_t L = sq.len(b);
+              if (s < L) {  // float32: the row's full panels at once (lstm_cells8)
+                const int64_t t = sq.reverse ? L - 1 - s : s;
+                p = lstm_cells8(gx + (t * B + b) * G, H, a, c.data() + b * H, gates_s.at(t, b, k),
+                                cells_s.at(t, b, k), proj ? hr.data() + b * H : hnext + b * P,
+                                proj ? nullptr : y + (t * B + b) * P, p, std::min(p1, H / 8));
+              }
+              for (; p < p1; ++p) cell(k, s, b, p * 8, std::min<int64_t>(8, H - p * 8), a + p * 32, 8, hcur, hnext);
+            });
         if (proj && sp.by_rows()) project(s, 0, P, b0, b1, hcur, hnext);  // (by units: after the step)
       } else if (sp.by_rows()) {  // BLAS on the unpacked (gate-major) weight: gate q of unit u at q*H + u
         gemm_nt<T>(nr, G, P, hcur + b0 * P, P, w_hh, P, gh.data() + b0 * G, G, T(0));
