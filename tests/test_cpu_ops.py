@@ -359,12 +359,13 @@ def test_recurrent_steps_over_several_k_blocks(cell, tiled, dtype, cpu_options):
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 def test_lstm_inference_gates_in_row_chunks(dtype, P, zero_h0, lengths, cpu_options):
     """An LSTM forward in inference, split by batch rows, runs each thread's step GEMM and
-    cells one micro-kernel row block at a time where a row's gates take >= 2 KB
+    cells one micro-kernel row block at a time in float32 where a row's gates take >= 2 KB
     (kernels.cpp, cell_chunk_rows): B=42 on 2 threads (21 rows each: blocks of 8, 8, 5 on
-    AVX-512), H=72 (1152 B in float32: all rows at once; 2304 B in float64) and H=136
-    (2176 B). Not with the first step's single GEMM row (h0 = 0) or rows that have ended
-    (lengths). The outputs equal those of the training forward (all rows at once, the same
-    sums) bit for bit, and the reference's."""
+    AVX-512), H=72 (1152 B: all rows at once) and H=136 (2176 B). Not with the first
+    step's single GEMM row (h0 = 0), at steps where rows have ended (lengths), or in
+    float64 (run here as the same check of the unchunked steps). The outputs equal those
+    of the training forward (all rows at once, the same sums) bit for bit, and the
+    reference's."""
     cpu_options(-1, 1, 2)  # (split by batch rows)
     torch.set_num_threads(2)
     op, ref = registry()["cpu"].op("lstm", "forward"), registry()["reference"].op("lstm", "forward")
