@@ -156,6 +156,26 @@ def test_gradgradcheck_cell_op(cell, bias):
     _check(f, ts)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_third_derivatives_of_cell_ops(cell):
+    """The LSTM and GRU cells' create_graph backward reads the saved gates through a
+    SavedGates node (csrc/cpu/autograd.cpp), whose own backward differentiates through its
+    output again: gradgradcheck of the first derivatives (made with create_graph) checks the
+    third derivatives, in float64."""
+    B, I, H = 2, 3, 2
+    G = GATES[cell] * H
+    shapes = [(B, I), (B, H)] + ([(B, H)] if cell == "lstm" else []) + [(G, I), (G, H), (G,), (G,)]
+    ts = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    op = getattr(torch.ops.fusedrnn, f"{cell}_cell")
+    w = torch.randn(B, H, dtype=torch.float64)
+
+    def first_derivatives(*t):
+        out = op(*t, True)
+        y = out[0] * w + (out[1].sin() if cell == "lstm" else 0)
+        return torch.autograd.grad(y.square().sum(), t, create_graph=True)
+    assert torch.autograd.gradgradcheck(first_derivatives, ts)
+
+
 @pytest.mark.parametrize("used", [0, 1], ids=["h", "c"])
 def test_gradgradcheck_lstm_cell_op_one_output(used):
     """Only h1 or only c1 reaches the loss: the other's gradient is undefined in the backward
@@ -397,14 +417,16 @@ def test_bfloat16_kernels_path_gradient_penalty(kind, kw, dtype, matmul_precisio
         torch.testing.assert_close(a.double(), b, rtol=5e-2, atol=3e-2 * scale, msg=name)
 
 
-@pytest.mark.parametrize("kind,op,per_step", [("LSTMCell", "aten::linear", 2), ("GRUCell", "aten::linear", 2),
+@pytest.mark.parametrize("kind,op,per_step", [("LSTMCell", "aten::sigmoid_backward", 3),
+                                               ("GRUCell", "aten::sigmoid_backward", 2),
                                                ("RNNCell", "aten::tanh_backward", 1)])
 def test_cells_over_unbind_run_their_formulas_once_per_step(kind, op, per_step):
     """`for x_t in x` (one UnbindBackward for every step): the create_graph backward runs each
-    step's gradient formulas once (csrc/cpu/cell_grads.h: LSTM and GRU recompute their two
-    pre-activation GEMMs, RNN starts from its saved output), with no nested autograd.grad and
-    no recomputation of ATen's cell. (A nested grad on the saved inputs themselves had run every
-    earlier step's node again, each with its own nested grad: 2^T recomputations.)"""
+    step's gradient formulas once (csrc/cpu/cell_grads.h: the LSTM's backward unit has 3
+    sigmoid derivatives, the GRU's 2, from the saved gates; the RNN starts from its saved
+    output), with no nested autograd.grad, no recomputation of ATen's cell and none of the
+    step's GEMMs. (A nested grad on the saved inputs themselves had run every earlier step's
+    node again, each with its own nested grad: 2^T recomputations.)"""
     T = 8
     m = getattr(fusedrnn, kind)(3, 4, backend="cpu")
     x = torch.randn(T, 2, 3, requires_grad=True)
@@ -419,7 +441,8 @@ def test_cells_over_unbind_run_their_formulas_once_per_step(kind, op, per_step):
         got["g"] = torch.autograd.grad(loss, x, create_graph=True)[0]
     names = [e.name for e in _events(first)]
     assert names.count(op) == per_step * T
-    assert not any(n in names for n in ("aten::lstm_cell", "aten::gru_cell", "aten::rnn_tanh_cell"))
+    assert not any(n in names for n in ("aten::lstm_cell", "aten::gru_cell", "aten::rnn_tanh_cell", "aten::linear",
+                                        "aten::addmm"))
     got["g"].square().sum().backward()
     assert m.weight_hh.grad is not None and torch.isfinite(m.weight_hh.grad).all()
 

@@ -82,6 +82,34 @@ optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t)
 // their saved output y (fusedrnn::sequence_grads, fusedrnn/double_backward.py), with
 // gx = x @ w_ih^T + b recomputed for the LSTM and GRU (sequence_grads below).
 
+// The gates a cell op's forward saved, as a differentiable function of the step's inputs
+// (x, h, w_ih, w_hh, b_ih, b_hh) for its create_graph backward (cell_grads.h): forward
+// returns a copy of them (LSTM: i, f, g, o; GRU: r, z, n, hn), backward their gradient
+// through the pre-activations into the inputs. The gates are saved as this node's
+// output, so a backward of that backward differentiates through them again: any order.
+struct SavedGates : torch::autograd::Function<SavedGates> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                        const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                        const Tensor& gates, bool lstm) {
+    Tensor act = gates.clone();
+    ctx->save_for_backward({x, h, w_ih, w_hh, act});
+    ctx->saved_data["bias"] = has(b_ih);
+    ctx->saved_data["lstm"] = lstm;
+    return act;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const bool bias = ctx->saved_data["bias"].toBool();
+    const auto [dgi, dgh] = ctx->saved_data["lstm"].toBool() ? grads::lstm_gates_to_preactivations(s[4], grads[0])
+                                                              : grads::gru_gates_to_preactivations(s[4], grads[0]);
+    const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
+    auto r = grads::from_preactivations(s[0], s[1], s[2], s[3], dgi, dgh, Tensor(), {},
+                                        {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
+    r.resize(8);  // (gates, lstm)
+    return r;
+  }
+};
+
 // ----------------------------------------------------------------------------- LSTM
 using LstmSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                    const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
@@ -114,7 +142,8 @@ struct LstmCell : torch::autograd::Function<LstmCell> {
     const Needs n(ctx, 2, bias);
     if (at::GradMode::is_enabled()) {  // create_graph: see cell_grads.h
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, c, w_ih, w_hh, b_ih, b_hh
-      auto r = grads::lstm_cell(s[0], s[1], s[2], s[3], s[4], opt(s[7]), opt(s[8]), grads[0], grads[1],
+      const Tensor act = SavedGates::apply(s[0], s[1], s[3], s[4], opt(s[7]), opt(s[8]), s[5], true);
+      auto r = grads::lstm_cell(s[0], s[1], s[2], s[3], s[4], act, s[6], grads[0], grads[1],
                                 {need(0), need(1), need(2), need(3), need(4), bias && need(5), bias && need(6)});
       r.emplace_back();  // (train)
       return r;
@@ -167,7 +196,8 @@ struct GruCell : torch::autograd::Function<GruCell> {
     const Needs n(ctx, 1, bias);
     if (at::GradMode::is_enabled()) {  // create_graph: see cell_grads.h
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
-      auto r = grads::gru_cell(s[0], s[1], s[2], s[3], opt(s[7]), opt(s[8]), grads[0],
+      const Tensor act = SavedGates::apply(s[0], s[1], s[2], s[3], opt(s[7]), opt(s[8]), at::cat({s[5], s[6]}, 1), false);
+      auto r = grads::gru_cell(s[0], s[1], s[2], s[3], act, grads[0],
                                {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
       r.emplace_back();  // (train)
       return r;

@@ -11,7 +11,6 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/linear.h>
 #include <ATen/ops/rsub.h>
 #include <ATen/ops/sigmoid.h>
 #include <ATen/ops/sigmoid_backward.h>
@@ -87,30 +86,51 @@ inline std::vector<Tensor> from_preactivations(const Tensor& x, const Tensor& h,
   return r;
 }
 
-// LSTM cell: grads (dL/dh1, dL/dc1; either undefined) -> (x, h, c, w_ih, w_hh, b_ih, b_hh).
+// The create_graph backward reads the gates the forward saved, as a function of the step's
+// inputs through the SavedGates node (autograd.cpp), instead of recomputing the step's GEMMs
+// (x @ w_ih^T and h @ w_hh^T, ATen's linear twice per step: LSTMCell's double backward ran
+// at 0.85-0.94x torch.nn's, whose cell keeps its GEMMs' outputs). SavedGates' backward takes
+// dL/d(gates) to the pre-activations' gradients with these, {input side, hidden side}, then
+// to the inputs with from_preactivations.
+// LSTM: act = [i, f, g, o], sigmoid, sigmoid, tanh, sigmoid of the pre-activations
+// (lstm_forward_gates).
+inline std::pair<Tensor, Tensor> lstm_gates_to_preactivations(const Tensor& act, const Tensor& d) {
+  const auto a = act.chunk(4, 1), g = d.chunk(4, 1);
+  const Tensor da = at::cat({dsigmoid_(a[0], g[0]).t, dsigmoid_(a[1], g[1]).t, dtanh_(a[2], g[2]).t,
+                             dsigmoid_(a[3], g[3]).t}, 1);
+  return {da, da};
+}
+// GRU: act = [r, z, n, hn] with hn = h @ W_hn^T + b_hn, r and z sigmoids of (input side +
+// hidden side), n = tanh(xn + r * hn) (gru_forward_unit).
+inline std::pair<Tensor, Tensor> gru_gates_to_preactivations(const Tensor& act, const Tensor& d) {
+  const auto a = act.chunk(4, 1), g = d.chunk(4, 1);
+  const DV dxn = dtanh_(a[2], g[2]);
+  const DV dxr = dsigmoid_(a[0], DV(g[0]) + dxn * DV(a[3]));
+  const DV dxz = dsigmoid_(a[1], g[1]);
+  const DV dhn = DV(g[3]) + dxn * DV(a[0]);
+  return {at::cat({dxr.t, dxz.t, dxn.t}, 1), at::cat({dxr.t, dxz.t, dhn.t}, 1)};
+}
+
+// LSTM cell: grads (dL/dh1, dL/dc1; either undefined) -> (x, h, c, w_ih, w_hh, b_ih, b_hh),
+// from act = [i, f, g, o] (SavedGates) and c1 (the op's output).
 inline std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih,
-                                     const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
-                                     const c10::optional<Tensor>& b_hh, const Tensor& g_h, const Tensor& g_c,
-                                     const std::vector<bool>& need) {
-  const auto a = (at::linear(x, w_ih, b_ih) + at::linear(h, w_hh, b_hh)).chunk(4, 1);
-  DV i, f, g, o, c1;
-  lstm_forward_gates<DV>(a[0], a[1], a[2], a[3], c, i, f, g, o, c1);
+                                     const Tensor& w_hh, const Tensor& act, const Tensor& c1, const Tensor& g_h,
+                                     const Tensor& g_c, const std::vector<bool>& need) {
+  const auto a = act.chunk(4, 1);
   DV dai, daf, dag, dao, dc;
-  lstm_backward_unit<DV>(i, f, g, o, c1, c, grad_or_zeros(g_h, h), grad_or_zeros(g_c, c), dai, daf, dag, dao, dc);
+  lstm_backward_unit<DV>(a[0], a[1], a[2], a[3], c1, c, grad_or_zeros(g_h, h), grad_or_zeros(g_c, c), dai, daf, dag,
+                         dao, dc);
   const Tensor da = at::cat({dai.t, daf.t, dag.t, dao.t}, 1);
   return from_preactivations(x, h, w_ih, w_hh, da, da, Tensor(), {dc.t}, need);
 }
 
-// GRU cell: dL/dh1 (undefined: none) -> (x, h, w_ih, w_hh, b_ih, b_hh).
+// GRU cell: dL/dh1 (undefined: none) -> (x, h, w_ih, w_hh, b_ih, b_hh), from act = [r, z, n,
+// hn] (SavedGates).
 inline std::vector<Tensor> gru_cell(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
-                                    const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
-                                    const Tensor& g_h, const std::vector<bool>& need) {
-  const auto gi = at::linear(x, w_ih, b_ih).chunk(3, 1);
-  const auto gh = at::linear(h, w_hh, b_hh).chunk(3, 1);
-  DV r, z, n, h1;
-  gru_forward_unit<DV>(gi[0], gi[1], gi[2], gh[0], gh[1], gh[2], h, r, z, n, h1);
+                                    const Tensor& act, const Tensor& g_h, const std::vector<bool>& need) {
+  const auto a = act.chunk(4, 1);
   DV dxr, dxz, dxn, dhn, dhd;
-  gru_backward_unit<DV>(r, z, n, gh[2], h, grad_or_zeros(g_h, h), dxr, dxz, dxn, dhn, dhd);
+  gru_backward_unit<DV>(a[0], a[1], a[2], a[3], h, grad_or_zeros(g_h, h), dxr, dxz, dxn, dhn, dhd);
   return from_preactivations(x, h, w_ih, w_hh, at::cat({dxr.t, dxz.t, dxn.t}, 1), at::cat({dxr.t, dxz.t, dhn.t}, 1),
                              dhd.t, {}, need);
 }
