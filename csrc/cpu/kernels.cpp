@@ -416,9 +416,9 @@ struct FirstStep {
 // B 32-64 1.14-1.28x, B=128 1.06x; H=256 B 32-64 1.02-1.06x; H=512 1.01-1.04x. Not: H
 // 32-64 (0.94-1.0x with 8 or 16 rows), units splits (B=24 H=128 0.80x: each chunk's GEMM
 // streams the slice's weight again), training (0.98-1.0x: the cells' stores of the saved
-// gates dominate there), float64 (0.93-1.02x at H 64-256), GRU (0.96-1.0x at H 256-512),
-// RNN (1.03-1.08x at H=256 with a threshold of 1 KB, 0.98-1.0x at H 512-1024): float32
-// LSTM forwards only.
+// gates dominate there), float64 (0.93-1.02x at H 64-256), a bfloat16 w_hh (TiledBF: B=64
+// H=512 0.97-0.98x), GRU (0.96-1.0x at H 256-512), RNN (1.03-1.08x at H=256 with a
+// threshold of 1 KB, 0.98-1.0x at H 512-1024): float32 LSTM forwards only.
 inline int64_t cell_chunk_rows(bool by_rows, bool inference, int64_t rows, int64_t row_bytes, int64_t R) {
   return by_rows && inference && row_bytes >= 2048 ? R : rows;
 }

@@ -93,8 +93,9 @@ void lstm_forward(const T* gx, const T* h0, const T* c0, const WT* w_hh_, const 
         // cell_chunk_rows), 8 units (one panel) at a time.
         const int64_t p0 = tw->first_panel(j0), p1 = tw->end_panel(j1);
         const auto A = tw->rows_of(k, hcur + b0 * P, P, nr);
-        const int64_t chunk = cell_chunk_rows(sp.by_rows() && std::is_same_v<T, float>, gates == nullptr, b1 - b0,
-                                              (p1 - p0) * 32 * sizeof(T), TW::block_rows(4));
+        const int64_t chunk = cell_chunk_rows(sp.by_rows() && std::is_same_v<T, float> && std::is_same_v<WT, float>,
+                                              gates == nullptr, b1 - b0, (p1 - p0) * 32 * sizeof(T),
+                                              TW::block_rows(4));
         gemm_then_cells(
             b0, b1, nr, chunk,
             [&](int64_t c0, int64_t n, int64_t i) {
