@@ -84,17 +84,18 @@ optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t)
 
 // The gates a cell op's forward saved, as a differentiable function of the step's inputs
 // (x, h, w_ih, w_hh, b_ih, b_hh) for its create_graph backward (cell_grads.h): forward
-// returns a copy of them (LSTM: i, f, g, o; GRU: r, z, n, hn), backward their gradient
-// through the pre-activations into the inputs. The gates are saved as this node's
-// output, so a backward of that backward differentiates through them again: any order.
+// returns a copy of them (LSTM: i, f, g, o; GRU: r, z, n and hn, the GRU op's other saved
+// tensor: [gates | hn]), backward their gradient through the pre-activations into the
+// inputs. The gates are saved as this node's output, so a backward of that backward
+// differentiates through them again: any order.
 struct SavedGates : torch::autograd::Function<SavedGates> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& h, const Tensor& w_ih,
                         const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
-                        const Tensor& gates, bool lstm) {
-    Tensor act = gates.clone();
+                        const Tensor& gates, const optional<Tensor>& hn) {
+    Tensor act = hn ? at::cat({gates, *hn}, 1) : gates.clone();
     ctx->save_for_backward({x, h, w_ih, w_hh, act});
     ctx->saved_data["bias"] = has(b_ih);
-    ctx->saved_data["lstm"] = lstm;
+    ctx->saved_data["lstm"] = !hn;
     return act;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -105,7 +106,7 @@ struct SavedGates : torch::autograd::Function<SavedGates> {
     const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
     auto r = grads::from_preactivations(s[0], s[1], s[2], s[3], dgi, dgh, Tensor(), {},
                                         {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
-    r.resize(8);  // (gates, lstm)
+    r.resize(8);  // (gates, hn: constants here)
     return r;
   }
 };
@@ -142,7 +143,7 @@ struct LstmCell : torch::autograd::Function<LstmCell> {
     const Needs n(ctx, 2, bias);
     if (at::GradMode::is_enabled()) {  // create_graph: see cell_grads.h
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, c, w_ih, w_hh, b_ih, b_hh
-      const Tensor act = SavedGates::apply(s[0], s[1], s[3], s[4], opt(s[7]), opt(s[8]), s[5], true);
+      const Tensor act = SavedGates::apply(s[0], s[1], s[3], s[4], opt(s[7]), opt(s[8]), s[5], c10::nullopt);
       auto r = grads::lstm_cell(s[0], s[1], s[2], s[3], s[4], act, s[6], grads[0], grads[1],
                                 {need(0), need(1), need(2), need(3), need(4), bias && need(5), bias && need(6)});
       r.emplace_back();  // (train)
@@ -196,7 +197,7 @@ struct GruCell : torch::autograd::Function<GruCell> {
     const Needs n(ctx, 1, bias);
     if (at::GradMode::is_enabled()) {  // create_graph: see cell_grads.h
       const auto need = [&](int i) { return ctx->needs_input_grad(i); };  // x, h, w_ih, w_hh, b_ih, b_hh
-      const Tensor act = SavedGates::apply(s[0], s[1], s[2], s[3], opt(s[7]), opt(s[8]), at::cat({s[5], s[6]}, 1), false);
+      const Tensor act = SavedGates::apply(s[0], s[1], s[2], s[3], opt(s[7]), opt(s[8]), s[5], s[6]);
       auto r = grads::gru_cell(s[0], s[1], s[2], s[3], act, grads[0],
                                {need(0), need(1), need(2), need(3), bias && need(4), bias && need(5)});
       r.emplace_back();  // (train)
