@@ -29,13 +29,13 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import projection, reference
 
 SCHEMA = ("(str cell, bool relu, bool reverse, Tensor? gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr,"
-          " Tensor? b_hh, Tensor? lengths, Tensor y, Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n) -> Tensor[]")
+          " Tensor? b_hh, Tensor? lengths, Tensor y, Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n,"
+          " bool weights=True) -> Tensor[]")
 
 
 def define() -> None:
@@ -50,26 +50,31 @@ def define() -> None:
 
 def grads_from_outputs(cell: str, relu: bool, reverse: bool, gx: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
                        w_hh: Tensor, w_hr: Optional[Tensor], b_hh: Optional[Tensor], lengths: Optional[Tensor],
-                       y: Tensor, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor]) -> list[Tensor]:
+                       y: Tensor, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor],
+                       weights: bool = True) -> list[Tensor]:
     """The reference backward's results (reference.lstm_backward etc.: grad_gx, grad_h0[,
     grad_c0], grad_w_hh[, grad_w_hr or grad_b_hh]) from the forward's output y and its
     inputs, in differentiable ops; empty tensors for the LSTM's grad_w_hr without w_hr and
-    GRU's grad_b_hh without b_hh. gx: the input projection (not read for the RNN). A bfloat16
+    GRU's grad_b_hh without b_hh, and for all the weights' and biases' without `weights` (a
+    gradient penalty's grad(y, x) needs none: one GEMM over all steps fewer). gx: the input
+    projection (not read for the RNN). A bfloat16
     w_hh (the bfloat16 kernels' path: float32 gx and states) is taken in float32: its products
     are exact there, as in the kernels' dot products."""
     if cell == "rnn":
-        return list(reference.rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y))
+        return list(reference.rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y, weights))
     dtype = reference.compute_dtype(gx.dtype)
     w = w_hh.to(dtype)
     T, B, G = gx.shape
     mask = reference.active_mask(lengths, T, B, gx.device)[..., None]
     gxo, yo = reference._orient(reverse, lengths, gx.to(dtype), y.to(dtype))
-    pre = torch.matmul(reference.previous_states(yo, h0.to(dtype)), w.t())  # every step's W_hh h_{t-1}
+    # every step's W_hh h_{t-1}, on fusedrnn's projection GEMM where it runs (as gx's below)
+    pre = projection.input_projection(reference.previous_states(yo, h0.to(dtype)), w, None, native=True)
     if cell == "gru":
         r, z, n, hn = reference.gru_gates(gxo, pre if b_hh is None else pre + b_hh.to(dtype), G // 3)
         gates, hn = (torch.where(mask, t, 0) for t in (torch.cat([r, z, n], -1), hn))
         gates, hn = reference._orient(reverse, lengths, gates, hn)
-        return list(reference.gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn))
+        return list(reference.gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn,
+                                           weights))
     H = G // 4
     i, f, g, o = reference.lstm_gates(gxo + pre, H)
     ig = i * g
@@ -81,7 +86,7 @@ def grads_from_outputs(cell: str, relu: bool, reverse: bool, gx: Optional[Tensor
     gates, cells = (torch.where(mask, t, 0) for t in (torch.cat([i, f, g, o], -1), cells))
     gates, cells = reference._orient(reverse, lengths, gates, cells)
     return list(reference.lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y,
-                                        gates, cells))
+                                        gates, cells, weights))
 
 
 # ----------------------------------------------------------------------------- Python autograd
@@ -114,11 +119,13 @@ def sequence_grads(cell: str, relu: bool, reverse: bool, src: Sequence[Optional[
     output y and `grads` (those of y, h_n[, c_n]; None: unused). `src` is gx_source(gx)
     (not read for the RNN); `inputs` are (h0, c0, w_hh, w_hr, b_hh)."""
     x, w, b, leaf = src
-    gx = None if cell == "rnn" else leaf if x is None else F.linear(x, w, b)
+    # (gx and the gates' hidden side on fusedrnn::projection where it runs, CPU float32 and
+    # float64: twice MKL's F.linear there; GRU H=256 B=32 gradient penalty 47.3 -> see below)
+    gx = None if cell == "rnn" else leaf if x is None else projection.input_projection(x, w, b, native=True)
     h0, c0, w_hh, w_hr, b_hh = inputs
     zeros = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (y, h0, c0))]
     got = grads_from_outputs(cell, relu, reverse, gx, h0, c0, w_hh, w_hr, b_hh, lengths, y, *zeros[:2],
-                             zeros[2] if cell == "lstm" else None)
+                             zeros[2] if cell == "lstm" else None, any(needs[3:]))
     # got: (gx, h0, c0, w_hh, w_hr) for the LSTM, (gx, h0, w_hh, b_hh) for GRU, (gx, h0, w_hh) for RNN
     slots = {"lstm": (0, 1, 2, 3, 4), "gru": (0, 1, 3, 5), "rnn": (0, 1, 3)}[cell]
     res: list[Optional[Tensor]] = [None] * 6

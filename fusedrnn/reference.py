@@ -15,6 +15,9 @@ implements exactly the op contract of DESIGN.md ("The recurrence ops"):
     rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths?, reverse, relu, y)
                  -> grad_gx, grad_h0, grad_w_hh
 
+(The backward functions also take weights=True; False leaves the weight and bias
+gradients empty, for a create_graph backward asked for none: fusedrnn/double_backward.py.)
+
 Semantics shared by all cells:
   * gx is the input projection for every step, computed outside the op. For
     LSTM and RNN it already holds both biases; for GRU it holds b_ih only and
@@ -189,7 +192,7 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, train=True):
     return y.to(out_dtype), h.to(out_dtype), c.to(out_dtype), gates, cells
 
 
-def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
+def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells, weights=True):
     out_dtype = h0.dtype
     grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, y = map(
         _up, (grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, y))
@@ -219,9 +222,10 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, rever
         dh = _where(m, da @ w_hh, dh)
         dc = _where(m, dc_t * f, dc)
     dpre = _stack(dpre[::-1], gates, G)
-    # Weight gradients: one GEMM each over all steps (padded steps have dpre = 0).
-    grad_w_hh = _matmul_t(dpre, previous_states(y, h0))
-    if w_hr is not None:
+    # Weight gradients: one GEMM each over all steps (padded steps have dpre = 0); empty
+    # without `weights` (a create_graph backward asked for none: fusedrnn/double_backward.py).
+    grad_w_hh = _matmul_t(dpre, previous_states(y, h0)) if weights else y.new_zeros(0)
+    if w_hr is not None and weights:
         o = gates[..., 3 * H:]
         hr = o * torch.tanh(cells)  # unprojected h_t, 0 at padded steps
         grad_w_hr = _matmul_t(_stack(dhs[::-1], y, y.shape[2]), hr)
@@ -264,7 +268,7 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, train=True):
     return y.to(out_dtype), h.to(out_dtype), gates, hns
 
 
-def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn):
+def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, hn, weights=True):
     out_dtype = h0.dtype
     grad_y, grad_h_n, h0, w_hh, y = map(_up, (grad_y, grad_h_n, h0, w_hh, y))
     T, B, G = gates.shape
@@ -288,8 +292,8 @@ def gru_backward(grad_y, grad_h_n, h0, w_hh, b_hh, lengths, reverse, y, gates, h
         dgh.append(dgx[-1] * tg)
         dh = _where(m, dh_t * z + dgh[-1] @ w_hh, dh)
     dgx, dgh = _stack(dgx[::-1], gates, G), _stack(dgh[::-1], gates, G)
-    grad_w_hh = _matmul_t(dgh, h_prev)
-    grad_b_hh = dgh.sum((0, 1)) if b_hh is not None else grad_y.new_zeros(0)
+    grad_w_hh = _matmul_t(dgh, h_prev) if weights else y.new_zeros(0)  # (weights: see lstm_backward)
+    grad_b_hh = dgh.sum((0, 1)) if b_hh is not None and weights else grad_y.new_zeros(0)
     (dgx,) = _orient(reverse, lengths, dgx)
     return dgx.to(out_dtype), dh.to(out_dtype), grad_w_hh.to(out_dtype), grad_b_hh.to(out_dtype)
 
@@ -322,7 +326,7 @@ def _activation_backward(g: Tensor, y: Tensor, relu: bool) -> Tensor:
     return torch.ops.aten.threshold_backward(g, y, 0) if relu else dtanh(y, g)
 
 
-def rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y):
+def rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y, weights=True):
     out_dtype = h0.dtype
     grad_y, grad_h_n, h0, w_hh, y = map(_up, (grad_y, grad_h_n, h0, w_hh, y))
     T, B, H = y.shape
@@ -335,6 +339,6 @@ def rnn_backward(grad_y, grad_h_n, h0, w_hh, lengths, reverse, relu, y):
         das.append(da)
         dh = _where(m, da @ w_hh, dh)
     da_all = _stack(das[::-1], y, H)
-    grad_w_hh = _matmul_t(da_all, previous_states(y, h0))
+    grad_w_hh = _matmul_t(da_all, previous_states(y, h0)) if weights else y.new_zeros(0)  # (see lstm_backward)
     (da_all,) = _orient(reverse, lengths, da_all)
     return da_all.to(out_dtype), dh.to(out_dtype), grad_w_hh.to(out_dtype)

@@ -13,11 +13,11 @@
 // is the only TU with the autograd headers. (The backward ops' own autograd, which
 // refuses double backward, is registered in Python.)
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/linear.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <utility>
 
 #include "cpu/cell_grads.h"
@@ -456,7 +456,7 @@ GxSource gx_source(const Tensor& gx) {
 using SeqGradsSig = std::vector<Tensor>(c10::string_view, bool, bool, const optional<Tensor>&, const Tensor&,
                                         const optional<Tensor>&, const Tensor&, const optional<Tensor>&,
                                         const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
-                                        const Tensor&, const Tensor&, const optional<Tensor>&);
+                                        const Tensor&, const Tensor&, const optional<Tensor>&, bool);
 variable_list sequence_grads(const char* cell, bool relu, bool reverse, const GxSource& src, const Tensor& h0,
                              const Tensor& c0, const Tensor& w_hh, const Tensor& w_hr, const Tensor& b_hh,
                              const Tensor& lengths, const Tensor& y, const variable_list& grads,
@@ -464,11 +464,16 @@ variable_list sequence_grads(const char* cell, bool relu, bool reverse, const Gx
   static const auto op = op_handle<SeqGradsSig>("fusedrnn::sequence_grads");
   // (bfloat16 x and w, projection_bf16's: their products are exact in float32, as there)
   const auto up = [](const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; };
-  const Tensor gx = src.x.defined() ? at::linear(up(src.x), up(src.w), opt(src.b)) : src.gx;
+  // (gx on the projection's own GEMM and autograd, Projection above: MKL's, which at::linear
+  // runs, is about half as fast here)
+  const Tensor gx = src.x.defined() ? Projection::apply(up(src.x), up(src.w), src.b.defined() ? opt(up(src.b)) : c10::nullopt)
+                                    : src.gx;
   const bool lstm = c0.defined();
+  // (the weights' gradients, computed only if one of them is needed: from w_hh's index on)
+  const bool weights = std::any_of(need.begin() + (lstm ? 3 : 2), need.end(), [](bool b) { return b; });
   auto r = op.call(cell, relu, reverse, opt(gx), h0, opt(c0), w_hh, opt(w_hr), opt(b_hh), opt(lengths), y,
                    grad_or_zeros(grads[0], y), grad_or_zeros(grads[1], h0),
-                   lstm ? opt(grad_or_zeros(grads[2], c0)) : c10::nullopt);
+                   lstm ? opt(grad_or_zeros(grads[2], c0)) : c10::nullopt, weights);
   for (size_t k = 0; k < r.size(); ++k)
     if (!need[k]) r[k] = Tensor();
   return r;
