@@ -68,7 +68,7 @@ def grads_from_outputs(cell: str, relu: bool, reverse: bool, gx: Optional[Tensor
     mask = reference.active_mask(lengths, T, B, gx.device)[..., None]
     gxo, yo = reference._orient(reverse, lengths, gx.to(dtype), y.to(dtype))
     # every step's W_hh h_{t-1}, on fusedrnn's projection GEMM where it runs (as gx's below)
-    pre = projection.input_projection(reference.previous_states(yo, h0.to(dtype)), w, None, native=True)
+    pre = projection.input_projection(reference.previous_states(yo, h0.to(dtype)), w, None, native=_projection_kernel())
     if cell == "gru":
         r, z, n, hn = reference.gru_gates(gxo, pre if b_hh is None else pre + b_hh.to(dtype), G // 3)
         gates, hn = (torch.where(mask, t, 0) for t in (torch.cat([r, z, n], -1), hn))
@@ -87,6 +87,13 @@ def grads_from_outputs(cell: str, relu: bool, reverse: bool, gx: Optional[Tensor
     gates, cells = reference._orient(reverse, lengths, gates, cells)
     return list(reference.lstm_backward(grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, y,
                                         gates, cells, weights))
+
+
+def _projection_kernel() -> bool:
+    """Whether fusedrnn::projection has its CPU kernel (the cpu backend's extension is loaded;
+    without it input_projection runs F.linear)."""
+    return (hasattr(torch.ops.fusedrnn, "projection")
+            and torch._C._dispatch_has_kernel_for_dispatch_key("fusedrnn::projection", "CPU"))
 
 
 # ----------------------------------------------------------------------------- Python autograd
@@ -119,9 +126,11 @@ def sequence_grads(cell: str, relu: bool, reverse: bool, src: Sequence[Optional[
     output y and `grads` (those of y, h_n[, c_n]; None: unused). `src` is gx_source(gx)
     (not read for the RNN); `inputs` are (h0, c0, w_hh, w_hr, b_hh)."""
     x, w, b, leaf = src
-    # (gx and the gates' hidden side on fusedrnn::projection where it runs, CPU float32 and
-    # float64: twice MKL's F.linear there; GRU H=256 B=32 gradient penalty 47.3 -> see below)
-    gx = None if cell == "rnn" else leaf if x is None else projection.input_projection(x, w, b, native=True)
+    # (gx, as the gates' hidden side in grads_from_outputs, on fusedrnn::projection where it
+    # runs, CPU float32 and float64: about twice MKL's F.linear there; the C++ autograd's
+    # sequence_grads does the same)
+    gx = None if cell == "rnn" else leaf if x is None else projection.input_projection(x, w, b,
+                                                                                      native=_projection_kernel())
     h0, c0, w_hh, w_hr, b_hh = inputs
     zeros = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (y, h0, c0))]
     got = grads_from_outputs(cell, relu, reverse, gx, h0, c0, w_hh, w_hr, b_hh, lengths, y, *zeros[:2],
