@@ -157,12 +157,14 @@ def test_auto_rule_for_bf16_kernels(cell, batch, hidden, grad, ours, measured_cp
 
 
 def test_auto_rule_for_bf16_kernels_on_zmm(measured_cpu, monkeypatch):
-    """With the zmm kernels (Zen 5) LSTM inference runs ours up to batch 8 at every hidden
-    size (on Zen 4's rule batch 8 only from hidden 1024); GRU, RNN and training unchanged."""
+    """With the zmm kernels (Zen 5) LSTM inference runs ours up to batch 4 at every hidden
+    size, torch.nn's from batch 5 (0.92-0.99x at batch 8 on 2026-12-01; on Zen 4's rule batch
+    8 is ours from hidden 1024); GRU, RNN and training unchanged."""
     monkeypatch.setattr(backends, "CPU_ZMM", True)
     cpu = backends.registry()["cpu"]
-    for cell, batch, hidden, grad, ours in (("lstm", 8, 1024, False, True), ("lstm", 4, 1024, False, True),
-                                            ("lstm", 8, 256, False, True), ("lstm", 16, 512, False, False),
+    for cell, batch, hidden, grad, ours in (("lstm", 8, 1024, False, False), ("lstm", 4, 1024, False, True),
+                                            ("lstm", 8, 256, False, False), ("lstm", 4, 256, False, True),
+                                            ("lstm", 16, 512, False, False),
                                             ("lstm", 32, 1024, False, False), ("gru", 64, 1024, False, True),
                                             ("gru", 32, 512, False, True), ("gru", 64, 1024, True, True),
                                             ("rnn", 64, 1024, False, True)):

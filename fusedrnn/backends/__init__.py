@@ -304,7 +304,9 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 # - On the Zen 5 VM (2026-11-30; the bfloat16 kernels on zmm vectors, CPU_ZMM) these rules
 #   held but for LSTM inference at batch 8: 0.84-0.87x at hidden 1024 in three runs, then,
 #   once B=8 ran by units on 8-row blocks (git 2a84166), 1.05-1.12x at hidden 256-1024 in
-#   three runs (ours at batch <= 8 there). GRU inference measured 0.73-0.93x at batch
+#   three runs (ours at batch <= 8 there); on 2026-12-01 (sixth session) 0.92-0.99x at
+#   batch 8, hidden 256-1024, in three runs (1.07-1.10x at batch 4, 0.93-1.06x at 16):
+#   torch.nn's at batch 8 again. GRU inference measured 0.73-0.93x at batch
 #   32-64, hidden 512-1024 while its 3-vector panels ran a zmm and an 8-float vector per
 #   row (3/4 of the zmm rate; git 0cfda9f gave torch.nn that region); with the panels in
 #   pairs, 3 zmm per row (TiledF::pairs), 1.45-2.0x there, 1.45-5.2x over the grid: ours
@@ -362,8 +364,8 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
         ours = call.batch * call.hidden_size < 16384 or call.hidden_size >= 512
     elif call.cell == "lstm" and grad:
         ours = call.batch <= 4 or (call.hidden_size >= 768 and call.batch <= 16)
-    elif call.cell == "lstm":  # (batch 8: on Zen 4 from hidden 1024, on Zen 5's zmm kernels at 256-1024)
-        ours = bf16_kernels and (call.batch <= 4 or (call.batch <= 8 and (CPU_ZMM or call.hidden_size >= 1024)))
+    elif call.cell == "lstm":  # (batch 8: on Zen 4 from hidden 1024; not on Zen 5's zmm kernels)
+        ours = bf16_kernels and (call.batch <= 4 or (call.batch <= 8 and not CPU_ZMM and call.hidden_size >= 1024))
     elif grad:
         ours = bf16_kernels or call.batch <= 8 or call.batch * call.hidden_size <= 8192
     else:
