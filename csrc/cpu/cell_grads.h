@@ -12,7 +12,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/rsub.h>
-#include <ATen/ops/sigmoid.h>
 #include <ATen/ops/sigmoid_backward.h>
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/tanh_backward.h>
@@ -58,8 +57,7 @@ inline DV operator*(const DV& a, const DV& b) {
   if (!a.t.defined()) return b.t.defined() ? DV(b.t * a.s) : DV(a.s * b.s);
   return b.t.defined() ? DV(a.t * b.t) : DV(a.t * b.s);
 }
-inline DV sigmoid_(const DV& x) { return at::sigmoid(x.t); }
-inline DV tanh_(const DV& x) { return at::tanh(x.t); }
+inline DV tanh_(const DV& x) { return at::tanh(x.t); }  // (lstm_backward_unit's tanh(c))
 // (one op each, differentiable in both arguments; y and g are always tensors here)
 inline DV dsigmoid_(const DV& y, const DV& g) { return at::sigmoid_backward(g.t, y.t); }
 inline DV dtanh_(const DV& y, const DV& g) { return at::tanh_backward(g.t, y.t); }
@@ -92,12 +90,12 @@ inline std::vector<Tensor> from_preactivations(const Tensor& x, const Tensor& h,
 // at 0.85-0.94x torch.nn's, whose cell keeps its GEMMs' outputs). SavedGates' backward takes
 // dL/d(gates) to the pre-activations' gradients with these, {input side, hidden side}, then
 // to the inputs with from_preactivations.
-// LSTM: act = [i, f, g, o], sigmoid, sigmoid, tanh, sigmoid of the pre-activations
-// (lstm_forward_gates).
+// LSTM: act = [i, f, g, o] (lstm_gates_backward).
 inline std::pair<Tensor, Tensor> lstm_gates_to_preactivations(const Tensor& act, const Tensor& d) {
   const auto a = act.chunk(4, 1), g = d.chunk(4, 1);
-  const Tensor da = at::cat({dsigmoid_(a[0], g[0]).t, dsigmoid_(a[1], g[1]).t, dtanh_(a[2], g[2]).t,
-                             dsigmoid_(a[3], g[3]).t}, 1);
+  DV dai, daf, dag, dao;
+  lstm_gates_backward<DV>(a[0], a[1], a[2], a[3], g[0], g[1], g[2], g[3], dai, daf, dag, dao);
+  const Tensor da = at::cat({dai.t, daf.t, dag.t, dao.t}, 1);
   return {da, da};
 }
 // GRU: act = [r, z, n, hn] with hn = h @ W_hn^T + b_hn, r and z sigmoids of (input side +
