@@ -102,9 +102,10 @@ def test_cells_compute_in_float32(kind, dtype):
 
 @pytest.fixture
 def measured_cpu(monkeypatch):
-    """auto's rule as measured (a CPU without AMX or AVX512-FP16, the cpu kernels on 8-float
-    vectors), wherever the test runs."""
+    """auto's rule as measured (a CPU with oneDNN's AVX-512 bfloat16 kernels, without AMX or
+    AVX512-FP16, the cpu kernels on 8-float vectors), wherever the test runs."""
     monkeypatch.setattr(backends, "_native_low_precision", lambda dtype: False)
+    monkeypatch.setattr(backends, "_onednn_avx512_low_precision", lambda: True)
     monkeypatch.setattr(backends, "CPU_ZMM", False)
     monkeypatch.setattr(backends, "_TORCH_NN_CANNOT", set())
 
@@ -179,6 +180,45 @@ def test_auto_runs_bf16_kernels_in_inference(measured_cpu):
     with torch.no_grad():
         m(torch.randn(9, 32, 64).bfloat16())
     assert m.last_backend == "cpu" and "bfloat16 products" in m.last_backend_reason
+
+
+# Where torch.nn's low-precision RNNs run emulated (no AVX-512 in oneDNN: Zen 3, measured
+# 2026-12-01): (cell, dtype, batch, hidden, grad, sequence) -> does auto run ours?
+# Sequences always; cells in training from 2^16 multiply-adds per step (batch x hidden^2 x
+# gates), in inference from batch 8 and 2^18.
+RULE_EMULATED = [
+    ("lstm", torch.bfloat16, 1, 256, False, True, True), ("lstm", torch.bfloat16, 64, 512, False, True, True),
+    ("gru", torch.bfloat16, 64, 512, True, True, True), ("rnn", torch.float16, 64, 1024, False, True, True),
+    ("lstm", torch.bfloat16, 1, 64, True, False, False), ("lstm", torch.bfloat16, 1, 128, True, False, True),
+    ("rnn", torch.float16, 8, 64, True, False, False), ("rnn", torch.bfloat16, 16, 64, True, False, True),
+    ("gru", torch.bfloat16, 4, 1024, False, False, False), ("lstm", torch.float16, 8, 64, False, False, False),
+    ("lstm", torch.bfloat16, 8, 128, False, False, True), ("rnn", torch.bfloat16, 8, 256, False, False, True),
+    ("rnn", torch.float16, 8, 128, False, False, False), ("gru", torch.bfloat16, 1, 1024, False, False, False),
+]
+
+
+@pytest.mark.parametrize("cell,dtype,batch,hidden,grad,sequence,ours", RULE_EMULATED)
+def test_auto_rule_where_torch_nn_emulates_low_precision(cell, dtype, batch, hidden, grad, sequence, ours,
+                                                         measured_cpu, monkeypatch):
+    monkeypatch.setattr(backends, "_onednn_avx512_low_precision", lambda: False)
+    call = Call(cell, torch.device("cpu"), dtype, hidden, 0, batch)
+    why = torch_nn_faster_low_precision(call, backends.registry()["cpu"], grad, sequence)
+    assert (why is None) == ours, why
+
+
+def test_auto_runs_ours_for_bfloat16_where_torch_nn_emulates_it(measured_cpu, monkeypatch):
+    """A module's forward follows that rule: a bfloat16 LSTM that the AVX-512 rule hands to
+    torch.nn runs ours where torch.nn would emulate bfloat16, and matches torch.nn."""
+    x = torch.randn(9, 8, 16).bfloat16()
+    ours = fusedrnn.LSTM(16, 32).bfloat16()
+    ref = nn.LSTM(16, 32).bfloat16()
+    ref.load_state_dict(ours.state_dict())
+    for emulated in (False, True):
+        monkeypatch.setattr(backends, "_onednn_avx512_low_precision", lambda: not emulated)
+        with torch.no_grad():
+            y = ours(x)[0]
+        assert ours.last_backend == ("cpu" if emulated else "torch.nn"), ours.last_backend_reason
+        torch.testing.assert_close(y.float(), ref(x)[0].float(), rtol=3e-2, atol=3e-2)
 
 
 def test_auto_keeps_torch_nn_on_cpus_with_native_low_precision_units(monkeypatch):

@@ -313,7 +313,37 @@ def torch_nn_instead_of_reference(call: Call, chosen: str, why: str) -> Optional
 #   again. RNN inference 1.16-2.7x at B 32-64.
 # CPUs whose oneDNN has native low-precision matrix units (AMX; AVX512-FP16 for float16)
 # were not measured; auto keeps torch.nn there. A forced backend="cpu" always runs ours.
+# - CPUs without AVX-512 (oneDNN then has no bfloat16 kernels: Zen 3, AVX2; measured
+#   2026-12-01, bench/cpu_ops.py and bench/cells.py --dtype bfloat16 / float16): torch.nn's
+#   low-precision RNNs run emulated, so the rules above, measured where oneDNN's AVX-512
+#   kernels run, do not hold there (they handed bfloat16 LSTM inference and large GRU / RNN
+#   calls to torch.nn). Sequence modules at T=32, B 1-64, H 256-512: ours 2.05-8.9x in
+#   inference and 8-66x in training (bfloat16), 1.8-7.4x and 13-62x (float16).
+#   Cells: in training ours 1.06-10.7x where a step's multiply-adds (batch x hidden^2 x
+#   gates) are >= 2^16, 0.74-1.22x below; in inference torch.nn's up to batch 4 (ours
+#   0.11-0.77x, but for 1.1-1.3x at B=4 H=256), ours 1.13-1.94x from batch 8 at >= 2^18
+#   multiply-adds (RNNCell B=8 H=256 0.99-1.20x), 0.47-1.15x below. One rule for both dtypes
+#   (_emulated_low_precision_rule).
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _onednn_avx512_low_precision() -> bool:
+    """Whether torch's oneDNN has its (AVX-512) bfloat16 kernels on this CPU, where the
+    measured rules of LOW_PRECISION hold (asked once, by _probe_cpu); without them torch.nn's
+    low-precision RNNs run emulated."""
+    if _ONEDNN_BF16 is None:
+        _probe_cpu()
+    return _ONEDNN_BF16
+
+
+_ONEDNN_BF16: Optional[bool] = None
+
+
+def _emulated_low_precision_rule(call: Call, grad: bool, sequence: bool) -> bool:
+    """Whether ours runs a low-precision call on a CPU where torch.nn's low-precision RNNs
+    run emulated (see LOW_PRECISION)."""
+    work = call.batch * call.hidden_size ** 2 * GATES[call.cell]
+    return sequence or (work >= 2 ** 16 if grad else call.batch >= 8 and work >= 2 ** 18)
 
 
 def _native_low_precision(dtype: torch.dtype) -> bool:
@@ -331,6 +361,7 @@ def _probe_cpu() -> None:
     """Answer auto's questions about this CPU once, when the first module is built
     (load_for): torch.compile's Dynamo refuses to trace torch.cpu's feature checks, so a
     compiled first forward must find them answered."""
+    global _ONEDNN_BF16
     if _NATIVE:
         return
     onednn_avx512()
@@ -338,8 +369,10 @@ def _probe_cpu() -> None:
     try:
         _NATIVE[torch.bfloat16] = bool(cpu._is_amx_tile_supported())
         _NATIVE[torch.float16] = bool(cpu._is_amx_fp16_supported() or torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        _ONEDNN_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # (private helpers of torch 2.14: absent elsewhere)
         _NATIVE[torch.bfloat16] = _NATIVE[torch.float16] = True
+        _ONEDNN_BF16 = True
 
 
 def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequence: bool,
@@ -356,7 +389,9 @@ def torch_nn_faster_low_precision(call: Call, backend: Backend, grad: bool, sequ
         return (f"auto: this CPU has native {name} matrix units, whose oneDNN kernels torch.nn runs "
                 f"(backend 'cpu''s float32 compute was not measured against them; backend='cpu' forces it)")
     work = call.batch * call.hidden_size ** 2 * GATES[call.cell]
-    if call.dtype == torch.float16:
+    if not _onednn_avx512_low_precision():
+        ours = _emulated_low_precision_rule(call, grad, sequence)
+    elif call.dtype == torch.float16:
         ours = sequence or call.batch >= 8
     elif not sequence:
         ours = False
